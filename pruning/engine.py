@@ -1,0 +1,362 @@
+"""The layer-wise pruning engine: orchestration only (hooks, the layer loop, offloading).
+
+Schedule per decoder layer (two forward passes of the layer):
+
+1. *dense pass*: replay the unpruned layer on every calibration batch with pre-hooks on the target
+   Linears; the same pass gives each token's drift (ATV) and the pooled activations feed the
+   statistics;
+2. masks from statistics (pure functions in scores/masks/sparsegpt), applied to the weights;
+3. *pruned pass*: replay the pruned layer to produce the next layer's inputs (or keep the dense
+   outputs with ``propagate='dense'``).
+
+ATV's alpha rule needs the mean drift of all samples before any sample's pool is known; the
+engine then either stashes the activations of the dense pass (``schedule='two-pass'``) or runs one
+extra drift-only pass (``'three-pass'``, the reference schedule); both give identical masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
+from .config import PruneConfig
+from .errors import CalibrationError, ConfigError
+from .masks import mask_from_scores, sparsity_of
+from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
+from .scores import magnitude_scores, wanda_scores
+from .sparsegpt import sparsegpt_prune
+from .stats import Hessian, SquaredNorms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    sparsity: dict[str, float]        # per Linear: fraction of zero weights (mask fraction if not applied)
+    text_tokens: int = 0              # text tokens seen (non-padding)
+    visual_tokens: int = 0            # visual tokens seen
+    pooled_tokens: int = 0            # tokens that fed the statistics
+    visual_selected: int = 0          # visual tokens in the pool
+    k_per_sample: list[int] = field(default_factory=list)  # ATV / random-visual
+    mean_drift: float | None = None   # mean visual-token drift at this layer
+    seconds: float = 0.0
+
+
+@dataclass
+class PruneReport:
+    model_type: str
+    config: dict[str, Any]
+    layers: list[LayerReport]
+    samples: int
+    seconds: float
+    applied: bool
+    masks: dict[str, torch.Tensor] | None = None  # full dotted name -> bool mask (True = pruned)
+
+    @property
+    def sparsity(self) -> float:
+        """Mean sparsity over the pruned Linears (unweighted)."""
+        values = [v for layer in self.layers for v in layer.sparsity.values()]
+        return sum(values) / max(len(values), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "masks"}
+        out["mean_sparsity"] = self.sparsity
+        return out
+
+
+def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
+           *, keep_masks: bool = False, progress: bool = True) -> PruneReport:
+    """Prune ``model`` in place and return a report.
+
+    calibration: model input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...), each a
+    batch; every row counts as one sample. Not needed for ``method='magnitude'``.
+
+    Example::
+
+        report = prune_(model, PruneConfig("atv", sparsity=0.5), batches)
+    """
+    return _run(model, config, calibration, apply=True, keep_masks=keep_masks, progress=progress)
+
+
+def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
+                  *, progress: bool = True) -> PruneReport:
+    """Same schedule as :func:`prune_` (later layers see pruned inputs) but the model's weights are
+    restored afterwards; ``report.masks`` holds the masks."""
+    return _run(model, config, calibration, apply=False, keep_masks=True, progress=progress)
+
+
+# -- validation --------------------------------------------------------------------------------
+def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: list[Mapping[str, Any]]) -> list[int]:
+    n_layers = len(adapter.decoder_layers(model))
+    indices = list(range(n_layers)) if config.layers is None else sorted(set(config.layers))
+    bad = [i for i in indices if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(f"layers {bad} out of range: the model has {n_layers} decoder layers")
+    for name, linear in adapter.named_linears(model, indices[0] if indices else 0, config.targets).items():
+        if config.nm and linear.in_features % config.nm[1]:
+            raise ConfigError(f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
+                              f"not divisible by {config.nm[1]}")
+    if not config.needs_calibration:
+        return indices
+    if not batches:
+        raise CalibrationError(f"method {config.method!r} needs calibration data; none was given")
+    for j, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise CalibrationError(f"calibration item {j} must be a dict of model inputs with 'input_ids'")
+    if config.pool in VISUAL_POOLS:
+        n_visual = sum(int(adapter.visual_mask(model, b["input_ids"]).sum()) for b in batches)
+        if n_visual == 0:
+            raise CalibrationError(
+                f"pool {config.pool!r} needs visual tokens, but the calibration data has none (visual token ids "
+                f"{adapter.visual_token_ids(model)}); use calibration samples with images or pool='text'")
+    return indices
+
+
+# -- orchestration -----------------------------------------------------------------------------
+def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]], *, apply: bool,
+         keep_masks: bool, progress: bool) -> PruneReport:
+    start = time.perf_counter()
+    adapter = get_adapter(model)
+    batches = list(calibration) if config.needs_calibration else []
+    indices = _validate(model, adapter, config, batches)
+    model.eval()
+    masks: dict[str, torch.Tensor] = {}
+    reports = []
+    with torch.no_grad():
+        captured = _capture_all(model, adapter, batches, config, progress)
+        layers = adapter.decoder_layers(model)
+        last = indices[-1] if indices else -1
+        for i in tqdm(range(last + 1), desc="layers", disable=not progress):
+            if i not in indices:
+                if captured:
+                    _propagate(model, adapter, i, captured)
+                continue
+            t0 = time.perf_counter()
+            report = LayerPruner(model, adapter, config, i, captured, apply).run(masks if keep_masks else None)
+            report.seconds = time.perf_counter() - t0
+            reports.append(report)
+            log.info("layer %d: sparsity %s", i, report.sparsity)
+        del layers
+    samples = sum(int(b.hidden.shape[0]) for b in captured)
+    return PruneReport(getattr(model.config, "model_type", "?"), config.to_dict(), reports, samples,
+                       time.perf_counter() - start, apply, masks if keep_masks else None)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _offload_device(model: nn.Module, config: PruneConfig) -> torch.device:
+    if config.offload_device is not None:
+        return torch.device(config.offload_device)
+    return torch.device("cpu")
+
+
+def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, Any]], config: PruneConfig,
+                 progress: bool) -> list[CapturedBatch]:
+    device, offload = _input_device(model), _offload_device(model, config)
+    captured = []
+    for inputs in tqdm(batches, desc="capture", disable=not progress or not batches):
+        inputs = map_tensors(dict(inputs), lambda t: t.to(device))
+        captured.append(adapter.capture(model, inputs).to(offload))
+    return captured
+
+
+def _layer_device(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
+def _propagate(model: nn.Module, adapter: Adapter, index: int, captured: list[CapturedBatch]) -> None:
+    """Run an unpruned layer to feed the next one."""
+    layer = adapter.decoder_layers(model)[index]
+    device = _layer_device(layer)
+    for batch in captured:
+        on_device = batch.to(device)
+        batch.hidden = adapter.replay(model, index, on_device.hidden, on_device).to(batch.hidden.device)
+
+
+@contextlib.contextmanager
+def record_inputs(linears: Mapping[str, nn.Linear]) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``acts[name]`` is the last input of each Linear (shared tensors stay shared)."""
+    acts: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name, linear in linears.items():
+            def hook(_module: nn.Module, args: tuple, name: str = name) -> None:
+                acts[name] = args[0]
+            handles.append(linear.register_forward_pre_hook(hook))
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class LayerPruner:
+    """Prunes one decoder layer: statistics from a dense pass, masks, apply, pruned recompute."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, config: PruneConfig, index: int,
+                 captured: list[CapturedBatch], apply: bool):
+        self.model, self.adapter, self.config, self.index = model, adapter, config, index
+        self.captured, self.apply = captured, apply
+        self.layer = adapter.decoder_layers(model)[index]
+        self.linears = adapter.named_linears(model, index, config.targets)
+        self.device = _layer_device(self.layer)
+        self.report = LayerReport(index=index, sparsity={})
+        self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+
+    def run(self, masks_out: dict[str, torch.Tensor] | None) -> LayerReport:
+        originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.linears.items()}
+        dense_outs = None
+        if self.config.scorer == "magnitude":
+            masks, new_weights = self._magnitude_masks(), {}
+        else:
+            stats, dense_outs = self._statistics()
+            masks, new_weights = self._masks(stats)
+        self._apply(masks, new_weights)
+        if self.captured:
+            self._next_inputs(dense_outs)
+        if masks_out is not None:
+            prefix = self._prefix()
+            masks_out.update({f"{prefix}.{n}": m.cpu() for n, m in masks.items()})
+        for name, weight in originals.items():
+            self.linears[name].weight.copy_(weight)
+        return self.report
+
+    def _prefix(self) -> str:
+        for name, module in self.model.named_modules():
+            if module is self.layer:
+                return name
+        return f"layers.{self.index}"
+
+    # -- statistics ------------------------------------------------------------------------
+    def _accumulators(self) -> dict[str, SquaredNorms | Hessian]:
+        kind = Hessian if self.config.scorer == "sparsegpt" else SquaredNorms
+        return {n: kind(l.in_features, device=self.device) for n, l in self.linears.items()}
+
+    def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
+        on_device = batch.to(self.device)
+        with record_inputs(self.linears) as acts:
+            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
+        return out, dict(acts), on_device
+
+    def _statistics(self) -> tuple[dict[str, SquaredNorms | Hessian], list[torch.Tensor] | None]:
+        stats = self._accumulators()
+        keep_dense = self.config.propagate == "dense"
+        dense_outs: list[torch.Tensor] | None = [] if keep_dense else None
+        mean_drift, deferred = None, self.config.needs_mean_drift
+        if deferred and self._schedule() == "three-pass":
+            mean_drift, deferred = self._mean_drift(), False
+        stash, visual_drifts = [], []
+        offload = self.captured[0].hidden.device
+        for batch in self.captured:
+            out, acts, on_device = self._dense_pass(batch)
+            drifts = drift(on_device.hidden, out) if self.config.pool in ("atv", "random-visual") else None
+            if dense_outs is not None:
+                dense_outs.append(out.to(offload))
+            if deferred:
+                visual_drifts.append(drifts[on_device.visual & on_device.valid])
+                stash.append((map_tensors(acts, lambda t: t.to(offload)), drifts.to(offload), batch))
+            else:
+                self._add(stats, acts, on_device, drifts, mean_drift)
+        if deferred:
+            mean_drift = float(torch.cat(visual_drifts).mean()) if visual_drifts else 0.0
+            for acts, drifts, batch in stash:
+                on_device = batch.to(self.device)
+                self._add(stats, map_tensors(acts, lambda t: t.to(self.device)), on_device,
+                          drifts.to(self.device), mean_drift)
+        self.report.mean_drift = mean_drift
+        return stats, dense_outs
+
+    def _schedule(self) -> str:
+        if self.config.schedule != "auto":
+            return self.config.schedule
+        tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
+        features = sum(l.in_features for l in self.linears.values())
+        size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
+        return "two-pass" if size_gb <= self.config.stash_budget_gb else "three-pass"
+
+    def _mean_drift(self) -> float:
+        """Drift-only pass (the reference's first pass)."""
+        values = []
+        for batch in self.captured:
+            on_device = batch.to(self.device)
+            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
+            values.append(drift(on_device.hidden, out)[on_device.visual & on_device.valid])
+        return float(torch.cat(values).mean()) if values else 0.0
+
+    def _pool(self, batch: CapturedBatch, drifts: torch.Tensor | None, mean_drift: float | None) -> torch.Tensor:
+        pool, config = self.config.pool, self.config
+        visual, valid = batch.visual, batch.valid
+        if pool == "all":
+            return valid
+        if pool == "text":
+            return text_pool(visual, valid)
+        if pool == "visual":
+            return visual_pool(visual, valid)
+        if pool in ("atv", "random-visual"):
+            generator = self.generator if pool == "random-visual" else None
+            chosen, ks = atv_pool(visual, valid, drifts, alpha=config.alpha, ratio=config.visual_ratio,
+                                  mean_drift=mean_drift, generator=generator)
+            self.report.k_per_sample.extend(ks)
+            return chosen
+        raise ConfigError(f"pool {pool!r} is not available in this engine yet")
+
+    def _add(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor], batch: CapturedBatch,
+             drifts: torch.Tensor | None, mean_drift: float | None) -> None:
+        pool = self._pool(batch, drifts, mean_drift)
+        samples = int(batch.hidden.shape[0])
+        for name, acc in stats.items():
+            acc.add(acts[name][pool], samples=samples)
+        self._count(batch, pool)
+
+    def _count(self, batch: CapturedBatch, pool: torch.Tensor) -> None:
+        visual, valid = batch.visual & batch.valid, batch.valid & ~batch.visual
+        self.report.text_tokens += int(valid.sum())
+        self.report.visual_tokens += int(visual.sum())
+        self.report.pooled_tokens += int(pool.sum())
+        self.report.visual_selected += int((pool & visual).sum())
+
+    # -- masks -----------------------------------------------------------------------------
+    def _magnitude_masks(self) -> dict[str, torch.Tensor]:
+        return {n: mask_from_scores(magnitude_scores(l.weight), self.config.sparsity, self.config.nm)
+                for n, l in self.linears.items()}
+
+    def _masks(self, stats: dict[str, SquaredNorms | Hessian]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        masks, new_weights = {}, {}
+        for name, linear in self.linears.items():
+            if self.config.scorer == "sparsegpt":
+                new_weights[name], masks[name] = sparsegpt_prune(
+                    linear.weight, stats[name].result(), self.config.sparsity, self.config.nm,
+                    self.config.blocksize, self.config.percdamp)
+            else:
+                scores = wanda_scores(linear.weight, stats[name].result())
+                masks[name] = mask_from_scores(scores, self.config.sparsity, self.config.nm)
+        return masks, new_weights
+
+    def _apply(self, masks: dict[str, torch.Tensor], new_weights: dict[str, torch.Tensor]) -> None:
+        for name, linear in self.linears.items():
+            if name in new_weights:
+                linear.weight.copy_(new_weights[name])
+            else:
+                linear.weight.masked_fill_(masks[name].to(linear.weight.device), 0)
+            value = sparsity_of(linear.weight) if self.apply else float(masks[name].float().mean())
+            self.report.sparsity[name] = value
+
+    def _next_inputs(self, dense_outs: list[torch.Tensor] | None) -> None:
+        if dense_outs is not None:
+            for batch, out in zip(self.captured, dense_outs):
+                batch.hidden = out
+            return
+        for batch in self.captured:
+            on_device = batch.to(self.device)
+            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
+            batch.hidden = out.to(batch.hidden.device)

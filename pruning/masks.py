@@ -1,0 +1,61 @@
+"""Pruning masks from scores: pure functions. ``True`` marks a weight to prune.
+
+Computing a mask and applying it are separate steps, so analysis can compare masks (IoU)
+without pruning twice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the ``int(in * sparsity)`` lowest scores of every output row (stable sort, so ties go to
+    the lower column index). scores: (out, in) -> bool (out, in)."""
+    n_prune = int(scores.shape[1] * sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if n_prune:
+        order = torch.sort(scores, dim=1, stable=True).indices
+        mask.scatter_(1, order[:, :n_prune], True)
+    return mask
+
+
+def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the ``int(numel * sparsity)`` lowest scores of the whole matrix (per-layer comparison group)."""
+    n_prune = int(scores.numel() * sparsity)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n_prune:
+        mask[torch.sort(scores.flatten(), stable=True).indices[:n_prune]] = True
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M sparsity: in every group of ``m`` consecutive input columns of a row, prune the ``n`` lowest.
+
+    scores: (out, in) with in divisible by m -> bool (out, in).
+    """
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M needs the input dimension ({cols}) to be divisible by M={m}")
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, order[..., :n], True)
+    return mask.reshape(rows, cols)
+
+
+def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-row unstructured mask, or the N:M mask when ``nm=(n, m)`` is given."""
+    return nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
+
+
+@torch.no_grad()
+def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
+    """Zero the weights of ``linear`` where ``mask`` is True (in place)."""
+    linear.weight.masked_fill_(mask.to(linear.weight.device), 0)
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    """Fraction of exactly-zero entries."""
+    return float((weight == 0).sum()) / weight.numel()
