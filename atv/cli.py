@@ -1,0 +1,74 @@
+"""The ``atv`` command: parse arguments, call one library function, print its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pruning.errors import ToolkitError
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="prune a model's shared weights and save it")
+    p.add_argument("--model", type=Path, required=True, help="HF model folder (with processor)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the pruned model")
+    p.add_argument("--method", default="atv", help="magnitude | wanda | atv | sparsegpt | tamp (default atv)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row (default 0.5)")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
+    p.add_argument("--pool", default=None, help="calibration pool: all | text | visual | atv | random-visual | tamp")
+    p.add_argument("--alpha", type=float, default=1.0, help="ATV alpha rule (default 1)")
+    p.add_argument("--visual-ratio", type=float, default=None, help="ATV fixed ratio of visual tokens instead of alpha")
+    p.add_argument("--calib", type=Path, help="LLaVA-conversation JSON/JSONL")
+    p.add_argument("--images", type=Path, help="image folder of the calibration records")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None, help="skip calibration records longer than this")
+    p.add_argument("--targets", nargs="+", default=None, help="Linears to prune, relative to each block")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: where the model loads)")
+    p.add_argument("--propagate", default="pruned", choices=["pruned", "dense"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_prune)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from pruning.config import PruneConfig
+    from pruning.run import PruneJob, run_prune_job
+
+    extra = {"targets": tuple(args.targets)} if args.targets else {}
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, pool=args.pool,
+                         alpha=args.alpha, visual_ratio=args.visual_ratio, propagate=args.propagate,
+                         seed=args.seed, **extra)
+    job = PruneJob(model=args.model, out=args.out, config=config, calib=args.calib, images=args.images,
+                   nsamples=args.nsamples, seed=args.seed, max_length=args.max_length, dtype=args.dtype,
+                   device=args.device, overwrite=args.overwrite)
+    report = run_prune_job(job)
+    print(json.dumps({"out": str(args.out), "mean_sparsity": round(report.sparsity, 6),
+                      "layers": len(report.layers), "seconds": round(report.seconds, 2)}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ToolkitError as err:
+        print(f"atv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Calibration data: LLaVA-conversation JSON (ShareGPT4V / LLaVA-NeXT-Data) through the model's own
+processor and chat template, or any iterable of ready model inputs.
+
+The LLaVA conversation format::
+
+    [{"id": "...", "image": "coco/000001.jpg",
+      "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
+                        {"from": "gpt", "value": "A cat."}]}, ...]
+
+Policy for unusable records (reported, never silent): a record without an image, whose image file
+is missing or unreadable, or whose tokenised text is longer than ``max_length`` is *skipped* and
+counted in the returned :class:`CalibrationReport`; too few usable records to reach ``nsamples`` is
+an error, as is a malformed record (missing ``conversations``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+IMAGE_TAG = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class CalibrationReport:
+    requested: int
+    used: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: {"no_image": 0, "missing_image": 0, "too_long": 0})
+    ids: list[str] = field(default_factory=list)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA-conversation file: a JSON list, or JSON Lines (one record per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise CalibrationError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    return records
+
+
+def to_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """LLaVA turns -> chat-template messages; the ``<image>`` tag becomes an image content item."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise CalibrationError(f"record {record.get('id', '?')!r} has no 'conversations' list")
+    messages = []
+    for turn in turns:
+        role = _ROLES.get(turn.get("from"))
+        if role is None:
+            raise CalibrationError(f"record {record.get('id', '?')!r}: unknown speaker {turn.get('from')!r}")
+        value = str(turn.get("value", ""))
+        content: list[dict[str, Any]] = []
+        if IMAGE_TAG in value:
+            before, _, after = value.partition(IMAGE_TAG)
+            if before.strip():
+                content.append({"type": "text", "text": before.strip()})
+            content.append({"type": "image"})
+            value = after.replace(IMAGE_TAG, "")
+        if value.strip():
+            content.append({"type": "text", "text": value.strip()})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def encode_record(record: Mapping[str, Any], image, processor) -> dict[str, torch.Tensor]:
+    """One record -> model inputs (batch of 1) via the processor's chat template."""
+    if getattr(processor, "chat_template", None) is None:
+        raise CalibrationError(f"the processor {type(processor).__name__} has no chat template; "
+                               "set processor.chat_template before loading calibration data")
+    prompt = processor.apply_chat_template(to_messages(record), tokenize=False)
+    return dict(processor(images=[image], text=[prompt], return_tensors="pt"))
+
+
+def load_llava_conversations(path: str | Path, image_dir: str | Path, processor, nsamples: int = 128,
+                             seed: int = 0, max_length: int | None = None) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
+    """Sample ``nsamples`` usable records (seeded order) and encode them. Returns (inputs, report)."""
+    if nsamples < 1:
+        raise CalibrationError(f"nsamples must be >= 1, got {nsamples}")
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise CalibrationError(f"image folder {str(image_dir)!r} does not exist")
+    records = read_records(path)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    report, samples = CalibrationReport(requested=nsamples), []
+    for index in order:
+        if len(samples) == nsamples:
+            break
+        record = records[index]
+        if not record.get("image"):
+            report.skipped["no_image"] += 1
+            continue
+        image_path = image_dir / str(record["image"])
+        if not image_path.is_file():
+            report.skipped["missing_image"] += 1
+            continue
+        inputs = encode_record(record, _open_image(image_path), processor)
+        if max_length is not None and inputs["input_ids"].shape[1] > max_length:
+            report.skipped["too_long"] += 1
+            continue
+        samples.append(inputs)
+        report.ids.append(str(record.get("id", index)))
+    report.used = len(samples)
+    if any(report.skipped.values()):
+        log.warning("calibration: skipped %s of the records read", report.skipped)
+    if report.used < nsamples:
+        raise CalibrationError(
+            f"only {report.used} usable calibration records in {str(path)!r} (asked for {nsamples}; "
+            f"skipped {report.skipped}); lower --nsamples or fix the data")
+    return samples, report
+
+
+def ready_inputs(batches: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Any iterable of ready model-input dicts (each with 'input_ids'), as a list."""
+    out = []
+    for j, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise CalibrationError(f"calibration item {j} is not a dict of model inputs with 'input_ids'")
+        out.append(dict(batch))
+    return out

@@ -1,0 +1,81 @@
+"""Loading models and saving pruned ones (atomically: a failed run leaves no half-written model)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .errors import OutputExistsError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse (before any work) an output folder that already holds a model, unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {str(out)!r} exists and is not a folder")
+    held = [name for name in _MODEL_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise OutputExistsError(f"output folder {str(out)!r} already holds a model ({', '.join(held)}); "
+                                "choose another --out or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder {str(out)!r} is not empty; choose another --out or pass "
+                                "--overwrite (which replaces the whole folder)")
+    return out
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[nn.Module, Any]:
+    """Load an HF vision-language model and its processor from a local folder."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UnsupportedModelError(f"{str(model_dir)!r} is not a model folder (no config.json)")
+    if dtype not in DTYPES:
+        raise UnsupportedModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    except ValueError as err:
+        raise UnsupportedModelError(
+            f"model_type {config.model_type!r} in {str(model_dir)!r} is not an image-text-to-text "
+            f"architecture transformers knows ({err})") from None
+    get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
+    if device is not None:
+        model.to(device)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return model.eval(), processor
+
+
+def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
+                overwrite: bool = False) -> Path:
+    """save_pretrained (safetensors) + processor + ``prune_report.json``, written to a temporary
+    sibling folder and moved into place only when complete."""
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)  # empty, or overwrite was asked for (check_output_dir)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved pruned model to %s", out)
+    return out
