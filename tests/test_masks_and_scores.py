@@ -1,0 +1,113 @@
+"""Pure math: hand-computed masks, exact sparsity, N:M groups, SparseGPT reconstruction."""
+
+import pytest
+import torch
+
+from pruning.masks import apply_mask_, matrix_mask, nm_mask, row_mask, sparsity_of
+from pruning.scores import magnitude_scores, wanda_scores
+from pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from pruning.errors import NumericalError
+from pruning.stats import Hessian, SquaredNorms
+
+
+def test_wanda_and_magnitude_prune_different_columns():
+    w = torch.tensor([[1.0, -2.0, 3.0, -4.0]])
+    sq_norms = torch.tensor([16.0, 4.0, 1.0, 0.25])  # ||X_j|| = 4, 2, 1, 0.5 -> Wanda scores 4, 4, 3, 2
+    assert torch.equal(wanda_scores(w, sq_norms), torch.tensor([[4.0, 4.0, 3.0, 2.0]]))
+    assert row_mask(magnitude_scores(w), 0.5).tolist() == [[True, True, False, False]]
+    assert row_mask(wanda_scores(w, sq_norms), 0.5).tolist() == [[False, False, True, True]]
+
+
+def test_row_mask_ties_are_stable_and_sparsity_is_exact_per_row():
+    assert row_mask(torch.ones(1, 4), 0.5).tolist() == [[True, True, False, False]]
+    scores = torch.rand(7, 33, generator=torch.Generator().manual_seed(0))
+    for sparsity in (0.0, 0.3, 0.5, 0.6):
+        mask = row_mask(scores, sparsity)
+        assert mask.sum(dim=1).tolist() == [int(33 * sparsity)] * 7
+        kept_min = scores.masked_fill(mask, float("inf")).min(dim=1).values
+        pruned_max = scores.masked_fill(~mask, float("-inf")).max(dim=1).values
+        assert bool((pruned_max <= kept_min).all())
+
+
+def test_nm_mask_by_hand_and_group_by_group():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 5.0, 6.0, 7.0]])
+    assert nm_mask(scores, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
+    big = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    for n, m in ((2, 4), (4, 8)):
+        groups = nm_mask(big, n, m).reshape(16, 64 // m, m)
+        assert bool((groups.sum(dim=2) == n).all())
+    with pytest.raises(ValueError, match="divisible"):
+        nm_mask(torch.ones(2, 6), 2, 4)
+
+
+def test_matrix_mask_compares_across_rows():
+    scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert matrix_mask(scores, 0.5).tolist() == [[True, True], [False, False]]
+
+
+def test_apply_mask_zeroes_exactly_the_mask():
+    linear = torch.nn.Linear(4, 2, bias=False)
+    mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
+    before = linear.weight.detach().clone()
+    apply_mask_(linear, mask)
+    assert torch.equal(linear.weight[mask], torch.zeros(2))
+    assert torch.equal(linear.weight[~mask], before[~mask])
+    assert sparsity_of(linear.weight) == 0.25
+
+
+def test_squared_norms_weigh_each_sample_once():
+    acc = SquaredNorms(2)
+    acc.add(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))  # one sample of 2 tokens
+    acc.add(torch.tensor([[2.0, 2.0]]))              # one sample of 1 token
+    assert torch.equal(acc.result(), torch.tensor([(1 + 9 + 4) / 2, (4 + 0 + 4) / 2]))
+
+
+def test_accumulators_do_not_overflow_with_fp16_activations():
+    x = torch.full((64, 3), 60000.0, dtype=torch.float16)  # x^2 overflows fp16
+    norms, hessian = SquaredNorms(3), Hessian(3)
+    norms.add(x)
+    hessian.add(x)
+    assert torch.isfinite(norms.result()).all() and torch.isfinite(hessian.result()).all()
+    assert norms.result()[0].item() == pytest.approx(64 * 60000.0**2, rel=1e-6)
+
+
+def test_sparsegpt_with_diagonal_hessian_is_saliency_pruning_without_updates():
+    # With a diagonal Hessian the OBS update touches no other column, and the saliency is w^2 (h + damp).
+    w = torch.tensor([[1.0, -3.0, 0.5, 2.0], [4.0, 0.1, -1.0, 1.0]])
+    h = torch.diag(torch.tensor([1.0, 0.01, 4.0, 1.0]))
+    damp = 0.01 * h.diagonal().mean()
+    saliency = w.pow(2) * (h.diagonal() + damp)
+    new_w, mask = sparsegpt_prune(w, h, 0.5, blocksize=128, percdamp=0.01)
+    assert torch.equal(mask, matrix_mask(saliency, 0.5))
+    assert torch.allclose(new_w[~mask], w[~mask]) and bool((new_w[mask] == 0).all())
+
+
+def _reconstruction_error(w, w_new, x):
+    return (x @ w.T - x @ w_new.T).norm().item()
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_reconstructs_better_than_wanda(nm):
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(32, 32, generator=g)
+    x = torch.randn(256, 32, generator=g) @ mixing  # correlated features
+    w = torch.randn(16, 32, generator=g)
+    norms, hessian = SquaredNorms(32), Hessian(32)
+    norms.add(x)
+    hessian.add(x)
+    wanda_mask = (nm_mask(wanda_scores(w, norms.result()), *nm) if nm
+                  else row_mask(wanda_scores(w, norms.result()), 0.5))
+    w_wanda = w.masked_fill(wanda_mask, 0)
+    w_sgpt, mask = sparsegpt_prune(w, hessian.result(), 0.5, nm=nm, blocksize=8)
+    assert sparsity_of(w_sgpt) == pytest.approx(0.5, abs=0.02)
+    if nm:
+        assert bool((mask.reshape(16, 8, 4).sum(dim=2) == 2).all())
+    error = _reconstruction_error(w, w_sgpt, x)
+    assert error < _reconstruction_error(w, w_wanda, x)
+    assert error < _reconstruction_error(w, w.masked_fill(mask, 0), x)  # the OBS update helps on its own mask
+
+
+def test_sparsegpt_failed_cholesky_is_an_error():
+    h = -torch.eye(4)
+    with pytest.raises(NumericalError, match="percdamp"):
+        inverse_hessian_factor(h, percdamp=0.01)
