@@ -36,8 +36,9 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[nn.Module, Any]:
-    """Load an HF vision-language model and its processor from a local folder."""
+def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None = None,
+               with_processor: bool = True) -> tuple[nn.Module, Any]:
+    """Load an HF vision-language model and (unless ``with_processor=False``) its processor from a local folder."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     model_dir = Path(model_dir)
@@ -55,7 +56,15 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None
     get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
     if device is not None:
         model.to(device)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    if not with_processor:
+        return model.eval(), None
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (AttributeError, ImportError, ValueError, OSError) as err:
+        raise UnsupportedModelError(
+            f"cannot load the processor saved in {str(model_dir)!r} ({type(err).__name__}: {err}). Some transformers "
+            "processors (e.g. Qwen2-VL's video processor) need torchvision: install the torchvision build that "
+            "matches your torch") from None
     return model.eval(), processor
 
 

@@ -38,14 +38,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_prune_job(job: PruneJob, progress: bool = True) -> PruneReport:
-    """Validate everything cheap first, then load, calibrate, prune and save atomically."""
+def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:
+    """Validate everything cheap first, then load, calibrate, prune and save atomically.
+
+    ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
     check_output_dir(job.out, job.overwrite)
     if job.config.needs_calibration and (job.calib is None or job.images is None):
         raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
     seed_everything(job.seed)
     start = time.perf_counter()
-    model, processor = load_model(job.model, job.dtype, job.device)
+    model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
+    processor = processor if processor is not None else loaded
     batches, data_report = [], None
     if job.config.needs_calibration:
         batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
