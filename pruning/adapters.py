@@ -114,6 +114,10 @@ class Adapter:
             found[name] = module
         return found
 
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The self-attention module of a decoder layer (returns (output, probabilities) under eager attention)."""
+        return layer.self_attn
+
     # -- modality --------------------------------------------------------------------------
     def visual_token_ids(self, model: nn.Module) -> tuple[int, ...]:
         """Ids of the placeholder tokens whose positions hold image/video features."""

@@ -34,6 +34,7 @@ from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
 from .scores import magnitude_scores, wanda_scores
 from .sparsegpt import sparsegpt_prune
 from .stats import Hessian, SquaredNorms
+from .tamp import amia_select
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[st
     model.eval()
     masks: dict[str, torch.Tensor] = {}
     reports = []
-    with torch.no_grad():
+    with torch.no_grad(), _eager_attention(model, config.pool == "tamp"):
         captured = _capture_all(model, adapter, batches, config, progress)
         layers = adapter.decoder_layers(model)
         last = indices[-1] if indices else -1
@@ -149,6 +150,21 @@ def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[st
     samples = sum(int(b.hidden.shape[0]) for b in captured)
     return PruneReport(getattr(model.config, "model_type", "?"), config.to_dict(), reports, samples,
                        time.perf_counter() - start, apply, masks if keep_masks else None)
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """TAMP needs attention probabilities, which only eager attention returns; the masks captured
+    under it are the eager ones, so the whole run uses it."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if not enabled or previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -212,6 +228,7 @@ class LayerPruner:
         self.device = _layer_device(self.layer)
         self.report = LayerReport(index=index, sparsity={})
         self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        self.attention: torch.Tensor | None = None
 
     def run(self, masks_out: dict[str, torch.Tensor] | None) -> LayerReport:
         originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.linears.items()}
@@ -244,9 +261,27 @@ class LayerPruner:
 
     def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
         on_device = batch.to(self.device)
-        with record_inputs(self.linears) as acts:
+        with record_inputs(self.linears) as acts, self._record_attention() as attention:
             out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
+        self.attention = attention.get("probs")
         return out, dict(acts), on_device
+
+    @contextlib.contextmanager
+    def _record_attention(self) -> Iterator[dict[str, torch.Tensor]]:
+        """For the tamp pool: the attention probabilities (B, H, T, T) of this layer's dense pass."""
+        found: dict[str, torch.Tensor] = {}
+        if self.config.pool != "tamp":
+            yield found
+            return
+
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            found["probs"] = output[1]
+
+        handle = self.adapter.attention_module(self.layer).register_forward_hook(hook)
+        try:
+            yield found
+        finally:
+            handle.remove()
 
     def _statistics(self) -> tuple[dict[str, SquaredNorms | Hessian], list[torch.Tensor] | None]:
         stats = self._accumulators()
@@ -312,11 +347,36 @@ class LayerPruner:
 
     def _add(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor], batch: CapturedBatch,
              drifts: torch.Tensor | None, mean_drift: float | None) -> None:
+        if self.config.pool == "tamp":
+            return self._add_tamp(stats, acts, batch)
         pool = self._pool(batch, drifts, mean_drift)
         samples = int(batch.hidden.shape[0])
         for name, acc in stats.items():
             acc.add(acts[name][pool], samples=samples)
         self._count(batch, pool)
+
+    def _add_tamp(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
+                  batch: CapturedBatch) -> None:
+        """TAMP selects tokens per Linear and per sample from the Linear's own outputs; the report's
+        pooled/visual-selected counts are then means over the Linears."""
+        if self.attention is None:
+            raise ConfigError("the tamp pool needs attention probabilities; this layer's attention returned none")
+        scores = self.attention.float().mean(dim=1)  # (B, T, T), mean over heads
+        pooled = visual_chosen = 0
+        for b in range(batch.hidden.shape[0]):
+            valid = batch.valid[b]
+            last = int(valid.nonzero().max())
+            attention, visual = scores[b, last][valid], batch.visual[b][valid]
+            for name, acc in stats.items():
+                rows = acts[name][b][valid]
+                linear = self.linears[name]
+                chosen = amia_select(nn.functional.linear(rows, linear.weight, linear.bias), visual, attention)
+                acc.add(rows[chosen], samples=1)
+                pooled += int(chosen.sum())
+                visual_chosen += int((chosen & visual).sum())
+        self._count(batch, torch.zeros_like(batch.valid))
+        self.report.pooled_tokens += round(pooled / len(stats))
+        self.report.visual_selected += round(visual_chosen / len(stats))
 
     def _count(self, batch: CapturedBatch, pool: torch.Tensor) -> None:
         visual, valid = batch.visual & batch.valid, batch.valid & ~batch.visual

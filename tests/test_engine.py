@@ -2,6 +2,7 @@
 exact sparsity, schedules, propagation, padding and bad input."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,12 +19,9 @@ from tiny_models import build_tiny
 
 
 def _batches(family="llava", n=3):
-    out = []
-    for seed in range(n):
-        model, inputs = build_tiny(family, seed=0 if seed == 0 else 0)
-        _, inputs = build_tiny(family, seed=seed)
-        out.append(inputs)
-    return model, out
+    """The seed-0 model and the inputs of ``n`` seeds (different random tokens and images)."""
+    model, _ = build_tiny(family, seed=0)
+    return model, [build_tiny(family, seed=seed)[1] for seed in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +83,8 @@ def test_nm_pattern_in_every_group(llava):
                                     PruneConfig("wanda", pool="random-visual")])
 def test_two_pass_and_three_pass_give_identical_masks(llava, config):
     model, batches = llava
-    two = compute_masks(copy.deepcopy(model), copy.replace(config, schedule="two-pass"), batches, progress=False)
-    three = compute_masks(copy.deepcopy(model), copy.replace(config, schedule="three-pass"), batches, progress=False)
+    two = compute_masks(copy.deepcopy(model), dataclasses.replace(config, schedule="two-pass"), batches, progress=False)
+    three = compute_masks(copy.deepcopy(model), dataclasses.replace(config, schedule="three-pass"), batches, progress=False)
     assert two.masks.keys() == three.masks.keys()
     assert all(torch.equal(two.masks[k], three.masks[k]) for k in two.masks)
 
