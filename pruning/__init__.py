@@ -1,0 +1,9 @@
+"""Layer-wise pruning of vision-language models: ATV-Pruning, Wanda, SparseGPT, magnitude, TAMP."""
+
+from .adapters import DECODER_PROJ, Adapter, get_adapter, register_adapter
+from .config import PruneConfig
+from .engine import PruneReport, compute_masks, prune_
+from .errors import ToolkitError
+
+__all__ = ["Adapter", "DECODER_PROJ", "PruneConfig", "PruneReport", "ToolkitError", "compute_masks",
+           "get_adapter", "prune_", "register_adapter"]
