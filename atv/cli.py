@@ -26,6 +26,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=None, help="skip calibration records longer than this")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward (padding-aware)")
     p.add_argument("--targets", nargs="+", default=None, help="Linears to prune, relative to each block")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: where the model loads)")
@@ -43,7 +44,8 @@ def _prune(args: argparse.Namespace) -> int:
                          alpha=args.alpha, visual_ratio=args.visual_ratio, propagate=args.propagate,
                          seed=args.seed, **extra)
     job = PruneJob(model=args.model, out=args.out, config=config, calib=args.calib, images=args.images,
-                   nsamples=args.nsamples, seed=args.seed, max_length=args.max_length, dtype=args.dtype,
+                   nsamples=args.nsamples, seed=args.seed, max_length=args.max_length,
+                   batch_size=args.batch_size, dtype=args.dtype,
                    device=args.device, overwrite=args.overwrite)
     report = run_prune_job(job)
     print(json.dumps({"out": str(args.out), "mean_sparsity": round(report.sparsity, 6),

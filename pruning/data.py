@@ -92,27 +92,35 @@ def _open_image(path: Path):
         return image.convert("RGB")
 
 
-def encode_record(record: Mapping[str, Any], image, processor) -> dict[str, torch.Tensor]:
-    """One record -> model inputs (batch of 1) via the processor's chat template."""
+def encode_records(records: list[Mapping[str, Any]], images: list, processor) -> dict[str, torch.Tensor]:
+    """Records -> one batch of model inputs via the processor's chat template. Several records are
+    right-padded (padding never shifts the real tokens' positions; the engine masks it out)."""
     if getattr(processor, "chat_template", None) is None:
         raise CalibrationError(f"the processor {type(processor).__name__} has no chat template; "
                                "set processor.chat_template before loading calibration data")
-    prompt = processor.apply_chat_template(to_messages(record), tokenize=False)
-    return dict(processor(images=[image], text=[prompt], return_tensors="pt"))
+    prompts = [processor.apply_chat_template(to_messages(r), tokenize=False) for r in records]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        return dict(processor(images=images, text=prompts, padding=len(prompts) > 1, return_tensors="pt"))
+    finally:
+        tokenizer.padding_side = side
 
 
 def load_llava_conversations(path: str | Path, image_dir: str | Path, processor, nsamples: int = 128,
-                             seed: int = 0, max_length: int | None = None) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
-    """Sample ``nsamples`` usable records (seeded order) and encode them. Returns (inputs, report)."""
-    if nsamples < 1:
-        raise CalibrationError(f"nsamples must be >= 1, got {nsamples}")
+                             seed: int = 0, max_length: int | None = None,
+                             batch_size: int = 1) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
+    """Sample ``nsamples`` usable records (seeded order) and encode them in batches of ``batch_size``.
+    Returns (batches of model inputs, report)."""
+    if nsamples < 1 or batch_size < 1:
+        raise CalibrationError(f"nsamples and batch_size must be >= 1, got {nsamples} and {batch_size}")
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise CalibrationError(f"image folder {str(image_dir)!r} does not exist")
     records = read_records(path)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    report, samples = CalibrationReport(requested=nsamples), []
+    report, samples, usable = CalibrationReport(requested=nsamples), [], []
     for index in order:
         if len(samples) == nsamples:
             break
@@ -124,11 +132,13 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
         if not image_path.is_file():
             report.skipped["missing_image"] += 1
             continue
-        inputs = encode_record(record, _open_image(image_path), processor)
+        image = _open_image(image_path)
+        inputs = encode_records([record], [image], processor)
         if max_length is not None and inputs["input_ids"].shape[1] > max_length:
             report.skipped["too_long"] += 1
             continue
         samples.append(inputs)
+        usable.append((record, image))
         report.ids.append(str(record.get("id", index)))
     report.used = len(samples)
     if any(report.skipped.values()):
@@ -137,6 +147,9 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
         raise CalibrationError(
             f"only {report.used} usable calibration records in {str(path)!r} (asked for {nsamples}; "
             f"skipped {report.skipped}); lower --nsamples or fix the data")
+    if batch_size > 1:
+        groups = [usable[i:i + batch_size] for i in range(0, len(usable), batch_size)]
+        samples = [encode_records([r for r, _ in g], [im for _, im in g], processor) for g in groups]
     return samples, report
 
 

@@ -27,6 +27,7 @@ class PruneJob:
     nsamples: int = 128
     seed: int = 0
     max_length: int | None = None
+    batch_size: int = 1          # calibration samples per forward (right-padded; padding never counts)
     dtype: str = "float32"
     device: str | None = None
     overwrite: bool = False
@@ -52,7 +53,7 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     batches, data_report = [], None
     if job.config.needs_calibration:
         batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
-                                                        job.seed, job.max_length)
+                                                        job.seed, job.max_length, job.batch_size)
     report = prune_(model, job.config, batches, progress=progress)
     record = report.to_dict()
     record.update(model_dir=str(job.model), seed=job.seed, total_seconds=time.perf_counter() - start,
