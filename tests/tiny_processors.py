@@ -52,8 +52,9 @@ def make_processor(family: str, model):
                 size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                 image_grid_pinpoints=cfg.image_grid_pinpoints)
             cls = LlavaNextProcessor
+        # CLIP towers emit a CLS token; the 'default' strategy drops it, so the processor counts it.
         return cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.vision_config.patch_size,
-                   vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                   vision_feature_select_strategy=cfg.vision_feature_select_strategy, num_additional_image_tokens=1,
                    chat_template=CHAT_TEMPLATE.replace("{IMAGE}", "<image>"))
     if family in ("qwen2_vl", "qwen2_5_vl"):
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
