@@ -109,3 +109,15 @@ def test_a_failed_run_leaves_no_half_written_model(tmp_path, monkeypatch):
         run_prune_job(PruneJob(model=model_dir, out=out, config=PruneConfig("magnitude")), progress=False)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned")]
+
+
+def test_unsupported_architecture_is_refused(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(text_only)
+    code = main(["prune", "--model", str(text_only), "--method", "magnitude", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'llama'" in err and "image-text-to-text" in err
+    assert not (tmp_path / "out").exists()
