@@ -1,0 +1,79 @@
+"""Every family's adapter: exact layer-by-layer replay from the captured inputs, and the modality mask."""
+
+import pytest
+import torch
+
+from pruning.adapters import GenericAdapter, get_adapter, supported_model_types
+from pruning.errors import UnsupportedModelError
+from tiny_models import BOI, EOI, FAMILIES, IMAGE, VEND, VIDEO, VSTART, build_tiny
+
+
+def _final_hidden(model, inputs):
+    """The input of the decoder's final norm in the model's own forward: (B, T, C)."""
+    adapter = get_adapter(model)
+    found = {}
+    hook = adapter.language_model(model).norm.register_forward_pre_hook(lambda _m, args: found.update(h=args[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    return found["h"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_from_captured_inputs_equals_the_full_forward(family):
+    model, inputs = build_tiny(family, batch=2, padded=True)
+    adapter = get_adapter(model)
+    assert adapter.name != "generic"
+    batch = adapter.capture(model, inputs)
+    h = batch.hidden
+    with torch.no_grad():
+        for i in range(len(adapter.decoder_layers(model))):
+            h = adapter.replay(model, i, h, batch)
+    assert torch.equal(h, _final_hidden(model, inputs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visual_mask_marks_exactly_the_image_and_video_tokens(family):
+    model, inputs = build_tiny(family, batch=2, padded=True)
+    adapter = get_adapter(model)
+    ids = inputs["input_ids"]
+    assert torch.equal(adapter.visual_mask(model, ids), ids == IMAGE)
+    assert torch.equal(adapter.capture(model, inputs).visual, ids == IMAGE)
+    markers = torch.tensor([[VSTART, VEND, BOI, EOI, 5, VIDEO]])
+    expected_video = getattr(model.config, "video_token_id", None) == VIDEO
+    assert adapter.visual_mask(model, markers).tolist() == [[False] * 5 + [expected_video]]
+
+
+def test_gemma3_layers_get_their_own_masks():
+    model, inputs = build_tiny("gemma3", batch=1)
+    batch = get_adapter(model).capture(model, inputs)
+    sliding, full = batch.layer_kwargs[0]["attention_mask"], batch.layer_kwargs[1]["attention_mask"]
+    assert not torch.equal(sliding, full)
+
+
+def test_every_listed_family_is_registered():
+    assert set(FAMILIES) <= set(supported_model_types())
+
+
+def test_generic_fallback_finds_an_unregistered_family():
+    model, inputs = build_tiny("llava")
+    model.config.model_type = "my_llava_fork"
+    adapter = get_adapter(model)
+    assert isinstance(adapter, GenericAdapter)
+    assert adapter.decoder_layers(model) is model.model.language_model.layers
+    batch = adapter.capture(model, inputs)
+    h = batch.hidden
+    with torch.no_grad():
+        for i in range(len(adapter.decoder_layers(model))):
+            h = adapter.replay(model, i, h, batch)
+    assert torch.equal(h, _final_hidden(model, inputs))
+
+
+def test_generic_fallback_names_the_candidates_when_it_cannot_decide():
+    model, _ = build_tiny("llava")
+    model.config.model_type = "two_decoders"
+    model.extra_decoder = torch.nn.ModuleList([model.model.language_model.layers[0]])
+    with pytest.raises(UnsupportedModelError, match="two_decoders.*extra_decoder"):
+        get_adapter(model)
