@@ -172,3 +172,18 @@ def test_unsupported_architecture_is_a_clear_error():
 
     with pytest.raises(UnsupportedModelError, match="made_up"):
         prune_(Odd(), PruneConfig("magnitude"), progress=False)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm",
+                                    "internvl", "mistral3"])
+@pytest.mark.parametrize("method", ["atv", "tamp"])
+def test_every_family_prunes_with_exact_row_sparsity(family, method):
+    model, inputs = build_tiny(family, batch=2, padded=True)
+    report = prune_(model, PruneConfig(method, sparsity=0.5), [inputs], progress=False)
+    adapter = get_adapter(model)
+    assert [layer.index for layer in report.layers] == list(range(len(adapter.decoder_layers(model))))
+    for i in range(len(adapter.decoder_layers(model))):
+        for name, linear in adapter.named_linears(model, i).items():
+            zeros = (linear.weight == 0).sum(dim=1)
+            assert zeros.tolist() == [linear.in_features // 2] * linear.out_features, (family, i, name)
+    assert all(0 < layer.visual_selected < layer.visual_tokens for layer in report.layers if method == "tamp")
