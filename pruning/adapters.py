@@ -109,7 +109,7 @@ class Adapter:
         found = {}
         for name in names:
             module = layer.get_submodule(name)
-            if not isinstance(module, nn.Linear):
+            if not _is_linear_like(module):
                 raise UnsupportedModelError(f"{name} of decoder layer {index} is a {type(module).__name__}, not nn.Linear")
             found[name] = module
         return found
@@ -327,16 +327,32 @@ class GenericAdapter(Adapter):
         raise UnsupportedModelError(f"no parent module found for the decoder layers of {type(model).__name__}")
 
 
+def _is_linear_like(module: nn.Module) -> bool:
+    """An nn.Linear, or a module standing in for one (e.g. the probe's routed Linear)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "in_features")
+
+
 def _is_decoder_block(block: nn.Module) -> bool:
     names = dict(block.named_modules())
     return all(isinstance(names.get(n), nn.Linear) for n in DECODER_PROJ)
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter registered for ``model.config.model_type``, else the introspecting fallback.
+# A model may carry its own adapter under this attribute (the MoT probe attaches one that routes).
+ATTACHED_ADAPTER = "_atv_adapter"
 
-    Raises UnsupportedModelError when neither can locate the decoder layers.
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter attached to ``model``, else the one registered for ``model.config.model_type``,
+    else the introspecting fallback.
+
+    Raises UnsupportedModelError when none can locate the decoder layers.
     """
+    attached = getattr(model, ATTACHED_ADAPTER, None)
+    if attached is not None:
+        return attached
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = _REGISTRY.get(model_type)
     if adapter is not None:

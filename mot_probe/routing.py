@@ -1,0 +1,116 @@
+"""The modality-routed Linear of the MoT probe.
+
+A :class:`RoutedLinear` stands where a decoder projection (q/k/v, gate/up/down) was. It keeps the
+original ``nn.Linear`` as ``base`` and serves both modalities with it until one path is about to
+diverge (be pruned): only then is that path materialised as its own copy in ``paths``. So an
+unpruned probe costs no extra weight memory and computes exactly what the original model computes,
+and a probe with one pruned path holds exactly one extra copy of that path's Linears.
+
+Each token goes through its own modality's copy only; attention still mixes all tokens because only
+the projections are routed. The (B, T) modality mask is held by a :class:`ModalityRouter` shared by
+all routed Linears of a model and set once per forward (from ``input_ids``) or per replayed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pruning.errors import ToolkitError
+
+PATHS = ("text", "visual")
+
+
+class RoutingError(ToolkitError):
+    """A routed forward was asked for without a modality mask that fits its input."""
+
+
+class ModalityRouter:
+    """Holds the current (B, T) bool mask, True at visual tokens."""
+
+    def __init__(self) -> None:
+        self.visual: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def route(self, visual: torch.Tensor) -> Iterator[None]:
+        """Use ``visual`` for the forwards inside the block, then restore the previous mask."""
+        previous, self.visual = self.visual, visual
+        try:
+            yield
+        finally:
+            self.visual = previous
+
+
+def check_path(path: str) -> str:
+    if path not in PATHS:
+        raise ValueError(f"unknown pathway {path!r}; choose one of {PATHS}")
+    return path
+
+
+class RoutedLinear(nn.Module):
+    """Text and visual copies of one Linear; tokens are routed by the shared router's mask.
+
+    ``active`` names the path that pruning tools see through :attr:`weight` (the engine treats a
+    routed Linear as the Linear of its active path).
+    """
+
+    def __init__(self, base: nn.Linear, router: ModalityRouter):
+        super().__init__()
+        self.base = base
+        self.paths = nn.ModuleDict()  # 'text' / 'visual' -> own copy, only once that path diverges
+        self.active = "text"
+        self.in_features, self.out_features = base.in_features, base.out_features
+        object.__setattr__(self, "router", router)  # shared, not a submodule
+
+    # -- paths -----------------------------------------------------------------------------
+    def path(self, name: str) -> nn.Linear:
+        """The Linear that serves path ``name`` (its own copy, or the shared base)."""
+        return self.paths[name] if name in self.paths else self.base
+
+    def materialise(self, name: str) -> nn.Linear:
+        """Give path ``name`` its own copy of the base weights (same device and dtype)."""
+        check_path(name)
+        if name not in self.paths:
+            self.paths[name] = copy.deepcopy(self.base)
+        return self.paths[name]
+
+    def reset(self, name: str | None = None) -> None:
+        """Drop the copy of path ``name`` (both when None): that path is the dense base again."""
+        for key in [name] if name else list(self.paths):
+            if key in self.paths:
+                del self.paths[key]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.path(self.active).weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.path(self.active).bias
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, in) -> (B, T, out)
+        text, visual = self.path("text"), self.path("visual")
+        if text is visual:
+            return text(x)
+        mask = self.router.visual
+        if mask is None or mask.shape != x.shape[:-1]:
+            got = None if mask is None else tuple(mask.shape)
+            raise RoutingError(f"routed forward needs a modality mask of shape {tuple(x.shape[:-1])}, got {got}; "
+                               "call the model with input_ids (the probe routes by the visual token ids)")
+        mask = mask.to(x.device)
+        if not bool(mask.any()):
+            return text(x)
+        if bool(mask.all()):
+            return visual(x)
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        out[~mask] = text(x[~mask])
+        out[mask] = visual(x[mask])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, own copies={list(self.paths) or 'none'}"
