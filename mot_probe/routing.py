@@ -34,6 +34,15 @@ class ModalityRouter:
 
     def __init__(self) -> None:
         self.visual: torch.Tensor | None = None
+        self._split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (mask, text idx, visual idx)
+
+    def split(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (B*T) positions of the text and the visual tokens of the current mask, computed once
+        per mask and shared by every routed Linear of the forward."""
+        if self._split is None or self._split[0] is not self.visual:
+            flat = self.visual.reshape(-1).to(device)
+            self._split = (self.visual, (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1))
+        return self._split[1], self._split[2]
 
     @contextlib.contextmanager
     def route(self, visual: torch.Tensor) -> Iterator[None]:
@@ -102,15 +111,16 @@ class RoutedLinear(nn.Module):
             got = None if mask is None else tuple(mask.shape)
             raise RoutingError(f"routed forward needs a modality mask of shape {tuple(x.shape[:-1])}, got {got}; "
                                "call the model with input_ids (the probe routes by the visual token ids)")
-        mask = mask.to(x.device)
-        if not bool(mask.any()):
+        text_idx, visual_idx = self.router.split(x.device)
+        if visual_idx.numel() == 0:
             return text(x)
-        if bool(mask.all()):
+        if text_idx.numel() == 0:
             return visual(x)
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        out[~mask] = text(x[~mask])
-        out[mask] = visual(x[mask])
-        return out
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, in)
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        out.index_copy_(0, text_idx, text(flat.index_select(0, text_idx)))
+        out.index_copy_(0, visual_idx, visual(flat.index_select(0, visual_idx)))
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, own copies={list(self.paths) or 'none'}"

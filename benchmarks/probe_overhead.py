@@ -1,0 +1,90 @@
+"""Cost of the MoT probe's routed forward and of its extra weights, as ratios measured in one run.
+
+Times the original model, the unpruned probe and the probe with one path pruned (the worst case:
+every routed projection splits its tokens between two copies) on the same batches, interleaving
+the three to spread machine noise, and reports time ratios and the extra weight memory.
+
+    python benchmarks/probe_overhead.py                       # random Qwen2-VL built in memory
+    python benchmarks/probe_overhead.py --model DIR --calib calib.json --images DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from prune_speed import _load
+
+
+def _time(model, batches) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    return time.perf_counter() - start
+
+
+def measure(model, batches, repeats: int) -> dict:
+    from mot_probe import attach_probe_
+    from pruning import PruneConfig
+
+    unpruned = copy.deepcopy(model)
+    attach_probe_(unpruned)
+    pruned = copy.deepcopy(model)
+    probe = attach_probe_(pruned)
+    probe.prune_path_("text", PruneConfig("magnitude", sparsity=0.5), progress=False)
+    variants = {"original": model, "probe": unpruned, "probe_text_pruned": pruned}
+    for m in variants.values():
+        _time(m, batches[:1])  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, m in variants.items():
+            times[name].append(_time(m, batches))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    routed_weights = sum(p.numel() for r in probe.routed_linears() for p in r.base.parameters())
+    return {
+        "seconds": median,
+        "ratio_probe": median["probe"] / median["original"],
+        "ratio_probe_text_pruned": median["probe_text_pruned"] / median["original"],
+        "extra_weights": probe.extra_parameters(),
+        "routed_path_weights": routed_weights,
+        "extra_over_one_path": probe.extra_parameters() / routed_weights,
+        "visual_fraction": float(sum(int((b["input_ids"] == model.config.image_token_id).sum()) for b in batches)
+                                 / sum(b["input_ids"].numel() for b in batches)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--synthetic", choices=["qwen2_vl"], default=None)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--calib", type=Path)
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.model is None:
+        args.synthetic = "qwen2_vl"
+    torch.set_num_threads(args.threads)
+    model, batches = _load(args)
+    record = measure(model.eval(), batches, args.repeats)
+    print(f"forward time ratio, unpruned probe / original: {record['ratio_probe']:.3f}")
+    print(f"forward time ratio, text-pruned probe / original: {record['ratio_probe_text_pruned']:.3f} "
+          f"(visual tokens: {100 * record['visual_fraction']:.0f}%)")
+    print(f"extra weights: {record['extra_weights']:,} = {record['extra_over_one_path']:.2f} x one path's routed Linears")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"setup": {k: str(v) for k, v in vars(args).items()}, **record}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

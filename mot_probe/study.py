@@ -1,0 +1,220 @@
+"""The MoT sensitivity study: prune one pathway with one calibration pool at one sparsity, evaluate,
+restore, and repeat over the grid pathway x pool x sparsity (plus the dense baseline).
+
+Results are appended to ``OUT/results.jsonl`` one record per finished cell (flushed and fsynced), so
+an interrupted study re-run with the same arguments computes only the missing cells. ``OUT/study.json``
+pins the setup: re-running into the same folder with a different setup is refused.
+
+The model is loaded once: the probe computes exactly the original model while unpruned, and
+``reset_`` drops a pruned path's copy, so every cell starts from the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from analysis.tables import probe_table, write_table
+from evaluation import Benchmark, evaluate, fidelity_reference, load_benchmark, retention
+from evaluation.harness import FidelityReference
+from pruning.config import METHODS, PruneConfig
+from pruning.errors import ConfigError, ToolkitError
+
+from .routing import PATHS
+from .surgery import PROBE_POOLS, attach_probe_, get_probe, probe_pool
+
+log = logging.getLogger(__name__)
+
+RESULTS, SETUP, REFERENCE = "results.jsonl", "study.json", "fidelity_reference.pt"
+
+
+@dataclass
+class StudyConfig:
+    pathways: tuple[str, ...] = PATHS                 # which path is pruned (the other stays dense)
+    pools: tuple[str, ...] = tuple(PROBE_POOLS)       # calibration pools: text | visual | mixed
+    sparsities: tuple[float, ...] = (0.5, 0.6)        # unstructured, per output row
+    method: str = "wanda"                             # pruner used on the path (any activation-based one)
+    seed: int = 0
+    batch_size: int = 8                               # evaluation batch
+    max_new_tokens: int = 8                           # open-answer benchmarks
+
+    def __post_init__(self) -> None:
+        self.pathways, self.pools = tuple(self.pathways), tuple(self.pools)
+        self.sparsities = tuple(float(s) for s in self.sparsities)
+        bad = [p for p in self.pathways if p not in PATHS]
+        if bad or not self.pathways:
+            raise ConfigError(f"unknown pathway {bad or '(none)'}; choose from {PATHS}")
+        for pool in self.pools:
+            probe_pool(pool)
+        if not self.pools:
+            raise ConfigError(f"pools is empty; choose from {list(PROBE_POOLS)}")
+        bad_s = [s for s in self.sparsities if not 0.0 < s < 1.0]
+        if bad_s or not self.sparsities:
+            raise ConfigError(f"sparsities must be in (0, 1), got {list(self.sparsities)}")
+        if self.method not in METHODS or self.method in ("magnitude", "atv", "tamp"):
+            raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', got {self.method!r}")
+
+    def cells(self) -> list[dict[str, Any]]:
+        """The dense baseline first, then the grid in a fixed order."""
+        grid = [{"pathway": p, "pool": q, "sparsity": s} for s in self.sparsities for p in self.pathways
+                for q in self.pools]
+        return [{"pathway": "dense"}] + grid
+
+
+@dataclass
+class StudyResult:
+    out_dir: Path
+    records: list[dict[str, Any]]
+    computed: int                                     # cells computed by this run (the rest were resumed)
+    tables: list[Path] = field(default_factory=list)
+
+    @property
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        return probe_table(self.records)
+
+
+def cell_key(cell: Mapping[str, Any]) -> str:
+    return json.dumps(dict(cell), sort_keys=True)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Finished cells of a results file; a torn last line (a run killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    records, lines = [], path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
+            log.warning("%s: dropping an unfinished last record", path)
+    return records
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a results file back to its last complete line, so new records start on a line of their own."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_setup(out_dir: Path, setup: dict[str, Any]) -> None:
+    path = out_dir / SETUP
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != setup:
+            changed = sorted(k for k in set(saved) | set(setup) if saved.get(k) != setup.get(k))
+            raise ToolkitError(f"{out_dir} holds a study with a different setup (differs in {changed}); "
+                               "re-run with the same arguments to resume, or choose another --out")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(setup, indent=2), encoding="utf-8")
+        # a results file left from an older setup would be mixed in: refuse it
+        if (out_dir / RESULTS).exists():
+            raise ToolkitError(f"{out_dir / RESULTS} exists without {SETUP}; choose another --out")
+
+
+def _reference(out_dir: Path, model: nn.Module, processor, benches: list[Benchmark],
+               progress: bool) -> FidelityReference | None:
+    if not any(b.kind == "fidelity" for b in benches):
+        return None
+    path = out_dir / REFERENCE
+    if path.is_file():
+        return FidelityReference.load(path)
+    reference = fidelity_reference(model, processor, [b for b in benches if b.kind == "fidelity"], progress=progress)
+    tmp = path.with_suffix(".partial")
+    reference.save(tmp)
+    tmp.replace(path)
+    return reference
+
+
+def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[str, Any]],
+                    benchmarks: Iterable[Benchmark | str | Path], out_dir: str | Path,
+                    config: StudyConfig | None = None, *, setup_extra: Mapping[str, Any] | None = None,
+                    progress: bool = True, on_cell: Callable[[dict[str, Any]], None] | None = None) -> StudyResult:
+    """Run (or resume) the probe grid on ``model`` (probed in place, unloaded at the end).
+
+    calibration: model-input batches (with images) for the pruner; benchmarks: harness benchmarks.
+    ``setup_extra`` (e.g. model folder, calibration file) joins the pinned setup. ``on_cell`` is
+    called with each new record (tests use it to interrupt a run).
+    """
+    config = config or StudyConfig()
+    out_dir = Path(out_dir)
+    benches = [b if isinstance(b, Benchmark) else load_benchmark(b) for b in benchmarks]
+    setup = {"config": asdict(config), "benchmarks": [b.name for b in benches],
+             "calibration_batches": len(calibration), **dict(setup_extra or {})}
+    setup = json.loads(json.dumps(setup, default=str))
+    _check_setup(out_dir, setup)
+    results = out_dir / RESULTS
+    records = read_records(results)
+    _drop_torn_tail(results)
+    done = {cell_key(r["cell"]) for r in records}
+    todo = [c for c in config.cells() if cell_key(c) not in done]
+    probe = attach_probe_(model)
+    try:
+        reference = _reference(out_dir, model, processor, benches, progress)
+        dense = next((r for r in records if r["cell"]["pathway"] == "dense"), None)
+        for cell in tqdm(todo, desc="probe cells", disable=not progress):
+            record = _run_cell(model, processor, calibration, benches, reference, config, cell, dense, progress)
+            dense = record if cell["pathway"] == "dense" else dense
+            _append(results, record)
+            records.append(record)
+            if on_cell is not None:
+                on_cell(record)
+    finally:
+        probe.unload()
+    ordered = sorted(records, key=lambda r: [cell_key(c) for c in config.cells()].index(cell_key(r["cell"])))
+    result = StudyResult(out_dir, ordered, computed=len(todo))
+    result.tables = write_table(result.table, "probe_table", out_dir)
+    return result
+
+
+def _run_cell(model, processor, calibration, benches, reference, config: StudyConfig, cell: dict[str, Any],
+              dense: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    probe, prune_summary = get_probe(model), None
+    if cell["pathway"] != "dense":
+        prune_config = PruneConfig(config.method, sparsity=cell["sparsity"], pool=probe_pool(cell["pool"]),
+                                   seed=config.seed)
+        report = probe.prune_path_(cell["pathway"], prune_config, calibration, progress=False)
+        prune_summary = {"mean_sparsity": report.sparsity, "seconds": report.seconds,
+                         "pooled_tokens": [layer.pooled_tokens for layer in report.layers]}
+    try:
+        scores = evaluate(model, processor, benches, reference=reference, batch_size=config.batch_size,
+                          max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
+    finally:
+        probe.reset_()
+    record: dict[str, Any] = {"cell": cell, "scores": scores.scores(),
+                              "metrics": {r.name: r.metrics for r in scores.results}, "prune": prune_summary}
+    base = record if dense is None else dense
+    kept = _retention(record["scores"], base["scores"])
+    record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=time.perf_counter() - start)
+    return record
+
+
+def _retention(scores: dict[str, float], dense: dict[str, float]):
+    """Retention over the benchmarks where the dense model scores above 0 (others are undefined)."""
+    defined = [name for name, value in dense.items() if value > 0]
+    if len(defined) < len(dense):
+        log.warning("retention undefined where the dense score is 0: %s", sorted(set(dense) - set(defined)))
+    if not defined:
+        raise ToolkitError("the dense model scores 0 on every benchmark: retention is undefined")
+    return retention({n: scores[n] for n in defined}, {n: dense[n] for n in defined})
