@@ -56,7 +56,8 @@ class ChoiceItem:
         if len(set(self.options)) != len(self.options):
             raise ValueError(f"item {self.id!r}: options must be distinct, got {list(self.options)!r}")
         if self.answer not in self.options:
-            raise ValueError(f"item {self.id!r}: answer {self.answer!r} is not one of the options {list(self.options)!r}")
+            raise ValueError(f"item {self.id!r}: answer {self.answer!r} is not one of the options "
+                             f"{list(self.options)!r}")
         if not _non_blank(self.question):
             raise ValueError(f"item {self.id!r}: 'question' must be a non-blank string, got {self.question!r}")
 
@@ -72,7 +73,8 @@ class OpenItem:
 
     def __post_init__(self) -> None:
         if not self.answers or not all(isinstance(a, str) for a in self.answers):
-            raise ValueError(f"item {self.id!r}: 'answers' must be a non-empty list of strings, got {list(self.answers)!r}")
+            raise ValueError(f"item {self.id!r}: 'answers' must be a non-empty list of strings, "
+                             f"got {list(self.answers)!r}")
         if not _non_blank(self.question):
             raise ValueError(f"item {self.id!r}: 'question' must be a non-blank string, got {self.question!r}")
 

@@ -1,0 +1,452 @@
+"""Model orchestration: prompts, batching, forwards and generation; the math is in :mod:`.metrics`.
+
+Works for any HF-style LVLM (plain, pruned, or an MoT probe): inputs always carry ``input_ids``
+(modality routing reads them), the device and float dtype come from the model's parameters, and
+the model runs in eval mode under ``torch.no_grad`` (its training flag is restored afterwards).
+
+Padding: scoring forwards are right-padded, so every real token keeps the position it has
+unpadded, and the real tokens of each row are read back through its ``attention_mask`` (padding
+is never scored, whichever side it sits on). Generation is left-padded, as decoder-only
+``generate`` requires.
+
+Example::
+
+    benches = [load_benchmark(p) for p in ("suite/digits.jsonl", "suite/count.jsonl", "suite/wiki.jsonl")]
+    reference = fidelity_reference(dense, processor, benches)        # once; dense can then be freed
+    dense_report = evaluate(dense, processor, benches, reference=reference)
+    pruned_report = evaluate(pruned, processor, benches, reference=reference)
+    print(retention(pruned_report, dense_report).mean)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning.errors import ConfigError
+
+from . import metrics
+from .benchmarks import (CHOICE, FIDELITY, OPEN, Benchmark, BenchmarkError, ChoiceItem, OpenItem, TextItem,
+                         load_benchmark)
+from .reports import BenchmarkResult, EvalReport, ItemResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 128  # reference log-probs kept per position; None keeps the full vocabulary (exact KL)
+Benchmarks = Benchmark | str | Path | Sequence[Benchmark | str | Path]
+
+
+# -- model and processor plumbing ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no_grad for the duration; the model's training flag is restored afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
+def _to_model(inputs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Move tensors to the model's device; floating tensors (pixel values) take its float dtype."""
+    params = list(model.parameters())
+    device = params[0].device
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        moved[key] = value
+    return moved
+
+
+def _tokenizer(processor):
+    """The processor's tokenizer (a bare tokenizer is its own)."""
+    return getattr(processor, "tokenizer", processor)
+
+
+@contextlib.contextmanager
+def _padding_side(processor, side: str) -> Iterator[None]:
+    tokenizer = _tokenizer(processor)
+    saved, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = saved
+
+
+def _encode(processor, texts: list[str], images: list[Image.Image] | None, side: str) -> dict[str, torch.Tensor]:
+    """Texts (and one image per text, or none) -> padded model inputs on the CPU."""
+    with _padding_side(processor, side):
+        if images:
+            return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+        return dict(processor(text=texts, padding=True, return_tensors="pt"))
+
+
+def _real_positions(attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """(B, T) mask -> per row the indices of its real (non-padding) tokens, in order."""
+    return [row.nonzero().squeeze(-1) for row in attention_mask.cpu()]
+
+
+def _forward_rows(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward; per row (real token ids (T_b,), their logits (T_b, V)), padding dropped."""
+    logits = model(**_to_model(inputs, model), use_cache=False).logits  # (B, T, V)
+    rows = []
+    for b, positions in enumerate(_real_positions(inputs["attention_mask"])):
+        rows.append((inputs["input_ids"][b, positions], logits[b, positions.to(logits.device)]))
+    return rows
+
+
+def build_prompt(processor, question: str, with_image: bool) -> str:
+    """The fixed prompt: one user turn (image first, then the question) and the generation prompt."""
+    content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _open_image(path: Path | None) -> Image.Image | None:
+    if path is None:
+        return None
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _by_modality(entries: list, has_image) -> list[list]:
+    """Split a list into the entries with an image and those without (a batch is all one or the other)."""
+    groups = [[e for e in entries if has_image(e)], [e for e in entries if not has_image(e)]]
+    return [g for g in groups if g]
+
+
+def _chunks(seq: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+# -- multiple choice -------------------------------------------------------------------------------
+
+
+@dataclass
+class _ChoicePlan:
+    """An item's prompt and the token ids of prompt + each option."""
+
+    item: ChoiceItem
+    prompt: str
+    image: Image.Image | None
+    prompt_ids: list[int]
+    full_ids: list[list[int]]  # per option: real token ids of prompt + option
+    starts: list[int]  # per option: index of its first continuation token
+
+    @property
+    def single_token(self) -> bool:
+        """Every option adds exactly one token right after the tokenised prompt: one forward scores all."""
+        n = len(self.prompt_ids)
+        return all(s == n and len(f) == n + 1 for s, f in zip(self.starts, self.full_ids))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _plan_choice(processor, item: ChoiceItem) -> _ChoicePlan:
+    """Tokenise the prompt and prompt + option with the processor (so image tokens are expanded).
+
+    The continuation of an option is what follows the longest common prefix of the two token
+    lists: the tokenised prompt itself when tokenisation is prefix-consistent, else (the option
+    merged with the prompt's last token) the first differing token on, which is logged.
+    """
+    image = _open_image(item.image)
+    prompt = build_prompt(processor, item.question, image is not None)
+    texts = [prompt] + [prompt + option for option in item.options]
+    encoded = _encode(processor, texts, [image] * len(texts) if image else None, "right")
+    rows = [encoded["input_ids"][b, p].tolist() for b, p in enumerate(_real_positions(encoded["attention_mask"]))]
+    prompt_ids, full_ids = rows[0], rows[1:]
+    starts = [_common_prefix(prompt_ids, full) for full in full_ids]
+    for option, start, full in zip(item.options, starts, full_ids):
+        if not 1 <= start < len(full):
+            raise BenchmarkError(f"item {item.id!r}: option {option!r} adds no token to the prompt "
+                                 f"({len(prompt_ids)} prompt tokens, {len(full)} with the option)")
+        if start < len(prompt_ids):
+            log.warning("item %r: option %r merges with the prompt's last %d token(s); scoring from the first "
+                        "differing token", item.id, option, len(prompt_ids) - start)
+    return _ChoicePlan(item, prompt, image, prompt_ids, full_ids, starts)
+
+
+def _check_ids(ids: torch.Tensor, expected: list[int], item_id: str) -> None:
+    if ids.tolist() != expected:
+        raise RuntimeError(f"item {item_id!r}: the processor tokenised the same text differently in a batch "
+                           f"({len(ids)} vs {len(expected)} tokens)")
+
+
+def _general_scores(model: nn.Module, processor, plan: _ChoicePlan, batch_size: int) -> list[float]:
+    """Log-likelihood of each option from forwards of prompt + option, ``batch_size`` options at a time."""
+    scores: list[float] = []
+    order = list(range(len(plan.item.options)))
+    for chunk in _chunks(order, batch_size):
+        texts = [plan.prompt + plan.item.options[o] for o in chunk]
+        images = [plan.image] * len(texts) if plan.image else None
+        rows = _forward_rows(model, _encode(processor, texts, images, "right"))
+        for o, (ids, logits) in zip(chunk, rows):
+            _check_ids(ids, plan.full_ids[o], plan.item.id)
+            scores.append(metrics.continuation_logprob(logits, ids, plan.starts[o]))
+    return scores
+
+
+def _fast_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> list[list[float]]:
+    """Single-token options of several items: one forward of the prompts, read at each last real position."""
+    images = [p.image for p in plans] if plans[0].image else None
+    rows = _forward_rows(model, _encode(processor, [p.prompt for p in plans], images, "right"))
+    scores = []
+    for plan, (ids, logits) in zip(plans, rows):
+        _check_ids(ids, plan.prompt_ids, plan.item.id)
+        scores.append(metrics.next_token_logprobs(logits[-1], [f[-1] for f in plan.full_ids]))
+    return scores
+
+
+def _choice_item(plan: _ChoicePlan, scores: list[float]) -> ItemResult:
+    best = plan.item.options[metrics.argmax(scores)]
+    lengths = [len(full) - start for full, start in zip(plan.full_ids, plan.starts)]
+    return ItemResult(plan.item.id, best, float(best == plan.item.answer),
+                      {"logprobs": scores, "continuation_tokens": lengths})
+
+
+def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_size: int = 8,
+                 fast_path: bool = True, progress: bool = True) -> BenchmarkResult:
+    """Multiple choice by log-likelihood: each option's summed token log-probs given the prompt, argmax.
+
+    Items are taken ``batch_size`` at a time. An item whose options are all one continuation token
+    is scored from one forward of its prompt, batched with the other such items (``fast_path``);
+    any other item forwards prompt + option for its options, ``batch_size`` options per forward.
+    """
+    results: dict[str, ItemResult] = {}
+    with _inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
+        for window in _chunks(benchmark.items, batch_size):
+            plans = [_plan_choice(processor, item) for item in window]
+            fast = [p for p in plans if fast_path and p.single_token]
+            for group in _by_modality(fast, lambda p: p.image is not None):
+                for plan, scores in zip(group, _fast_scores(model, processor, group)):
+                    results[plan.item.id] = _choice_item(plan, scores)
+            for plan in plans:
+                if plan.item.id not in results:
+                    results[plan.item.id] = _choice_item(plan, _general_scores(model, processor, plan, batch_size))
+            bar.update(len(window))
+    items = [results[item.id] for item in benchmark.items]
+    chance = 100.0 * sum(1.0 / len(item.options) for item in benchmark.items) / len(benchmark)
+    return _result(benchmark, items, chance=chance)
+
+
+def _result(benchmark: Benchmark, items: list[ItemResult], chance: float | None = None,
+            metrics_: dict[str, float] | None = None) -> BenchmarkResult:
+    score = 100.0 * sum(i.score for i in items) / len(items)
+    log.info("%s (%s, n=%d): %.2f", benchmark.name, benchmark.kind, len(items), score)
+    return BenchmarkResult(benchmark.name, benchmark.kind, len(items), score, chance, metrics_ or {}, items)
+
+
+# -- open answers ----------------------------------------------------------------------------------
+
+
+def _generate(model: nn.Module, processor, items: list[OpenItem], max_new_tokens: int) -> list[str]:
+    """Greedy answers for items that all have an image, or all have none (left-padded batch)."""
+    images = [_open_image(i.image) for i in items]
+    prompts = [build_prompt(processor, i.question, i.image is not None) for i in items]
+    inputs = _encode(processor, prompts, images if items[0].image else None, "left")
+    tokenizer = _tokenizer(processor)
+    out = model.generate(**_to_model(inputs, model), do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def score_open(model: nn.Module, processor, benchmark: Benchmark, *, batch_size: int = 8, max_new_tokens: int = 8,
+               progress: bool = True) -> BenchmarkResult:
+    """Open answers by greedy generation and :func:`metrics.vqa_accuracy` against the references."""
+    results: dict[str, ItemResult] = {}
+    with _inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
+        for window in _chunks(benchmark.items, batch_size):
+            for group in _by_modality(list(window), lambda i: i.image is not None):
+                for item, answer in zip(group, _generate(model, processor, group, max_new_tokens)):
+                    results[item.id] = ItemResult(item.id, answer, metrics.vqa_accuracy(answer, item.answers),
+                                                  {"normalized": metrics.normalize_answer(answer)})
+            bar.update(len(window))
+    return _result(benchmark, [results[item.id] for item in benchmark.items])
+
+
+# -- text fidelity ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceText:
+    """The dense model's view of one text: its token ids (T,) and next-token distributions."""
+
+    ids: torch.Tensor
+    distribution: metrics.ReferenceDistribution
+
+
+@dataclass
+class FidelityReference:
+    """Dense next-token distributions of every text of some fidelity benchmarks, on the CPU.
+
+    texts: benchmark name -> item id -> :class:`ReferenceText`.
+    top_k: how many log-probs are kept per position (None: the full vocabulary).
+    """
+
+    texts: dict[str, dict[str, ReferenceText]]
+    top_k: int | None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+
+    def check_covers(self, benchmark: Benchmark) -> None:
+        """Raise BenchmarkError unless every text of ``benchmark`` has a reference."""
+        held = self.texts.get(benchmark.name)
+        if held is None:
+            raise BenchmarkError(f"the fidelity reference has no benchmark {benchmark.name!r} (it has "
+                                 f"{sorted(self.texts)}); build it with fidelity_reference(dense_model, processor, "
+                                 "benchmarks) over the same benchmarks")
+        missing = [item.id for item in benchmark.items if item.id not in held]
+        if missing:
+            raise BenchmarkError(f"the fidelity reference of {benchmark.name!r} lacks items {missing[:5]} "
+                                 f"({len(missing)} in all); rebuild it from this benchmark file")
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` (torch.save of plain tensors; reload with :meth:`load`)."""
+        payload = {"top_k": self.top_k, "texts": {
+            name: {item_id: {"ids": ref.ids, **vars(ref.distribution)} for item_id, ref in texts.items()}
+            for name, texts in self.texts.items()}}
+        torch.save(payload, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FidelityReference":
+        payload = torch.load(Path(path), weights_only=True)
+        texts = {name: {item_id: ReferenceText(entry.pop("ids"), metrics.ReferenceDistribution(**entry))
+                        for item_id, entry in held.items()} for name, held in payload["texts"].items()}
+        return cls(texts, payload["top_k"])
+
+
+def _text_rows(model: nn.Module, processor, items: Sequence[TextItem]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded forward of raw texts (no chat template): per text (ids (T,), logits (T, V))."""
+    return _forward_rows(model, _encode(processor, [i.text for i in items], None, "right"))
+
+
+def fidelity_reference(dense_model: nn.Module, processor, benchmarks: Benchmarks, *, top_k: int | None = DEFAULT_TOP_K,
+                       batch_size: int = 8, progress: bool = True) -> FidelityReference:
+    """Run the dense model once over the texts of the fidelity benchmarks among ``benchmarks`` and keep
+    its next-token distributions on the CPU, so pruned variants can be scored without it.
+
+    Memory: T x top_k x 12 bytes per text (T x V x 4 with ``top_k=None``). With a top-k reference
+    the KL is computed over the dense top-k tokens plus one bucket for the rest of the mass (see
+    :func:`metrics.kl_to_reference`); top-1 agreement is exact either way.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    fidelity = [b for b in _as_benchmarks(benchmarks) if b.kind == FIDELITY]
+    if not fidelity:
+        raise BenchmarkError("fidelity_reference needs at least one fidelity benchmark (items with 'text')")
+    texts: dict[str, dict[str, ReferenceText]] = {}
+    with _inference(dense_model):
+        for bench in fidelity:
+            held = texts.setdefault(bench.name, {})
+            for chunk in tqdm(list(_chunks(bench.items, batch_size)), desc=f"{bench.name} (reference)",
+                              disable=not progress):
+                for item, (ids, logits) in zip(chunk, _text_rows(dense_model, processor, chunk)):
+                    held[item.id] = ReferenceText(ids.cpu(), metrics.reference_distribution(logits, top_k))
+    return FidelityReference(texts, top_k)
+
+
+def score_fidelity(model: nn.Module, processor, benchmark: Benchmark, reference: FidelityReference, *,
+                   batch_size: int = 8, progress: bool = True) -> BenchmarkResult:
+    """Top-1 agreement (%) with the dense model over every position of every text (the score) and mean
+    KL(dense || model) (``metrics["kl"]``); each text weighs the same (per-text means, then averaged)."""
+    reference.check_covers(benchmark)
+    held = reference.texts[benchmark.name]
+    items: list[ItemResult] = []
+    with _inference(model):
+        for chunk in tqdm(list(_chunks(benchmark.items, batch_size)), desc=benchmark.name, disable=not progress):
+            for item, (ids, logits) in zip(chunk, _text_rows(model, processor, chunk)):
+                ref = held[item.id]
+                if not torch.equal(ids.cpu(), ref.ids):
+                    raise BenchmarkError(f"{benchmark.name!r} item {item.id!r}: tokenised to {len(ids)} tokens, the "
+                                         f"reference to {len(ref.ids)} (or other ids); use the same processor for both")
+                kl = metrics.kl_to_reference(ref.distribution, logits).mean()
+                agree = metrics.top1_agreement(ref.distribution, logits).float().mean()
+                items.append(ItemResult(item.id, None, float(agree), {"kl": float(kl), "tokens": len(ids)}))
+    mean_kl = sum(i.details["kl"] for i in items) / len(items)
+    return _result(benchmark, items, metrics_={"kl": mean_kl})
+
+
+# -- top level -------------------------------------------------------------------------------------
+
+
+def _as_benchmarks(benchmarks: Benchmarks) -> list[Benchmark]:
+    """A benchmark, a path, or a sequence of either -> loaded benchmarks."""
+    if isinstance(benchmarks, (Benchmark, str, Path)):
+        benchmarks = [benchmarks]
+    return [b if isinstance(b, Benchmark) else load_benchmark(b) for b in benchmarks]
+
+
+def _check_request(benchmarks: list[Benchmark], processor, reference: FidelityReference | None,
+                   batch_size: int, max_new_tokens: int) -> None:
+    """Everything that can be checked before any model work."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if not benchmarks:
+        raise BenchmarkError("evaluate needs at least one benchmark, got none")
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise BenchmarkError(f"benchmark names must be unique (they key the report), got {names}")
+    if any(b.kind in (CHOICE, OPEN) for b in benchmarks) and getattr(processor, "chat_template", None) is None:
+        raise BenchmarkError(f"the processor {type(processor).__name__} has no chat template; question items need "
+                             "one (set processor.chat_template)")
+    for bench in benchmarks:
+        if bench.kind == FIDELITY:
+            if reference is None:
+                raise BenchmarkError(f"benchmark {bench.name!r} measures fidelity to a dense model: pass "
+                                     "reference=fidelity_reference(dense_model, processor, benchmarks)")
+            reference.check_covers(bench)
+
+
+def evaluate(model: nn.Module, processor, benchmarks: Benchmarks, *, reference: FidelityReference | None = None,
+             batch_size: int = 8, max_new_tokens: int = 8, progress: bool = True, seed: int = 0,
+             return_items: bool = False) -> EvalReport:
+    """Score ``model`` on each benchmark (objects or JSONL paths), in order.
+
+    Choice benchmarks by option log-likelihood, open ones by greedy generation (``max_new_tokens``),
+    fidelity ones against ``reference`` (from :func:`fidelity_reference`). Inputs, the reference and
+    the arguments are all checked before the first forward. ``return_items`` keeps per-item results.
+    """
+    benches = _as_benchmarks(benchmarks)
+    _check_request(benches, processor, reference, batch_size, max_new_tokens)
+    torch.manual_seed(seed)
+    results = []
+    for bench in benches:
+        if bench.kind == CHOICE:
+            result = score_choice(model, processor, bench, batch_size=batch_size, progress=progress)
+        elif bench.kind == OPEN:
+            result = score_open(model, processor, bench, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                progress=progress)
+        else:
+            result = score_fidelity(model, processor, bench, reference, batch_size=batch_size, progress=progress)
+        if not return_items:
+            result.items = None
+        results.append(result)
+    return EvalReport(results, seed=seed)
+
+
+__all__ = ["DEFAULT_TOP_K", "FidelityReference", "ReferenceText", "build_prompt", "evaluate", "fidelity_reference",
+           "score_choice", "score_fidelity", "score_open"]
