@@ -53,11 +53,47 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="MoT sensitivity study: prune one pathway with one calibration pool, evaluate")
+    p.add_argument("--model", type=Path, required=True, help="HF model folder (with processor)")
+    p.add_argument("--calib", type=Path, required=True, help="LLaVA-conversation JSON/JSONL for the pruner")
+    p.add_argument("--images", type=Path, required=True, help="image folder of the calibration records")
+    p.add_argument("--bench", type=Path, nargs="+", required=True, help="benchmark JSONL files")
+    p.add_argument("--out", type=Path, required=True, help="study folder; re-run the same command to resume")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6])
+    p.add_argument("--pathways", nargs="+", default=["text", "visual"], help="text | visual")
+    p.add_argument("--pools", nargs="+", default=["text", "visual", "mixed"], help="text | visual | mixed")
+    p.add_argument("--method", default="wanda", help="wanda | sparsegpt (default wanda, as the paper)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None, help="skip calibration records longer than this")
+    p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_probe)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from analysis.tables import to_markdown
+    from mot_probe.study import ProbeJob, StudyConfig, run_probe_job
+
+    config = StudyConfig(pathways=tuple(args.pathways), pools=tuple(args.pools), sparsities=tuple(args.sparsities),
+                         method=args.method, seed=args.seed, batch_size=args.batch_size)
+    job = ProbeJob(model=args.model, calib=args.calib, images=args.images, benchmarks=tuple(args.bench),
+                   out=args.out, config=config, nsamples=args.nsamples, max_length=args.max_length,
+                   dtype=args.dtype, device=args.device)
+    result = run_probe_job(job)
+    print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {args.out}")
+    print(to_markdown(result.table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
+    _add_probe(sub)
     return parser
 
 

@@ -218,3 +218,34 @@ def _retention(scores: dict[str, float], dense: dict[str, float]):
     if not defined:
         raise ToolkitError("the dense model scores 0 on every benchmark: retention is undefined")
     return retention({n: scores[n] for n in defined}, {n: dense[n] for n in defined})
+
+
+@dataclass
+class ProbeJob:
+    model: Path                        # HF vision-language model folder (with processor)
+    calib: Path                        # LLaVA-conversation JSON/JSONL for the pruner
+    images: Path                       # image folder of the calibration records
+    benchmarks: tuple[Path, ...]       # harness JSONL files
+    out: Path                          # study folder (results.jsonl, probe_table.*)
+    config: StudyConfig = field(default_factory=StudyConfig)
+    nsamples: int = 128
+    max_length: int | None = None
+    dtype: str = "float32"
+    device: str | None = None
+
+
+def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:
+    """Load the model and the calibration data, then run or resume the study (``atv probe``)."""
+    from pruning.data import load_llava_conversations
+    from pruning.io import load_model
+    from pruning.run import seed_everything
+
+    benches = [load_benchmark(path) for path in job.benchmarks]  # bad benchmark files fail before any loading
+    seed_everything(job.config.seed)
+    model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
+    processor = processor if processor is not None else loaded
+    calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,
+                                              job.max_length)
+    extra = {"model": str(job.model), "calib": str(job.calib), "nsamples": job.nsamples, "dtype": job.dtype}
+    return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
+                           progress=progress)
