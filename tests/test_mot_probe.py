@@ -184,3 +184,18 @@ def test_cached_decoding_routes_new_tokens_as_text(family):
         cached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=True)
         uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_sparsegpt_prunes_one_path_and_updates_only_that_path(calibration):
+    model, batches = calibration
+    model = copy.deepcopy(model)
+    probe = attach_probe_(model)
+    visual_before = [p.clone() for p in probe.path_parameters("visual")]
+    base_before = [r.base.weight.clone() for r in probe.routed_linears()]
+    probe.prune_path_("text", PruneConfig("sparsegpt", sparsity=0.5, pool="visual"), batches, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(visual_before, probe.path_parameters("visual")))
+    for routed, base in zip(probe.routed_linears(), base_before):
+        text = routed.path("text").weight
+        assert float((text == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+        kept = text != 0
+        assert not torch.equal(text[kept], base[kept])  # OBS updated the surviving weights of the text copy
