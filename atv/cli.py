@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_probe(sub)
+    from atv import default_model  # default-model build|train, suite
+
+    default_model.register(sub)
     return parser
 
 
