@@ -150,6 +150,11 @@ class _ChoicePlan:
     starts: list[int]  # per option: index of its first continuation token
 
     @property
+    def merged(self) -> bool:
+        """Some option's tokens merged with the end of the prompt (its continuation starts inside the prompt)."""
+        return min(self.starts) < len(self.prompt_ids)
+
+    @property
     def single_token(self) -> bool:
         """Every option adds exactly one token right after the tokenised prompt: one forward scores all."""
         n = len(self.prompt_ids)
@@ -168,7 +173,7 @@ def _plan_choice(processor, item: ChoiceItem) -> _ChoicePlan:
 
     The continuation of an option is what follows the longest common prefix of the two token
     lists: the tokenised prompt itself when tokenisation is prefix-consistent, else (the option
-    merged with the prompt's last token) the first differing token on, which is logged.
+    merged with the prompt's last token) the first differing token on (counted and logged).
     """
     image = _open_image(item.image)
     prompt = build_prompt(processor, item.question, image is not None)
@@ -182,8 +187,8 @@ def _plan_choice(processor, item: ChoiceItem) -> _ChoicePlan:
             raise BenchmarkError(f"item {item.id!r}: option {option!r} adds no token to the prompt "
                                  f"({len(prompt_ids)} prompt tokens, {len(full)} with the option)")
         if start < len(prompt_ids):
-            log.warning("item %r: option %r merges with the prompt's last %d token(s); scoring from the first "
-                        "differing token", item.id, option, len(prompt_ids) - start)
+            log.debug("item %r: option %r merges with the prompt's last %d token(s)", item.id, option,
+                      len(prompt_ids) - start)
     return _ChoicePlan(item, prompt, image, prompt_ids, full_ids, starts)
 
 
@@ -234,9 +239,11 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
     any other item forwards prompt + option for its options, ``batch_size`` options per forward.
     """
     results: dict[str, ItemResult] = {}
+    merged = 0
     with _inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
         for window in _chunks(benchmark.items, batch_size):
             plans = [_plan_choice(processor, item) for item in window]
+            merged += sum(p.merged for p in plans)
             fast = [p for p in plans if fast_path and p.single_token]
             for group in _by_modality(fast, lambda p: p.image is not None):
                 for plan, scores in zip(group, _fast_scores(model, processor, group)):
@@ -245,9 +252,12 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
                 if plan.item.id not in results:
                     results[plan.item.id] = _choice_item(plan, _general_scores(model, processor, plan, batch_size))
             bar.update(len(window))
+    if merged:
+        log.warning("%s: in %d of %d items an option merges with the prompt's last token(s) when appended; "
+                    "those options are scored from the first differing token", benchmark.name, merged, len(benchmark))
     items = [results[item.id] for item in benchmark.items]
     chance = 100.0 * sum(1.0 / len(item.options) for item in benchmark.items) / len(benchmark)
-    return _result(benchmark, items, chance=chance)
+    return _result(benchmark, items, chance=chance, metrics_={"merged_items": float(merged)})
 
 
 def _result(benchmark: Benchmark, items: list[ItemResult], chance: float | None = None,

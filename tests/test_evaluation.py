@@ -113,7 +113,8 @@ def test_option_merging_with_prompt_is_scored_from_first_differing_token(tiny, m
     item = ChoiceItem("m", "what is shown", ("cat", "dog cat"), "cat", mixed.items[0].image)
     with caplog.at_level("WARNING", logger="evaluation.harness"):
         result = score_choice(model, glued, Benchmark("glued", "choice", [item]), progress=False)
-    assert "merges with the prompt" in caplog.text
+    assert "1 of 1 items an option merges with the prompt" in caplog.text
+    assert result.metrics == {"merged_items": 1.0}
     image = Image.open(item.image).convert("RGB")
     prompt = build_prompt(glued, item.question, with_image=True)
     n_prompt = glued(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
@@ -390,3 +391,32 @@ def test_evaluate_checks_everything_before_model_work(tiny, mixed, texts, folder
         evaluate(model, processor, [mixed, mixed], progress=False)
     with pytest.raises(ValueError, match="batch_size and max_new_tokens must be >= 1, got 0"):
         evaluate(model, processor, [mixed], batch_size=0, progress=False)
+
+
+def test_every_forward_gets_input_ids(talker, mixed, texts, folder):
+    """An MoT probe routes by modality from input_ids: no forward (generation steps included) may lack them."""
+    model, processor = talker
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs.get("input_ids", args[0] if args else None) is not None),
+        with_kwargs=True)
+    try:
+        reference = fidelity_reference(model, processor, texts, progress=False)
+        evaluate(model, processor, [mixed, write_jsonl(folder / "open.jsonl", OPEN), texts], reference=reference,
+                 max_new_tokens=3, progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) > 10 and all(seen)
+
+
+def test_qwen2_vl_batching_invariance(folder):
+    """M-RoPE positions come from the attention mask: right-padded scoring and left-padded generation
+    must not change anything."""
+    model, _ = build_tiny("qwen2_vl")
+    processor = make_processor("qwen2_vl", model)
+    bench = load_benchmark(write_jsonl(folder / "qwen.jsonl", MIXED_CHOICE[:4]))
+    one = score_choice(model, processor, bench, batch_size=1, progress=False)
+    four = score_choice(model, processor, bench, batch_size=4, progress=False)
+    for a, b in zip(one.items, four.items):
+        assert a.prediction == b.prediction
+        assert a.details["logprobs"] == pytest.approx(b.details["logprobs"], abs=TOL)
