@@ -1,9 +1,9 @@
 """The MoT sensitivity study: prune one pathway with one calibration pool at one sparsity, evaluate,
 restore, and repeat over the grid pathway x pool x sparsity (plus the dense baseline).
 
-Results are appended to ``OUT/results.jsonl`` one record per finished cell (flushed and fsynced), so
-an interrupted study re-run with the same arguments computes only the missing cells. ``OUT/study.json``
-pins the setup: re-running into the same folder with a different setup is refused.
+Results go to a :class:`evaluation.records.ResultLog` (``OUT/results.jsonl``, one fsynced record per
+finished cell; ``OUT/study.json`` pins the setup), so an interrupted study re-run with the same
+arguments computes only the missing cells.
 
 The model is loaded once: the probe computes exactly the original model while unpruned, and
 ``reset_`` drops a pruned path's copy, so every cell starts from the dense model.
@@ -11,9 +11,7 @@ The model is loaded once: the probe computes exactly the original model while un
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 from analysis.tables import probe_table, write_table
 from evaluation import Benchmark, evaluate, fidelity_reference, load_benchmark, retention
 from evaluation.harness import FidelityReference
+from evaluation.records import ResultLog
 from pruning.config import METHODS, PruneConfig
 from pruning.errors import ConfigError, ToolkitError
 
@@ -33,7 +32,7 @@ from .surgery import PROBE_POOLS, attach_probe_, get_probe, probe_pool
 
 log = logging.getLogger(__name__)
 
-RESULTS, SETUP, REFERENCE = "results.jsonl", "study.json", "fidelity_reference.pt"
+REFERENCE = "fidelity_reference.pt"
 
 
 @dataclass
@@ -81,57 +80,6 @@ class StudyResult:
         return probe_table(self.records)
 
 
-def cell_key(cell: Mapping[str, Any]) -> str:
-    return json.dumps(dict(cell), sort_keys=True)
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Finished cells of a results file; a torn last line (a run killed mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    records, lines = [], path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines):
-                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
-            log.warning("%s: dropping an unfinished last record", path)
-    return records
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a results file back to its last complete line, so new records start on a line of their own."""
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_setup(out_dir: Path, setup: dict[str, Any]) -> None:
-    path = out_dir / SETUP
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != setup:
-            changed = sorted(k for k in set(saved) | set(setup) if saved.get(k) != setup.get(k))
-            raise ToolkitError(f"{out_dir} holds a study with a different setup (differs in {changed}); "
-                               "re-run with the same arguments to resume, or choose another --out")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(setup, indent=2), encoding="utf-8")
-        # a results file left from an older setup would be mixed in: refuse it
-        if (out_dir / RESULTS).exists():
-            raise ToolkitError(f"{out_dir / RESULTS} exists without {SETUP}; choose another --out")
-
-
 def _reference(out_dir: Path, model: nn.Module, processor, benches: list[Benchmark],
                progress: bool) -> FidelityReference | None:
     if not any(b.kind == "fidelity" for b in benches):
@@ -161,28 +109,21 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
     benches = [b if isinstance(b, Benchmark) else load_benchmark(b) for b in benchmarks]
     setup = {"config": asdict(config), "benchmarks": [b.name for b in benches],
              "calibration_batches": len(calibration), **dict(setup_extra or {})}
-    setup = json.loads(json.dumps(setup, default=str))
-    _check_setup(out_dir, setup)
-    results = out_dir / RESULTS
-    records = read_records(results)
-    _drop_torn_tail(results)
-    done = {cell_key(r["cell"]) for r in records}
-    todo = [c for c in config.cells() if cell_key(c) not in done]
+    results = ResultLog(out_dir, setup)
+    cells = config.cells()
+    todo = [c for c in cells if not results.done(c)]
     probe = attach_probe_(model)
     try:
         reference = _reference(out_dir, model, processor, benches, progress)
-        dense = next((r for r in records if r["cell"]["pathway"] == "dense"), None)
         for cell in tqdm(todo, desc="probe cells", disable=not progress):
+            dense = results.find(cells[0])
             record = _run_cell(model, processor, calibration, benches, reference, config, cell, dense, progress)
-            dense = record if cell["pathway"] == "dense" else dense
-            _append(results, record)
-            records.append(record)
+            results.append(record)
             if on_cell is not None:
                 on_cell(record)
     finally:
         probe.unload()
-    ordered = sorted(records, key=lambda r: [cell_key(c) for c in config.cells()].index(cell_key(r["cell"])))
-    result = StudyResult(out_dir, ordered, computed=len(todo))
+    result = StudyResult(out_dir, results.ordered(cells), computed=len(todo))
     result.tables = write_table(result.table, "probe_table", out_dir)
     return result
 
