@@ -131,6 +131,8 @@ def _by_modality(entries: list, has_image) -> list[list]:
 
 
 def _chunks(seq: Sequence, size: int) -> Iterator[Sequence]:
+    if size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {size}")
     for start in range(0, len(seq), size):
         yield seq[start:start + size]
 
@@ -363,8 +365,6 @@ def fidelity_reference(dense_model: nn.Module, processor, benchmarks: Benchmarks
     the KL is computed over the dense top-k tokens plus one bucket for the rest of the mass (see
     :func:`metrics.kl_to_reference`); top-1 agreement is exact either way.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     fidelity = [b for b in _as_benchmarks(benchmarks) if b.kind == FIDELITY]
     if not fidelity:
         raise BenchmarkError("fidelity_reference needs at least one fidelity benchmark (items with 'text')")

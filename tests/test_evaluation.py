@@ -420,3 +420,11 @@ def test_qwen2_vl_batching_invariance(folder):
     for a, b in zip(one.items, four.items):
         assert a.prediction == b.prediction
         assert a.details["logprobs"] == pytest.approx(b.details["logprobs"], abs=TOL)
+
+
+def test_scorers_refuse_a_zero_batch(tiny, mixed, texts):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        score_choice(model, processor, mixed, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        fidelity_reference(model, processor, texts, batch_size=0, progress=False)
