@@ -21,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analysis.tables import probe_table, write_table
-from evaluation import Benchmark, evaluate, fidelity_reference, load_benchmark, retention
-from evaluation.harness import FidelityReference
+from evaluation import Benchmark, evaluate, load_benchmark
+from evaluation.compare import defined_retention, load_reference
 from evaluation.records import ResultLog
 from pruning.config import METHODS, PruneConfig
-from pruning.errors import ConfigError, ToolkitError
+from pruning.errors import ConfigError
 
 from .routing import PATHS
 from .surgery import PROBE_POOLS, attach_probe_, get_probe, probe_pool
@@ -80,20 +80,6 @@ class StudyResult:
         return probe_table(self.records)
 
 
-def _reference(out_dir: Path, model: nn.Module, processor, benches: list[Benchmark],
-               progress: bool) -> FidelityReference | None:
-    if not any(b.kind == "fidelity" for b in benches):
-        return None
-    path = out_dir / REFERENCE
-    if path.is_file():
-        return FidelityReference.load(path)
-    reference = fidelity_reference(model, processor, [b for b in benches if b.kind == "fidelity"], progress=progress)
-    tmp = path.with_suffix(".partial")
-    reference.save(tmp)
-    tmp.replace(path)
-    return reference
-
-
 def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[str, Any]],
                     benchmarks: Iterable[Benchmark | str | Path], out_dir: str | Path,
                     config: StudyConfig | None = None, *, setup_extra: Mapping[str, Any] | None = None,
@@ -114,7 +100,7 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
     todo = [c for c in cells if not results.done(c)]
     probe = attach_probe_(model)
     try:
-        reference = _reference(out_dir, model, processor, benches, progress)
+        reference = load_reference(out_dir / REFERENCE, model, processor, benches, progress)
         for cell in tqdm(todo, desc="probe cells", disable=not progress):
             dense = results.find(cells[0])
             record = _run_cell(model, processor, calibration, benches, reference, config, cell, dense, progress)
@@ -146,19 +132,9 @@ def _run_cell(model, processor, calibration, benches, reference, config: StudyCo
     record: dict[str, Any] = {"cell": cell, "scores": scores.scores(),
                               "metrics": {r.name: r.metrics for r in scores.results}, "prune": prune_summary}
     base = record if dense is None else dense
-    kept = _retention(record["scores"], base["scores"])
+    kept = defined_retention(record["scores"], base["scores"])
     record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=time.perf_counter() - start)
     return record
-
-
-def _retention(scores: dict[str, float], dense: dict[str, float]):
-    """Retention over the benchmarks where the dense model scores above 0 (others are undefined)."""
-    defined = [name for name, value in dense.items() if value > 0]
-    if len(defined) < len(dense):
-        log.warning("retention undefined where the dense score is 0: %s", sorted(set(dense) - set(defined)))
-    if not defined:
-        raise ToolkitError("the dense model scores 0 on every benchmark: retention is undefined")
-    return retention({n: scores[n] for n in defined}, {n: dense[n] for n in defined})
 
 
 @dataclass

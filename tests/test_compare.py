@@ -1,0 +1,57 @@
+"""Method comparison on shared weights: grid, dense baseline, settings, resume."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.compare import CompareConfig, run_method_comparison, setting_config
+from pruning.errors import ConfigError
+from tiny_models import build_tiny
+from tiny_processors import make_processor
+
+
+def test_settings_parse_to_prune_configs():
+    assert setting_config("wanda", "60%").sparsity == pytest.approx(0.6)
+    assert setting_config("wanda", "0.4").sparsity == pytest.approx(0.4)
+    nm = setting_config("atv", "2:4")
+    assert nm.nm == (2, 4) and nm.sparsity == 0.5
+    with pytest.raises(ConfigError, match="'half'"):
+        setting_config("wanda", "half")
+    with pytest.raises(ConfigError, match="unknown method"):
+        CompareConfig(methods=("obs",))
+    with pytest.raises(ConfigError, match="0 < N < M"):
+        CompareConfig(settings=("4:2",))
+
+
+def test_comparison_grid_and_resume(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    items = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        items.append({"id": f"q{i}", "image": f"images/{i}.png", "question": "what is shown here",
+                      "options": ["cat", "dog"], "answer": "cat"})
+    (tmp_path / "look.jsonl").write_text("\n".join(json.dumps(x) for x in items) + "\n")
+    (tmp_path / "fid.jsonl").write_text(json.dumps({"id": "t", "text": "the red cat is here"}) + "\n")
+    dense, _ = build_tiny("llava", seed=0)
+    processor = make_processor("llava", dense)
+    calibration = [build_tiny("llava", seed=s, batch=2)[1] for s in (1, 2)]
+    made = []
+
+    def make_model():
+        made.append(1)
+        return build_tiny("llava", seed=0)[0]
+
+    config = CompareConfig(methods=("atv", "magnitude"), settings=("50%", "2:4"), batch_size=2)
+    benches = [tmp_path / "look.jsonl", tmp_path / "fid.jsonl"]
+    out = run_method_comparison(make_model, processor, calibration, benches, tmp_path / "cmp", config, progress=False)
+    assert [r["cell"] for r in out.records] == config.cells() and out.computed == 5 and len(made) == 5
+    assert out.records[0]["prune"] is None and out.records[0]["scores"]["fid"] == pytest.approx(100.0)
+    nm = next(r for r in out.records if r["cell"] == {"method": "atv", "setting": "2:4"})
+    assert nm["prune"]["mean_sparsity"] == pytest.approx(0.5) and nm["prune"]["config"]["pattern"] == "2:4"
+    again = run_method_comparison(make_model, processor, calibration, benches, tmp_path / "cmp", config,
+                                  progress=False)
+    assert again.computed == 0 and len(made) == 5 and again.records == json.loads(json.dumps(out.records))
+    assert (tmp_path / "cmp" / "method_scores.md").is_file()
