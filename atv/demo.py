@@ -1,0 +1,173 @@
+"""``atv demo``: the whole study on the embedded default model, in one output folder.
+
+Steps (each resumable: re-running the same command skips what is finished):
+
+1. build (or reuse) the default model ``smol-llava`` and write the offline benchmark suite;
+2. evaluate the dense model (scores next to chance);
+3. the MoT probe grid (pathway x calibration pool x sparsity);
+4. ATV vs Wanda vs SparseGPT vs magnitude on the shared weights (50%, 60%, 2:4);
+5. analysis artefacts (hidden states, pool masks, drift) and every figure;
+6. ``report.md`` with the tables and the figures.
+
+``--quick`` runs a smaller grid on fewer items and calibration samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pruning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    out: Path = Path("runs/demo")             # output folder (suite, results, figures, report.md)
+    quick: bool = False                       # smaller grid, fewer items and calibration samples
+    seed: int = 0
+    cache_dir: Path | None = None             # default model cache (default ~/.cache/atv-toolkit)
+    nsamples: int | None = None               # calibration samples (default 32, quick 8)
+    n_eval: int | None = None                 # eval items per benchmark (default 40, quick 12)
+    probe_sparsities: tuple[float, ...] = field(default=())       # default (0.5, 0.6); quick (0.6,)
+    settings: tuple[str, ...] = field(default=())                 # default 50%, 60%, 2:4; quick 60%, 2:4
+    methods: tuple[str, ...] = ("atv", "wanda", "sparsegpt", "magnitude")
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.nsamples = self.nsamples or (8 if self.quick else 32)
+        self.n_eval = self.n_eval or (12 if self.quick else 40)
+        self.probe_sparsities = tuple(self.probe_sparsities) or ((0.6,) if self.quick else (0.5, 0.6))
+        self.settings = tuple(self.settings) or (("60%", "2:4") if self.quick else ("50%", "60%", "2:4"))
+        if self.nsamples < 1 or self.n_eval < 1 or self.batch_size < 1:
+            raise ConfigError(f"nsamples, n_eval and batch_size must be >= 1, got {self.nsamples}, {self.n_eval}, "
+                              f"{self.batch_size}")
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    dense: dict[str, Any]
+    probe_table: str
+    method_table: str
+    figures: list[str]
+    skipped: dict[str, str]
+    seconds: dict[str, float]
+
+
+def _suite(config: DemoConfig) -> Path:
+    from atv.suite import write_suite
+
+    folder = config.out / "suite"
+    pinned = {"seed": config.seed, "n_eval": config.n_eval, "n_calib": config.nsamples}
+    summary = folder / "suite.json"
+    if summary.is_file():
+        saved = json.loads(summary.read_text(encoding="utf-8"))
+        if {k: saved.get(k) for k in pinned} == pinned:
+            return folder
+        raise ConfigError(f"{folder} holds a suite written with {({k: saved.get(k) for k in pinned})}, not {pinned}; "
+                          "use another --out")
+    return write_suite(folder, seed=config.seed, n_eval=config.n_eval, n_calib=config.nsamples)
+
+
+def _benchmarks(suite: Path) -> list[Path]:
+    summary = json.loads((suite / "suite.json").read_text(encoding="utf-8"))
+    return [suite / f"{name}.jsonl" for name in summary["benchmarks"]]
+
+
+def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
+    """Run (or resume) every step of the demo; see the module docstring."""
+    from analysis.tables import probe_table, scores_table, to_markdown
+    from atv.default_model import build_default_model
+    from evaluation.compare import CompareConfig, run_method_comparison
+    from mot_probe.study import StudyConfig, run_probe_study
+    from pruning.data import load_llava_conversations
+    from pruning.io import load_model
+    from pruning.run import seed_everything
+
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    model_dir = build_default_model(config.cache_dir, progress=progress)
+    suite = _suite(config)
+    benches = _benchmarks(suite)
+    model, processor = load_model(model_dir)
+    calibration, _ = load_llava_conversations(suite / "calib.json", suite, processor, config.nsamples, config.seed)
+    lap("setup")
+    extra = {"model": "smol-llava", "nsamples": config.nsamples, "n_eval": config.n_eval}
+    probe = run_probe_study(model, processor, calibration, benches, config.out / "probe",
+                            StudyConfig(sparsities=config.probe_sparsities, seed=config.seed,
+                                        batch_size=config.batch_size),
+                            setup_extra=extra, progress=progress)
+    lap("probe")
+    dense_state = copy.deepcopy(model.state_dict())
+
+    def fresh_model():
+        model.load_state_dict(dense_state)
+        return model
+
+    methods = run_method_comparison(fresh_model, processor, calibration, benches, config.out / "methods",
+                                    CompareConfig(methods=config.methods, settings=config.settings, seed=config.seed,
+                                                  batch_size=config.batch_size),
+                                    setup_extra=extra, progress=progress)
+    model.load_state_dict(dense_state)
+    lap("methods")
+    made, skipped = _analysis(model, calibration, suite, config, progress)
+    lap("analysis")
+    dense = _dense_summary(probe.records[0], suite)
+    label = lambda r: f"{r['cell']['method']} {r['cell']['setting']}"  # noqa: E731
+    result = DemoResult(config.out, dense, to_markdown(probe_table(probe.records)),
+                        to_markdown(scores_table(methods.records, label)), made, skipped, seconds)
+    _write_report(result, config)
+    return result
+
+
+def _dense_summary(record: dict[str, Any], suite: Path) -> dict[str, Any]:
+    summary = json.loads((suite / "suite.json").read_text(encoding="utf-8"))["benchmarks"]
+    return {name: {"score": score, "chance": summary[name]["chance"], "kind": summary[name]["kind"]}
+            for name, score in record["scores"].items()}
+
+
+def _analysis(model, calibration, suite: Path, config: DemoConfig, progress: bool) -> tuple[list[str], dict[str, str]]:
+    """Collect the analysis artefacts and draw every figure (see analysis.figures)."""
+    from analysis.figures import collect_artefacts, make_figures
+
+    collect_artefacts(model, calibration, config.out, seed=config.seed, image_dir=suite, progress=progress)
+    report = make_figures(config.out, config.out / "figures")
+    return [str(p) for p in report.made], dict(report.skipped)
+
+
+def _write_report(result: DemoResult, config: DemoConfig) -> Path:
+    lines = [f"# ATV toolkit demo on smol-llava{' (quick)' if config.quick else ''}", "",
+             f"Seed {config.seed}; {config.nsamples} calibration samples; {config.n_eval} items per image benchmark.",
+             "", "## Dense model", "", "| benchmark | kind | dense score (%) | chance (%) |", "|---|---|---:|---:|"]
+    for name, row in result.dense.items():
+        chance = "–" if row["chance"] is None else f"{row['chance']:.1f}"
+        lines.append(f"| {name} | {row['kind']} | {row['score']:.1f} | {chance} |")
+    lines += ["", "Fidelity scores are top-1 agreement with the dense model (100 by definition when dense).", "",
+              "## MoT probe (mean retention, % of dense)", "", result.probe_table,
+              "## Methods on the shared weights (scores, %)", "", result.method_table, "## Figures", ""]
+    lines += [f"![{Path(p).stem}](figures/{Path(p).name})" for p in result.figures if p.endswith(".png")]
+    if result.skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items())]
+    lines += ["", "## Time (s)", "", json.dumps(result.seconds), ""]
+    path = result.out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    (result.out / "demo.json").write_text(json.dumps({"config": asdict(config), **asdict(result)}, indent=2,
+                                                     default=str), encoding="utf-8")
+    return path
