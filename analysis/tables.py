@@ -53,6 +53,19 @@ def scores_table(records: Iterable[dict[str, Any]], label: Any = None) -> Table:
     return header, rows
 
 
+def method_table(records: Iterable[dict[str, Any]]) -> Table:
+    """Mean retention (% of dense) per method (rows) and setting (columns, e.g. '50%', '60%', '2:4'),
+    from method records ``{"cell": {"method", "setting"}, "mean_retention", ...}``; the dense record
+    is left out (100 by definition). Rows and columns keep the records' order; missing cells show '–'."""
+    records = [r for r in records if r["cell"]["method"] != "dense"]
+    methods = list(dict.fromkeys(r["cell"]["method"] for r in records))
+    settings = list(dict.fromkeys(r["cell"]["setting"] for r in records))
+    values = {(r["cell"]["method"], r["cell"]["setting"]): r.get("mean_retention") for r in records}
+    header = ["method"] + [str(s) for s in settings]
+    rows = [[m] + [_pct(values.get((m, s))) for s in settings] for m in methods]
+    return header, rows
+
+
 def to_markdown(table: Table) -> str:
     header, rows = table
     align = ["---"] * min(2, len(header)) + ["---:"] * max(0, len(header) - 2)

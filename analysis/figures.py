@@ -1,0 +1,211 @@
+"""``atv figures``: regenerate every figure and table from a results folder, without any model.
+
+Results folder layout (each part optional; what is missing is skipped with the reason)::
+
+    DIR/probe/results.jsonl          probe records (atv probe)         -> sensitivity, probe_table.*
+    DIR/methods/results.jsonl        method records                    -> methods_retention, methods_scores,
+                                                                          method_table.*
+    DIR/analysis/hidden_states.pt    analysis.tsne.save_hidden_states  -> tsne
+    DIR/analysis/pool_masks.pt       analysis.masks.save_pool_masks    -> mask_iou
+    DIR/analysis/drift.pt            analysis.drift.save_drift         -> drift, drift_patches (needs a
+                                                                          saved image and a square grid)
+
+Example::
+
+    report = make_figures("results", "figures")
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pruning.errors import ToolkitError
+
+log = logging.getLogger(__name__)
+
+PROBE_RECORDS = Path("probe") / "results.jsonl"
+METHOD_RECORDS = Path("methods") / "results.jsonl"
+HIDDEN_STATES = Path("analysis") / "hidden_states.pt"
+POOL_MASKS = Path("analysis") / "pool_masks.pt"
+DRIFT = Path("analysis") / "drift.pt"
+
+FIGURES = ("sensitivity", "methods_retention", "methods_scores", "tsne", "mask_iou", "drift", "drift_patches")
+
+
+@dataclass
+class FiguresReport:
+    made: list[Path] = field(default_factory=list)           # figure files written
+    tables: list[Path] = field(default_factory=list)         # table files written
+    skipped: dict[str, str] = field(default_factory=dict)    # figure/table name -> why it was not made
+
+    def summary(self) -> str:
+        lines = [f"{len(self.made)} figure files and {len(self.tables)} table files written"]
+        lines += [f"  {p}" for p in self.made + self.tables]
+        lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class _Maker:
+    """Shared state of one make_figures call: where to read, where to write, what happened."""
+
+    def __init__(self, results: Path, out: Path, formats: tuple[str, ...], report: FiguresReport):
+        self.results, self.out, self.formats, self.report = results, out, formats, report
+
+    def skip(self, name: str, reason: str) -> None:
+        self.report.skipped[name] = reason
+        log.warning("skipped %s: %s", name, reason)
+
+    def source(self, names: Sequence[str], relative: Path) -> Path | None:
+        path = self.results / relative
+        if path.is_file():
+            return path
+        for name in names:
+            self.skip(name, f"{path} not found")
+        return None
+
+    def load(self, names: Sequence[str], relative: Path, loader: Callable[[Path], Any]) -> Any | None:
+        """``loader(path)`` of an existing file, or None (every figure in ``names`` skipped) when the file is
+        missing or the loader raises a ToolkitError (corrupt or foreign content)."""
+        path = self.source(names, relative)
+        if path is None:
+            return None
+        try:
+            return loader(path)
+        except ToolkitError as err:
+            for name in names:
+                self.skip(name, f"{path}: {err}")
+            return None
+
+    def figure(self, name: str, build: Callable[[], Any]) -> None:
+        """Build one figure (``build`` returns a Figure or (data, Figure)) and save it; a ToolkitError
+        from bad or insufficient data becomes a skip with its message, anything else propagates."""
+        from .style import save_figure
+
+        try:
+            built = build()
+        except ToolkitError as err:
+            self.skip(name, str(err))
+            return
+        fig = built[1] if isinstance(built, tuple) else built
+        self.report.made += save_figure(fig, self.out / name, self.formats)
+
+    def table(self, name: str, build: Callable[[], Any]) -> None:
+        from .tables import write_table
+
+        try:
+            table = build()
+        except (ToolkitError, KeyError, TypeError) as err:
+            self.skip(name, f"records do not make a table: {err!r}")
+            return
+        if not table[1]:
+            self.skip(name, "no rows (only a dense record?)")
+            return
+        self.report.tables += write_table(table, name, self.out)
+
+
+def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence[str] = ("png", "pdf"),
+                 seed: int = 0) -> FiguresReport:
+    """Make every figure and table the results folder has data for (layout in the module docstring).
+
+    Returns a report listing the written files and, per figure/table not made, the reason. Raises
+    ToolkitError only when ``results_dir`` does not exist or ``formats`` is bad.
+    """
+    from .style import check_formats
+
+    results, out = Path(results_dir), Path(out_dir)
+    formats = check_formats(formats)
+    if not results.is_dir():
+        raise ToolkitError(f"results folder {results} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    maker = _Maker(results, out, formats, FiguresReport())
+    _probe(maker)
+    _methods(maker)
+    _tsne(maker, seed)
+    _masks(maker)
+    _drift(maker)
+    log.info("figures: %d files made, %d skipped", len(maker.report.made), len(maker.report.skipped))
+    return maker.report
+
+
+def _probe(maker: _Maker) -> None:
+    from .sensitivity import read_records, sensitivity_figure
+    from .tables import probe_table
+
+    records = maker.load(["sensitivity", "probe_table"], PROBE_RECORDS, read_records)
+    if records is None:
+        return
+    maker.figure("sensitivity", lambda: sensitivity_figure(records))
+    maker.table("probe_table", lambda: probe_table(records))
+
+
+def _methods(maker: _Maker) -> None:
+    from .sensitivity import method_figure, read_records
+    from .tables import method_table
+
+    records = maker.load(["methods_retention", "methods_scores", "method_table"], METHOD_RECORDS, read_records)
+    if records is None:
+        return
+    maker.figure("methods_retention", lambda: method_figure(records, "retention"))
+    maker.figure("methods_scores", lambda: method_figure(records, "scores"))
+    maker.table("method_table", lambda: method_table(records))
+
+
+def _tsne(maker: _Maker, seed: int) -> None:
+    from .tsne import load_hidden_states, tsne_figure
+
+    states = maker.load(["tsne"], HIDDEN_STATES, load_hidden_states)
+    if states is not None:
+        maker.figure("tsne", lambda: tsne_figure(states, seed=seed))
+
+
+def _masks(maker: _Maker) -> None:
+    from .masks import DEFAULT_PAIRS, iou_figure, load_pool_masks, pool_iou
+
+    saved = maker.load(["mask_iou"], POOL_MASKS, load_pool_masks)
+    if saved is None:
+        return
+
+    def build():
+        pairs = [p for p in DEFAULT_PAIRS if set(p) <= set(saved["masks"])]
+        if not pairs:
+            raise ToolkitError(f"pool masks hold pools {saved['pools']}; the IoU needs text+visual or all+text")
+        return iou_figure(pool_iou(saved, pairs), saved["sparsity"], saved["method"])
+
+    maker.figure("mask_iou", build)
+
+
+def _drift(maker: _Maker) -> None:
+    from .drift import drift_figure, load_drift, overlay_layout, patch_overlay_figure
+
+    data = maker.load(["drift", "drift_patches"], DRIFT, load_drift)
+    if data is None:
+        return
+    maker.figure("drift", lambda: drift_figure(data))
+    side, reason = overlay_layout(data)
+    if side is None:
+        maker.skip("drift_patches", reason)
+    else:
+        maker.figure("drift_patches", lambda: patch_overlay_figure(data))
+
+
+# -- command line --------------------------------------------------------------------------------
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``atv figures`` to the ``atv`` command's subparsers."""
+    p = subparsers.add_parser("figures", help="regenerate every figure and table from a results folder")
+    p.add_argument("--results", type=Path, required=True,
+                   help="results folder (probe/results.jsonl, methods/results.jsonl, analysis/*.pt)")
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures)")
+    p.add_argument("--formats", nargs="+", default=["png", "pdf"], help="png | pdf | svg (default: png pdf)")
+    p.add_argument("--seed", type=int, default=0, help="t-SNE seed")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    report = make_figures(args.results, args.out, tuple(args.formats), seed=args.seed)
+    print(report.summary())
+    return 0
