@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     from atv import default_model  # default-model build|train, suite
 
     default_model.register(sub)
+    from analysis import figures as analysis_figures  # atv figures
+    analysis_figures.register(sub)
     return parser
 
 
