@@ -165,8 +165,9 @@ def embed_layer(text: torch.Tensor, visual: torch.Tensor, seed: int, perplexity:
                 pca_dim: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """(N_t, C), (N_v, C) -> coords (N_t + N_v, 2), labels (N_t + N_v,).
 
-    PCA to ``pca_dim`` first (speed, and removes noise), then exact-seeded Barnes-Hut t-SNE. The
-    perplexity is capped below the number of points, as scikit-learn requires.
+    PCA to ``pca_dim`` first (speed, and removes noise), then Barnes-Hut t-SNE with PCA initialisation
+    (deterministic; ``seed`` drives scikit-learn's randomized solvers). The perplexity is capped below
+    the number of points, as scikit-learn requires.
     """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
