@@ -1,0 +1,448 @@
+"""``atv eval``: score one model (a folder, or a probe cell re-created in memory) on harness JSONL
+benchmarks and/or lmms-eval tasks, and its retention against a dense run.
+
+Tasks are told apart by form: an existing file or a name ending in ``.jsonl`` is a harness benchmark
+(:mod:`evaluation.harness`), anything else an lmms-eval task name (through :mod:`evaluation.lmms_bridge`,
+which needs the ``lmms`` extra).
+
+A probe cell is named ``RESULTS:pathway/pool/sparsity``, e.g. ``runs/probe/results.jsonl:text/visual/0.5``
+(RESULTS may also be the study folder). It is re-created from the study's pinned setup (``study.json``
+next to the results): the model folder (unless ``model`` is given), dtype, method, seed, calibration
+file and nsamples. As ``atv probe`` did, the global RNGs are seeded with the study's seed before the model
+and the calibration samples are loaded; the probe is attached and the path pruned with
+``PruneConfig(method, sparsity, pool=probe_pool(pool), seed)``. The calibration images are read from
+``images`` when given, else the setup's ``images`` entry, else ``<calib folder>/images``; relative
+paths in the setup are tried from the working directory, then from the study folder's parent. Harness
+scores of a re-created cell equal the study's record for that cell (tested).
+
+Example::
+
+    result = run_eval_job(EvalJob(tasks=("suite/digits.jsonl", "pope"),
+                                  probe_from=ProbeCell.parse("runs/probe:text/visual/0.5"),
+                                  dense_results=Path("runs/probe/results.jsonl")))
+    print(result.to_json())
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from pruning.errors import ConfigError, ToolkitError
+
+from .benchmarks import FIDELITY, Benchmark, load_benchmark
+from .harness import evaluate, fidelity_reference
+from .records import RESULTS, SETUP, read_records
+from .reports import retention
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ('install the lmms-eval extra: pip install -e ".[lmms]" (on a CPU-only machine, where torchvision '
+                'does not install beside torch: pip install --no-deps lmms-eval==0.7.3 && pip install loguru '
+                'sacrebleu evaluate pytz tenacity)')
+
+
+# -- probe cells -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeCell:
+    """One cell of a probe study: its results file and (pathway, pool, sparsity)."""
+
+    results: Path  # the study's results.jsonl (study.json sits next to it)
+    pathway: str  # the pruned path: text | visual
+    pool: str  # calibration pool: text | visual | mixed
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        from mot_probe.routing import PATHS
+        from mot_probe.surgery import PROBE_POOLS
+
+        if self.pathway not in PATHS:
+            raise ConfigError(f"probe cell pathway must be one of {PATHS}, got {self.pathway!r}")
+        if self.pool not in PROBE_POOLS:
+            raise ConfigError(f"probe cell pool must be one of {list(PROBE_POOLS)}, got {self.pool!r}")
+        if not 0.0 < self.sparsity < 1.0:
+            raise ConfigError(f"probe cell sparsity must be in (0, 1), got {self.sparsity}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "ProbeCell":
+        """``RESULTS:pathway/pool/sparsity`` -> a cell; RESULTS is results.jsonl or its study folder."""
+        path, sep, cell = str(spec).rpartition(":")
+        parts = cell.split("/")
+        if not sep or not path or len(parts) != 3:
+            raise ConfigError(f"--probe-from must look like runs/probe/results.jsonl:text/visual/0.5 "
+                              f"(RESULTS:pathway/pool/sparsity), got {spec!r}")
+        try:
+            sparsity = float(parts[2])
+        except ValueError:
+            raise ConfigError(f"--probe-from {spec!r}: sparsity {parts[2]!r} is not a number") from None
+        results = Path(path)
+        if results.is_dir():
+            results = results / RESULTS
+        return cls(results, parts[0], parts[1], sparsity)
+
+    @property
+    def cell(self) -> dict[str, Any]:
+        """The cell as the study keys it in its records."""
+        return {"pathway": self.pathway, "pool": self.pool, "sparsity": self.sparsity}
+
+    @property
+    def label(self) -> str:
+        return f"{self.pathway}/{self.pool}/{self.sparsity:g}"
+
+
+@dataclass
+class StudySetup:
+    """What re-creating a cell needs from ``study.json`` (paths resolved)."""
+
+    model: Path
+    calib: Path
+    images: Path
+    method: str
+    seed: int
+    nsamples: int
+    dtype: str
+    record: dict[str, Any] | None  # the study's record of the cell (None if it was never computed)
+
+
+def _locate(value: str | Path, study_dir: Path) -> Path:
+    """A path from a setup: as written (relative to the working directory), else from the study folder's parent."""
+    path = Path(value)
+    if path.exists() or path.is_absolute():
+        return path
+    return study_dir.parent / path if (study_dir.parent / path).exists() else path
+
+
+def read_study_setup(cell: ProbeCell, *, model: Path | None = None, calib: Path | None = None,
+                     images: Path | None = None) -> StudySetup:
+    """The pinned setup of ``cell``'s study, with overrides; every path checked before any loading."""
+    if not cell.results.is_file():
+        raise ConfigError(f"probe results {str(cell.results)!r} do not exist; give the results.jsonl (or the study "
+                          "folder) that atv probe wrote")
+    study_dir = cell.results.parent
+    setup_path = study_dir / SETUP
+    if not setup_path.is_file():
+        raise ConfigError(f"{str(setup_path)!r} is missing: the probe setup (method, seed, calibration) is pinned "
+                          "there; re-creating a cell needs it")
+    setup = json.loads(setup_path.read_text(encoding="utf-8"))
+    config = setup.get("config", {})
+    records = read_records(cell.results)
+    record = next((r for r in records if r.get("cell") == cell.cell), None)
+    if record is None:
+        computed = [f"{r['cell']['pathway']}/{r['cell']['pool']}/{r['cell']['sparsity']:g}" for r in records
+                    if r.get("cell", {}).get("pathway") != "dense"]
+        if cell.pathway not in config.get("pathways", ()) or cell.pool not in config.get("pools", ()) or \
+                cell.sparsity not in config.get("sparsities", ()):
+            raise ConfigError(f"cell {cell.label} is not in the study's grid (computed cells: {computed}); "
+                              "choose one of them")
+        log.warning("cell %s is in the grid of %s but was not computed yet; re-creating it anyway", cell.label,
+                    study_dir)
+    missing = [key for key in ("model", "calib", "nsamples") if key not in setup and
+               not (key == "model" and model) and not (key == "calib" and calib)]
+    if missing or "method" not in config or "seed" not in config:
+        raise ConfigError(f"{setup_path} lacks {missing or ['config.method/seed']}; it was not written by atv probe "
+                          "(pass --model / --calib for a study run from Python)")
+    model_dir = Path(model) if model else _locate(setup["model"], study_dir)
+    if model and "model" in setup and Path(setup["model"]).resolve() != Path(model).resolve():
+        log.warning("the study pruned %s; evaluating %s as asked", setup["model"], model)
+    calib_path = Path(calib) if calib else _locate(setup["calib"], study_dir)
+    if not calib_path.is_file():
+        raise ConfigError(f"calibration file {str(calib_path)!r} (from {setup_path}) does not exist; pass --calib")
+    if images is not None:
+        image_dir = Path(images)
+    elif setup.get("images"):
+        image_dir = _locate(setup["images"], study_dir)
+    else:
+        image_dir = calib_path.parent / "images"
+    if not image_dir.is_dir():
+        raise ConfigError(f"calibration image folder {str(image_dir)!r} does not exist; pass --images (the folder "
+                          "atv probe --images was given)")
+    return StudySetup(model_dir, calib_path, image_dir, config["method"], int(config["seed"]), int(setup["nsamples"]),
+                      setup.get("dtype", "float32"), record)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    processor: Any
+    setup: StudySetup | None = None  # for a probe cell
+    prune: dict[str, Any] | None = None  # the re-pruned path's summary
+    reference: Any = None  # fidelity reference from the dense model, when asked for
+
+
+def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, calib: Path | None = None,
+                    images: Path | None = None, dtype: str | None = None, device: str | None = None,
+                    reference_benchmarks: list[Benchmark] | None = None, progress: bool = False,
+                    processor=None) -> LoadedModel:
+    """A model folder, or (``cell``) the probe cell re-created in memory, with its processor.
+
+    ``reference_benchmarks``: fidelity benchmarks whose dense reference is computed before the path is
+    pruned (the study's reference). ``processor`` overrides the one saved with the model.
+    """
+    from pruning.io import load_model
+
+    if cell is None:
+        if model_dir is None:
+            raise ConfigError("give --model DIR, or --probe-from RESULTS:pathway/pool/sparsity")
+        model, loaded = load_model(model_dir, dtype or "float32", device, with_processor=processor is None)
+        processor = processor if processor is not None else loaded
+        reference = (fidelity_reference(model, processor, reference_benchmarks, progress=progress)
+                     if reference_benchmarks else None)
+        return LoadedModel(model, processor, reference=reference)
+
+    from mot_probe.surgery import attach_probe_, probe_pool
+    from pruning.config import PruneConfig
+    from pruning.data import load_llava_conversations
+    from pruning.run import seed_everything
+
+    setup = read_study_setup(cell, model=model_dir, calib=calib, images=images)
+    seed_everything(setup.seed)  # as run_probe_job, before loading model and calibration
+    model, loaded = load_model(setup.model, dtype or setup.dtype, device, with_processor=processor is None)
+    processor = processor if processor is not None else loaded
+    calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed)
+    probe = attach_probe_(model)
+    reference = (fidelity_reference(model, processor, reference_benchmarks, progress=progress)
+                 if reference_benchmarks else None)
+    config = PruneConfig(setup.method, sparsity=cell.sparsity, pool=probe_pool(cell.pool), seed=setup.seed)
+    report = probe.prune_path_(cell.pathway, config, calibration, progress=progress)
+    log.info("re-created probe cell %s: %s path at %.3f sparsity", cell.label, cell.pathway, report.sparsity)
+    prune = {"mean_sparsity": report.sparsity, "seconds": report.seconds}
+    return LoadedModel(model, processor, setup, prune, reference)
+
+
+# -- the job ------------------------------------------------------------------------------------------
+
+
+def is_harness_task(task: str | Path) -> bool:
+    """A harness benchmark (an existing file, or a ``.jsonl`` name) rather than an lmms-eval task name."""
+    return str(task).endswith(".jsonl") or Path(task).is_file()
+
+
+def require_lmms_eval(tasks: list[str]) -> None:
+    """Raise a ToolkitError saying how to install the extra when lmms-eval cannot be imported."""
+    try:
+        import lmms_eval.evaluator  # noqa: F401
+    except ImportError as err:
+        raise ToolkitError(f"{tasks} are lmms-eval task names (not .jsonl files), but lmms-eval cannot be imported "
+                           f"({err}); {INSTALL_HINT}") from None
+
+
+@dataclass
+class EvalJob:
+    tasks: tuple[str, ...]  # harness JSONL files and/or lmms-eval task names
+    model: Path | None = None  # HF model folder (default with probe_from: the study's model)
+    probe_from: ProbeCell | None = None  # re-create this probe cell in memory
+    calib: Path | None = None  # overrides the study's calibration file
+    images: Path | None = None  # calibration image folder (default: setup 'images', else <calib dir>/images)
+    dense_model: Path | None = None  # fidelity benchmarks without probe_from: the dense reference model
+    dense_results: Path | None = None  # an `atv eval` JSON or a probe results.jsonl: retention against it
+    out: Path | None = None  # write the result JSON here
+    batch_size: int = 8
+    max_new_tokens: int = 8  # harness open answers (lmms-eval tasks set their own)
+    limit: int | None = None  # lmms-eval: items per task (a smoke test)
+    lmms_include: tuple[Path, ...] = ()  # folders of extra lmms-eval task YAMLs
+    lmms_defaults: bool = True  # index lmms-eval's own tasks too (takes seconds)
+    dtype: str | None = None  # default: the study's, else float32
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(str(t) for t in self.tasks)
+        if not self.tasks:
+            raise ConfigError("--tasks is empty; give harness .jsonl files and/or lmms-eval task names")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
+                              f"{self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.model is None and self.probe_from is None:
+            raise ConfigError("give --model DIR, or --probe-from RESULTS:pathway/pool/sparsity")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"--tasks names a task twice: {list(self.tasks)}")
+
+
+@dataclass
+class TaskScore:
+    name: str
+    source: str  # 'harness' or 'lmms-eval'
+    metric: str  # harness: the benchmark kind's score (%); lmms-eval: the task's first metric
+    score: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    n: int | None = None
+
+
+@dataclass
+class EvalResult:
+    model: str
+    probe: dict[str, Any] | None
+    tasks: list[TaskScore]
+    retention: dict[str, float] | None = None  # task -> % of the dense score (where the dense score is > 0)
+    mean_retention: float | None = None
+    seconds: float = 0.0
+
+    def scores(self) -> dict[str, float]:
+        return {t.name: t.score for t in self.tasks}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def read_dense_scores(path: Path) -> dict[str, float]:
+    """Task -> score from an ``atv eval`` result JSON, or from the dense record of a probe/compare results.jsonl."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--dense-results {str(path)!r} does not exist")
+    if path.suffix == ".jsonl":
+        dense = [r for r in read_records(path) if r.get("cell", {}).get("pathway") == "dense"
+                 or r.get("cell", {}).get("method") == "dense"]
+        if not dense:
+            raise ConfigError(f"{path} holds no dense record; give an `atv eval` JSON of the dense model")
+        return {k: float(v) for k, v in dense[0]["scores"].items()}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {task["name"]: float(task["score"]) for task in data["tasks"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ConfigError(f"--dense-results {str(path)!r} is not an `atv eval` result JSON ({err})") from None
+
+
+def _retention(scores: Mapping[str, float], dense: Mapping[str, float]) -> tuple[dict[str, float], float] | None:
+    shared = [n for n in scores if n in dense and dense[n] > 0]
+    skipped = sorted(set(scores) - set(shared))
+    if skipped:
+        log.warning("no retention for %s (missing from the dense results, or dense score 0)", skipped)
+    if not shared:
+        return None
+    report = retention({n: scores[n] for n in shared}, {n: dense[n] for n in shared})
+    return report.per_benchmark, report.mean
+
+
+def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalResult:
+    """Check everything cheap, load (or re-create) the model, score every task, compare to the dense run."""
+    start = time.perf_counter()
+    harness_paths = [t for t in job.tasks if is_harness_task(t)]
+    lmms_names = [t for t in job.tasks if not is_harness_task(t)]
+    benches = [load_benchmark(p) for p in harness_paths]  # bad files fail before any loading
+    if lmms_names:
+        require_lmms_eval(lmms_names)
+    dense = read_dense_scores(job.dense_results) if job.dense_results else None
+    fidelity = [b for b in benches if b.kind == FIDELITY]
+    if fidelity and job.probe_from is None and job.dense_model is None:
+        raise ConfigError(f"{[b.name for b in fidelity]} measure fidelity to a dense model: pass --dense-model DIR "
+                          "(or --probe-from, whose dense model is the reference)")
+    manager = None
+    if lmms_names:
+        from .lmms_bridge import task_manager
+
+        manager = task_manager(job.lmms_include, job.lmms_defaults)
+        unknown = [t for t in lmms_names if t not in manager.all_tasks]
+        if unknown:
+            raise ConfigError(f"unknown lmms-eval task(s) {unknown} (and no such .jsonl file); list tasks with "
+                              "`lmms-eval --tasks list`, or add their folder with --lmms-include")
+
+    reference = None
+    if fidelity and job.probe_from is None:  # the dense model's reference, then the model itself
+        dense_loaded = load_eval_model(job.dense_model, dtype=job.dtype, device=job.device,
+                                       reference_benchmarks=fidelity, progress=progress, processor=processor)
+        reference = dense_loaded.reference
+        del dense_loaded
+    loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, dtype=job.dtype,
+                             device=job.device, progress=progress, processor=processor,
+                             reference_benchmarks=fidelity if job.probe_from is not None else None)
+    reference = reference if reference is not None else loaded.reference
+
+    tasks: list[TaskScore] = []
+    if benches:
+        report = evaluate(loaded.model, loaded.processor, benches, reference=reference, batch_size=job.batch_size,
+                          max_new_tokens=job.max_new_tokens, progress=progress, seed=job.seed)
+        tasks += [TaskScore(r.name, "harness", f"{r.kind} score (%)", r.score, dict(r.metrics), r.n)
+                  for r in report.results]
+    if lmms_names:
+        from .lmms_bridge import run_lmms_tasks
+
+        scores = run_lmms_tasks(loaded.model, loaded.processor, lmms_names, manager=manager,
+                                batch_size=job.batch_size, limit=job.limit, seed=job.seed)
+        tasks += [TaskScore(s.name, "lmms-eval", s.metric, s.score, s.metrics, s.n) for s in scores]
+    order = {name: i for i, name in enumerate(job.tasks)}
+    tasks.sort(key=lambda t: order.get(t.name, order.get(_path_of(t.name, harness_paths), len(order))))
+
+    probe = None
+    if job.probe_from is not None:
+        setup = loaded.setup
+        probe = {**job.probe_from.cell, "results": str(job.probe_from.results), "method": setup.method,
+                 "seed": setup.seed, "calib": str(setup.calib), "images": str(setup.images),
+                 "nsamples": setup.nsamples, "prune": loaded.prune,
+                 "recorded_scores": setup.record["scores"] if setup.record else None}
+    result = EvalResult(str(loaded.setup.model if loaded.setup else job.model), probe, tasks)
+    if dense is not None:
+        kept = _retention(result.scores(), dense)
+        if kept is not None:
+            result.retention, result.mean_retention = kept
+    result.seconds = round(time.perf_counter() - start, 2)
+    if job.out is not None:
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        job.out.write_text(result.to_json(), encoding="utf-8")
+    return result
+
+
+def _path_of(name: str, paths: list[str]) -> str | None:
+    """The --tasks entry (a path) of a harness benchmark name (the file stem)."""
+    return next((p for p in paths if Path(p).stem == name), None)
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``atv eval`` to the ``atv`` command."""
+    p = sub.add_parser("eval", help="score a model or a re-created probe cell on harness files / lmms-eval tasks")
+    p.add_argument("--tasks", nargs="+", required=True,
+                   help="harness .jsonl files and/or lmms-eval task names (those need the lmms extra)")
+    p.add_argument("--model", type=Path, default=None, help="HF model folder (default with --probe-from: the study's)")
+    p.add_argument("--probe-from", default=None, metavar="RESULTS:PATHWAY/POOL/SPARSITY",
+                   help="re-create a probe cell, e.g. runs/probe/results.jsonl:text/visual/0.5")
+    p.add_argument("--calib", type=Path, default=None, help="override the study's calibration file")
+    p.add_argument("--images", type=Path, default=None, help="calibration images (default <calib folder>/images)")
+    p.add_argument("--dense-model", type=Path, default=None, help="dense model for fidelity benchmarks")
+    p.add_argument("--dense-results", type=Path, default=None,
+                   help="dense run to compare with: an `atv eval` JSON or a probe results.jsonl")
+    p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="harness open answers")
+    p.add_argument("--limit", type=int, default=None, help="lmms-eval: at most this many items per task")
+    p.add_argument("--lmms-include", type=Path, nargs="+", default=[], help="folders of extra lmms-eval task YAMLs")
+    p.add_argument("--no-lmms-defaults", action="store_true", help="index only --lmms-include tasks (faster)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: where the model loads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    job = EvalJob(tasks=tuple(args.tasks), model=args.model,
+                  probe_from=ProbeCell.parse(args.probe_from) if args.probe_from else None, calib=args.calib,
+                  images=args.images, dense_model=args.dense_model, dense_results=args.dense_results, out=args.out,
+                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                  lmms_include=tuple(args.lmms_include), lmms_defaults=not args.no_lmms_defaults, dtype=args.dtype,
+                  device=args.device, seed=args.seed)
+    result = run_eval_job(job)
+    print(result.to_json())
+    return 0
+
+
+__all__ = ["EvalJob", "EvalResult", "LoadedModel", "ProbeCell", "StudySetup", "TaskScore", "is_harness_task",
+           "load_eval_model", "read_dense_scores", "read_study_setup", "register", "require_lmms_eval",
+           "run_eval_job"]

@@ -1,0 +1,155 @@
+"""`atv eval` on the toolkit's own harness (always runs): plain model folders, a probe cell re-created
+from a study's pinned setup (scores equal the study's record), retention, and every bad input refused
+before any model work; a missing lmms-eval names the extra to install."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from atv.cli import main
+from evaluation import evaluate
+from evaluation.eval_job import EvalJob, ProbeCell, read_dense_scores, run_eval_job
+from pruning.errors import ConfigError
+from pruning.io import load_model
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir, write_calibration
+
+TASKS = Path(__file__).resolve().parent / "lmms_tasks"
+CHOICE, OPEN = str(TASKS / "atv_tiny_choice.jsonl"), str(TASKS / "atv_tiny_open.jsonl")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny model folder and a finished probe study (dense + text/visual/0.5) over the two test files."""
+    tmp = tmp_path_factory.mktemp("eval")
+    model, _ = build_tiny("llava")
+    model_dir = save_model_dir("llava", model, tmp / "model")
+    calib, images = write_calibration(tmp / "calib", n=3)
+    out = tmp / "probe"
+    assert main(["probe", "--model", str(model_dir), "--calib", str(calib), "--images", str(images), "--bench", CHOICE,
+                 OPEN, "--nsamples", "3", "--sparsities", "0.5", "--pathways", "text", "--pools", "visual",
+                 "--batch-size", "2", "--out", str(out)]) == 0
+    return tmp, model_dir, out
+
+
+def _eval(capsys, *args):
+    code = main(["eval", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_model_folder_scores_equal_the_harness(study, capsys):
+    tmp, model_dir, _ = study
+    code, out, err = _eval(capsys, "--model", model_dir, "--tasks", CHOICE, OPEN, "--batch-size", "2",
+                           "--out", tmp / "dense.json")
+    assert code == 0, err
+    printed = json.loads(out)
+    model, processor = load_model(model_dir)
+    expected = evaluate(model, processor, [CHOICE, OPEN], batch_size=2, progress=False).scores()
+    assert {t["name"]: t["score"] for t in printed["tasks"]} == expected
+    assert [t["source"] for t in printed["tasks"]] == ["harness", "harness"]
+    assert json.loads((tmp / "dense.json").read_text()) == printed
+    assert printed["probe"] is None and printed["retention"] is None
+
+
+def test_probe_cell_is_recreated_with_the_recorded_scores(study, capsys):
+    tmp, _, out_dir = study
+    code, out, err = _eval(capsys, "--probe-from", f"{out_dir / 'results.jsonl'}:text/visual/0.5", "--tasks", CHOICE,
+                           OPEN, "--batch-size", "2", "--dense-results", out_dir / "results.jsonl")
+    assert code == 0, err
+    printed = json.loads(out)
+    records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    cell = next(r for r in records if r["cell"] == {"pathway": "text", "pool": "visual", "sparsity": 0.5})
+    assert {t["name"]: t["score"] for t in printed["tasks"]} == cell["scores"]
+    assert printed["retention"] == pytest.approx(cell["retention"])
+    assert printed["probe"]["method"] == "wanda" and printed["probe"]["nsamples"] == 3
+    assert printed["probe"]["prune"]["mean_sparsity"] == pytest.approx(cell["prune"]["mean_sparsity"])
+
+
+def test_study_folder_spec_and_dense_json_give_retention(study, capsys):
+    tmp, model_dir, out_dir = study
+    dense = tmp / "dense-only.json"
+    assert _eval(capsys, "--model", model_dir, "--tasks", CHOICE, "--out", dense)[0] == 0
+    result = run_eval_job(EvalJob(tasks=(CHOICE,), probe_from=ProbeCell.parse(f"{out_dir}:text/visual/0.5"),
+                                  dense_results=dense, batch_size=2), progress=False)
+    dense_score = read_dense_scores(dense)["atv_tiny_choice"]
+    assert result.retention == {"atv_tiny_choice": pytest.approx(100 * result.scores()["atv_tiny_choice"] / dense_score)}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("results.jsonl", "must look like"),
+    ("x/results.jsonl:text/visual", "must look like"),
+    ("x/results.jsonl:audio/visual/0.5", "pathway must be one of"),
+    ("x/results.jsonl:text/pixels/0.5", "pool must be one of"),
+    ("x/results.jsonl:text/visual/1.5", "sparsity must be in (0, 1)"),
+    ("x/results.jsonl:text/visual/half", "is not a number"),
+])
+def test_bad_probe_spec_is_refused(spec, message, capsys):
+    code, _, err = _eval(capsys, "--probe-from", spec, "--tasks", CHOICE)
+    assert code == 2 and message in err
+
+
+def test_cell_outside_the_grid_is_named(study, capsys):
+    _, _, out_dir = study
+    code, _, err = _eval(capsys, "--probe-from", f"{out_dir}:visual/text/0.6", "--tasks", CHOICE)
+    assert code == 2 and "not in the study's grid" in err and "text/visual/0.5" in err
+
+
+def test_study_without_setup_is_refused(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text("")
+    code, _, err = _eval(capsys, "--probe-from", f"{tmp_path}:text/visual/0.5", "--tasks", CHOICE)
+    assert code == 2 and "study.json" in err
+
+
+def test_missing_calibration_images_name_the_flag(study, tmp_path, capsys):
+    _, _, out_dir = study
+    code, _, err = _eval(capsys, "--probe-from", f"{out_dir}:text/visual/0.5", "--tasks", CHOICE,
+                         "--images", tmp_path / "nope")
+    assert code == 2 and "--images" in err
+
+
+def test_fidelity_without_a_dense_model_is_refused(study, tmp_path, capsys):
+    _, model_dir, _ = study
+    wiki = tmp_path / "wiki.jsonl"
+    wiki.write_text('{"id": "t1", "text": "what is a cat"}\n')
+    code, _, err = _eval(capsys, "--model", model_dir, "--tasks", wiki)
+    assert code == 2 and "--dense-model" in err
+
+
+def test_fidelity_with_a_dense_model_scores_itself_at_100(study, tmp_path, capsys):
+    _, model_dir, _ = study
+    wiki = tmp_path / "wiki.jsonl"
+    wiki.write_text('{"id": "t1", "text": "what is a cat"}\n{"id": "t2", "text": "the dog is red"}\n')
+    code, out, err = _eval(capsys, "--model", model_dir, "--dense-model", model_dir, "--tasks", wiki)
+    assert code == 0, err
+    (task,) = json.loads(out)["tasks"]
+    assert task["score"] == 100.0 and task["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "missing.jsonl"], "does not exist"),
+    (["--tasks", CHOICE, CHOICE], "names a task twice"),
+    (["--tasks", CHOICE, "--dense-results", "nope.json"], "--dense-results 'nope.json' does not exist"),
+    (["--tasks", CHOICE, "--batch-size", "0"], "batch_size and max_new_tokens must be >= 1"),
+])
+def test_bad_arguments_are_refused(study, capsys, extra, message):
+    _, model_dir, _ = study
+    code, _, err = _eval(capsys, "--model", model_dir, *extra)
+    assert code == 2 and message in err
+
+
+def test_no_model_and_no_probe_is_refused():
+    with pytest.raises(ConfigError, match="--probe-from"):
+        EvalJob(tasks=(CHOICE,))
+
+
+def test_lmms_task_without_lmms_eval_says_how_to_install(study, capsys, monkeypatch):
+    _, model_dir, _ = study
+    for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith("lmms_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # import lmms_eval -> ImportError
+    code, _, err = _eval(capsys, "--model", model_dir, "--tasks", CHOICE, "pope")
+    assert code == 2
+    assert "['pope'] are lmms-eval task names" in err and 'pip install -e ".[lmms]"' in err
