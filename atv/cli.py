@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     default_model.register(sub)
     from analysis import figures as analysis_figures  # atv figures
     analysis_figures.register(sub)
+    from evaluation import eval_job  # atv eval
+    eval_job.register(sub)
     return parser
 
 
