@@ -88,12 +88,36 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole study on the embedded default model (smol-llava)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="smaller grid, fewer items (a few minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 32, quick 8)")
+    p.add_argument("--n-eval", type=int, default=None, help="items per image benchmark (default 40, quick 12)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where the default model is built")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from atv.demo import DemoConfig, run_demo
+
+    config = DemoConfig(out=args.out, quick=args.quick, seed=args.seed, nsamples=args.nsamples, n_eval=args.n_eval,
+                        cache_dir=args.cache_dir)
+    result = run_demo(config)
+    print(result.probe_table)
+    print(result.method_table)
+    print(f"report: {result.out / 'report.md'}  ({len(result.figures)} figure files; time {result.seconds} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_probe(sub)
+    _add_demo(sub)
     from atv import default_model  # default-model build|train, suite
 
     default_model.register(sub)

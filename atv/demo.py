@@ -56,7 +56,8 @@ class DemoResult:
     out: Path
     dense: dict[str, Any]
     probe_table: str
-    method_table: str
+    method_table: str                         # mean retention per method x setting
+    method_scores: str                        # per-benchmark scores of every cell
     figures: list[str]
     skipped: dict[str, str]
     seconds: dict[str, float]
@@ -84,7 +85,7 @@ def _benchmarks(suite: Path) -> list[Path]:
 
 def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     """Run (or resume) every step of the demo; see the module docstring."""
-    from analysis.tables import probe_table, scores_table, to_markdown
+    from analysis.tables import method_table, probe_table, scores_table, to_markdown
     from atv.default_model import build_default_model
     from evaluation.compare import CompareConfig, run_method_comparison
     from mot_probe.study import StudyConfig, run_probe_study
@@ -107,7 +108,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     suite = _suite(config)
     benches = _benchmarks(suite)
     model, processor = load_model(model_dir)
-    calibration, _ = load_llava_conversations(suite / "calib.json", suite, processor, config.nsamples, config.seed)
+    calibration, data_report = load_llava_conversations(suite / "calib.json", suite, processor, config.nsamples,
+                                                        config.seed)
     lap("setup")
     extra = {"model": "smol-llava", "nsamples": config.nsamples, "n_eval": config.n_eval}
     probe = run_probe_study(model, processor, calibration, benches, config.out / "probe",
@@ -127,12 +129,13 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
                                     setup_extra=extra, progress=progress)
     model.load_state_dict(dense_state)
     lap("methods")
-    made, skipped = _analysis(model, calibration, suite, config, progress)
+    made, skipped = _analysis(model, calibration, data_report.ids, suite, config, progress)
     lap("analysis")
     dense = _dense_summary(probe.records[0], suite)
     label = lambda r: f"{r['cell']['method']} {r['cell']['setting']}"  # noqa: E731
     result = DemoResult(config.out, dense, to_markdown(probe_table(probe.records)),
-                        to_markdown(scores_table(methods.records, label)), made, skipped, seconds)
+                        to_markdown(method_table(methods.records)), to_markdown(scores_table(methods.records, label)),
+                        made, skipped, seconds)
     _write_report(result, config)
     return result
 
@@ -143,11 +146,28 @@ def _dense_summary(record: dict[str, Any], suite: Path) -> dict[str, Any]:
             for name, score in record["scores"].items()}
 
 
-def _analysis(model, calibration, suite: Path, config: DemoConfig, progress: bool) -> tuple[list[str], dict[str, str]]:
-    """Collect the analysis artefacts and draw every figure (see analysis.figures)."""
-    from analysis.figures import collect_artefacts, make_figures
+def _analysis(model, calibration, calib_ids: list[str], suite: Path, config: DemoConfig,
+              progress: bool) -> tuple[list[str], dict[str, str]]:
+    """Collect the analysis artefacts (dense model) into OUT/analysis, then draw every figure."""
+    from PIL import Image
 
-    collect_artefacts(model, calibration, config.out, seed=config.seed, image_dir=suite, progress=progress)
+    from analysis.drift import collect_drift, save_drift
+    from analysis.figures import make_figures
+    from analysis.masks import collect_pool_masks, save_pool_masks
+    from analysis.tsne import collect_hidden_states, save_hidden_states
+    from pruning.adapters import get_adapter
+
+    folder = config.out / "analysis"
+    n_layers = len(get_adapter(model).decoder_layers(model))
+    layers = sorted({0, n_layers // 2, n_layers - 1})
+    if not (folder / "hidden_states.pt").is_file():
+        save_hidden_states(collect_hidden_states(model, calibration, layers, seed=config.seed), folder / "hidden_states.pt")
+    if not (folder / "pool_masks.pt").is_file():
+        save_pool_masks(collect_pool_masks(model, calibration, sparsity=0.5), folder / "pool_masks.pt")
+    if not (folder / "drift.pt").is_file():
+        records = {str(r.get("id")): r for r in json.loads((suite / "calib.json").read_text(encoding="utf-8"))}
+        with Image.open(suite / records[calib_ids[0]]["image"]) as image:
+            save_drift(collect_drift(model, calibration), folder / "drift.pt", image=image.convert("RGB"), image_sample=0)
     report = make_figures(config.out, config.out / "figures")
     return [str(p) for p in report.made], dict(report.skipped)
 
@@ -161,7 +181,8 @@ def _write_report(result: DemoResult, config: DemoConfig) -> Path:
         lines.append(f"| {name} | {row['kind']} | {row['score']:.1f} | {chance} |")
     lines += ["", "Fidelity scores are top-1 agreement with the dense model (100 by definition when dense).", "",
               "## MoT probe (mean retention, % of dense)", "", result.probe_table,
-              "## Methods on the shared weights (scores, %)", "", result.method_table, "## Figures", ""]
+              "## Methods on the shared weights (mean retention, % of dense)", "", result.method_table,
+              "Per benchmark (scores, %):", "", result.method_scores, "## Figures", ""]
     lines += [f"![{Path(p).stem}](figures/{Path(p).name})" for p in result.figures if p.endswith(".png")]
     if result.skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items())]

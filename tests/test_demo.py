@@ -1,0 +1,51 @@
+"""`atv demo` end to end on a stand-in: a tiny LLaVA checkpoint in place of smol-llava, the real suite."""
+
+import json
+
+import pytest
+
+from atv.cli import main
+from atv.demo import DemoConfig, run_demo
+from pruning.errors import ConfigError
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    model, _ = build_tiny("llava")
+    folder = save_model_dir("llava", model, tmp / "smol-stand-in")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("atv.default_model.build_default_model", lambda *a, **k: folder)
+        args = ["demo", "--quick", "--out", str(tmp / "demo"), "--nsamples", "2", "--n-eval", "2"]
+        assert main(args) == 0
+        results = {p: p.read_bytes() for p in (tmp / "demo").glob("*/results.jsonl")}
+        assert main(args) == 0  # a second run resumes: no cell is recomputed
+        assert results == {p: p.read_bytes() for p in (tmp / "demo").glob("*/results.jsonl")}
+        yield tmp / "demo", patch
+
+
+def test_demo_writes_tables_figures_and_report(demo_run):
+    out, _ = demo_run
+    report = (out / "report.md").read_text()
+    assert "| pathway | calibration | 60% sparsity |" in report and "## Figures" in report
+    for name in ("probe/probe_table.md", "methods/results.jsonl", "analysis/drift.pt", "figures/sensitivity.png",
+                 "figures/mask_iou.png", "figures/tsne.png", "figures/methods_retention.png"):
+        assert (out / name).is_file(), name
+    probe_cells = [json.loads(line)["cell"] for line in (out / "probe" / "results.jsonl").read_text().splitlines()]
+    assert len(probe_cells) == 1 + 2 * 3  # dense + pathway x pool at one sparsity
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["dense"]) == set(json.loads((out / "suite" / "suite.json").read_text())["benchmarks"])
+
+
+def test_demo_refuses_a_suite_written_with_other_settings(demo_run):
+    out, _ = demo_run
+    with pytest.raises(ConfigError, match="holds a suite"):
+        run_demo(DemoConfig(out=out, quick=True, nsamples=3, n_eval=2), progress=False)
+
+
+def test_demo_config_rejects_bad_counts():
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        DemoConfig(batch_size=0)
+    assert DemoConfig(quick=True).probe_sparsities == (0.6,)
