@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analysis.tables import probe_table, write_table
-from evaluation import Benchmark, evaluate, load_benchmark
+from evaluation import Benchmark, EvalReport, evaluate, load_benchmark
 from evaluation.compare import defined_retention, load_reference
 from evaluation.records import ResultLog
 from pruning.config import METHODS, PruneConfig
@@ -92,7 +92,7 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
     """
     config = config or StudyConfig()
     out_dir = Path(out_dir)
-    benches = [b if isinstance(b, Benchmark) else load_benchmark(b) for b in benchmarks]
+    benches = [b if isinstance(b, Benchmark) or hasattr(b, "evaluate") else load_benchmark(b) for b in benchmarks]
     setup = {"config": asdict(config), "benchmarks": [b.name for b in benches],
              "calibration_batches": len(calibration), **dict(setup_extra or {})}
     results = ResultLog(out_dir, setup)
@@ -125,8 +125,8 @@ def _run_cell(model, processor, calibration, benches, reference, config: StudyCo
         prune_summary = {"mean_sparsity": report.sparsity, "seconds": report.seconds,
                          "pooled_tokens": [layer.pooled_tokens for layer in report.layers]}
     try:
-        scores = evaluate(model, processor, benches, reference=reference, batch_size=config.batch_size,
-                          max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
+        scores = _evaluate(model, processor, benches, reference=reference, batch_size=config.batch_size,
+                           max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
     finally:
         probe.reset_()
     record: dict[str, Any] = {"cell": cell, "scores": scores.scores(),
@@ -135,6 +135,15 @@ def _run_cell(model, processor, calibration, benches, reference, config: StudyCo
     kept = defined_retention(record["scores"], base["scores"])
     record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=time.perf_counter() - start)
     return record
+
+
+def _evaluate(model, processor, benches, **kwargs) -> EvalReport:
+    """The harness on Benchmark objects; any other benchmark scores itself with ``evaluate(model, processor)``
+    -> BenchmarkResult (e.g. ``evaluation.lmms_bridge.LmmsTask``: an lmms-eval task through the bridge)."""
+    own = [b for b in benches if isinstance(b, Benchmark)]
+    report = evaluate(model, processor, own, **kwargs) if own else None
+    results = [report[b.name] if isinstance(b, Benchmark) else b.evaluate(model, processor) for b in benches]
+    return EvalReport(results, seed=kwargs.get("seed", 0))
 
 
 @dataclass
