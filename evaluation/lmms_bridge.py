@@ -1,0 +1,544 @@
+"""lmms-eval bridge: score an in-memory LVLM (plain, pruned, or an MoT probe) on lmms-eval tasks.
+
+A probe model exists only in memory, so the bridge wraps a model *object* with its processor::
+
+    from lmms_eval.evaluator import simple_evaluate
+    from evaluation.lmms_bridge import ATVModel
+    results = simple_evaluate(model=ATVModel(model=model, processor=processor), tasks=["pope"])
+
+or, from the command line, a model folder (optionally re-pruned as a probe cell, see
+:mod:`evaluation.eval_job`)::
+
+    lmms-eval --model atv --model_args pretrained=DIR,probe_from=runs/probe/results.jsonl:text/visual/0.5 --tasks pope
+
+Prompts are the toolkit harness's (:func:`evaluation.harness.build_prompt`: one user turn, the image
+first, then the task's question, and the generation prompt) and generation is the harness's greedy
+call, batched the same way (windows of ``batch_size`` requests in order, split by modality), so a
+harness benchmark and an lmms-eval task over the same items give the same answers.
+
+* ``generate_until``: greedy, at most the task's ``max_new_tokens``, cut at the first of the task's
+  stop sequences (``until``; generation also halts once every row has produced one), then stripped.
+* ``loglikelihood``: ``-log p(continuation | prompt)`` summed over the continuation's tokens, and
+  whether it is the greedy continuation. The sign is lmms-eval 0.7's: its ``multiple_choice`` scoring
+  takes the ``argmin`` (its built-in models return losses), so the chosen option is the harness's.
+
+The model is registered for ``lmms-eval --model atv`` through the entry-point group
+``lmms_eval.models`` (see :func:`manifest`); :func:`register` does the same at run time.
+
+Only this module (and code that calls it) needs lmms-eval; importing it without lmms-eval raises
+:class:`LmmsEvalMissing`, which says how to install the extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from pruning.errors import ConfigError, ToolkitError
+
+from . import metrics
+from .benchmarks import CHOICE, OPEN, Benchmark, load_benchmark
+from .eval_job import INSTALL_HINT
+from .harness import _encode, _forward_rows, _inference, _real_positions, _to_model, _tokenizer, build_prompt
+from .reports import BenchmarkResult
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "atv"  # lmms-eval --model atv
+DEFAULT_MAX_NEW_TOKENS = 128  # when a task sets no max_new_tokens
+
+
+class LmmsEvalMissing(ToolkitError, ImportError):
+    """lmms-eval is not installed (or its core import path fails)."""
+
+
+try:
+    from lmms_eval.api import instance as _instance
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.model import lmms
+except ImportError as err:  # the message names what is missing, and how to get it
+    raise LmmsEvalMissing(f"the lmms-eval bridge needs lmms-eval ({err}); {INSTALL_HINT}") from err
+
+
+def _loglikelihood_output(value: float, greedy: bool) -> Any:
+    """One loglikelihood answer as the evaluator will keep it. lmms-eval 0.7.3 passes every response through
+    ``unwrap_generation_output``, which turns a ``(float, bool)`` tuple into its string (and multiple_choice
+    scoring then fails); a ``GenerationResult`` carrying the tuple comes through intact."""
+    pair = (value, greedy)
+    unwrap = getattr(_instance, "unwrap_generation_output", None)
+    if unwrap is None or unwrap(pair)[0] == pair:
+        return pair
+    return _instance.GenerationResult(text=pair)
+
+
+# -- prompts and stop sequences (pure) ---------------------------------------------------------------
+
+
+def bridge_prompt(processor, context: str, n_images: int) -> str:
+    """The harness prompt for an lmms-eval context: :func:`build_prompt` for 0 or 1 image; for more,
+    the same user turn with one image item per image, then the text."""
+    if n_images <= 1:
+        return build_prompt(processor, context, n_images == 1)
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop sequence (empty ones ignored), stripped.
+
+    >>> cut_at_stop(" red\\nQ: blue", ["\\n", "Q:"])
+    'red'
+    """
+    cut = min((i for i in (text.find(s) for s in until if s) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+class _StopSequences(StoppingCriteria):
+    """Per row: stop once the decoded new tokens contain a stop sequence (the text is cut afterwards)."""
+
+    def __init__(self, tokenizer, prompt_length: int, until: Sequence[str]):
+        self.tokenizer, self.prompt_length, self.until = tokenizer, prompt_length, [s for s in until if s]
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        done = [any(s in text for s in self.until) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+# -- requests ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    """One lmms-eval request, resolved: its context, images and (generation) settings or continuation."""
+
+    index: int  # position in the request list (answers go back in this order)
+    context: str
+    images: list[Image.Image]
+    until: tuple[str, ...] = ()
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    continuation: str = ""
+
+    @property
+    def group(self) -> tuple:
+        """Requests batched together share modality and generation settings."""
+        return bool(self.images), self.until, self.max_new_tokens
+
+
+def _images(visuals: Any, where: str) -> list[Image.Image]:
+    """A task's doc_to_visual output -> RGB images (as the harness opens them); only images are supported."""
+    if visuals is None:
+        return []
+    flat = []
+    for visual in (visuals if isinstance(visuals, (list, tuple)) else [visuals]):
+        if visual is None:
+            continue
+        if not isinstance(visual, Image.Image):
+            raise ConfigError(f"{where}: the atv bridge takes images only, got a {type(visual).__name__} visual "
+                              f"({str(visual)[:80]!r}); video and audio tasks need another lmms-eval model")
+        flat.append(visual.convert("RGB"))
+    return flat
+
+
+def _windows(requests: list[_Request], batch_size: int) -> Iterable[list[_Request]]:
+    """The harness's batching: ``batch_size`` requests in order, each window split by group (first seen first)."""
+    for start in range(0, len(requests), batch_size):
+        groups: dict[tuple, list[_Request]] = {}
+        for request in requests[start:start + batch_size]:
+            groups.setdefault(request.group, []).append(request)
+        yield from groups.values()
+
+
+# -- the lmms-eval model -----------------------------------------------------------------------------
+
+
+class ATVModel(lmms):
+    """An lmms-eval model around an in-memory HF LVLM and its processor (plain, pruned, or probed).
+
+    Either ``model`` + ``processor`` (Python), or ``pretrained`` (a model folder, as
+    ``--model_args pretrained=DIR`` gives it) with optional ``probe_from`` (``RESULTS:pathway/pool/sparsity``,
+    see :class:`evaluation.eval_job.ProbeCell`), ``calib``/``images`` overrides, ``dtype`` and ``device``.
+    ``batch_size`` requests per forward; ``max_new_tokens`` when a task sets none.
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, model: nn.Module | None = None, processor=None, *,
+                 probe_from: str | None = None, calib: str | None = None, images: str | None = None,
+                 batch_size: int | str = 8, max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS,
+                 dtype: str = "float32", device: str | None = None, max_batch_size: Any = None, **unknown: Any):
+        super().__init__()
+        if unknown:
+            raise ConfigError(f"unknown model_args for --model {MODEL_NAME}: {sorted(unknown)}; accepted: pretrained, "
+                              "probe_from, calib, images, batch_size, max_new_tokens, dtype, device")
+        try:
+            self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+        except ValueError:
+            raise ConfigError(f"batch_size and max_new_tokens must be integers, got {batch_size!r} and "
+                              f"{max_new_tokens!r} ('auto' is not supported)") from None
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
+                              f"{self.max_new_tokens}")
+        if (model is None) == (pretrained is None):
+            raise ConfigError(f"give either model= and processor= (in memory) or pretrained=DIR, got "
+                              f"model={type(model).__name__ if model is not None else None}, pretrained={pretrained!r}")
+        if model is not None:
+            if processor is None:
+                raise ConfigError("model= needs its processor= (with a chat template)")
+            if probe_from is not None:
+                raise ConfigError("probe_from= re-creates a probe from a model folder; with model= attach and prune "
+                                  "the probe yourself (mot_probe.attach_probe_)")
+            self.model, self.processor = model, processor
+        else:
+            from .eval_job import ProbeCell, load_eval_model
+
+            cell = ProbeCell.parse(probe_from) if probe_from else None
+            loaded = load_eval_model(Path(pretrained), cell, calib=Path(calib) if calib else None,
+                                     images=Path(images) if images else None, dtype=dtype, device=device)
+            self.model, self.processor = loaded.model, loaded.processor
+        if getattr(self.processor, "chat_template", None) is None:
+            raise ConfigError(f"the processor {type(self.processor).__name__} has no chat template; the bridge "
+                              "builds the harness's chat prompt (set processor.chat_template)")
+        self._warned_sampling = False
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _doc(self, task: str, split: str, doc_id: int) -> dict:
+        return self.task_dict[task][split][doc_id]
+
+    def _resolve(self, index: int, context: str, doc_to_visual, doc_id: int, task: str, split: str) -> _Request:
+        where = f"task {task!r} doc {doc_id}"
+        visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
+        images = _images(visuals, where)
+        token = getattr(self.processor, "image_token", None)
+        if token and token in context:  # the prompt places the images itself
+            log.debug("%s: removing %r from the context", where, token)
+            context = context.replace(token, "").strip()
+        return _Request(index, context, images)
+
+    def _settings(self, request: _Request, gen_kwargs: dict[str, Any]) -> _Request:
+        until = gen_kwargs.get("until") or ()
+        if isinstance(until, str):
+            until = (until,)
+        request.until = tuple(until)
+        request.max_new_tokens = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+        sampling = gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0 or \
+            int(gen_kwargs.get("num_beams") or 1) > 1
+        if sampling and not self._warned_sampling:
+            log.warning("the atv bridge decodes greedily; ignoring do_sample/temperature/num_beams in %s", gen_kwargs)
+            self._warned_sampling = True
+        return request
+
+    # -- lmms-eval API ----------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy answers, in request order (see the module docstring)."""
+        resolved = []
+        for i, request in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            resolved.append(self._settings(self._resolve(i, context, doc_to_visual, doc_id, task, split),
+                                           dict(gen_kwargs or {})))
+        answers: list[str] = [""] * len(resolved)
+        with _inference(self.model):
+            for group in _windows(resolved, self.batch_size):
+                for request, text in zip(group, self._generate(group)):
+                    answers[request.index] = text
+        return answers
+
+    def _generate(self, group: list[_Request]) -> list[str]:
+        """The harness's generate call (left-padded, greedy, pad id), stopped and cut at ``until``."""
+        prompts = [bridge_prompt(self.processor, r.context, len(r.images)) for r in group]
+        images = [image for r in group for image in r.images] or None
+        inputs = _encode(self.processor, prompts, images, "left")
+        tokenizer = _tokenizer(self.processor)
+        prompt_length = inputs["input_ids"].shape[1]
+        until = group[0].until
+        stop = StoppingCriteriaList([_StopSequences(tokenizer, prompt_length, until)]) if until else None
+        out = self.model.generate(**_to_model(inputs, self.model), do_sample=False, num_beams=1,
+                                  max_new_tokens=group[0].max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  stopping_criteria=stop)
+        texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)  # (B,) new text
+        return [cut_at_stop(text, until) for text in texts]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[Any]:
+        """Per request (-log p(continuation | prompt), continuation is greedy), in request order (each pair
+        wrapped so that the installed lmms-eval keeps it, see :func:`_loglikelihood_output`)."""
+        resolved = []
+        for i, request in enumerate(requests):
+            context, continuation, doc_to_visual, doc_id, task, split = request.args[:6]
+            resolved_request = self._resolve(i, context, doc_to_visual, doc_id, task, split)
+            if callable(continuation):
+                continuation = continuation(self._doc(task, split, doc_id))
+            if not isinstance(continuation, str) or not continuation:
+                raise ConfigError(f"task {task!r} doc {doc_id}: the continuation must be a non-empty string, got "
+                                  f"{continuation!r}")
+            resolved_request.continuation = continuation
+            resolved.append(resolved_request)
+        scores: list[Any] = [None] * len(resolved)
+        with _inference(self.model):
+            for group in _windows(resolved, self.batch_size):
+                for request, (value, greedy) in zip(group, self._continuation_scores(group)):
+                    scores[request.index] = _loglikelihood_output(value, greedy)
+        return scores
+
+    def _continuation_scores(self, group: list[_Request]) -> list[tuple[float, bool]]:
+        """As the harness scores an option: the continuation is what follows the longest common prefix of
+        the tokenised prompt and prompt + continuation; its summed log-prob from one forward."""
+        prompts = [bridge_prompt(self.processor, r.context, len(r.images)) for r in group]
+        images = [image for r in group for image in r.images] or None
+        prompt_inputs = _encode(self.processor, prompts, images, "right")
+        prompt_ids = [prompt_inputs["input_ids"][b, p].tolist()
+                      for b, p in enumerate(_real_positions(prompt_inputs["attention_mask"]))]
+        fulls = [prompt + r.continuation for prompt, r in zip(prompts, group)]
+        rows = _forward_rows(self.model, _encode(self.processor, fulls, images, "right"))
+        scores = []
+        for request, prompt, (ids, logits) in zip(group, prompt_ids, rows):
+            start = _common_prefix(prompt, ids.tolist())
+            if not 1 <= start < len(ids):
+                raise ConfigError(f"continuation {request.continuation!r} adds no token to the prompt "
+                                  f"({len(prompt)} prompt tokens, {len(ids)} with it)")
+            logprob = metrics.continuation_logprob(logits, ids, start)
+            greedy = bool((logits[start - 1:-1].argmax(-1).cpu() == ids[start:].cpu()).all())
+            scores.append((-logprob, greedy))
+        return scores
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(f"--model {MODEL_NAME} answers single-turn tasks only (generate_until, "
+                                  "loglikelihood, multiple_choice)")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# -- registration ------------------------------------------------------------------------------------
+
+
+def manifest():
+    """The entry point of group ``lmms_eval.models`` (``atv = "evaluation.lmms_bridge:manifest"``)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.{ATVModel.__name__}")
+
+
+def register() -> None:
+    """Register ``--model atv`` in the running lmms-eval (for an install without the entry point)."""
+    from lmms_eval import models
+
+    models.MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
+    models.AVAILABLE_MODELS[MODEL_NAME] = ATVModel.__name__
+
+
+# -- running tasks -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LmmsScore:
+    """One lmms-eval task's outcome: its main metric and every metric (filter ',none' dropped)."""
+
+    name: str
+    metric: str
+    score: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    n: int | None = None
+
+
+def task_manager(include_path: Sequence[str | Path] = (), include_defaults: bool = True):
+    """An lmms-eval TaskManager over its own tasks (``include_defaults``) and the folders in ``include_path``."""
+    from lmms_eval.tasks import TaskManager
+
+    paths = [str(Path(p).resolve()) for p in include_path] or None
+    if paths:
+        missing = [p for p in paths if not Path(p).is_dir()]
+        if missing:
+            raise ConfigError(f"lmms-eval task folder(s) {missing} do not exist")
+    return TaskManager("WARNING", include_path=paths, include_defaults=include_defaults)
+
+
+def run_lmms_tasks(model: nn.Module, processor, tasks: Sequence[str], *, manager=None, batch_size: int = 8,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, limit: int | None = None,
+                   seed: int = 0) -> list[LmmsScore]:
+    """Score an in-memory model on lmms-eval tasks (names known to ``manager``); one score per task.
+
+    The main metric is the first of the task's ``metric_list``.
+    """
+    from lmms_eval.evaluator import simple_evaluate
+
+    manager = manager if manager is not None else task_manager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lmms-eval task(s) {unknown}; list them with `lmms-eval --tasks list`, or add "
+                          "their folder with --lmms-include")
+    lm = ATVModel(model=model, processor=processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
+                          bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed)
+    if out is None:
+        raise ToolkitError("lmms-eval returned no results (a non-zero rank of a distributed run?)")
+    return [_task_score(name, out) for name in tasks]
+
+
+def _task_score(name: str, out: dict[str, Any]) -> LmmsScore:
+    results = out["results"].get(name)
+    if results is None:
+        raise ToolkitError(f"lmms-eval returned no results for {name!r} (it returned {sorted(out['results'])})")
+    values = {}
+    for key, value in results.items():
+        metric, _, filt = key.partition(",")
+        if filt and "_stderr" not in metric and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[metric if filt == "none" else key] = float(value)
+    metric_list = out.get("configs", {}).get(name, {}).get("metric_list") or []
+    names = [m["metric"] for m in metric_list if isinstance(m.get("metric"), str)]
+    main = next((m for m in names if m in values), next(iter(values), None))
+    if main is None:
+        raise ToolkitError(f"lmms-eval task {name!r} reported no numeric metric (got {sorted(results)})")
+    n = out.get("n-samples", {}).get(name, {}).get("effective")
+    return LmmsScore(name, main, values[main], values, n)
+
+
+@dataclass
+class LmmsTask:
+    """An lmms-eval task as a probe-study benchmark: it scores itself through the bridge.
+
+    ``evaluate(model, processor) -> BenchmarkResult`` with score = main metric x ``scale`` (a percentage:
+    the default 100 fits metrics in [0, 1]; e.g. MME's perception score, out of 2000, takes ``scale=0.05``).
+    """
+
+    name: str
+    kind: str = OPEN  # 'choice' or 'open': only labels the result (lmms-eval decides how it scores)
+    scale: float = 100.0
+    include_path: tuple[Path, ...] = ()
+    include_defaults: bool = True
+    batch_size: int = 8
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    limit: int | None = None
+    _manager: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in (CHOICE, OPEN):
+            raise ConfigError(f"LmmsTask kind must be {CHOICE!r} or {OPEN!r}, got {self.kind!r}")
+        if not self.scale > 0:
+            raise ConfigError(f"scale must be > 0, got {self.scale}")
+
+    def evaluate(self, model: nn.Module, processor) -> BenchmarkResult:
+        if self._manager is None:  # indexing lmms-eval's tasks takes seconds: once per task object
+            self._manager = task_manager(self.include_path, self.include_defaults)
+        (score,) = run_lmms_tasks(model, processor, [self.name], manager=self._manager, batch_size=self.batch_size,
+                                  max_new_tokens=self.max_new_tokens, limit=self.limit)
+        percent = score.score * self.scale
+        if not (math.isfinite(percent) and 0.0 <= percent <= 100.0):
+            raise ConfigError(f"lmms-eval task {self.name!r}: {score.metric} = {score.score} x scale {self.scale} "
+                              f"is not a percentage; pass LmmsTask(..., scale=100 / <the metric's maximum>)")
+        metrics_ = {f"lmms/{k}": v for k, v in score.metrics.items()}
+        return BenchmarkResult(self.name, self.kind, score.n or 1, percent, None, metrics_)
+
+
+# -- harness JSONL benchmarks as lmms-eval tasks -------------------------------------------------------
+
+
+def harness_task_functions(folder: str | Path) -> SimpleNamespace:
+    """lmms-eval task functions for harness-format records whose ``image`` is relative to ``folder``.
+
+    doc_to_visual, doc_to_text (the question), choice_target (index of the answer among the options),
+    open_results (VQA accuracy of the answer in [0, 1], the harness's metric).
+    """
+    folder = Path(folder)
+
+    def doc_to_visual(doc: dict) -> list[Image.Image]:
+        if not doc.get("image"):
+            return []
+        path = Path(doc["image"]) if Path(doc["image"]).is_absolute() else folder / doc["image"]
+        with Image.open(path) as image:
+            return [image.convert("RGB")]
+
+    def doc_to_text(doc: dict) -> str:
+        return doc["question"]
+
+    def choice_target(doc: dict) -> int:
+        return list(doc["options"]).index(doc["answer"])
+
+    def open_results(doc: dict, results: list[str]) -> dict[str, float]:
+        return {"vqa_acc": metrics.vqa_accuracy(results[0], list(doc["answers"]))}
+
+    return SimpleNamespace(doc_to_visual=doc_to_visual, doc_to_text=doc_to_text, choice_target=choice_target,
+                           open_results=open_results)
+
+
+_UTILS = '''"""Task functions of {name}: harness records read from {folder!r}."""
+from evaluation.lmms_bridge import harness_task_functions
+
+_functions = harness_task_functions({folder!r})
+doc_to_visual, doc_to_text = _functions.doc_to_visual, _functions.doc_to_text
+choice_target, open_results = _functions.choice_target, _functions.open_results
+'''
+
+_COMMON = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files: {data!r}
+test_split: train
+doc_to_visual: !function {utils}.doc_to_visual
+doc_to_text: !function {utils}.doc_to_text
+"""
+_CHOICE = """output_type: multiple_choice
+doc_to_choice: options
+doc_to_target: !function {utils}.choice_target
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+_OPEN = """output_type: generate_until
+doc_to_target: answers
+generation_kwargs:
+  max_new_tokens: {max_new_tokens}
+  until: []
+  do_sample: false
+process_results: !function {utils}.open_results
+metric_list:
+  - metric: vqa_acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_lmms_task(benchmark: Benchmark | str | Path, out_dir: str | Path, *, name: str | None = None,
+                    max_new_tokens: int = 8) -> str:
+    """Write an lmms-eval task (``<name>.yaml`` + ``<name>_utils.py`` in ``out_dir``) over a harness
+    choice or open JSONL file, scored as the harness scores it (acc / VQA accuracy, in [0, 1]).
+
+    Returns the task name (default ``atv_<benchmark name>``); pass ``out_dir`` as an include path.
+    """
+    bench = benchmark if isinstance(benchmark, Benchmark) else load_benchmark(benchmark)
+    if bench.path is None or bench.kind not in (CHOICE, OPEN):
+        raise ConfigError(f"benchmark {bench.name!r} ({bench.kind}) cannot become an lmms-eval task: it needs a "
+                          "choice or open JSONL file")
+    name = name or f"atv_{bench.name}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    utils = f"{name}_utils"
+    data = str(bench.path.resolve())
+    (out_dir / f"{utils}.py").write_text(_UTILS.format(name=name, folder=str(bench.path.resolve().parent)),
+                                         encoding="utf-8")
+    body = _COMMON.format(name=name, data=data, utils=utils)
+    body += _CHOICE.format(utils=utils) if bench.kind == CHOICE else _OPEN.format(utils=utils,
+                                                                                   max_new_tokens=max_new_tokens)
+    (out_dir / f"{name}.yaml").write_text(body, encoding="utf-8")
+    return name
+
+
+__all__ = ["ATVModel", "DEFAULT_MAX_NEW_TOKENS", "INSTALL_HINT", "LmmsEvalMissing", "LmmsScore", "LmmsTask",
+           "MODEL_NAME", "bridge_prompt", "cut_at_stop", "harness_task_functions", "manifest", "register",
+           "run_lmms_tasks", "task_manager", "write_lmms_task"]
