@@ -44,9 +44,9 @@ from .reports import retention
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ('install the lmms-eval extra: pip install -e ".[lmms]" (on a CPU-only machine, where torchvision '
-                'does not install beside torch: pip install --no-deps lmms-eval==0.7.3 && pip install loguru '
-                'sacrebleu evaluate pytz tenacity)')
+INSTALL_HINT = ('install the lmms-eval extra: pip install -e ".[lmms]" (with a CPU-only torch, beside which '
+                "PyPI's torchvision does not work: pip install --no-deps lmms-eval==0.7.3 && pip install loguru "
+                'sacrebleu evaluate pytz tenacity pytablewriter "filelock<4.3")')
 
 
 # -- probe cells -------------------------------------------------------------------------------------

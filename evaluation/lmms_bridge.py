@@ -211,6 +211,16 @@ class ATVModel(lmms):
                               "builds the harness's chat prompt (set processor.chat_template)")
         self._warned_sampling = False
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "ATVModel":
+        """``--model_args`` plus the evaluator's own settings (``--batch_size``, ``--device``); a setting
+        given in ``--model_args`` wins (lmms-eval would otherwise pass it twice)."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
     # -- plumbing ---------------------------------------------------------------------------------
     def _doc(self, task: str, split: str, doc_id: int) -> dict:
         return self.task_dict[task][split][doc_id]

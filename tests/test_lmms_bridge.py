@@ -191,8 +191,10 @@ def test_lmms_eval_command_line_runs_the_bridge(tiny, tmp_path):
     done = subprocess.run([exe, "eval", "--model", "atv", "--model_args", f"pretrained={folder},batch_size=2",
                            "--tasks", "atv_tiny_choice", "--include_path", str(TASKS), "--output_path",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "atv_tiny_choice" in done.stdout
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "Error" not in log, log[-3000:]
+    row = next(line for line in log.splitlines() if line.startswith("|atv_tiny_choice"))  # the results table
+    assert "|acc" in row
 
 
 def test_probe_study_scores_an_lmms_task_as_the_harness(tmp_path):
@@ -250,3 +252,32 @@ def test_importing_the_bridge_without_lmms_eval_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lmms_eval", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[lmms\]"'):
         import evaluation.lmms_bridge  # noqa: F401
+
+
+def _default_model_ready() -> bool:
+    from atv import default_model as dm
+
+    built = (dm.cache_root() / dm.MODEL_NAME / "config.json").is_file()
+    return built or ((dm.cache_root() / "smollm2" / dm.GGUF_NAME).is_file() and (dm.ASSETS_DIR / dm.PARTS_FILE).is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _default_model_ready(), reason="smol-llava is not built and its parts/GGUF are not available")
+def test_default_model_on_two_suite_tasks_scores_as_the_harness(tmp_path):
+    from atv.default_model import build_default_model
+    from atv.suite import write_suite
+    from pruning.io import load_model
+
+    model, processor = load_model(build_default_model(progress=False))
+    suite = write_suite(tmp_path / "suite", n_eval=16, n_calib=4)
+    files = [suite / "scene-colour.jsonl", suite / "digit-plus.jsonl"]  # a choice and an open benchmark
+    names = [write_lmms_task(path, tmp_path / "tasks", max_new_tokens=8) for path in files]
+    manager = task_manager([tmp_path / "tasks"], include_defaults=False)
+    out = simple_evaluate(model=ATVModel(model=model, processor=processor, batch_size=8), tasks=names,
+                          task_manager=manager, log_samples=True, bootstrap_iters=0)
+    harness = evaluate(model, processor, files, batch_size=8, max_new_tokens=8, return_items=True, progress=False)
+    choice, open_ = harness["scene-colour"], harness["digit-plus"]
+    assert out["results"][names[0]]["acc,none"] * 100 == pytest.approx(choice.score)
+    assert out["results"][names[1]]["vqa_acc,none"] * 100 == pytest.approx(open_.score)
+    samples = sorted(out["samples"][names[1]], key=lambda s: s["doc_id"])
+    assert [s["filtered_resps"][0] for s in samples] == [i.prediction for i in open_.items]
