@@ -61,6 +61,9 @@ class PruneConfig:
     blocksize: int = 128             # SparseGPT column block
     percdamp: float = 0.01           # SparseGPT dampening, fraction of the mean Hessian diagonal
     seed: int = 0                    # random-visual pool
+    offload: bool = False            # one decoder layer's weights at a time on its execution device (accelerate
+                                     # CPU-offload hooks for the run, unless the model is already dispatched)
+    execution_device: str | None = None  # with offload: where each layer runs; None = where it is now
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ extra drift-only pass (``'three-pass'``, the reference schedule); both give iden
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
-from .masks import mask_from_scores, sparsity_of
+from .masks import nm_mask, row_mask, sparsity_of
+from .offload import cpu_offloaded, execution_device, kept_forwards, onloaded, write_back_
 from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
 from .scores import magnitude_scores, wanda_scores
 from .sparsegpt import sparsegpt_prune
@@ -132,9 +134,9 @@ def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[st
     model.eval()
     masks: dict[str, torch.Tensor] = {}
     reports = []
-    with torch.no_grad(), _eager_attention(model, config.pool == "tamp"):
+    layers = adapter.decoder_layers(model)
+    with torch.no_grad(), _eager_attention(model, config.pool == "tamp"), _offloading(layers, config):
         captured = _capture_all(model, adapter, batches, config, progress)
-        layers = adapter.decoder_layers(model)
         last = indices[-1] if indices else -1
         for i in tqdm(range(last + 1), desc="layers", disable=not progress):
             if i not in indices:
@@ -167,8 +169,17 @@ def _eager_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+def _offloading(layers: nn.ModuleList, config: PruneConfig) -> contextlib.AbstractContextManager:
+    """With ``config.offload``, decoder layers not already dispatched by accelerate get CPU-offload hooks
+    for the run (one layer's weights on its execution device at a time)."""
+    if not config.offload:
+        return contextlib.nullcontext()
+    device = torch.device(config.execution_device) if config.execution_device is not None else None
+    return cpu_offloaded(list(layers), device)
+
+
 def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return execution_device(model.get_input_embeddings())
 
 
 def _offload_device(model: nn.Module, config: PruneConfig) -> torch.device:
@@ -181,22 +192,25 @@ def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, 
                  progress: bool) -> list[CapturedBatch]:
     device, offload = _input_device(model), _offload_device(model, config)
     captured = []
+    layers = list(adapter.decoder_layers(model))
     for inputs in tqdm(batches, desc="capture", disable=not progress or not batches):
         inputs = map_tensors(dict(inputs), lambda t: t.to(device))
-        captured.append(adapter.capture(model, inputs).to(offload))
+        with kept_forwards(layers):  # capture swaps the layers' forwards, where accelerate's hooks live
+            captured.append(adapter.capture(model, inputs).to(offload))
     return captured
 
 
-def _layer_device(layer: nn.Module) -> torch.device:
-    return next(layer.parameters()).device
+def _on(batch: CapturedBatch, device: torch.device) -> CapturedBatch:
+    """``batch`` on ``device``; captured batches live on one device, so no copy when it is that one."""
+    return batch if batch.hidden.device == device else batch.to(device)
 
 
 def _propagate(model: nn.Module, adapter: Adapter, index: int, captured: list[CapturedBatch]) -> None:
     """Run an unpruned layer to feed the next one."""
     layer = adapter.decoder_layers(model)[index]
-    device = _layer_device(layer)
+    device = execution_device(layer)
     for batch in captured:
-        on_device = batch.to(device)
+        on_device = _on(batch, device)
         batch.hidden = adapter.replay(model, index, on_device.hidden, on_device).to(batch.hidden.device)
 
 
@@ -225,12 +239,19 @@ class LayerPruner:
         self.captured, self.apply = captured, apply
         self.layer = adapter.decoder_layers(model)[index]
         self.linears = adapter.named_linears(model, index, config.targets)
-        self.device = _layer_device(self.layer)
+        self.device = execution_device(self.layer)
         self.report = LayerReport(index=index, sparsity={})
         self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
         self.attention: torch.Tensor | None = None
 
     def run(self, masks_out: dict[str, torch.Tensor] | None) -> LayerReport:
+        with onloaded(self.layer) as hooked:  # an offloaded layer's weights stay on its device for the block
+            self._run(masks_out)
+            if self.apply:
+                write_back_(hooked, [l.weight for l in self.linears.values()])
+        return self.report
+
+    def _run(self, masks_out: dict[str, torch.Tensor] | None) -> None:
         originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.linears.items()}
         dense_outs = None
         if self.config.scorer == "magnitude":
@@ -246,7 +267,6 @@ class LayerPruner:
             masks_out.update({f"{prefix}.{n}": m.cpu() for n, m in masks.items()})
         for name, weight in originals.items():
             self.linears[name].weight.copy_(weight)
-        return self.report
 
     def _prefix(self) -> str:
         for name, module in self.model.named_modules():
@@ -255,12 +275,21 @@ class LayerPruner:
         return f"layers.{self.index}"
 
     # -- statistics ------------------------------------------------------------------------
-    def _accumulators(self) -> dict[str, SquaredNorms | Hessian]:
+    def _accumulators(self, acts: dict[str, torch.Tensor]) -> dict[str, SquaredNorms | Hessian]:
+        """One accumulator per distinct input tensor: Linears fed the same activations (q/k/v, gate/up)
+        share it, so their statistics are computed once (TAMP selects tokens per Linear: never shared)."""
         kind = Hessian if self.config.scorer == "sparsegpt" else SquaredNorms
-        return {n: kind(l.in_features, device=self.device) for n, l in self.linears.items()}
+        by_input: dict[Any, SquaredNorms | Hessian] = {}
+        stats = {}
+        for name, linear in self.linears.items():
+            key = name if self.config.pool == "tamp" else id(acts[name])
+            if key not in by_input:
+                by_input[key] = kind(linear.in_features, device=self.device)
+            stats[name] = by_input[key]
+        return stats
 
     def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
-        on_device = batch.to(self.device)
+        on_device = _on(batch, self.device)
         with record_inputs(self.linears) as acts, self._record_attention() as attention:
             out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
         self.attention = attention.get("probs")
@@ -284,7 +313,7 @@ class LayerPruner:
             handle.remove()
 
     def _statistics(self) -> tuple[dict[str, SquaredNorms | Hessian], list[torch.Tensor] | None]:
-        stats = self._accumulators()
+        stats: dict[str, SquaredNorms | Hessian] = {}
         keep_dense = self.config.propagate == "dense"
         dense_outs: list[torch.Tensor] | None = [] if keep_dense else None
         mean_drift, deferred = None, self.config.needs_mean_drift
@@ -294,6 +323,8 @@ class LayerPruner:
         offload = self.captured[0].hidden.device
         for batch in self.captured:
             out, acts, on_device = self._dense_pass(batch)
+            if not stats:
+                stats = self._accumulators(acts)
             drifts = drift(on_device.hidden, out) if self.config.pool in ("atv", "random-visual") else None
             if dense_outs is not None:
                 dense_outs.append(out.to(offload))
@@ -305,7 +336,7 @@ class LayerPruner:
         if deferred:
             mean_drift = float(torch.cat(visual_drifts).mean()) if visual_drifts else 0.0
             for acts, drifts, batch in stash:
-                on_device = batch.to(self.device)
+                on_device = _on(batch, self.device)
                 self._add(stats, map_tensors(acts, lambda t: t.to(self.device)), on_device,
                           drifts.to(self.device), mean_drift)
         self.report.mean_drift = mean_drift
@@ -323,7 +354,7 @@ class LayerPruner:
         """Drift-only pass (the reference's first pass)."""
         values = []
         for batch in self.captured:
-            on_device = batch.to(self.device)
+            on_device = _on(batch, self.device)
             out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
             values.append(drift(on_device.hidden, out)[on_device.visual & on_device.valid])
         return float(torch.cat(values).mean()) if values else 0.0
@@ -351,8 +382,9 @@ class LayerPruner:
             return self._add_tamp(stats, acts, batch)
         pool = self._pool(batch, drifts, mean_drift)
         samples = int(batch.hidden.shape[0])
-        for name, acc in stats.items():
-            acc.add(acts[name][pool], samples=samples)
+        whole = bool(pool.all())  # every position pooled: the rows in order, without a gather copy
+        for acc, x in _distinct_inputs(stats, acts):
+            acc.add(x.flatten(0, -2) if whole else x[pool], samples=samples)
         self._count(batch, pool)
 
     def _add_tamp(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
@@ -387,7 +419,7 @@ class LayerPruner:
 
     # -- masks -----------------------------------------------------------------------------
     def _magnitude_masks(self) -> dict[str, torch.Tensor]:
-        return {n: mask_from_scores(magnitude_scores(l.weight), self.config.sparsity, self.config.nm)
+        return {n: _mask(magnitude_scores(l.weight), self.config.sparsity, self.config.nm)
                 for n, l in self.linears.items()}
 
     def _masks(self, stats: dict[str, SquaredNorms | Hessian]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -399,7 +431,7 @@ class LayerPruner:
                     self.config.blocksize, self.config.percdamp)
             else:
                 scores = wanda_scores(linear.weight, stats[name].result())
-                masks[name] = mask_from_scores(scores, self.config.sparsity, self.config.nm)
+                masks[name] = _mask(scores, self.config.sparsity, self.config.nm)
         return masks, new_weights
 
     def _apply(self, masks: dict[str, torch.Tensor], new_weights: dict[str, torch.Tensor]) -> None:
@@ -417,6 +449,39 @@ class LayerPruner:
                 batch.hidden = out
             return
         for batch in self.captured:
-            on_device = batch.to(self.device)
+            on_device = _on(batch, self.device)
             out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
             batch.hidden = out.to(batch.hidden.device)
+
+
+def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],
+                     acts: dict[str, torch.Tensor]) -> list[tuple[SquaredNorms | Hessian, torch.Tensor]]:
+    """(accumulator, its input) once per shared accumulator. Should a Linear stop sharing its group's input
+    tensor, it gets its own copy of the group's accumulator from then on (statistics stay per Linear)."""
+    owner: dict[int, str] = {}
+    for name, acc in list(stats.items()):
+        first = owner.setdefault(id(acc), name)
+        if first != name and acts[name] is not acts[first]:
+            stats[name] = copy.deepcopy(acc)
+            owner[id(stats[name])] = name
+    return [(stats[name], acts[name]) for name in owner.values()]
+
+
+def _mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """:func:`pruning.masks.mask_from_scores`, with the per-row case by selection instead of a full sort."""
+    return nm_mask(scores, *nm) if nm else _row_mask(scores, sparsity)
+
+
+def _row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bit-identical to :func:`pruning.masks.row_mask` (the ``int(in * sparsity)`` lowest scores of every
+    row, ties to the lower column as a stable sort gives) at a fraction of its cost: a k-th value per row,
+    everything strictly below it, then the leftmost ties until the row's count is reached.
+    scores: (out, in) -> bool (out, in)."""
+    n_prune = int(scores.shape[1] * sparsity)
+    if n_prune == 0 or bool(torch.isnan(scores).any()):
+        return row_mask(scores, sparsity)  # NaN orders last in a sort but not in kthvalue
+    threshold = scores.kthvalue(n_prune, dim=1, keepdim=True).values  # (out, 1)
+    mask = scores < threshold
+    ties = scores == threshold
+    missing = n_prune - mask.sum(dim=1, keepdim=True)  # (out, 1) >= 1: the threshold itself is a tie
+    return mask | (ties & (ties.cumsum(dim=1) <= missing))
