@@ -37,8 +37,12 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None = None,
-               with_processor: bool = True) -> tuple[nn.Module, Any]:
-    """Load an HF vision-language model and (unless ``with_processor=False``) its processor from a local folder."""
+               with_processor: bool = True, offload_folder: str | Path | None = None) -> tuple[nn.Module, Any]:
+    """Load an HF vision-language model and (unless ``with_processor=False``) its processor from a local folder.
+
+    With ``offload_folder``, the decoder layers stay on disk (read memory-mapped from the checkpoint's
+    safetensors by accelerate's hooks, one layer at a time; pruned weights are written to the folder)
+    and the other modules load on ``device`` (default CPU)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     model_dir = Path(model_dir)
@@ -47,14 +51,15 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None
     if dtype not in DTYPES:
         raise UnsupportedModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     config = AutoConfig.from_pretrained(model_dir)
+    placement = {} if offload_folder is None else _disk_offload(config, device, offload_folder)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=DTYPES[dtype], **placement)
     except ValueError as err:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} in {str(model_dir)!r} is not an image-text-to-text "
             f"architecture transformers knows ({err})") from None
     get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
-    if device is not None:
+    if device is not None and offload_folder is None:
         model.to(device)
     if not with_processor:
         return model.eval(), None
@@ -66,6 +71,20 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None
             "processors (e.g. Qwen2-VL's video processor) need torchvision: install the torchvision build that "
             "matches your torch") from None
     return model.eval(), processor
+
+
+def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dict[str, Any]:
+    """from_pretrained arguments keeping the decoder layers on disk (module names found on a meta copy)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    from .offload import offload_device_map
+
+    with init_empty_weights():
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    device_map = offload_device_map(skeleton, get_adapter(skeleton).decoder_layers(skeleton), device or "cpu")
+    Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    return {"device_map": device_map, "offload_folder": str(offload_folder)}
 
 
 def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,22 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
         raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
     seed_everything(job.seed)
     start = time.perf_counter()
-    model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
+    with _offload_folder(job) as folder:
+        return _load_prune_save(job, start, progress, processor, folder)
+
+
+def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
+    """With ``config.offload``: a temporary folder beside the output for the pruned, disk-offloaded layers."""
+    if not job.config.offload:
+        return contextlib.nullcontext(None)
+    parent = Path(job.out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".atv-offload-", dir=parent)
+
+
+def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, offload_folder: str | None) -> PruneReport:
+    model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None,
+                               offload_folder=offload_folder)
     processor = processor if processor is not None else loaded
     batches, data_report = [], None
     if job.config.needs_calibration:
