@@ -32,6 +32,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: where the model loads)")
     p.add_argument("--propagate", default="pruned", choices=["pruned", "dense"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--offload", action="store_true",
+                   help="keep decoder layers on disk and load one at a time (memory bounded by one layer)")
     p.set_defaults(func=_prune)
 
 
@@ -42,7 +44,7 @@ def _prune(args: argparse.Namespace) -> int:
     extra = {"targets": tuple(args.targets)} if args.targets else {}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, pool=args.pool,
                          alpha=args.alpha, visual_ratio=args.visual_ratio, propagate=args.propagate,
-                         seed=args.seed, **extra)
+                         seed=args.seed, offload=args.offload, **extra)
     job = PruneJob(model=args.model, out=args.out, config=config, calib=args.calib, images=args.images,
                    nsamples=args.nsamples, seed=args.seed, max_length=args.max_length,
                    batch_size=args.batch_size, dtype=args.dtype,

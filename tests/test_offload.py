@@ -107,3 +107,23 @@ def test_load_model_with_offload_folder_keeps_layers_on_disk(tmp_path, llava):
     reference = compute_masks(copy.deepcopy(model), PruneConfig("wanda"), batches, progress=False)
     report = compute_masks(offloaded, PruneConfig("wanda", offload=True), batches, progress=False)
     assert all(torch.equal(report.masks[k], reference.masks[k]) for k in reference.masks)
+
+
+def test_cli_offload_saves_the_same_pruned_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from atv.cli import main
+    from tiny_processors import save_model_dir, write_calibration
+
+    model, _ = build_tiny("llava_next")
+    model_dir = save_model_dir("llava_next", model, tmp_path / "dense")
+    calib, images = write_calibration(tmp_path / "calib", n=3)
+    common = ["prune", "--model", str(model_dir), "--method", "atv", "--calib", str(calib), "--images", str(images),
+              "--nsamples", "3"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--offload", "--out", str(tmp_path / "offload")]) == 0
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    offload = load_file(tmp_path / "offload" / "model.safetensors")
+    assert plain.keys() == offload.keys()
+    assert all(torch.equal(plain[k], offload[k]) for k in plain)
+    assert not any(p.name.startswith(".atv-offload-") for p in tmp_path.iterdir())  # temporary folder removed
