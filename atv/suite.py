@@ -48,7 +48,6 @@ POSITIONS = ("left", "right", "top", "bottom")
 COUNTS = ("1", "2", "3", "4")
 DIGITS = tuple(str(d) for d in range(10))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-HINT_WORDS = ("apple", "tree", "fish", "book", "car", "house", "bird", "cup")
 
 
 @dataclass
@@ -208,18 +207,6 @@ def _make_count(rng: random.Random, _: Any) -> Item:
     return _mc("How many shapes are there?", scene_image(_grid_shapes(rng, count)), list(COUNTS), str(count))
 
 
-def _make_hint(rng: random.Random, _: Any) -> Item:
-    """ScienceQA-img style: the answer needs the hint text *and* the image (the shape's colour)."""
-    shape = _one_shape(rng)
-    colours = rng.sample(sorted(COLOURS), 3)
-    if shape[1] not in colours:
-        colours[rng.randrange(3)] = shape[1]
-    words = rng.sample(HINT_WORDS, 3)
-    hint = ", ".join(f"{c} means {w}" for c, w in zip(colours, words))
-    question = f"Hint: {hint}. Which word matches the colour of the shape?"
-    return _mc(question, scene_image([shape]), words, words[colours.index(shape[1])])
-
-
 # Easy general-knowledge and grammar items for the LM alone: (question, options, answer).
 # Written by hand, kept as written (no filtering by the model's answers); options are shuffled per seed.
 TEXT_MC: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -335,8 +322,6 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               uses_digits=True),
     Benchmark("digit-plus", "open", "reasoning: arithmetic on the digit (generation)", _make_digit_plus,
               uses_digits=True),
-    Benchmark("hint-colour", "mc", "reasoning: read a hint and match it with the image (ScienceQA-img style)",
-              _make_hint),
     Benchmark("text-mc", "mc", "text only: facts and grammar", _make_text_mc, image=False),
     Benchmark("text-fidelity", "fidelity", "text only: passages for KL / top-1 agreement", _make_fidelity,
               image=False),
