@@ -1,25 +1,36 @@
 """Pruning time and peak memory of each method, as ratios to one dense forward over the calibration set.
 
-Each method runs in its own subprocess (so peak RSS is its own) which measures, in the same run,
-T_fwd (one dense forward of the whole model over every calibration batch) and the pruning time.
-Ratios are reported because machines here are noisy; no test asserts on time.
+Every (method, offload) variant runs in its own subprocess, so its peak RSS is its own. The child
+times T_fwd (one dense forward of the whole model over every calibration batch) right before and
+right after pruning and divides the pruning time by their mean: machines here are shared and noisy,
+so only ratios measured within one process are reported. No test asserts on time.
 
-    python benchmarks/prune_speed.py --synthetic qwen2_vl --out benchmarks/results/qwen2_vl.json
-    python benchmarks/prune_speed.py --model ~/.cache/atv-toolkit/smol-llava --calib calib.json --images DIR
+    python benchmarks/prune_speed.py --synthetic qwen2_vl            # random Qwen2-VL built in memory
+    python benchmarks/prune_speed.py --default-model --nsamples 32   # smol-llava + the offline suite's calib.json
+    python benchmarks/prune_speed.py --model DIR --calib calib.json --images DIR --offload-methods wanda atv
+
+Offload variants (folder models only) load the decoder layers memory-mapped from the checkpoint and
+prune one layer at a time (``PruneConfig(offload=True)``); compare their peak RSS with the plain run.
+Results go to ``benchmarks/results/prune_speed_<name>.json`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 METHODS = ("magnitude", "wanda", "atv", "sparsegpt", "tamp")
 
 
@@ -51,14 +62,27 @@ def synthetic_qwen2_vl(seed: int = 0, samples: int = 8, hidden: int = 256, layer
     return model, batches
 
 
-def _load(args: argparse.Namespace):
+def default_model_inputs(cache: Path | None) -> tuple[Path, Path, Path]:
+    """(model folder, calib.json, image folder) of the embedded default model and the offline suite."""
+    from atv.default_model import build_default_model, cache_root
+    from atv.suite import write_suite
+
+    model_dir = build_default_model(cache, progress=False)
+    suite = cache_root(cache) / "prune-speed-suite"
+    if not (suite / "calib.json").is_file():
+        write_suite(suite, seed=0, quick=True, overwrite=True)
+    return model_dir, suite / "calib.json", suite
+
+
+def _load(args: argparse.Namespace, offload_folder: str | None = None):
     if args.synthetic:
         return synthetic_qwen2_vl(samples=args.nsamples)
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
-    model, processor = load_model(args.model)
-    batches, _ = load_llava_conversations(args.calib, args.images, processor, args.nsamples, args.seed)
+    model, processor = load_model(args.model, getattr(args, "dtype", "float32"), offload_folder=offload_folder)
+    batches, _ = load_llava_conversations(args.calib, args.images, processor, args.nsamples, args.seed,
+                                          batch_size=getattr(args, "batch_size", 1))
     return model, batches
 
 
@@ -71,49 +95,98 @@ def _forward_time(model, batches) -> float:
 
 
 def run_one(args: argparse.Namespace) -> dict:
-    """In a child process: T_fwd, then prune with one method."""
+    """In a child process: T_fwd, prune with one method, T_fwd again (on the pruned model: same cost)."""
     from pruning import PruneConfig, prune_
 
     torch.set_num_threads(args.threads)
-    model, batches = _load(args)
-    _forward_time(model, batches[:1])  # warm-up
-    t_fwd = _forward_time(model, batches)
-    extra = {"schedule": args.schedule} if args.method in ("atv",) else {}
-    report = prune_(model, PruneConfig(args.method, sparsity=0.5, **extra), batches, progress=False)
+    with tempfile.TemporaryDirectory(prefix="prune-speed-offload-") as folder:
+        model, batches = _load(args, folder if args.offload else None)
+        _forward_time(model, batches[:1])  # warm-up
+        before = _forward_time(model, batches)
+        extra = {"schedule": args.schedule} if args.method == "atv" else {}
+        report = prune_(model, PruneConfig(args.method, sparsity=0.5, offload=args.offload, **extra), batches,
+                        progress=False)
+        after = _forward_time(model, batches)
+    t_fwd = (before + after) / 2
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": args.method, "t_fwd": t_fwd, "t_prune": report.seconds, "ratio": report.seconds / t_fwd,
-            "peak_rss_mb": peak_mb, "samples": report.samples, "sparsity": report.sparsity}
+    return {"method": args.method, "offload": args.offload, "t_fwd": t_fwd, "t_fwd_before": before,
+            "t_fwd_after": after, "t_prune": report.seconds, "ratio": report.seconds / t_fwd, "peak_rss_mb": peak_mb,
+            "samples": report.samples, "tokens": sum(int(b["input_ids"].numel()) for b in batches),
+            "sparsity": report.sparsity}
 
 
-def main() -> None:
+def _variants(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    offloaded = [] if args.synthetic else args.offload_methods
+    return [(m, False) for m in args.methods] + [(m, True) for m in offloaded]
+
+
+def _child(args: argparse.Namespace, method: str, offload: bool) -> dict:
+    command = [sys.executable, __file__, "--child-method", method, "--nsamples", str(args.nsamples),
+               "--seed", str(args.seed), "--threads", str(args.threads), "--schedule", args.schedule,
+               "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+    command += ["--synthetic", args.synthetic] if args.synthetic else [
+        "--model", str(args.model), "--calib", str(args.calib), "--images", str(args.images)]
+    command += ["--offload"] if offload else []
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{method} (offload={offload}) failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _setup(args: argparse.Namespace) -> dict:
+    import transformers
+
+    return {**{k: str(v) for k, v in vars(args).items() if k not in ("child_method",)},
+            "torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(), "machine": platform.machine(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", choices=["qwen2_vl"], help="a random model built in memory")
+    parser.add_argument("--default-model", action="store_true", help="the embedded smol-llava and the suite's calib.json")
+    parser.add_argument("--cache", type=Path, default=None, help="cache folder of the default model ($ATV_CACHE)")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--calib", type=Path)
     parser.add_argument("--images", type=Path)
     parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the steadiest on a shared machine)")
     parser.add_argument("--schedule", default="auto")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--offload-methods", nargs="*", default=["wanda", "atv"],
+                        help="methods also run with --offload (folder models only)")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    if args.method:
+    parser.add_argument("--child-method", help=argparse.SUPPRESS)
+    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child_method:
+        args.method = args.child_method
         print(json.dumps(run_one(args)))
         return
-    records = []
-    for method in args.methods:
-        child = [sys.executable, __file__, *sys.argv[1:], "--method", method]
-        done = subprocess.run(child, capture_output=True, text=True, check=True)
-        record = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.default_model:
+        args.model, args.calib, args.images = default_model_inputs(args.cache)
+    if not args.synthetic and args.model is None:
+        raise SystemExit("give --synthetic qwen2_vl, --default-model, or --model DIR --calib FILE --images DIR")
+    name = args.synthetic or ("smol_llava" if args.default_model else Path(args.model).name)
+    out = args.out or ROOT / "benchmarks" / "results" / f"prune_speed_{name}.json"
+    setup, records = _setup(args), []
+    for method, offload in _variants(args):
+        record = _child(args, method, offload)
         records.append(record)
-        print(f"{method:10s} T_fwd {record['t_fwd']:7.2f}s  prune {record['t_prune']:7.2f}s  "
-              f"ratio {record['ratio']:5.2f}  peak RSS {record['peak_rss_mb']:7.0f} MB", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"setup": {k: str(v) for k, v in vars(args).items()}, "results": records},
-                                       indent=2))
+        print(f"{method:10s}{' offload' if offload else '        '}  T_fwd {record['t_fwd']:7.2f}s  "
+              f"prune {record['t_prune']:7.2f}s  ratio {record['ratio']:5.2f}  "
+              f"peak RSS {record['peak_rss_mb']:6.0f} MB", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"setup": setup, "results": records}, indent=2))  # partial results survive
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":
