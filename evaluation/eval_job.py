@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -438,9 +439,22 @@ def _main(args: argparse.Namespace) -> int:
                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                   lmms_include=tuple(args.lmms_include), lmms_defaults=not args.no_lmms_defaults, dtype=args.dtype,
                   device=args.device, seed=args.seed)
+    if any(not is_harness_task(t) for t in job.tasks):
+        _lmms_logs_to_stderr()
     result = run_eval_job(job)
     print(result.to_json())
     return 0
+
+
+def _lmms_logs_to_stderr() -> None:
+    """lmms-eval logs (loguru) to stdout; the command keeps stdout for its JSON report."""
+    try:
+        import lmms_eval.evaluator  # noqa: F401  (its import sets up the stdout sink)
+        from loguru import logger
+    except ImportError:
+        return  # run_eval_job says how to install the extra
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
 
 
 __all__ = ["EvalJob", "EvalResult", "LoadedModel", "ProbeCell", "StudySetup", "TaskScore", "is_harness_task",
