@@ -173,6 +173,8 @@ class Adapter:
                 return hidden
             return forward
 
+        # an instance-level forward (e.g. an accelerate offload hook) is put back afterwards
+        saved = [layer.__dict__.get("forward") for layer in layers]
         try:
             for i, layer in enumerate(layers):
                 layer.forward = recorder(i)
@@ -182,8 +184,11 @@ class Adapter:
                 except _CaptureDone:
                     pass
         finally:
-            for layer in layers:
-                layer.__dict__.pop("forward", None)
+            for layer, forward in zip(layers, saved):
+                if forward is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = forward
         if "hidden" not in first or any(kw is None for kw in recorded):
             raise UnsupportedModelError(f"{type(model).__name__}: the forward did not call every decoder layer")
         input_ids = inputs["input_ids"]

@@ -31,7 +31,7 @@ from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
 from .masks import nm_mask, row_mask, sparsity_of
-from .offload import cpu_offloaded, execution_device, kept_forwards, onloaded, write_back_
+from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
 from .scores import magnitude_scores, wanda_scores
 from .sparsegpt import sparsegpt_prune
@@ -192,11 +192,9 @@ def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, 
                  progress: bool) -> list[CapturedBatch]:
     device, offload = _input_device(model), _offload_device(model, config)
     captured = []
-    layers = list(adapter.decoder_layers(model))
     for inputs in tqdm(batches, desc="capture", disable=not progress or not batches):
         inputs = map_tensors(dict(inputs), lambda t: t.to(device))
-        with kept_forwards(layers):  # capture swaps the layers' forwards, where accelerate's hooks live
-            captured.append(adapter.capture(model, inputs).to(offload))
+        captured.append(adapter.capture(model, inputs).to(offload))
     return captured
 
 

@@ -164,19 +164,6 @@ def _restore_(layer: nn.Module, devices: dict[str, torch.device], state: dict[st
         set_module_tensor_to_device(layer, name, device, value=state[name])
 
 
-@contextlib.contextmanager
-def kept_forwards(modules: list[nn.Module]) -> Iterator[None]:
-    """Restore each module's instance-level ``forward`` (where accelerate's hooks live) after the block,
-    for code inside that swaps and then deletes it (the adapters' capture pass)."""
-    saved = [(m, m.__dict__.get("forward")) for m in modules]
-    try:
-        yield
-    finally:
-        for module, forward in saved:
-            if forward is not None:
-                module.forward = forward
-
-
 def offload_device_map(model: nn.Module, layers: nn.ModuleList, device: str | torch.device = "cpu",
                        layer_device: str = "disk") -> dict[str, str]:
     """A ``device_map`` (module name -> device) with every module of ``layers`` on ``layer_device``

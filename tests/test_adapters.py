@@ -77,3 +77,22 @@ def test_generic_fallback_names_the_candidates_when_it_cannot_decide():
     model.extra_decoder = torch.nn.ModuleList([model.model.language_model.layers[0]])
     with pytest.raises(UnsupportedModelError, match="two_decoders.*extra_decoder"):
         get_adapter(model)
+
+
+def test_capture_puts_back_an_instance_level_forward():
+    # accelerate's offload hooks live in a layer's instance-level forward; capture must not drop them
+    model, inputs = build_tiny("llava")
+    layer = get_adapter(model).decoder_layers(model)[1]
+    calls = []
+    original = layer.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = hooked
+    get_adapter(model).capture(model, inputs)
+    assert layer.__dict__["forward"] is hooked
+    with torch.no_grad():
+        model(**inputs)
+    assert calls
