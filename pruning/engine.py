@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
-from .masks import nm_mask, row_mask, sparsity_of
+from .masks import mask_from_scores, sparsity_of
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
 from .scores import magnitude_scores, wanda_scores
@@ -417,7 +417,7 @@ class LayerPruner:
 
     # -- masks -----------------------------------------------------------------------------
     def _magnitude_masks(self) -> dict[str, torch.Tensor]:
-        return {n: _mask(magnitude_scores(l.weight), self.config.sparsity, self.config.nm)
+        return {n: mask_from_scores(magnitude_scores(l.weight), self.config.sparsity, self.config.nm)
                 for n, l in self.linears.items()}
 
     def _masks(self, stats: dict[str, SquaredNorms | Hessian]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -429,7 +429,7 @@ class LayerPruner:
                     self.config.blocksize, self.config.percdamp)
             else:
                 scores = wanda_scores(linear.weight, stats[name].result())
-                masks[name] = _mask(scores, self.config.sparsity, self.config.nm)
+                masks[name] = mask_from_scores(scores, self.config.sparsity, self.config.nm)
         return masks, new_weights
 
     def _apply(self, masks: dict[str, torch.Tensor], new_weights: dict[str, torch.Tensor]) -> None:
@@ -464,22 +464,3 @@ def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],
             owner[id(stats[name])] = name
     return [(stats[name], acts[name]) for name in owner.values()]
 
-
-def _mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
-    """:func:`pruning.masks.mask_from_scores`, with the per-row case by selection instead of a full sort."""
-    return nm_mask(scores, *nm) if nm else _row_mask(scores, sparsity)
-
-
-def _row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bit-identical to :func:`pruning.masks.row_mask` (the ``int(in * sparsity)`` lowest scores of every
-    row, ties to the lower column as a stable sort gives) at a fraction of its cost: a k-th value per row,
-    everything strictly below it, then the leftmost ties until the row's count is reached.
-    scores: (out, in) -> bool (out, in)."""
-    n_prune = int(scores.shape[1] * sparsity)
-    if n_prune == 0 or bool(torch.isnan(scores).any()):
-        return row_mask(scores, sparsity)  # NaN orders last in a sort but not in kthvalue
-    threshold = scores.kthvalue(n_prune, dim=1, keepdim=True).values  # (out, 1)
-    mask = scores < threshold
-    ties = scores == threshold
-    missing = n_prune - mask.sum(dim=1, keepdim=True)  # (out, 1) >= 1: the threshold itself is a tie
-    return mask | (ties & (ties.cumsum(dim=1) <= missing))

@@ -10,15 +10,30 @@ import torch
 from torch import nn
 
 
-def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def row_mask_by_sort(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``int(in * sparsity)`` lowest scores of every output row (stable sort, so ties go to
-    the lower column index). scores: (out, in) -> bool (out, in)."""
+    the lower column index). The reference definition; :func:`row_mask` computes the same faster.
+    scores: (out, in) -> bool (out, in)."""
     n_prune = int(scores.shape[1] * sparsity)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if n_prune:
         order = torch.sort(scores, dim=1, stable=True).indices
         mask.scatter_(1, order[:, :n_prune], True)
     return mask
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bit-identical to :func:`row_mask_by_sort` at a fraction of its cost: a k-th value per row,
+    everything strictly below it, then the leftmost ties until the row's count is reached.
+    scores: (out, in) -> bool (out, in)."""
+    n_prune = int(scores.shape[1] * sparsity)
+    if n_prune == 0 or bool(torch.isnan(scores).any()):
+        return row_mask_by_sort(scores, sparsity)  # NaN orders last in a sort but not in kthvalue
+    threshold = scores.kthvalue(n_prune, dim=1, keepdim=True).values  # (out, 1)
+    mask = scores < threshold
+    ties = scores == threshold
+    missing = n_prune - mask.sum(dim=1, keepdim=True)  # (out, 1) >= 1: the threshold itself is a tie
+    return mask | (ties & (ties.cumsum(dim=1) <= missing))
 
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

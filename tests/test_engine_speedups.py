@@ -11,7 +11,8 @@ from pruning import engine
 from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
-from pruning.masks import mask_from_scores, row_mask
+from pruning import masks
+from pruning.masks import row_mask, row_mask_by_sort
 from pruning.scores import STATS_DTYPE, wanda_scores
 from tiny_models import build_tiny
 
@@ -29,17 +30,17 @@ def test_row_mask_by_selection_equals_the_stable_sort(sparsity):
         "inf": torch.tensor([[float("inf"), 1.0, float("inf"), 0.5, 2.0, 0.0, 1.0, 1.0]]),
     }
     for name, s in cases.items():
-        assert torch.equal(engine._row_mask(s, sparsity), row_mask(s, sparsity)), name
+        assert torch.equal(row_mask(s, sparsity), row_mask_by_sort(s, sparsity)), name
 
 
 def test_row_mask_with_nan_falls_back_to_the_sort():
     s = torch.tensor([[0.3, float("nan"), 0.1, 0.2], [float("nan")] * 4])
-    assert torch.equal(engine._row_mask(s, 0.5), row_mask(s, 0.5))
+    assert torch.equal(row_mask(s, 0.5), row_mask_by_sort(s, 0.5))
 
 
 def _plain(monkeypatch):
     """The engine without its fast paths: the sort-based mask and one accumulator per Linear."""
-    monkeypatch.setattr(engine, "_mask", mask_from_scores)
+    monkeypatch.setattr(masks, "row_mask", row_mask_by_sort)
     monkeypatch.setattr(engine.LayerPruner, "_accumulators", _one_per_linear)
 
 
