@@ -292,11 +292,11 @@ class TrainConfig:
     """The seeded recipe that makes ``atv/assets``."""
 
     seed: int = 0  # torch, item streams, batch order
-    stage1_steps: int = 250  # vision tower + linear heads on the perception answers (classification)
+    stage1_steps: int = 400  # vision tower + linear heads on the perception answers (classification)
     stage1_batch: int = 64
     stage1_lr: float = 2e-3
-    stage2_steps: int = 320  # projector (+ vision tower) through the frozen LM, loss on answer tokens only
-    stage2_minutes: float = 22.0  # wall-time cap of stage 2 (2 shared CPU cores); the steps done are recorded
+    stage2_steps: int = 2000  # projector (+ vision tower) through the frozen LM, loss on answer tokens only
+    stage2_minutes: float = 36.0  # wall-time cap of stage 2 (2 shared CPU cores); the steps done are recorded
     threads: int = 1  # torch threads: one thread stays fast when other jobs share the cores
     stage2_batch: int = 8
     stage2_lr: float = 2e-3  # projector; the vision tower gets stage2_lr * vision_lr_scale
