@@ -34,18 +34,18 @@ class DemoConfig:
     seed: int = 0
     cache_dir: Path | None = None             # default model cache (default ~/.cache/atv-toolkit)
     nsamples: int | None = None               # calibration samples (default 32, quick 8)
-    n_eval: int | None = None                 # eval items per benchmark (default 40, quick 12)
+    n_eval: int | None = None                 # eval items per benchmark (default 20, quick 6)
     probe_sparsities: tuple[float, ...] = field(default=())       # default (0.5, 0.6); quick (0.6,)
-    settings: tuple[str, ...] = field(default=())                 # default 50%, 60%, 2:4; quick 60%, 2:4
+    settings: tuple[str, ...] = field(default=())                 # default 50%, 60%, 2:4; quick 60%
     methods: tuple[str, ...] = ("atv", "wanda", "sparsegpt", "magnitude")
     batch_size: int = 16
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.nsamples = self.nsamples or (8 if self.quick else 32)
-        self.n_eval = self.n_eval or (12 if self.quick else 40)
+        self.n_eval = self.n_eval or (6 if self.quick else 20)
         self.probe_sparsities = tuple(self.probe_sparsities) or ((0.6,) if self.quick else (0.5, 0.6))
-        self.settings = tuple(self.settings) or (("60%", "2:4") if self.quick else ("50%", "60%", "2:4"))
+        self.settings = tuple(self.settings) or (("60%",) if self.quick else ("50%", "60%", "2:4"))
         if self.nsamples < 1 or self.n_eval < 1 or self.batch_size < 1:
             raise ConfigError(f"nsamples, n_eval and batch_size must be >= 1, got {self.nsamples}, {self.n_eval}, "
                               f"{self.batch_size}")
@@ -126,7 +126,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     methods = run_method_comparison(fresh_model, processor, calibration, benches, config.out / "methods",
                                     CompareConfig(methods=config.methods, settings=config.settings, seed=config.seed,
                                                   batch_size=config.batch_size),
-                                    setup_extra=extra, progress=progress)
+                                    setup_extra=extra, progress=progress, dense_record=probe.records[0])
     model.load_state_dict(dense_state)
     lap("methods")
     made, skipped = _analysis(model, calibration, data_report.ids, suite, config, progress)
@@ -142,7 +142,10 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
 
 def _dense_summary(record: dict[str, Any], suite: Path) -> dict[str, Any]:
     summary = json.loads((suite / "suite.json").read_text(encoding="utf-8"))["benchmarks"]
-    return {name: {"score": score, "chance": summary[name]["chance"], "kind": summary[name]["kind"]}
+    def percent(chance: float | None) -> float | None:
+        return None if chance is None else 100 * chance  # suite.json holds fractions
+
+    return {name: {"score": score, "chance": percent(summary[name]["chance"]), "kind": summary[name]["kind"]}
             for name, score in record["scores"].items()}
 
 
@@ -168,7 +171,8 @@ def _analysis(model, calibration, calib_ids: list[str], suite: Path, config: Dem
         records = {str(r.get("id")): r for r in json.loads((suite / "calib.json").read_text(encoding="utf-8"))}
         with Image.open(suite / records[calib_ids[0]]["image"]) as image:
             save_drift(collect_drift(model, calibration), folder / "drift.pt", image=image.convert("RGB"), image_sample=0)
-    report = make_figures(config.out, config.out / "figures")
+    formats = ("png",) if config.quick else ("png", "pdf")
+    report = make_figures(config.out, config.out / "figures", formats=formats)
     return [str(p) for p in report.made], dict(report.skipped)
 
 

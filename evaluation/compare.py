@@ -105,8 +105,11 @@ def load_reference(path: Path, model: nn.Module, processor, benches: list[Benchm
 def run_method_comparison(make_model: Callable[[], nn.Module], processor, calibration: Sequence[Mapping[str, Any]],
                           benchmarks: Iterable[Benchmark | str | Path], out_dir: str | Path,
                           config: CompareConfig | None = None, *, setup_extra: Mapping[str, Any] | None = None,
-                          progress: bool = True) -> CompareResult:
-    """Run (or resume) the method x setting grid; ``make_model()`` returns a fresh dense model each call."""
+                          progress: bool = True, dense_record: Mapping[str, Any] | None = None) -> CompareResult:
+    """Run (or resume) the method x setting grid; ``make_model()`` returns a fresh dense model each call.
+
+    ``dense_record``: the dense model's record from another study on the same benchmarks (e.g. the probe
+    study's dense cell), reused instead of evaluating the dense model again."""
     from analysis.tables import scores_table, write_table
 
     config = config or CompareConfig()
@@ -115,6 +118,11 @@ def run_method_comparison(make_model: Callable[[], nn.Module], processor, calibr
              "calibration_batches": len(calibration), **dict(setup_extra or {})}
     results = ResultLog(out_dir, setup)
     cells = config.cells()
+    if dense_record is not None and not results.done(cells[0]):
+        if sorted(dense_record["scores"]) != sorted(b.name for b in benches):
+            raise ConfigError(f"dense_record scores {sorted(dense_record['scores'])} are not these benchmarks "
+                              f"{[b.name for b in benches]}")
+        results.append({**dense_record, "cell": dict(DENSE), "prune": None})
     todo = [c for c in cells if not results.done(c)]
     reference = None
     for cell in tqdm(todo, desc="method cells", disable=not progress):

@@ -55,3 +55,26 @@ def test_comparison_grid_and_resume(tmp_path):
                                   progress=False)
     assert again.computed == 0 and len(made) == 5 and again.records == json.loads(json.dumps(out.records))
     assert (tmp_path / "cmp" / "method_scores.md").is_file()
+
+
+def test_a_given_dense_record_is_reused_not_recomputed(tmp_path):
+    (tmp_path / "fid.jsonl").write_text(json.dumps({"id": "t", "text": "the red cat is here"}) + "\n")
+    dense, _ = build_tiny("llava", seed=0)
+    processor = make_processor("llava", dense)
+    calibration = [build_tiny("llava", seed=1)[1]]
+    config = CompareConfig(methods=("magnitude",), settings=("50%",))
+    made = []
+
+    def make_model():
+        made.append(1)
+        return build_tiny("llava", seed=0)[0]
+
+    given = {"cell": {"pathway": "dense"}, "scores": {"fid": 100.0}, "retention": {"fid": 100.0},
+             "mean_retention": 100.0, "metrics": {}}
+    out = run_method_comparison(make_model, processor, calibration, [tmp_path / "fid.jsonl"], tmp_path / "c", config,
+                                progress=False, dense_record=given)
+    assert len(made) == 1 and out.computed == 1
+    assert out.records[0]["cell"] == {"method": "dense", "setting": "dense"} and out.records[0]["scores"] == {"fid": 100.0}
+    with pytest.raises(ConfigError, match="not these benchmarks"):
+        run_method_comparison(make_model, processor, calibration, [tmp_path / "fid.jsonl"], tmp_path / "d", config,
+                              progress=False, dense_record={**given, "scores": {"other": 1.0}})
