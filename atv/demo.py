@@ -37,7 +37,7 @@ class DemoConfig:
     n_eval: int | None = None                 # eval items per benchmark (default 20, quick 6)
     probe_sparsities: tuple[float, ...] = field(default=())       # default (0.5, 0.6); quick (0.6,)
     settings: tuple[str, ...] = field(default=())                 # default 50%, 60%, 2:4; quick 60%
-    methods: tuple[str, ...] = ("atv", "wanda", "sparsegpt", "magnitude")
+    methods: tuple[str, ...] = field(default=())  # default atv, wanda, sparsegpt, magnitude; quick without sparsegpt
     batch_size: int = 16
 
     def __post_init__(self) -> None:
@@ -45,6 +45,8 @@ class DemoConfig:
         self.nsamples = self.nsamples or (8 if self.quick else 32)
         self.n_eval = self.n_eval or (6 if self.quick else 20)
         self.probe_sparsities = tuple(self.probe_sparsities) or ((0.6,) if self.quick else (0.5, 0.6))
+        self.methods = tuple(self.methods) or (("atv", "wanda", "magnitude") if self.quick
+                                               else ("atv", "wanda", "sparsegpt", "magnitude"))
         self.settings = tuple(self.settings) or (("60%",) if self.quick else ("50%", "60%", "2:4"))
         if self.nsamples < 1 or self.n_eval < 1 or self.batch_size < 1:
             raise ConfigError(f"nsamples, n_eval and batch_size must be >= 1, got {self.nsamples}, {self.n_eval}, "
@@ -164,7 +166,9 @@ def _analysis(model, calibration, calib_ids: list[str], suite: Path, config: Dem
     n_layers = len(get_adapter(model).decoder_layers(model))
     layers = sorted({0, n_layers // 2, n_layers - 1})
     if not (folder / "hidden_states.pt").is_file():
-        save_hidden_states(collect_hidden_states(model, calibration, layers, seed=config.seed), folder / "hidden_states.pt")
+        states = collect_hidden_states(model, calibration, layers, max_per_modality=300 if config.quick else 1000,
+                                       seed=config.seed)
+        save_hidden_states(states, folder / "hidden_states.pt")
     if not (folder / "pool_masks.pt").is_file():
         save_pool_masks(collect_pool_masks(model, calibration, sparsity=0.5), folder / "pool_masks.pt")
     if not (folder / "drift.pt").is_file():
