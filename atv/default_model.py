@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from pruning.errors import ConfigError, OutputExistsError, ToolkitError
+from pruning.io import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -262,19 +263,11 @@ def write_model_dir(out: str | Path, model: nn.Module, processor, record: Path |
     """save_pretrained (safetensors) + processor (+ the training record) into a temporary sibling of
     ``out``, renamed to ``out`` only when complete (an existing ``out`` is replaced)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         if record is not None and record.is_file():
             shutil.copy(record, tmp / RECORD_FILE)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

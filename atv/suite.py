@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pruning.errors import ConfigError, OutputExistsError
+from pruning.io import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -476,9 +475,7 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_eval: int | None = None, n
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"suite folder {str(out)!r} is not empty; choose another folder or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / "images").mkdir()
         summary = {"seed": seed, "n_eval": config.n_eval, "n_calib": n_calib, "benchmarks": {}}
         for name in config.benchmarks:
@@ -487,11 +484,5 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_eval: int | None = None, n
         records = calibration_records(n_calib, seed, tmp)
         (tmp / "calib.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
         (tmp / "suite.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote the benchmark suite (%d benchmarks, seed %d) to %s", len(config.benchmarks), seed, out)
     return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -87,23 +88,32 @@ def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dic
     return {"device_map": device_map, "offload_folder": str(offload_folder)}
 
 
-def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
-                overwrite: bool = False) -> Path:
-    """save_pretrained (safetensors) + processor + ``prune_report.json``, written to a temporary
-    sibling folder and moved into place only when complete."""
-    out = check_output_dir(out_dir, overwrite)
+@contextlib.contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out`` (renamed into
+    place), on any error it is removed, so a failed write leaves no half-written folder."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        yield tmp
         if out.exists():
-            shutil.rmtree(out)  # empty, or overwrite was asked for (check_output_dir)
+            shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
+                overwrite: bool = False) -> Path:
+    """save_pretrained (safetensors) + processor + ``prune_report.json``, written to a temporary
+    sibling folder and moved into place only when complete."""
+    out = check_output_dir(out_dir, overwrite)  # an existing folder is empty, or overwrite was asked for
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     log.info("saved pruned model to %s", out)
     return out
