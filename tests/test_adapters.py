@@ -21,17 +21,22 @@ def _final_hidden(model, inputs):
     return found["h"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_replay_from_captured_inputs_equals_the_full_forward(family):
-    model, inputs = build_tiny(family, batch=2, padded=True)
-    adapter = get_adapter(model)
-    assert adapter.name != "generic"
+def _replayed(model, adapter, inputs):
+    """Layer-0 inputs captured once, then every decoder layer replayed in order: (B, T, C)."""
     batch = adapter.capture(model, inputs)
     h = batch.hidden
     with torch.no_grad():
         for i in range(len(adapter.decoder_layers(model))):
             h = adapter.replay(model, i, h, batch)
-    assert torch.equal(h, _final_hidden(model, inputs))
+    return h
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_from_captured_inputs_equals_the_full_forward(family):
+    model, inputs = build_tiny(family, batch=2, padded=True)
+    adapter = get_adapter(model)
+    assert adapter.name != "generic"
+    assert torch.equal(_replayed(model, adapter, inputs), _final_hidden(model, inputs))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -63,12 +68,7 @@ def test_generic_fallback_finds_an_unregistered_family():
     adapter = get_adapter(model)
     assert isinstance(adapter, GenericAdapter)
     assert adapter.decoder_layers(model) is model.model.language_model.layers
-    batch = adapter.capture(model, inputs)
-    h = batch.hidden
-    with torch.no_grad():
-        for i in range(len(adapter.decoder_layers(model))):
-            h = adapter.replay(model, i, h, batch)
-    assert torch.equal(h, _final_hidden(model, inputs))
+    assert torch.equal(_replayed(model, adapter, inputs), _final_hidden(model, inputs))
 
 
 def test_generic_fallback_names_the_candidates_when_it_cannot_decide():
