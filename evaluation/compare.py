@@ -27,7 +27,7 @@ from pruning.errors import ConfigError, ToolkitError
 from .benchmarks import Benchmark, load_benchmark
 from .harness import FidelityReference, evaluate, fidelity_reference
 from .records import ResultLog
-from .reports import RetentionReport, retention
+from .reports import EvalReport, RetentionReport, retention
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,14 @@ def _run_cell(model, processor, calibration, benches, reference, config: Compare
                    "k_per_layer": [sum(layer.k_per_sample) for layer in report.layers]}
     scores = evaluate(model, processor, benches, reference=reference, batch_size=config.batch_size,
                       max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
-    record: dict[str, Any] = {"cell": cell, "scores": scores.scores(),
-                              "metrics": {r.name: r.metrics for r in scores.results}, "prune": summary}
+    return cell_record(cell, scores, summary, dense, time.perf_counter() - start)
+
+
+def cell_record(cell: Mapping[str, Any], scores: EvalReport, prune: dict[str, Any] | None,
+                dense: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
+    """One grid cell's result record; retention is against ``dense`` (the cell itself when None)."""
+    record: dict[str, Any] = {"cell": dict(cell), "scores": scores.scores(),
+                              "metrics": {r.name: r.metrics for r in scores.results}, "prune": prune}
     kept = defined_retention(record["scores"], (dense or record)["scores"])
-    record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=time.perf_counter() - start)
+    record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=seconds)
     return record

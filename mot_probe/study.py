@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from analysis.tables import probe_table, write_table
 from evaluation import Benchmark, EvalReport, evaluate, load_benchmark
-from evaluation.compare import defined_retention, load_reference
+from evaluation.compare import cell_record, load_reference
 from evaluation.records import ResultLog
 from pruning.config import METHODS, PruneConfig
 from pruning.errors import ConfigError
@@ -129,12 +129,7 @@ def _run_cell(model, processor, calibration, benches, reference, config: StudyCo
                            max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
     finally:
         probe.reset_()
-    record: dict[str, Any] = {"cell": cell, "scores": scores.scores(),
-                              "metrics": {r.name: r.metrics for r in scores.results}, "prune": prune_summary}
-    base = record if dense is None else dense
-    kept = defined_retention(record["scores"], base["scores"])
-    record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=time.perf_counter() - start)
-    return record
+    return cell_record(cell, scores, prune_summary, dense, time.perf_counter() - start)
 
 
 def _evaluate(model, processor, benches, **kwargs) -> EvalReport:
