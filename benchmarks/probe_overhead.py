@@ -4,6 +4,11 @@ Times the original model, the unpruned probe and the probe with one path pruned 
 every routed projection splits its tokens between two copies) on the same batches, interleaving
 the three to spread machine noise, and reports time ratios and the extra weight memory.
 
+It measures at the probe study's evaluation batch (8 samples per forward) and at batch 1. With one
+path pruned, each routed projection has to read two different weight matrices instead of one; at
+batch 1 a forward carries only ~100 tokens, so on a CPU that extra weight traffic is a visible share
+of the time, while at batch 8 it is spread over eight times as many tokens.
+
     python benchmarks/probe_overhead.py                       # random Qwen2-VL built in memory
     python benchmarks/probe_overhead.py --model DIR --calib calib.json --images DIR
 """
@@ -66,7 +71,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--calib", type=Path)
     parser.add_argument("--images", type=Path)
-    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1],
+                        help="samples per forward; 8 is the probe study's evaluation batch, 1 the worst case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -75,15 +82,18 @@ def main() -> None:
     if args.model is None:
         args.synthetic = "qwen2_vl"
     torch.set_num_threads(args.threads)
-    model, batches = _load(args)
-    record = measure(model.eval(), batches, args.repeats)
-    print(f"forward time ratio, unpruned probe / original: {record['ratio_probe']:.3f}")
-    print(f"forward time ratio, text-pruned probe / original: {record['ratio_probe_text_pruned']:.3f} "
-          f"(visual tokens: {100 * record['visual_fraction']:.0f}%)")
+    records = {}
+    for size in args.batch_sizes:
+        model, batches = _load(argparse.Namespace(**vars(args), batch_size=size))
+        record = records[size] = measure(model.eval(), batches, args.repeats)
+        print(f"batch size {size} (visual tokens: {100 * record['visual_fraction']:.0f}%): forward time ratio "
+              f"unpruned probe / original {record['ratio_probe']:.3f}, "
+              f"text-pruned probe / original {record['ratio_probe_text_pruned']:.3f}")
     print(f"extra weights: {record['extra_weights']:,} = {record['extra_over_one_path']:.2f} x one path's routed Linears")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"setup": {k: str(v) for k, v in vars(args).items()}, **record}, indent=2))
+        setup = {k: str(v) for k, v in vars(args).items()}
+        args.out.write_text(json.dumps({"setup": setup, "by_batch_size": records}, indent=2))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("magnitude", "wanda", "atv", "sparsegpt", "tamp")
 
 
-def synthetic_qwen2_vl(seed: int = 0, samples: int = 8, hidden: int = 256, layers: int = 4):
-    """A random Qwen2-VL of moderate size and calibration batches with ~200 visual tokens each."""
+def synthetic_qwen2_vl(seed: int = 0, samples: int = 8, hidden: int = 256, layers: int = 4, batch_size: int = 1):
+    """A random Qwen2-VL of moderate size and calibration batches of ``batch_size`` samples with ~200
+    visual tokens each (all samples have the same length, so no padding)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -59,7 +60,8 @@ def synthetic_qwen2_vl(seed: int = 0, samples: int = 8, hidden: int = 256, layer
         pixel_values = torch.randn(patches, 3 * 2 * 4 * 4, generator=g)
         batches.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
                             image_grid_thw=torch.tensor([grid]), mm_token_type_ids=(ids == 900).long()))
-    return model, batches
+    groups = [batches[i:i + batch_size] for i in range(0, samples, batch_size)]
+    return model, [{key: torch.cat([b[key] for b in group]) for key in group[0]} for group in groups]
 
 
 def default_model_inputs(cache: Path | None) -> tuple[Path, Path, Path]:
@@ -76,7 +78,7 @@ def default_model_inputs(cache: Path | None) -> tuple[Path, Path, Path]:
 
 def _load(args: argparse.Namespace, offload_folder: str | None = None):
     if args.synthetic:
-        return synthetic_qwen2_vl(samples=args.nsamples)
+        return synthetic_qwen2_vl(samples=args.nsamples, batch_size=getattr(args, "batch_size", 1))
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 

@@ -30,19 +30,43 @@ class RoutingError(ToolkitError):
 
 
 class ModalityRouter:
-    """Holds the current (B, T) bool mask, True at visual tokens."""
+    """Holds the current (B, T) bool mask, True at visual tokens, and what is derived from it.
+
+    Sibling projections (q/k/v, gate/up) read the same input tensor, so the router keeps the text
+    and visual rows of the last input it split: the siblings reuse them instead of gathering again.
+    Setting a new mask drops both caches.
+    """
 
     def __init__(self) -> None:
-        self.visual: torch.Tensor | None = None
-        self._split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (mask, text idx, visual idx)
+        self.visual = None
+
+    @property
+    def visual(self) -> torch.Tensor | None:
+        return self._visual
+
+    @visual.setter
+    def visual(self, mask: torch.Tensor | None) -> None:
+        self._visual = mask
+        self._split: tuple[torch.Tensor, torch.Tensor] | None = None  # flat text / visual positions
+        self._rows: tuple | None = None  # (input, its version, its text rows, its visual rows)
 
     def split(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (B*T) positions of the text and the visual tokens of the current mask, computed once
-        per mask and shared by every routed Linear of the forward."""
-        if self._split is None or self._split[0] is not self.visual:
-            flat = self.visual.reshape(-1).to(device)
-            self._split = (self.visual, (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1))
-        return self._split[1], self._split[2]
+        """Flat (B*T) positions of the text and the visual tokens of the current mask."""
+        if self._split is None:
+            flat = self._visual.reshape(-1).to(device)
+            self._split = ((~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1))
+        return self._split
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text rows and the visual rows of ``x`` (B, T, d) as two (n, d) tensors."""
+        cached = self._rows
+        if cached is not None and cached[0] is x and cached[1] == x._version:
+            return cached[2], cached[3]
+        text_idx, visual_idx = self.split(x.device)
+        flat = x.reshape(-1, x.shape[-1])
+        parts = (flat.index_select(0, text_idx), flat.index_select(0, visual_idx))
+        self._rows = (x, x._version, *parts)
+        return parts
 
     @contextlib.contextmanager
     def route(self, visual: torch.Tensor) -> Iterator[None]:
@@ -116,10 +140,10 @@ class RoutedLinear(nn.Module):
             return text(x)
         if text_idx.numel() == 0:
             return visual(x)
-        flat = x.reshape(-1, x.shape[-1])  # (B*T, in)
-        out = flat.new_empty(flat.shape[0], self.out_features)
-        out.index_copy_(0, text_idx, text(flat.index_select(0, text_idx)))
-        out.index_copy_(0, visual_idx, visual(flat.index_select(0, visual_idx)))
+        text_rows, visual_rows = self.router.rows(x)
+        out = x.new_empty(text_idx.numel() + visual_idx.numel(), self.out_features)
+        out.index_copy_(0, text_idx, text(text_rows))
+        out.index_copy_(0, visual_idx, visual(visual_rows))
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

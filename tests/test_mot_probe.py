@@ -77,6 +77,26 @@ def test_routed_linear_sends_each_token_through_its_own_copy():
         routed(x)  # no mask outside a routed forward
 
 
+def test_sibling_projections_reuse_the_split_rows_but_see_in_place_changes():
+    torch.manual_seed(0)
+    router = ModalityRouter()
+    q, k = (RoutedLinear(nn.Linear(4, 3), router) for _ in range(2))
+    for routed in (q, k):
+        routed.materialise("visual").weight.data.mul_(-2)
+    x = torch.randn(1, 4, 4)
+    visual = torch.tensor([[0, 1, 1, 0]], dtype=torch.bool)
+    with router.route(visual):
+        q(x)
+        out_k = k(x)  # same input object: served from the router's cached rows
+        assert torch.equal(out_k[visual], k.paths["visual"](x[visual]))
+        assert torch.equal(out_k[~visual], k.base(x[~visual]))
+        x.mul_(3)  # an in-place change must not be served from the cache
+        out_q = q(x)
+        assert torch.equal(out_q[visual], q.paths["visual"](x[visual]))
+        assert torch.equal(out_q[~visual], q.base(x[~visual]))
+    assert router.visual is None and router._rows is None
+
+
 def test_materialised_but_unpruned_paths_still_compute_the_original():
     model, inputs = build_tiny("llava_next", batch=2, padded=True)
     original = copy.deepcopy(model)
