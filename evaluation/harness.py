@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +226,53 @@ def _fast_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> list[
     return scores
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> list[list[float]] | None:
+    """Items whose prompts have the same token count and whose option counts are equal, scored over
+    shared prompts: one forward of the prompts with a KV cache, then one forward of every option's
+    continuation on its item's copy of the cache (each prompt, image included, is encoded once instead
+    of once per option). Same log-likelihoods as :func:`_general_scores` up to float summation order.
+    None when the model's cache cannot be copied per option (the caller falls back)."""
+    images = [p.image for p in plans] if plans[0].image else None
+    inputs = _encode(processor, [p.prompt for p in plans], images, "right")  # equal lengths: no padding
+    for plan, ids in zip(plans, inputs["input_ids"]):
+        _check_ids(ids, plan.prompt_ids, plan.item.id)
+    out = model(**_to_model(inputs, model), use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    n_prompt, n_options = len(plans[0].prompt_ids), len(plans[0].full_ids)
+    continuations = [full[n_prompt:] for plan in plans for full in plan.full_ids]  # item-major, L >= 1 each
+    width = max(map(len, continuations))
+    pad = _tokenizer(processor).pad_token_id or 0
+    # Right padding after each continuation: with the causal mask alone no real token sees a pad, so no
+    # attention mask is passed and each family derives positions from the cache length, as in decoding.
+    ids = torch.tensor([c + [pad] * (width - len(c)) for c in continuations])  # (G * O, L)
+    cache.batch_repeat_interleave(n_options)
+    rest = model(**_to_model({"input_ids": ids}, model), **{_cache_kwarg(model): cache},
+                 use_cache=True).logits  # (G * O, L, V): rest[r, j] predicts continuation token j + 1
+    scores: list[list[float]] = []
+    for g in range(len(plans)):
+        first = out.logits[g, -1]  # (V,) predicts the first token of each of the item's options
+        rows = range(g * n_options, (g + 1) * n_options)
+        scores.append([metrics.targets_logprob(torch.cat([first[None], rest[r, :len(continuations[r]) - 1]]),
+                                               torch.tensor(continuations[r])) for r in rows])
+    return scores
+
+
+def _prefix_groups(plans: list[_ChoicePlan], batch_size: int) -> list[list[_ChoicePlan]]:
+    """Plans with the same modality, prompt length and option count, at most ``batch_size`` option rows each."""
+    groups: dict[tuple, list[_ChoicePlan]] = {}
+    for plan in plans:
+        groups.setdefault((plan.image is not None, len(plan.prompt_ids), len(plan.full_ids)), []).append(plan)
+    per_batch = lambda group: max(1, batch_size // len(group[0].full_ids))  # noqa: E731
+    return [group[i:i + per_batch(group)] for group in groups.values() for i in range(0, len(group), per_batch(group))]
+
+
 def _choice_item(plan: _ChoicePlan, scores: list[float]) -> ItemResult:
     best = plan.item.options[metrics.argmax(scores)]
     lengths = [len(full) - start for full, start in zip(plan.full_ids, plan.starts)]
@@ -233,12 +281,14 @@ def _choice_item(plan: _ChoicePlan, scores: list[float]) -> ItemResult:
 
 
 def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_size: int = 8,
-                 fast_path: bool = True, progress: bool = True) -> BenchmarkResult:
+                 fast_path: bool = True, prefix_cache: bool = True, progress: bool = True) -> BenchmarkResult:
     """Multiple choice by log-likelihood: each option's summed token log-probs given the prompt, argmax.
 
     Items are taken ``batch_size`` at a time. An item whose options are all one continuation token
     is scored from one forward of its prompt, batched with the other such items (``fast_path``);
-    any other item forwards prompt + option for its options, ``batch_size`` options per forward.
+    an item with longer options encodes its prompt once and scores the options on copies of the
+    prompt's KV cache (``prefix_cache``); without it, or when an option merges with the prompt's
+    last token, prompt + option is forwarded for each option, ``batch_size`` options per forward.
     """
     results: dict[str, ItemResult] = {}
     merged = 0
@@ -249,6 +299,10 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
             fast = [p for p in plans if fast_path and p.single_token]
             for group in _by_modality(fast, lambda p: p.image is not None):
                 for plan, scores in zip(group, _fast_scores(model, processor, group)):
+                    results[plan.item.id] = _choice_item(plan, scores)
+            shared = [p for p in plans if prefix_cache and not p.merged and p.item.id not in results]
+            for group in _prefix_groups(shared, batch_size):
+                for plan, scores in zip(group, _prefix_scores(model, processor, group) or []):
                     results[plan.item.id] = _choice_item(plan, scores)
             for plan in plans:
                 if plan.item.id not in results:

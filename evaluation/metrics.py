@@ -28,9 +28,13 @@ def continuation_logprob(logits: torch.Tensor, ids: torch.Tensor, start: int) ->
     """
     if not 1 <= start < ids.shape[0]:
         raise ValueError(f"continuation start must be in [1, {ids.shape[0]}), got {start}")
-    log_probs = torch.log_softmax(logits[start - 1:-1].to(SCORE_DTYPE), dim=-1)  # (T - start, V)
-    targets = ids[start:].to(log_probs.device)  # (T - start,)
-    return float(log_probs.gather(-1, targets[:, None]).sum())
+    return targets_logprob(logits[start - 1:-1], ids[start:])
+
+
+def targets_logprob(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum over t of log softmax(logits[t])[targets[t]]; logits (L, V), targets (L,)."""
+    log_probs = torch.log_softmax(logits.to(SCORE_DTYPE), dim=-1)
+    return float(log_probs.gather(-1, targets.to(log_probs.device)[:, None]).sum())
 
 
 def next_token_logprobs(logits: torch.Tensor, token_ids: list[int]) -> list[float]:

@@ -134,21 +134,40 @@ def _count_forwards(model):
     return calls, handle
 
 
-def test_single_token_fast_path_equals_general_path(tiny, folder):
+def test_single_token_fast_path_and_prefix_cache_equal_general_path(tiny, folder):
     model, processor = tiny
     bench = load_benchmark(write_jsonl(folder / "single.jsonl", SINGLE_CHOICE))
     calls, handle = _count_forwards(model)
     try:
         fast = score_choice(model, processor, bench, batch_size=8, progress=False)
         n_fast = len(calls)
-        general = score_choice(model, processor, bench, batch_size=8, fast_path=False, progress=False)
+        prefix = score_choice(model, processor, bench, batch_size=8, fast_path=False, progress=False)
+        n_prefix = len(calls) - n_fast
+        general = score_choice(model, processor, bench, batch_size=8, fast_path=False, prefix_cache=False,
+                               progress=False)
+        n_general = len(calls) - n_fast - n_prefix
     finally:
         handle.remove()
     assert n_fast == 2  # one forward for the two items with an image, one for the text-only item
-    assert len(calls) - n_fast == 3  # one forward per item (its options batched)
-    for f, g in zip(fast.items, general.items):
-        assert f.prediction == g.prediction
+    assert n_prefix == 6  # per item: its prompt, then all its options on the cached prompt
+    assert n_general == 3  # one forward per item (its options batched)
+    for f, c, g in zip(fast.items, prefix.items, general.items):
+        assert f.prediction == c.prediction == g.prediction
         assert f.details["logprobs"] == pytest.approx(g.details["logprobs"], abs=TOL)
+        assert c.details["logprobs"] == pytest.approx(g.details["logprobs"], abs=TOL)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_prefix_cache_scores_multi_token_options_like_full_forwards(family, folder):
+    model, _ = build_tiny(family)
+    processor = make_processor(family, model)
+    bench = load_benchmark(write_jsonl(folder / f"multi-{family}.jsonl", MIXED_CHOICE))
+    cached = score_choice(model, processor, bench, batch_size=4, progress=False)
+    full = score_choice(model, processor, bench, batch_size=4, prefix_cache=False, progress=False)
+    assert [i.details["continuation_tokens"] for i in cached.items][1] == [2, 2, 1]
+    for c, f in zip(cached.items, full.items):
+        assert c.prediction == f.prediction
+        assert c.details["logprobs"] == pytest.approx(f.details["logprobs"], abs=TOL)
 
 
 def test_batch_size_does_not_change_choice_scores(tiny, mixed):
