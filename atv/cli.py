@@ -96,7 +96,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="smaller grid, fewer items (a few minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 32, quick 8)")
-    p.add_argument("--n-eval", type=int, default=None, help="items per image benchmark (default 40, quick 12)")
+    p.add_argument("--n-eval", type=int, default=None, help="items per image benchmark (default 20, quick 6)")
+    p.add_argument("--calib-batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where the default model is built")
     p.set_defaults(func=_demo)
 
@@ -105,7 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
     from atv.demo import DemoConfig, run_demo
 
     config = DemoConfig(out=args.out, quick=args.quick, seed=args.seed, nsamples=args.nsamples, n_eval=args.n_eval,
-                        cache_dir=args.cache_dir)
+                        calib_batch_size=args.calib_batch_size, cache_dir=args.cache_dir)
     result = run_demo(config)
     print(result.probe_table)
     print(result.method_table)

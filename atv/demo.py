@@ -38,7 +38,8 @@ class DemoConfig:
     probe_sparsities: tuple[float, ...] = field(default=())       # default (0.5, 0.6); quick (0.6,)
     settings: tuple[str, ...] = field(default=())                 # default 50%, 60%, 2:4; quick 60%
     methods: tuple[str, ...] = field(default=())  # default atv, wanda, sparsegpt, magnitude; quick without sparsegpt
-    batch_size: int = 16
+    batch_size: int = 16                      # evaluation items per forward
+    calib_batch_size: int = 8                 # calibration samples per forward (padded; padding is masked out)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -48,9 +49,11 @@ class DemoConfig:
         self.methods = tuple(self.methods) or (("atv", "wanda", "magnitude") if self.quick
                                                else ("atv", "wanda", "sparsegpt", "magnitude"))
         self.settings = tuple(self.settings) or (("60%",) if self.quick else ("50%", "60%", "2:4"))
-        if self.nsamples < 1 or self.n_eval < 1 or self.batch_size < 1:
-            raise ConfigError(f"nsamples, n_eval and batch_size must be >= 1, got {self.nsamples}, {self.n_eval}, "
-                              f"{self.batch_size}")
+        sizes = {"nsamples": self.nsamples, "n_eval": self.n_eval, "batch_size": self.batch_size,
+                 "calib_batch_size": self.calib_batch_size}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad:
+            raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be >= 1")
 
 
 @dataclass
@@ -111,7 +114,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     benches = _benchmarks(suite)
     model, processor = load_model(model_dir)
     calibration, data_report = load_llava_conversations(suite / "calib.json", suite, processor, config.nsamples,
-                                                        config.seed)
+                                                        config.seed, batch_size=config.calib_batch_size)
     lap("setup")
     extra = {"model": "smol-llava", "nsamples": config.nsamples, "n_eval": config.n_eval}
     probe = run_probe_study(model, processor, calibration, benches, config.out / "probe",

@@ -18,7 +18,8 @@ def demo_run(tmp_path_factory):
     folder = save_model_dir("llava", model, tmp / "smol-stand-in")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("atv.default_model.build_default_model", lambda *a, **k: folder)
-        args = ["demo", "--quick", "--out", str(tmp / "demo"), "--nsamples", "2", "--n-eval", "2"]
+        args = ["demo", "--quick", "--out", str(tmp / "demo"), "--nsamples", "3", "--n-eval", "2",
+                "--calib-batch-size", "2"]  # a full and a partial padded calibration batch
         assert main(args) == 0
         results = {p: p.read_bytes() for p in (tmp / "demo").glob("*/results.jsonl")}
         assert main(args) == 0  # a second run resumes: no cell is recomputed
@@ -42,10 +43,12 @@ def test_demo_writes_tables_figures_and_report(demo_run):
 def test_demo_refuses_a_suite_written_with_other_settings(demo_run):
     out, _ = demo_run
     with pytest.raises(ConfigError, match="holds a suite"):
-        run_demo(DemoConfig(out=out, quick=True, nsamples=3, n_eval=2), progress=False)
+        run_demo(DemoConfig(out=out, quick=True, nsamples=4, n_eval=2), progress=False)
 
 
 def test_demo_config_rejects_bad_counts():
-    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+    with pytest.raises(ConfigError, match="batch_size=0: must be >= 1"):
         DemoConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="n_eval=-1, calib_batch_size=0: must be >= 1"):
+        DemoConfig(n_eval=-1, calib_batch_size=0)
     assert DemoConfig(quick=True).probe_sparsities == (0.6,)
