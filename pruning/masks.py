@@ -30,6 +30,9 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     if n_prune == 0 or bool(torch.isnan(scores).any()):
         return row_mask_by_sort(scores, sparsity)  # NaN orders last in a sort but not in kthvalue
     threshold = scores.kthvalue(n_prune, dim=1, keepdim=True).values  # (out, 1)
+    at_most = scores <= threshold
+    if bool((at_most.sum(dim=1) == n_prune).all()):
+        return at_most  # no row has a tie at its threshold (the usual case)
     mask = scores < threshold
     ties = scores == threshold
     missing = n_prune - mask.sum(dim=1, keepdim=True)  # (out, 1) >= 1: the threshold itself is a tie
