@@ -45,11 +45,11 @@ DEFAULT_TOP_K = 128  # reference log-probs kept per position; None keeps the ful
 Benchmarks = Benchmark | str | Path | Sequence[Benchmark | str | Path]
 
 
-# -- model and processor plumbing ------------------------------------------------------------------
+# -- model and processor plumbing (public: the lmms-eval bridge drives the model through the same calls) --
 
 
 @contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
+def inference(model: nn.Module) -> Iterator[None]:
     """Eval mode and no_grad for the duration; the model's training flag is restored afterwards."""
     training = model.training
     model.eval()
@@ -60,7 +60,7 @@ def _inference(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-def _to_model(inputs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+def to_model(inputs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """Move tensors to the model's device; floating tensors (pixel values) take its float dtype."""
     params = list(model.parameters())
     device = params[0].device
@@ -73,14 +73,14 @@ def _to_model(inputs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     return moved
 
 
-def _tokenizer(processor):
+def tokenizer_of(processor):
     """The processor's tokenizer (a bare tokenizer is its own)."""
     return getattr(processor, "tokenizer", processor)
 
 
 @contextlib.contextmanager
 def _padding_side(processor, side: str) -> Iterator[None]:
-    tokenizer = _tokenizer(processor)
+    tokenizer = tokenizer_of(processor)
     saved, tokenizer.padding_side = tokenizer.padding_side, side
     try:
         yield
@@ -88,7 +88,7 @@ def _padding_side(processor, side: str) -> Iterator[None]:
         tokenizer.padding_side = saved
 
 
-def _encode(processor, texts: list[str], images: list[Image.Image] | None, side: str) -> dict[str, torch.Tensor]:
+def encode(processor, texts: list[str], images: list[Image.Image] | None, side: str) -> dict[str, torch.Tensor]:
     """Texts (and one image per text, or none) -> padded model inputs on the CPU."""
     with _padding_side(processor, side):
         if images:
@@ -96,16 +96,16 @@ def _encode(processor, texts: list[str], images: list[Image.Image] | None, side:
         return dict(processor(text=texts, padding=True, return_tensors="pt"))
 
 
-def _real_positions(attention_mask: torch.Tensor) -> list[torch.Tensor]:
+def real_positions(attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """(B, T) mask -> per row the indices of its real (non-padding) tokens, in order."""
     return [row.nonzero().squeeze(-1) for row in attention_mask.cpu()]
 
 
-def _forward_rows(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def forward_rows(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One forward; per row (real token ids (T_b,), their logits (T_b, V)), padding dropped."""
-    logits = model(**_to_model(inputs, model), use_cache=False).logits  # (B, T, V)
+    logits = model(**to_model(inputs, model), use_cache=False).logits  # (B, T, V)
     rows = []
-    for b, positions in enumerate(_real_positions(inputs["attention_mask"])):
+    for b, positions in enumerate(real_positions(inputs["attention_mask"])):
         rows.append((inputs["input_ids"][b, positions], logits[b, positions.to(logits.device)]))
     return rows
 
@@ -181,8 +181,8 @@ def _plan_choice(processor, item: ChoiceItem) -> _ChoicePlan:
     image = _open_image(item.image)
     prompt = build_prompt(processor, item.question, image is not None)
     texts = [prompt] + [prompt + option for option in item.options]
-    encoded = _encode(processor, texts, [image] * len(texts) if image else None, "right")
-    rows = [encoded["input_ids"][b, p].tolist() for b, p in enumerate(_real_positions(encoded["attention_mask"]))]
+    encoded = encode(processor, texts, [image] * len(texts) if image else None, "right")
+    rows = [encoded["input_ids"][b, p].tolist() for b, p in enumerate(real_positions(encoded["attention_mask"]))]
     prompt_ids, full_ids = rows[0], rows[1:]
     starts = [_common_prefix(prompt_ids, full) for full in full_ids]
     for option, start, full in zip(item.options, starts, full_ids):
@@ -208,7 +208,7 @@ def _general_scores(model: nn.Module, processor, plan: _ChoicePlan, batch_size: 
     for chunk in _chunks(order, batch_size):
         texts = [plan.prompt + plan.item.options[o] for o in chunk]
         images = [plan.image] * len(texts) if plan.image else None
-        rows = _forward_rows(model, _encode(processor, texts, images, "right"))
+        rows = forward_rows(model, encode(processor, texts, images, "right"))
         for o, (ids, logits) in zip(chunk, rows):
             _check_ids(ids, plan.full_ids[o], plan.item.id)
             scores.append(metrics.continuation_logprob(logits, ids, plan.starts[o]))
@@ -218,7 +218,7 @@ def _general_scores(model: nn.Module, processor, plan: _ChoicePlan, batch_size: 
 def _fast_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> list[list[float]]:
     """Single-token options of several items: one forward of the prompts, read at each last real position."""
     images = [p.image for p in plans] if plans[0].image else None
-    rows = _forward_rows(model, _encode(processor, [p.prompt for p in plans], images, "right"))
+    rows = forward_rows(model, encode(processor, [p.prompt for p in plans], images, "right"))
     scores = []
     for plan, (ids, logits) in zip(plans, rows):
         _check_ids(ids, plan.prompt_ids, plan.item.id)
@@ -238,22 +238,22 @@ def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> lis
     of once per option). Same log-likelihoods as :func:`_general_scores` up to float summation order.
     None when the model's cache cannot be copied per option (the caller falls back)."""
     images = [p.image for p in plans] if plans[0].image else None
-    inputs = _encode(processor, [p.prompt for p in plans], images, "right")  # equal lengths: no padding
+    inputs = encode(processor, [p.prompt for p in plans], images, "right")  # equal lengths: no padding
     for plan, ids in zip(plans, inputs["input_ids"]):
         _check_ids(ids, plan.prompt_ids, plan.item.id)
-    out = model(**_to_model(inputs, model), use_cache=True)
+    out = model(**to_model(inputs, model), use_cache=True)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     n_prompt, n_options = len(plans[0].prompt_ids), len(plans[0].full_ids)
     continuations = [full[n_prompt:] for plan in plans for full in plan.full_ids]  # item-major, L >= 1 each
     width = max(map(len, continuations))
-    pad = _tokenizer(processor).pad_token_id or 0
+    pad = tokenizer_of(processor).pad_token_id or 0
     # Right padding after each continuation: with the causal mask alone no real token sees a pad, so no
     # attention mask is passed and each family derives positions from the cache length, as in decoding.
     ids = torch.tensor([c + [pad] * (width - len(c)) for c in continuations])  # (G * O, L)
     cache.batch_repeat_interleave(n_options)
-    rest = model(**_to_model({"input_ids": ids}, model), **{_cache_kwarg(model): cache},
+    rest = model(**to_model({"input_ids": ids}, model), **{_cache_kwarg(model): cache},
                  use_cache=True).logits  # (G * O, L, V): rest[r, j] predicts continuation token j + 1
     scores: list[list[float]] = []
     for g in range(len(plans)):
@@ -292,7 +292,7 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
     """
     results: dict[str, ItemResult] = {}
     merged = 0
-    with _inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
+    with inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
         for window in _chunks(benchmark.items, batch_size):
             plans = [_plan_choice(processor, item) for item in window]
             merged += sum(p.merged for p in plans)
@@ -330,9 +330,9 @@ def _generate(model: nn.Module, processor, items: list[OpenItem], max_new_tokens
     """Greedy answers for items that all have an image, or all have none (left-padded batch)."""
     images = [_open_image(i.image) for i in items]
     prompts = [build_prompt(processor, i.question, i.image is not None) for i in items]
-    inputs = _encode(processor, prompts, images if items[0].image else None, "left")
-    tokenizer = _tokenizer(processor)
-    out = model.generate(**_to_model(inputs, model), do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+    inputs = encode(processor, prompts, images if items[0].image else None, "left")
+    tokenizer = tokenizer_of(processor)
+    out = model.generate(**to_model(inputs, model), do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -342,7 +342,7 @@ def score_open(model: nn.Module, processor, benchmark: Benchmark, *, batch_size:
                progress: bool = True) -> BenchmarkResult:
     """Open answers by greedy generation and :func:`metrics.vqa_accuracy` against the references."""
     results: dict[str, ItemResult] = {}
-    with _inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
+    with inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
         for window in _chunks(benchmark.items, batch_size):
             for group in _by_modality(list(window), lambda i: i.image is not None):
                 for item, answer in zip(group, _generate(model, processor, group, max_new_tokens)):
@@ -407,7 +407,7 @@ class FidelityReference:
 
 def _text_rows(model: nn.Module, processor, items: Sequence[TextItem]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded forward of raw texts (no chat template): per text (ids (T,), logits (T, V))."""
-    return _forward_rows(model, _encode(processor, [i.text for i in items], None, "right"))
+    return forward_rows(model, encode(processor, [i.text for i in items], None, "right"))
 
 
 def fidelity_reference(dense_model: nn.Module, processor, benchmarks: Benchmarks, *, top_k: int | None = DEFAULT_TOP_K,
@@ -423,7 +423,7 @@ def fidelity_reference(dense_model: nn.Module, processor, benchmarks: Benchmarks
     if not fidelity:
         raise BenchmarkError("fidelity_reference needs at least one fidelity benchmark (items with 'text')")
     texts: dict[str, dict[str, ReferenceText]] = {}
-    with _inference(dense_model):
+    with inference(dense_model):
         for bench in fidelity:
             held = texts.setdefault(bench.name, {})
             for chunk in tqdm(list(_chunks(bench.items, batch_size)), desc=f"{bench.name} (reference)",
@@ -440,7 +440,7 @@ def score_fidelity(model: nn.Module, processor, benchmark: Benchmark, reference:
     reference.check_covers(benchmark)
     held = reference.texts[benchmark.name]
     items: list[ItemResult] = []
-    with _inference(model):
+    with inference(model):
         for chunk in tqdm(list(_chunks(benchmark.items, batch_size)), desc=benchmark.name, disable=not progress):
             for item, (ids, logits) in zip(chunk, _text_rows(model, processor, chunk)):
                 ref = held[item.id]

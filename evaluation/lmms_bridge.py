@@ -48,7 +48,7 @@ from pruning.errors import ConfigError, ToolkitError
 from . import metrics
 from .benchmarks import CHOICE, OPEN, Benchmark, load_benchmark
 from .eval_job import INSTALL_HINT
-from .harness import _encode, _forward_rows, _inference, _real_positions, _to_model, _tokenizer, build_prompt
+from .harness import build_prompt, encode, forward_rows, inference, real_positions, to_model, tokenizer_of
 from .reports import BenchmarkResult
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class ATVModel(lmms):
             resolved.append(self._settings(self._resolve(i, context, doc_to_visual, doc_id, task, split),
                                            dict(gen_kwargs or {})))
         answers: list[str] = [""] * len(resolved)
-        with _inference(self.model):
+        with inference(self.model):
             for group in _windows(resolved, self.batch_size):
                 for request, text in zip(group, self._generate(group)):
                     answers[request.index] = text
@@ -267,12 +267,12 @@ class ATVModel(lmms):
         """The harness's generate call (left-padded, greedy, pad id), stopped and cut at ``until``."""
         prompts = [bridge_prompt(self.processor, r.context, len(r.images)) for r in group]
         images = [image for r in group for image in r.images] or None
-        inputs = _encode(self.processor, prompts, images, "left")
-        tokenizer = _tokenizer(self.processor)
+        inputs = encode(self.processor, prompts, images, "left")
+        tokenizer = tokenizer_of(self.processor)
         prompt_length = inputs["input_ids"].shape[1]
         until = group[0].until
         stop = StoppingCriteriaList([_StopSequences(tokenizer, prompt_length, until)]) if until else None
-        out = self.model.generate(**_to_model(inputs, self.model), do_sample=False, num_beams=1,
+        out = self.model.generate(**to_model(inputs, self.model), do_sample=False, num_beams=1,
                                   max_new_tokens=group[0].max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                   stopping_criteria=stop)
         texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)  # (B,) new text
@@ -293,7 +293,7 @@ class ATVModel(lmms):
             resolved_request.continuation = continuation
             resolved.append(resolved_request)
         scores: list[Any] = [None] * len(resolved)
-        with _inference(self.model):
+        with inference(self.model):
             for group in _windows(resolved, self.batch_size):
                 for request, (value, greedy) in zip(group, self._continuation_scores(group)):
                     scores[request.index] = _loglikelihood_output(value, greedy)
@@ -304,11 +304,11 @@ class ATVModel(lmms):
         the tokenised prompt and prompt + continuation; its summed log-prob from one forward."""
         prompts = [bridge_prompt(self.processor, r.context, len(r.images)) for r in group]
         images = [image for r in group for image in r.images] or None
-        prompt_inputs = _encode(self.processor, prompts, images, "right")
+        prompt_inputs = encode(self.processor, prompts, images, "right")
         prompt_ids = [prompt_inputs["input_ids"][b, p].tolist()
-                      for b, p in enumerate(_real_positions(prompt_inputs["attention_mask"]))]
+                      for b, p in enumerate(real_positions(prompt_inputs["attention_mask"]))]
         fulls = [prompt + r.continuation for prompt, r in zip(prompts, group)]
-        rows = _forward_rows(self.model, _encode(self.processor, fulls, images, "right"))
+        rows = forward_rows(self.model, encode(self.processor, fulls, images, "right"))
         scores = []
         for request, prompt, (ids, logits) in zip(group, prompt_ids, rows):
             start = _common_prefix(prompt, ids.tolist())
