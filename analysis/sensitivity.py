@@ -207,7 +207,8 @@ def method_figure(records: Iterable[Mapping[str, Any]], value: str = "retention"
             ax.set_ylabel(ylabel)
             ax.set_title(f"setting: {setting}")
             ax.grid(axis="x", visible=False)
-        axes[-1].set_xticks(x, [wrap_label(b) for b in data.benchmarks])
+        axes[-1].set_xticks(x, [wrap_label(b) for b in data.benchmarks], rotation=30, ha="right",
+                            rotation_mode="anchor")  # ten or more names side by side would overlap
         axes[-1].set_xlabel("benchmark")
         axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method")
         fig.suptitle(f"Pruning methods compared ({'retention' if value == 'retention' else 'scores'})")
