@@ -266,11 +266,14 @@ def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> lis
 
 def _prefix_groups(plans: list[_ChoicePlan], batch_size: int) -> list[list[_ChoicePlan]]:
     """Plans with the same modality, prompt length and option count, at most ``batch_size`` option rows each."""
-    groups: dict[tuple, list[_ChoicePlan]] = {}
+    groups: dict[tuple[bool, int, int], list[_ChoicePlan]] = {}
     for plan in plans:
         groups.setdefault((plan.image is not None, len(plan.prompt_ids), len(plan.full_ids)), []).append(plan)
-    per_batch = lambda group: max(1, batch_size // len(group[0].full_ids))  # noqa: E731
-    return [group[i:i + per_batch(group)] for group in groups.values() for i in range(0, len(group), per_batch(group))]
+    batches = []
+    for (_, _, n_options), group in groups.items():
+        items_per_batch = max(1, batch_size // n_options)
+        batches += [group[i:i + items_per_batch] for i in range(0, len(group), items_per_batch)]
+    return batches
 
 
 def _choice_item(plan: _ChoicePlan, scores: list[float]) -> ItemResult:

@@ -157,6 +157,22 @@ def test_single_token_fast_path_and_prefix_cache_equal_general_path(tiny, folder
         assert c.details["logprobs"] == pytest.approx(g.details["logprobs"], abs=TOL)
 
 
+def test_prefix_cache_batches_items_with_equal_prompts_up_to_batch_size_option_rows(tiny, folder):
+    model, processor = tiny
+    same = [{"id": f"s{i}", "image": f"images/{i}.png", "question": "what is shown",
+             "options": ["red cat", "blue dog", "two"], "answer": "two"} for i in range(4)]
+    bench = load_benchmark(write_jsonl(folder / "same.jsonl", same))
+    calls, handle = _count_forwards(model)
+    try:
+        cached = score_choice(model, processor, bench, batch_size=6, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 4  # 6 // 3 = 2 items per batch: (prompts, continuations) x 2 batches
+    full = score_choice(model, processor, bench, batch_size=6, prefix_cache=False, progress=False)
+    for c, f in zip(cached.items, full.items):
+        assert c.details["logprobs"] == pytest.approx(f.details["logprobs"], abs=TOL)
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 def test_prefix_cache_scores_multi_token_options_like_full_forwards(family, folder):
     model, _ = build_tiny(family)
