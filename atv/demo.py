@@ -116,7 +116,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     calibration, data_report = load_llava_conversations(suite / "calib.json", suite, processor, config.nsamples,
                                                         config.seed, batch_size=config.calib_batch_size)
     lap("setup")
-    extra = {"model": "smol-llava", "nsamples": config.nsamples, "n_eval": config.n_eval}
+    extra = {"model": str(model_dir), "calib": str(suite / "calib.json"), "images": str(suite),
+             "nsamples": config.nsamples, "calib_batch_size": config.calib_batch_size, "n_eval": config.n_eval}
     probe = run_probe_study(model, processor, calibration, benches, config.out / "probe",
                             StudyConfig(sparsities=config.probe_sparsities, seed=config.seed,
                                         batch_size=config.batch_size),

@@ -112,6 +112,8 @@ class StudySetup:
     nsamples: int
     dtype: str
     record: dict[str, Any] | None  # the study's record of the cell (None if it was never computed)
+    max_length: int | None = None  # calibration records longer than this were skipped
+    calib_batch_size: int = 1      # calibration samples per forward
 
 
 def _locate(value: str | Path, study_dir: Path) -> Path:
@@ -167,7 +169,8 @@ def read_study_setup(cell: ProbeCell, *, model: Path | None = None, calib: Path 
         raise ConfigError(f"calibration image folder {str(image_dir)!r} does not exist; pass --images (the folder "
                           "atv probe --images was given)")
     return StudySetup(model_dir, calib_path, image_dir, config["method"], int(config["seed"]), int(setup["nsamples"]),
-                      setup.get("dtype", "float32"), record)
+                      setup.get("dtype", "float32"), record, setup.get("max_length"),
+                      int(setup.get("calib_batch_size", 1)))
 
 
 # -- loading ------------------------------------------------------------------------------------------
@@ -211,7 +214,8 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     seed_everything(setup.seed)  # as run_probe_job, before loading model and calibration
     model, loaded = load_model(setup.model, dtype or setup.dtype, device, with_processor=processor is None)
     processor = processor if processor is not None else loaded
-    calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed)
+    calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed,
+                                              setup.max_length, batch_size=setup.calib_batch_size)
     probe = attach_probe_(model)
     reference = (fidelity_reference(model, processor, reference_benchmarks, progress=progress)
                  if reference_benchmarks else None)

@@ -167,6 +167,7 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,
                                               job.max_length)
-    extra = {"model": str(job.model), "calib": str(job.calib), "nsamples": job.nsamples, "dtype": job.dtype}
+    extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images), "nsamples": job.nsamples,
+             "max_length": job.max_length, "calib_batch_size": 1, "dtype": job.dtype}
     return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
                            progress=progress)

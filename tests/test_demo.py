@@ -52,3 +52,18 @@ def test_demo_config_rejects_bad_counts():
     with pytest.raises(ConfigError, match="n_eval=-1, calib_batch_size=0: must be >= 1"):
         DemoConfig(n_eval=-1, calib_batch_size=0)
     assert DemoConfig(quick=True).probe_sparsities == (0.6,)
+
+
+def test_a_demo_probe_cell_is_recreated_by_atv_eval_with_its_recorded_scores(demo_run, capsys):
+    out, _ = demo_run
+    setup = json.loads((out / "probe" / "study.json").read_text())
+    assert setup["calib_batch_size"] == 2 and setup["images"] == str(out / "suite")
+    digit = out / "suite" / "digit.jsonl"
+    capsys.readouterr()
+    assert main(["eval", "--probe-from", f"{out / 'probe'}:text/visual/0.6", "--tasks", str(digit),
+                 "--batch-size", "16"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in (out / "probe" / "results.jsonl").read_text().splitlines()]
+    cell = next(r for r in records if r["cell"] == {"pathway": "text", "pool": "visual", "sparsity": 0.6})
+    assert printed["tasks"][0]["score"] == cell["scores"]["digit"]
+    assert printed["probe"]["prune"]["mean_sparsity"] == pytest.approx(cell["prune"]["mean_sparsity"])
