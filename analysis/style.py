@@ -83,6 +83,10 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     return formats
 
 
+# No creation date (and for PNG no software tag): the same results give byte-identical files.
+STABLE_METADATA = {"pdf": {"CreationDate": None}, "png": {"Software": None}, "svg": {"Date": None}}
+
+
 def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Write ``fig`` as ``stem.<fmt>`` for every format and release its canvas; returns the paths."""
     formats = check_formats(formats)
@@ -91,7 +95,7 @@ def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", 
     paths = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        fig.savefig(path, dpi=DPI, format=fmt)
+        fig.savefig(path, dpi=DPI, format=fmt, metadata=STABLE_METADATA.get(fmt))
         paths.append(path)
         log.info("wrote %s", path)
     fig.clear()

@@ -66,9 +66,23 @@ def method_table(records: Iterable[dict[str, Any]]) -> Table:
     return header, rows
 
 
+def _numeric_columns(table: Table) -> list[bool]:
+    """Per column: every cell is a number or a dash (right-aligned), else text (left-aligned)."""
+    header, rows = table
+
+    def numeric(cell: str) -> bool:
+        try:
+            float(cell)
+        except ValueError:
+            return cell.strip() in ("–", "-", "")
+        return True
+
+    return [bool(rows) and all(numeric(row[i]) for row in rows) for i in range(len(header))]
+
+
 def to_markdown(table: Table) -> str:
     header, rows = table
-    align = ["---"] * min(2, len(header)) + ["---:"] * max(0, len(header) - 2)
+    align = ["---:" if numeric else "---" for numeric in _numeric_columns(table)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -93,7 +107,7 @@ def _latex_escape(text: str) -> str:
 def to_latex(table: Table, caption: str | None = None) -> str:
     """A booktabs tabular (in a table environment when ``caption`` is given)."""
     header, rows = table
-    spec = "l" * min(2, len(header)) + "r" * max(0, len(header) - 2)
+    spec = "".join("r" if numeric else "l" for numeric in _numeric_columns(table))
     body = [r"\begin{tabular}{" + spec + "}", r"\toprule",
             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
     body += [" & ".join(_latex_escape(c) for c in row) + r" \\" for row in rows]

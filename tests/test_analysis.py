@@ -11,7 +11,7 @@ from analysis.figures import make_figures
 from analysis.masks import (collect_pool_masks, iou_table, load_pool_masks, mask_iou, pack_mask, save_pool_masks,
                             split_name, unpack_mask)
 from analysis.sensitivity import method_comparison, method_record, sensitivity_curves, write_records
-from analysis.tables import method_table
+from analysis.tables import method_table, to_latex, to_markdown
 from analysis.tsne import collect_hidden_states, save_hidden_states, tsne_embed
 from pruning.errors import CalibrationError, ConfigError, ToolkitError
 from pruning.pools import alpha_rule_k
@@ -260,3 +260,27 @@ def test_palette_is_seaborn_colorblind():
     from analysis.style import PALETTE
 
     assert list(PALETTE) == sns.color_palette("colorblind").as_hex()
+
+
+def test_tables_right_align_exactly_the_numeric_columns():
+    table = (["method", "50%", "2:4", "note"], [["atv", "48.47", "–", "ok"], ["wanda", "40.78", "41.29", "x"]])
+    assert to_markdown(table).splitlines()[1] == "|---|---:|---:|---|"
+    assert r"\begin{tabular}{lrrl}" in to_latex(table)
+
+
+def test_saved_figures_are_byte_identical_across_runs(tmp_path):
+    import time
+
+    import matplotlib.pyplot as plt
+
+    from analysis.style import save_figure
+
+    contents = []
+    for run in ("a", "b"):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        paths = save_figure(fig, tmp_path / run / "line", formats=("png", "pdf"))
+        plt.close(fig)
+        contents.append([p.read_bytes() for p in paths])
+        time.sleep(1.1)  # a creation date, if written, would now differ
+    assert contents[0] == contents[1]
