@@ -19,20 +19,11 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from prune_speed import _load
-
-
-def _time(model, batches) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        for batch in batches:
-            model(**batch, use_cache=False)
-    return time.perf_counter() - start
+from prune_speed import forward_time, load_inputs
 
 
 def measure(model, batches, repeats: int) -> dict:
@@ -46,11 +37,11 @@ def measure(model, batches, repeats: int) -> dict:
     probe.prune_path_("text", PruneConfig("magnitude", sparsity=0.5), progress=False)
     variants = {"original": model, "probe": unpruned, "probe_text_pruned": pruned}
     for m in variants.values():
-        _time(m, batches[:1])  # warm-up
+        forward_time(m, batches[:1])  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, m in variants.items():
-            times[name].append(_time(m, batches))
+            times[name].append(forward_time(m, batches))
     median = {k: statistics.median(v) for k, v in times.items()}
     routed_weights = sum(p.numel() for r in probe.routed_linears() for p in r.base.parameters())
     return {
@@ -84,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     records = {}
     for size in args.batch_sizes:
-        model, batches = _load(argparse.Namespace(**vars(args), batch_size=size))
+        model, batches = load_inputs(argparse.Namespace(**vars(args), batch_size=size))
         record = records[size] = measure(model.eval(), batches, args.repeats)
         print(f"batch size {size} (visual tokens: {100 * record['visual_fraction']:.0f}%): forward time ratio "
               f"unpruned probe / original {record['ratio_probe']:.3f}, "

@@ -76,7 +76,7 @@ def default_model_inputs(cache: Path | None) -> tuple[Path, Path, Path]:
     return model_dir, suite / "calib.json", suite
 
 
-def _load(args: argparse.Namespace, offload_folder: str | None = None):
+def load_inputs(args: argparse.Namespace, offload_folder: str | None = None):
     if args.synthetic:
         return synthetic_qwen2_vl(samples=args.nsamples, batch_size=getattr(args, "batch_size", 1))
     from pruning.data import load_llava_conversations
@@ -88,7 +88,7 @@ def _load(args: argparse.Namespace, offload_folder: str | None = None):
     return model, batches
 
 
-def _forward_time(model, batches) -> float:
+def forward_time(model, batches) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
@@ -102,13 +102,13 @@ def run_one(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="prune-speed-offload-") as folder:
-        model, batches = _load(args, folder if args.offload else None)
-        _forward_time(model, batches[:1])  # warm-up
-        before = _forward_time(model, batches)
+        model, batches = load_inputs(args, folder if args.offload else None)
+        forward_time(model, batches[:1])  # warm-up
+        before = forward_time(model, batches)
         extra = {"schedule": args.schedule} if args.method == "atv" else {}
         report = prune_(model, PruneConfig(args.method, sparsity=0.5, offload=args.offload, **extra), batches,
                         progress=False)
-        after = _forward_time(model, batches)
+        after = forward_time(model, batches)
     t_fwd = (before + after) / 2
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"method": args.method, "offload": args.offload, "t_fwd": t_fwd, "t_fwd_before": before,
