@@ -1,6 +1,6 @@
 """Sensitivity curves of the MoT probe and the comparison of pruning methods, from result records.
 
-Probe records (``atv probe``, one per cell; see :mod:`mot_probe.study`)::
+Probe records (``atv probe``, one per cell; see :mod:`atv.experiments.probe_study`)::
 
     {"cell": {"pathway": "text", "pool": "visual", "sparsity": 0.5}, "mean_retention": 94.3,
      "retention": {bench: %}, "scores": {bench: %}}          # dense: {"cell": {"pathway": "dense"}, ...}

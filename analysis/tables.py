@@ -1,6 +1,6 @@
 """Tables of the study: pure functions from result records to rows, and rows to Markdown / CSV / LaTeX.
 
-A *probe record* (one per finished cell of ``atv probe``, see :mod:`mot_probe.study`) looks like::
+A *probe record* (one per finished cell of ``atv probe``, see :mod:`atv.experiments.probe_study`) looks like::
 
     {"cell": {"pathway": "text", "pool": "visual", "sparsity": 0.5}, "mean_retention": 94.3,
      "retention": {"bench": 95.0, ...}, "scores": {"bench": 61.0, ...}}

@@ -39,7 +39,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 def _prune(args: argparse.Namespace) -> int:
     from pruning.config import PruneConfig
-    from pruning.run import PruneJob, run_prune_job
+    from atv.experiments.prune_job import PruneJob, run_prune_job
 
     extra = {"targets": tuple(args.targets)} if args.targets else {}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, pool=args.pool,
@@ -77,7 +77,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 
 def _probe(args: argparse.Namespace) -> int:
     from analysis.tables import to_markdown
-    from mot_probe.study import ProbeJob, StudyConfig, run_probe_job
+    from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
 
     config = StudyConfig(pathways=tuple(args.pathways), pools=tuple(args.pools), sparsities=tuple(args.sparsities),
                          method=args.method, seed=args.seed, batch_size=args.batch_size)
@@ -103,7 +103,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from atv.demo import DemoConfig, run_demo
+    from atv.experiments.demo import DemoConfig, run_demo
 
     config = DemoConfig(out=args.out, quick=args.quick, seed=args.seed, nsamples=args.nsamples, n_eval=args.n_eval,
                         calib_batch_size=args.calib_batch_size, cache_dir=args.cache_dir)
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     default_model.register(sub)
     from analysis import figures as analysis_figures  # atv figures
     analysis_figures.register(sub)
-    from evaluation import eval_job  # atv eval
+    from atv.experiments import eval_job  # atv eval
     eval_job.register(sub)
     return parser
 

@@ -13,6 +13,11 @@ Example::
     print(retention(pruned_report, dense_report).mean)
 """
 
+# How to get the optional lmms-eval bridge (checked before any model loads).
+INSTALL_HINT = ('install the lmms-eval extra: pip install -e ".[lmms]" (with a CPU-only torch, beside which '
+                "PyPI's torchvision does not work: pip install --no-deps lmms-eval==0.7.3 && pip install loguru "
+                'sacrebleu evaluate pytz tenacity pytablewriter "filelock<4.3")')
+
 from .benchmarks import Benchmark, BenchmarkError, ChoiceItem, OpenItem, TextItem, load_benchmark
 from .harness import (FidelityReference, build_prompt, evaluate, fidelity_reference, score_choice, score_fidelity,
                       score_open)

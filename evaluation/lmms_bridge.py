@@ -7,7 +7,7 @@ A probe model exists only in memory, so the bridge wraps a model *object* with i
     results = simple_evaluate(model=ATVModel(model=model, processor=processor), tasks=["pope"])
 
 or, from the command line, a model folder (optionally re-pruned as a probe cell, see
-:mod:`evaluation.eval_job`)::
+:mod:`atv.experiments.eval_job`)::
 
     lmms-eval --model atv --model_args pretrained=DIR,probe_from=runs/probe/results.jsonl:text/visual/0.5 --tasks pope
 
@@ -45,9 +45,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from pruning.errors import ConfigError, ToolkitError
 
-from . import metrics
+from . import INSTALL_HINT, metrics
 from .benchmarks import CHOICE, OPEN, Benchmark, load_benchmark
-from .eval_job import INSTALL_HINT
 from .harness import build_prompt, encode, forward_rows, inference, real_positions, to_model, tokenizer_of
 from .reports import BenchmarkResult
 
@@ -167,7 +166,7 @@ class ATVModel(lmms):
 
     Either ``model`` + ``processor`` (Python), or ``pretrained`` (a model folder, as
     ``--model_args pretrained=DIR`` gives it) with optional ``probe_from`` (``RESULTS:pathway/pool/sparsity``,
-    see :class:`evaluation.eval_job.ProbeCell`), ``calib``/``images`` overrides, ``dtype`` and ``device``.
+    see :class:`atv.experiments.eval_job.ProbeCell`), ``calib``/``images`` overrides, ``dtype`` and ``device``.
     ``batch_size`` requests per forward; ``max_new_tokens`` when a task sets none.
     """
 
@@ -200,7 +199,7 @@ class ATVModel(lmms):
                                   "the probe yourself (mot_probe.attach_probe_)")
             self.model, self.processor = model, processor
         else:
-            from .eval_job import ProbeCell, load_eval_model
+            from atv.experiments.eval_job import ProbeCell, load_eval_model
 
             cell = ProbeCell.parse(probe_from) if probe_from else None
             loaded = load_eval_model(Path(pretrained), cell, calib=Path(calib) if calib else None,

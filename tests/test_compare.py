@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.compare import CompareConfig, run_method_comparison, setting_config
+from atv.experiments.compare import CompareConfig, run_method_comparison, setting_config
 from pruning.errors import ConfigError
 from tiny_models import build_tiny
 from tiny_processors import make_processor

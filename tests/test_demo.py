@@ -5,7 +5,7 @@ import json
 import pytest
 
 from atv.cli import main
-from atv.demo import DemoConfig, run_demo
+from atv.experiments.demo import DemoConfig, run_demo
 from pruning.errors import ConfigError
 from tiny_models import build_tiny
 from tiny_processors import save_model_dir

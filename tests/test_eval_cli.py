@@ -10,7 +10,7 @@ import pytest
 
 from atv.cli import main
 from evaluation import evaluate
-from evaluation.eval_job import EvalJob, ProbeCell, read_dense_scores, run_eval_job
+from atv.experiments.eval_job import EvalJob, ProbeCell, read_dense_scores, run_eval_job
 from pruning.errors import ConfigError
 from pruning.io import load_model
 from tiny_models import build_tiny

@@ -22,7 +22,7 @@ from evaluation import evaluate  # noqa: E402
 from evaluation.lmms_bridge import (ATVModel, LmmsTask, _StopSequences, bridge_prompt, cut_at_stop,  # noqa: E402
                                     manifest, register, task_manager, write_lmms_task)
 from mot_probe import attach_probe_, probe_pool  # noqa: E402
-from mot_probe.study import StudyConfig, run_probe_study  # noqa: E402
+from atv.experiments.probe_study import StudyConfig, run_probe_study  # noqa: E402
 from pruning.config import PruneConfig  # noqa: E402
 from pruning.data import load_llava_conversations  # noqa: E402
 from pruning.errors import ConfigError  # noqa: E402

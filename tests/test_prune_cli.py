@@ -10,7 +10,7 @@ from atv.cli import main
 from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
 from pruning.errors import CalibrationError, OutputExistsError
-from pruning.run import PruneJob, run_prune_job
+from atv.experiments.prune_job import PruneJob, run_prune_job
 from tiny_models import build_tiny
 from tiny_processors import make_processor, save_model_dir, write_calibration
 

@@ -1,7 +1,7 @@
 """The MoT sensitivity study: prune one pathway with one calibration pool at one sparsity, evaluate,
 restore, and repeat over the grid pathway x pool x sparsity (plus the dense baseline).
 
-Results go to a :class:`evaluation.records.ResultLog` (``OUT/results.jsonl``, one fsynced record per
+Results go to a :class:`atv.experiments.records.ResultLog` (``OUT/results.jsonl``, one fsynced record per
 finished cell; ``OUT/study.json`` pins the setup), so an interrupted study re-run with the same
 arguments computes only the missing cells.
 
@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from analysis.tables import probe_table, write_table
 from evaluation import Benchmark, EvalReport, evaluate, load_benchmark
-from evaluation.compare import cell_record, load_reference
-from evaluation.records import ResultLog
+from atv.experiments.compare import cell_record, load_reference
+from atv.experiments.records import ResultLog
 from pruning.config import METHODS, PruneConfig
 from pruning.errors import ConfigError
 
-from .routing import PATHS
-from .surgery import PROBE_POOLS, attach_probe_, get_probe, probe_pool
+from mot_probe.routing import PATHS
+from mot_probe.surgery import PROBE_POOLS, attach_probe_, get_probe, probe_pool
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     """Load the model and the calibration data, then run or resume the study (``atv probe``)."""
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
-    from pruning.run import seed_everything
+    from atv.experiments.prune_job import seed_everything
 
     benches = [load_benchmark(path) for path in job.benchmarks]  # bad benchmark files fail before any loading
     seed_everything(job.config.seed)

@@ -24,10 +24,10 @@ from pruning.config import METHODS, PruneConfig, parse_pattern
 from pruning.engine import prune_
 from pruning.errors import ConfigError, ToolkitError
 
-from .benchmarks import Benchmark, load_benchmark
-from .harness import FidelityReference, evaluate, fidelity_reference
+from evaluation.benchmarks import Benchmark, load_benchmark
+from evaluation.harness import FidelityReference, evaluate, fidelity_reference
 from .records import ResultLog
-from .reports import EvalReport, RetentionReport, retention
+from evaluation.reports import EvalReport, RetentionReport, retention
 
 log = logging.getLogger(__name__)
 

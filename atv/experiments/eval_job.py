@@ -38,16 +38,13 @@ from torch import nn
 
 from pruning.errors import ConfigError, ToolkitError
 
-from .benchmarks import FIDELITY, Benchmark, load_benchmark
-from .harness import evaluate, fidelity_reference
+from evaluation.benchmarks import FIDELITY, Benchmark, load_benchmark
+from evaluation import INSTALL_HINT
+from evaluation.harness import evaluate, fidelity_reference
 from .records import RESULTS, SETUP, read_records
-from .reports import retention
+from evaluation.reports import retention
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = ('install the lmms-eval extra: pip install -e ".[lmms]" (with a CPU-only torch, beside which '
-                "PyPI's torchvision does not work: pip install --no-deps lmms-eval==0.7.3 && pip install loguru "
-                'sacrebleu evaluate pytz tenacity pytablewriter "filelock<4.3")')
 
 
 # -- probe cells -------------------------------------------------------------------------------------
@@ -208,7 +205,7 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     from mot_probe.surgery import attach_probe_, probe_pool
     from pruning.config import PruneConfig
     from pruning.data import load_llava_conversations
-    from pruning.run import seed_everything
+    from atv.experiments.prune_job import seed_everything
 
     setup = read_study_setup(cell, model=model_dir, calib=calib, images=images)
     seed_everything(setup.seed)  # as run_probe_job, before loading model and calibration
@@ -350,7 +347,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
                           "(or --probe-from, whose dense model is the reference)")
     manager = None
     if lmms_names:
-        from .lmms_bridge import task_manager
+        from evaluation.lmms_bridge import task_manager
 
         manager = task_manager(job.lmms_include, job.lmms_defaults)
         unknown = [t for t in lmms_names if t not in manager.all_tasks]
@@ -376,7 +373,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
         tasks += [TaskScore(r.name, "harness", f"{r.kind} score (%)", r.score, dict(r.metrics), r.n)
                   for r in report.results]
     if lmms_names:
-        from .lmms_bridge import run_lmms_tasks
+        from evaluation.lmms_bridge import run_lmms_tasks
 
         scores = run_lmms_tasks(loaded.model, loaded.processor, lmms_names, manager=manager,
                                 batch_size=job.batch_size, limit=job.limit, seed=job.seed)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PruneConfig
-from .data import load_llava_conversations
-from .engine import PruneReport, prune_
-from .errors import CalibrationError
-from .io import check_output_dir, load_model, save_pruned
+from pruning.config import PruneConfig
+from pruning.data import load_llava_conversations
+from pruning.engine import PruneReport, prune_
+from pruning.errors import CalibrationError
+from pruning.io import check_output_dir, load_model, save_pruned
 
 
 @dataclass

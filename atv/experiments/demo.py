@@ -92,11 +92,11 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     """Run (or resume) every step of the demo; see the module docstring."""
     from analysis.tables import method_table, probe_table, scores_table, to_markdown
     from atv.default_model import build_default_model
-    from evaluation.compare import CompareConfig, run_method_comparison
-    from mot_probe.study import StudyConfig, run_probe_study
+    from atv.experiments.compare import CompareConfig, run_method_comparison
+    from atv.experiments.probe_study import StudyConfig, run_probe_study
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
-    from pruning.run import seed_everything
+    from atv.experiments.prune_job import seed_everything
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
