@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "atv"  # lmms-eval --model atv
 DEFAULT_MAX_NEW_TOKENS = 128  # when a task sets no max_new_tokens
+
+
+# Re-creates a probe cell from a model folder for ``probe_from=``. The study code that knows how lives in a
+# higher layer (atv.experiments.eval_job), which registers it here: this module never imports its users.
+_cell_loader: Callable[..., tuple[nn.Module, Any]] | None = None
+
+
+def set_cell_loader(loader: Callable[..., tuple[nn.Module, Any]]) -> None:
+    """Register ``loader(model_dir, probe_from, *, calib, images, dtype, device) -> (model, processor)``."""
+    global _cell_loader
+    _cell_loader = loader
 
 
 class LmmsEvalMissing(ToolkitError, ImportError):
@@ -198,13 +209,18 @@ class ATVModel(lmms):
                 raise ConfigError("probe_from= re-creates a probe from a model folder; with model= attach and prune "
                                   "the probe yourself (mot_probe.attach_probe_)")
             self.model, self.processor = model, processor
+        elif probe_from is not None:
+            if _cell_loader is None:
+                raise ConfigError("probe_from= needs the probe-cell loader of atv.experiments.eval_job (registered "
+                                  "by the `lmms-eval --model atv` entry point, or by importing that module)")
+            self.model, self.processor = _cell_loader(Path(pretrained), probe_from, calib=calib, images=images,
+                                                      dtype=dtype, device=device)
         else:
-            from atv.experiments.eval_job import ProbeCell, load_eval_model
+            if calib is not None or images is not None:
+                raise ConfigError("calib= and images= only re-create a probe cell: give probe_from= too")
+            from pruning.io import load_model
 
-            cell = ProbeCell.parse(probe_from) if probe_from else None
-            loaded = load_eval_model(Path(pretrained), cell, calib=Path(calib) if calib else None,
-                                     images=Path(images) if images else None, dtype=dtype, device=device)
-            self.model, self.processor = loaded.model, loaded.processor
+            self.model, self.processor = load_model(Path(pretrained), dtype, device)
         if getattr(self.processor, "chat_template", None) is None:
             raise ConfigError(f"the processor {type(self.processor).__name__} has no chat template; the bridge "
                               "builds the harness's chat prompt (set processor.chat_template)")
@@ -335,7 +351,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def manifest():
-    """The entry point of group ``lmms_eval.models`` (``atv = "evaluation.lmms_bridge:manifest"``)."""
+    """What lmms-eval's registry needs for ``--model atv`` (the entry point,
+    ``atv.experiments.eval_job:lmms_manifest``, also registers the probe-cell loader)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.{ATVModel.__name__}")

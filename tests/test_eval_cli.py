@@ -153,3 +153,22 @@ def test_lmms_task_without_lmms_eval_says_how_to_install(study, capsys, monkeypa
     code, _, err = _eval(capsys, "--model", model_dir, "--tasks", CHOICE, "pope")
     assert code == 2
     assert "['pope'] are lmms-eval task names" in err and 'pip install -e ".[lmms]"' in err
+
+
+def test_bridge_probe_from_uses_the_loader_the_entry_point_registers(study, monkeypatch):
+    """`lmms-eval --model atv --model_args pretrained=DIR,probe_from=CELL`: the entry point registers the
+    experiments layer's cell loader; the bridge then holds the same pruned weights as `atv eval` re-creates."""
+    lmms_bridge = pytest.importorskip("evaluation.lmms_bridge", exc_type=ImportError)
+    from atv.experiments.eval_job import lmms_manifest, load_eval_model
+
+    _, model_dir, out_dir = study
+    spec = f"{out_dir}:text/visual/0.5"
+    monkeypatch.setattr(lmms_bridge, "_cell_loader", None)
+    with pytest.raises(ConfigError, match="probe-cell loader"):
+        lmms_bridge.ATVModel(pretrained=str(model_dir), probe_from=spec)
+    assert lmms_manifest().model_id == "atv"
+    lm = lmms_bridge.ATVModel(pretrained=str(model_dir), probe_from=spec)
+    expected = load_eval_model(None, ProbeCell.parse(spec)).model.state_dict()
+    got = lm.model.state_dict()
+    assert sorted(got) == sorted(expected)
+    assert all(got[k].equal(expected[k]) for k in got)

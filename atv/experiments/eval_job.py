@@ -223,6 +223,22 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     return LoadedModel(model, processor, setup, prune, reference)
 
 
+def load_cell_for_bridge(model_dir: Path, probe_from: str, *, calib: str | None = None, images: str | None = None,
+                         dtype: str | None = None, device: str | None = None) -> tuple[nn.Module, Any]:
+    """The lmms-eval bridge's ``probe_from=`` loader: the probe cell re-created in memory, with its processor."""
+    loaded = load_eval_model(model_dir, ProbeCell.parse(probe_from), calib=Path(calib) if calib else None,
+                             images=Path(images) if images else None, dtype=dtype, device=device)
+    return loaded.model, loaded.processor
+
+
+def lmms_manifest():
+    """Entry point of group ``lmms_eval.models``: ``--model atv``, with ``probe_from=`` support registered."""
+    from evaluation import lmms_bridge
+
+    lmms_bridge.set_cell_loader(load_cell_for_bridge)
+    return lmms_bridge.manifest()
+
+
 # -- the job ------------------------------------------------------------------------------------------
 
 
@@ -459,5 +475,5 @@ def _lmms_logs_to_stderr() -> None:
 
 
 __all__ = ["EvalJob", "EvalResult", "LoadedModel", "ProbeCell", "StudySetup", "TaskScore", "is_harness_task",
-           "load_eval_model", "read_dense_scores", "read_study_setup", "register", "require_lmms_eval",
+           "load_cell_for_bridge", "load_eval_model", "lmms_manifest", "read_dense_scores", "read_study_setup", "register", "require_lmms_eval",
            "run_eval_job"]
