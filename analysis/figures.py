@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pruning.errors import ToolkitError
+from pruning.io import read_log
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +134,10 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
 
 
 def _probe(maker: _Maker) -> None:
-    from .sensitivity import read_records, sensitivity_figure
+    from .sensitivity import sensitivity_figure
     from .tables import probe_table
 
-    records = maker.load(["sensitivity", "probe_table"], PROBE_RECORDS, read_records)
+    records = maker.load(["sensitivity", "probe_table"], PROBE_RECORDS, read_log)
     if records is None:
         return
     maker.figure("sensitivity", lambda: sensitivity_figure(records))
@@ -144,10 +145,10 @@ def _probe(maker: _Maker) -> None:
 
 
 def _methods(maker: _Maker) -> None:
-    from .sensitivity import method_figure, read_records
+    from .sensitivity import method_figure
     from .tables import method_table
 
-    records = maker.load(["methods_retention", "methods_scores", "method_table"], METHOD_RECORDS, read_records)
+    records = maker.load(["methods_retention", "methods_scores", "method_table"], METHOD_RECORDS, read_log)
     if records is None:
         return
     maker.figure("methods_retention", lambda: method_figure(records, "retention"))

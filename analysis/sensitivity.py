@@ -10,8 +10,8 @@ Method records (one per method x setting; dense: ``{"method": "dense", "setting"
     {"cell": {"method": "atv", "setting": "50%"}, "scores": {bench: %}, "retention": {bench: %},
      "mean_retention": 97.1}
 
-Both live in JSONL files (``DIR/probe/results.jsonl``, ``DIR/methods/results.jsonl``); use
-:func:`method_record` and :func:`write_records` to produce the second.
+Both live in JSONL files (``DIR/probe/results.jsonl``, ``DIR/methods/results.jsonl``), written by the
+studies of :mod:`atv.experiments` (:func:`write_records` writes records built elsewhere).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pruning.errors import ConfigError, ToolkitError
+from pruning.errors import ConfigError
 
 from .style import DENSE_COLOR, PATHWAY_LINESTYLES, POOL_COLORS, color_for, new_figure, style_context, wrap_label
 
@@ -34,42 +34,12 @@ VALUES = ("retention", "scores")
 
 
 # -- records I/O ---------------------------------------------------------------------------------
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (a run killed mid-write) is dropped with a warning."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines):
-                raise ToolkitError(f"{path}:{number}: corrupt result record") from None
-            log.warning("%s: dropping an unfinished last record", path)
-    return records
-
-
 def write_records(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Write records as JSONL (one JSON object per line), replacing the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(dict(r)) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def method_record(method: str, setting: str, scores: Mapping[str, float],
-                  dense_scores: Mapping[str, float] | None) -> dict[str, Any]:
-    """A method record; retention is computed against ``dense_scores`` (None for the dense record itself)."""
-    dense_scores = dict(scores) if dense_scores is None else dict(dense_scores)
-    zero = [b for b in scores if dense_scores.get(b, 0) <= 0]
-    if zero or set(scores) != set(dense_scores):
-        raise ConfigError(f"retention needs the same benchmarks with positive dense scores; bad: "
-                          f"{zero or sorted(set(scores) ^ set(dense_scores))}")
-    kept = {b: 100.0 * scores[b] / dense_scores[b] for b in scores}
-    return {"cell": {"method": method, "setting": setting}, "scores": dict(scores), "retention": kept,
-            "mean_retention": sum(kept.values()) / len(kept)}
 
 
 # -- probe sensitivity ---------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from .benchmarks import Benchmark, BenchmarkError, ChoiceItem, OpenItem, TextIte
 from .harness import (FidelityReference, build_prompt, evaluate, fidelity_reference, score_choice, score_fidelity,
                       score_open)
 from .metrics import normalize_answer, vqa_accuracy
-from .reports import BenchmarkResult, EvalReport, ItemResult, RetentionReport, retention
+from .reports import BenchmarkResult, EvalReport, ItemResult, RetentionReport, defined_retention, retention
 
 __all__ = [
     "Benchmark", "BenchmarkError", "BenchmarkResult", "ChoiceItem", "EvalReport", "FidelityReference", "ItemResult",
-    "OpenItem", "RetentionReport", "TextItem", "build_prompt", "evaluate", "fidelity_reference", "load_benchmark",
-    "normalize_answer", "retention", "score_choice", "score_fidelity", "score_open", "vqa_accuracy",
+    "OpenItem", "RetentionReport", "TextItem", "build_prompt", "defined_retention", "evaluate", "fidelity_reference",
+    "load_benchmark", "normalize_answer", "retention", "score_choice", "score_fidelity", "score_open", "vqa_accuracy",
 ]

@@ -6,11 +6,14 @@ Every report is a dataclass with ``to_dict()`` giving plain JSON-serialisable va
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from .benchmarks import KINDS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,3 +129,19 @@ def retention(pruned: EvalReport | Mapping[str, float], dense: EvalReport | Mapp
                          f"({[dense_scores[n] for n in zero]})")
     per = {name: 100.0 * pruned_scores[name] / dense_scores[name] for name in dense_scores}
     return RetentionReport(per_benchmark=per, mean=sum(per.values()) / len(per))
+
+
+def defined_retention(pruned: Mapping[str, float], dense: Mapping[str, float]) -> RetentionReport | None:
+    """:func:`retention` over the benchmarks it is defined on: those of ``pruned`` that ``dense`` scores
+    above 0 (the rest are named in a warning); None when there is none.
+
+    >>> defined_retention({"a": 30.0, "b": 5.0, "c": 1.0}, {"a": 60.0, "b": 0.0}).to_dict()
+    {'per_benchmark': {'a': 50.0}, 'mean': 50.0}
+    """
+    shared = [name for name in pruned if dense.get(name, 0) > 0 and math.isfinite(dense[name])]
+    skipped = sorted(set(pruned) - set(shared))
+    if skipped:
+        log.warning("no retention for %s (missing from the dense results, or dense score 0)", skipped)
+    if not shared:
+        return None
+    return retention({n: pruned[n] for n in shared}, {n: dense[n] for n in shared})

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .errors import OutputExistsError, UnsupportedModelError
+from .errors import OutputExistsError, ToolkitError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +117,22 @@ def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_di
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     log.info("saved pruned model to %s", out)
     return out
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an append-only JSON Lines log (blank lines skipped); a torn last line, left by a run
+    killed mid-write, is dropped with a warning, while a corrupt line before it is an error naming it."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out") \
+                    from None
+            log.warning("%s: dropping an unfinished last record", path)
+    return records

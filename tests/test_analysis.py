@@ -10,7 +10,8 @@ from analysis.drift import collect_drift, grid_side, load_drift, overlay_layout,
 from analysis.figures import make_figures
 from analysis.masks import (collect_pool_masks, iou_table, load_pool_masks, mask_iou, pack_mask, save_pool_masks,
                             split_name, unpack_mask)
-from analysis.sensitivity import method_comparison, method_record, sensitivity_curves, write_records
+from analysis.sensitivity import method_comparison, sensitivity_curves, write_records
+from atv.experiments.cells import cell_record
 from analysis.tables import method_table, to_latex, to_markdown
 from analysis.tsne import collect_hidden_states, save_hidden_states, tsne_embed
 from pruning.errors import CalibrationError, ConfigError, ToolkitError
@@ -39,10 +40,11 @@ def _probe_records():
 
 def _method_records():
     dense = {"vqa": 50.0, "pope": 80.0}
-    records = [method_record("dense", "dense", dense, None)]
+    records = [cell_record({"method": "dense", "setting": "dense"}, dense, None, None)]
     for setting, drop in (("50%", 0.95), ("2:4", 0.8)):
         for method, factor in (("wanda", 0.98), ("atv", 1.0)):
-            records.append(method_record(method, setting, {b: v * drop * factor for b, v in dense.items()}, dense))
+            scores = {b: v * drop * factor for b, v in dense.items()}
+            records.append(cell_record({"method": method, "setting": setting}, scores, None, records[0]))
     return records
 
 
@@ -194,8 +196,8 @@ def test_bad_records_raise():
         method_comparison([])
     with pytest.raises(ConfigError, match="value must be"):
         method_comparison(_method_records(), "accuracy")
-    with pytest.raises(ConfigError, match="retention needs"):
-        method_record("atv", "50%", {"vqa": 1.0}, {"vqa": 0.0})
+    with pytest.raises(ToolkitError, match="retention is undefined"):
+        cell_record({"method": "atv", "setting": "50%"}, {"vqa": 1.0}, None, {"scores": {"vqa": 0.0}})
 
 
 # -- make_figures and the CLI ------------------------------------------------------------------------

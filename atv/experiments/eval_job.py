@@ -41,8 +41,9 @@ from pruning.errors import ConfigError, ToolkitError
 from evaluation.benchmarks import FIDELITY, Benchmark, load_benchmark
 from evaluation import INSTALL_HINT
 from evaluation.harness import evaluate, fidelity_reference
+from .cells import prune_summary
 from .records import RESULTS, SETUP, read_records
-from evaluation.reports import retention
+from evaluation.reports import defined_retention
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,7 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     config = PruneConfig(setup.method, sparsity=cell.sparsity, pool=probe_pool(cell.pool), seed=setup.seed)
     report = probe.prune_path_(cell.pathway, config, calibration, progress=progress)
     log.info("re-created probe cell %s: %s path at %.3f sparsity", cell.label, cell.pathway, report.sparsity)
-    prune = {"mean_sparsity": report.sparsity, "seconds": report.seconds}
-    return LoadedModel(model, processor, setup, prune, reference)
+    return LoadedModel(model, processor, setup, prune_summary(report), reference)
 
 
 def load_cell_for_bridge(model_dir: Path, probe_from: str, *, calib: str | None = None, images: str | None = None,
@@ -337,17 +337,6 @@ def read_dense_scores(path: Path) -> dict[str, float]:
         raise ConfigError(f"--dense-results {str(path)!r} is not an `atv eval` result JSON ({err})") from None
 
 
-def _retention(scores: Mapping[str, float], dense: Mapping[str, float]) -> tuple[dict[str, float], float] | None:
-    shared = [n for n in scores if n in dense and dense[n] > 0]
-    skipped = sorted(set(scores) - set(shared))
-    if skipped:
-        log.warning("no retention for %s (missing from the dense results, or dense score 0)", skipped)
-    if not shared:
-        return None
-    report = retention({n: scores[n] for n in shared}, {n: dense[n] for n in shared})
-    return report.per_benchmark, report.mean
-
-
 def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalResult:
     """Check everything cheap, load (or re-create) the model, score every task, compare to the dense run."""
     start = time.perf_counter()
@@ -406,9 +395,9 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
                  "recorded_scores": setup.record["scores"] if setup.record else None}
     result = EvalResult(str(loaded.setup.model if loaded.setup else job.model), probe, tasks)
     if dense is not None:
-        kept = _retention(result.scores(), dense)
+        kept = defined_retention(result.scores(), dense)
         if kept is not None:
-            result.retention, result.mean_retention = kept
+            result.retention, result.mean_retention = kept.per_benchmark, kept.mean
     result.seconds = round(time.perf_counter() - start, 2)
     if job.out is not None:
         job.out.parent.mkdir(parents=True, exist_ok=True)

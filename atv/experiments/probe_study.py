@@ -1,7 +1,7 @@
 """The MoT sensitivity study: prune one pathway with one calibration pool at one sparsity, evaluate,
 restore, and repeat over the grid pathway x pool x sparsity (plus the dense baseline).
 
-Results go to a :class:`atv.experiments.records.ResultLog` (``OUT/results.jsonl``, one fsynced record per
+Results go to a :class:`~atv.experiments.records.ResultLog` (``OUT/results.jsonl``, one fsynced record per
 finished cell; ``OUT/study.json`` pins the setup), so an interrupted study re-run with the same
 arguments computes only the missing cells.
 
@@ -21,19 +21,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analysis.tables import probe_table, write_table
-from evaluation import Benchmark, EvalReport, evaluate, load_benchmark
-from atv.experiments.compare import cell_record, load_reference
-from atv.experiments.records import ResultLog
+from evaluation import Benchmark, load_benchmark
 from pruning.config import METHODS, PruneConfig
+from pruning.engine import PruneReport
 from pruning.errors import ConfigError
 
 from mot_probe.routing import PATHS
-from mot_probe.surgery import PROBE_POOLS, attach_probe_, get_probe, probe_pool
+from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
+
+from .cells import REFERENCE, check_choices, evaluate_all, load_reference, open_benchmarks, open_log, run_cells, score_cell
 
 log = logging.getLogger(__name__)
-
-REFERENCE = "fidelity_reference.pt"
-
 
 @dataclass
 class StudyConfig:
@@ -48,9 +46,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         self.pathways, self.pools = tuple(self.pathways), tuple(self.pools)
         self.sparsities = tuple(float(s) for s in self.sparsities)
-        bad = [p for p in self.pathways if p not in PATHS]
-        if bad or not self.pathways:
-            raise ConfigError(f"unknown pathway {bad or '(none)'}; choose from {PATHS}")
+        check_choices("pathway", self.pathways, PATHS)
         for pool in self.pools:
             probe_pool(pool)
         if not self.pools:
@@ -91,54 +87,38 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
     called with each new record (tests use it to interrupt a run).
     """
     config = config or StudyConfig()
-    out_dir = Path(out_dir)
-    benches = [b if isinstance(b, Benchmark) or hasattr(b, "evaluate") else load_benchmark(b) for b in benchmarks]
-    setup = {"config": asdict(config), "benchmarks": [b.name for b in benches],
-             "calibration_batches": len(calibration), **dict(setup_extra or {})}
-    results = ResultLog(out_dir, setup)
+    benches = open_benchmarks(benchmarks)
+    results = open_log(out_dir, config, benches, calibration, setup_extra)
     cells = config.cells()
-    todo = [c for c in cells if not results.done(c)]
     probe = attach_probe_(model)
     try:
-        reference = load_reference(out_dir / REFERENCE, model, processor, benches, progress)
-        for cell in tqdm(todo, desc="probe cells", disable=not progress):
-            dense = results.find(cells[0])
-            record = _run_cell(model, processor, calibration, benches, reference, config, cell, dense, progress)
-            results.append(record)
-            if on_cell is not None:
-                on_cell(record)
+        reference = load_reference(results.out_dir / REFERENCE, model, processor, benches, progress)
+
+        def compute(cell: dict[str, Any], dense: dict[str, Any] | None) -> dict[str, Any]:
+            try:
+                return score_cell(cell, lambda: _prune_path(probe, calibration, config, cell),
+                                  lambda: evaluate_all(model, processor, benches, reference=reference,
+                                                       batch_size=config.batch_size,
+                                                       max_new_tokens=config.max_new_tokens, progress=progress,
+                                                       seed=config.seed), dense)
+            finally:
+                probe.reset_()
+
+        computed = run_cells(results, cells, compute, desc="probe cells", progress=progress, on_cell=on_cell)
     finally:
         probe.unload()
-    result = StudyResult(out_dir, results.ordered(cells), computed=len(todo))
-    result.tables = write_table(result.table, "probe_table", out_dir)
+    result = StudyResult(results.out_dir, results.ordered(cells), computed=computed)
+    result.tables = write_table(result.table, "probe_table", results.out_dir)
     return result
 
 
-def _run_cell(model, processor, calibration, benches, reference, config: StudyConfig, cell: dict[str, Any],
-              dense: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
-    start = time.perf_counter()
-    probe, prune_summary = get_probe(model), None
-    if cell["pathway"] != "dense":
-        prune_config = PruneConfig(config.method, sparsity=cell["sparsity"], pool=probe_pool(cell["pool"]),
-                                   seed=config.seed)
-        report = probe.prune_path_(cell["pathway"], prune_config, calibration, progress=False)
-        prune_summary = {"mean_sparsity": report.sparsity, "seconds": report.seconds,
-                         "pooled_tokens": [layer.pooled_tokens for layer in report.layers]}
-    try:
-        scores = _evaluate(model, processor, benches, reference=reference, batch_size=config.batch_size,
-                           max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
-    finally:
-        probe.reset_()
-    return cell_record(cell, scores, prune_summary, dense, time.perf_counter() - start)
-
-
-def _evaluate(model, processor, benches, **kwargs) -> EvalReport:
-    """The harness on Benchmark objects; any other benchmark scores itself with ``evaluate(model, processor)``
-    -> BenchmarkResult (e.g. ``evaluation.lmms_bridge.LmmsTask``: an lmms-eval task through the bridge)."""
-    own = [b for b in benches if isinstance(b, Benchmark)]
-    report = evaluate(model, processor, own, **kwargs) if own else None
-    results = [report[b.name] if isinstance(b, Benchmark) else b.evaluate(model, processor) for b in benches]
-    return EvalReport(results, seed=kwargs.get("seed", 0))
+def _prune_path(probe, calibration, config: StudyConfig, cell: dict[str, Any]) -> PruneReport | None:
+    """Prune the cell's path with its pool (nothing for the dense cell)."""
+    if cell["pathway"] == "dense":
+        return None
+    prune_config = PruneConfig(config.method, sparsity=cell["sparsity"], pool=probe_pool(cell["pool"]),
+                               seed=config.seed)
+    return probe.prune_path_(cell["pathway"], prune_config, calibration, progress=False)
 
 
 @dataclass

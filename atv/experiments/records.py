@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pruning.errors import ToolkitError
+from pruning.io import read_log
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +26,8 @@ def cell_key(cell: Mapping[str, Any]) -> str:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Finished cells of a results file; a torn last line (a run killed mid-write) is dropped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records, lines = [], path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines):
-                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
-            log.warning("%s: dropping an unfinished last record", path)
-    return records
+    """Finished cells of a results file (none when it does not exist yet); see :func:`pruning.io.read_log`."""
+    return read_log(path) if Path(path).is_file() else []
 
 
 class ResultLog:

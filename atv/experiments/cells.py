@@ -1,0 +1,120 @@
+"""What every grid (probe study, method comparison) shares: the pinned setup, the cell loop, the cell
+runner, the record schema, and the dense fidelity reference.
+
+A record (one JSON line per finished cell)::
+
+    {"cell": {...}, "scores": {bench: %}, "metrics": {bench: {...}}, "prune": {...} | None,
+     "retention": {bench: % of dense}, "mean_retention": float, "seconds": float}
+
+Retention is against the grid's dense cell, over the benchmarks the dense model scores above 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from evaluation import Benchmark, EvalReport, defined_retention, evaluate, load_benchmark
+from evaluation.harness import FidelityReference, fidelity_reference
+from pruning.engine import PruneReport
+from pruning.errors import ConfigError, ToolkitError
+
+from .records import ResultLog
+
+REFERENCE = "fidelity_reference.pt"
+
+
+def check_choices(label: str, values: Sequence[Any], allowed: Iterable[Any]) -> None:
+    """Refuse an empty selection or a value outside ``allowed``, naming both."""
+    allowed = list(allowed)
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ConfigError(f"unknown {label} {bad or '(none)'}; choose from {allowed}")
+
+
+def open_benchmarks(benchmarks: Iterable[Benchmark | str | Path]) -> list[Benchmark]:
+    """Benchmark objects as given (harness benchmarks or anything with ``evaluate``), files loaded."""
+    return [b if isinstance(b, Benchmark) or hasattr(b, "evaluate") else load_benchmark(b) for b in benchmarks]
+
+
+def open_log(out_dir: str | Path, config: Any, benches: Sequence[Benchmark], calibration: Sequence[Any],
+             extra: Mapping[str, Any] | None) -> ResultLog:
+    """The study folder's result log, its setup pinned: the grid config, the benchmarks, the calibration
+    batches and ``extra`` (model folder, calibration file, ...)."""
+    setup = {"config": asdict(config), "benchmarks": [b.name for b in benches],
+             "calibration_batches": len(calibration), **dict(extra or {})}
+    return ResultLog(out_dir, setup)
+
+
+def run_cells(results: ResultLog, cells: list[dict[str, Any]], compute: Callable[[dict, dict | None], dict], *,
+              desc: str, progress: bool, on_cell: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Compute the cells without a record, in order; ``compute(cell, dense_record)`` returns the record,
+    appended (fsynced) at once. ``cells[0]`` is the dense cell. Returns how many were computed."""
+    todo = [c for c in cells if not results.done(c)]
+    for cell in tqdm(todo, desc=desc, disable=not progress):
+        record = compute(cell, results.find(cells[0]))
+        results.append(record)
+        if on_cell is not None:
+            on_cell(record)
+    return len(todo)
+
+
+def prune_summary(report: PruneReport) -> dict[str, Any]:
+    """What a record keeps of a prune report."""
+    return {"mean_sparsity": report.sparsity, "seconds": report.seconds, "config": report.config,
+            "pooled_tokens": [layer.pooled_tokens for layer in report.layers],
+            "k_per_layer": [sum(layer.k_per_sample) for layer in report.layers]}
+
+
+def score_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None], score: Callable[[], EvalReport],
+               dense: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Run one cell: ``prune()`` (None for the dense cell), then ``score()``, into a record."""
+    start = time.perf_counter()
+    report = prune()
+    scores = score()
+    return cell_record(cell, scores, None if report is None else prune_summary(report), dense,
+                       time.perf_counter() - start)
+
+
+def cell_record(cell: Mapping[str, Any], scores: EvalReport | Mapping[str, float], prune: dict[str, Any] | None,
+                dense: Mapping[str, Any] | None, seconds: float = 0.0) -> dict[str, Any]:
+    """One grid cell's record; retention is against the ``dense`` record (the cell itself when None)."""
+    if isinstance(scores, EvalReport):
+        values, metrics = scores.scores(), {r.name: r.metrics for r in scores.results}
+    else:
+        values, metrics = dict(scores), {}
+    record: dict[str, Any] = {"cell": dict(cell), "scores": values, "metrics": metrics, "prune": prune}
+    kept = defined_retention(values, (dense or record)["scores"])
+    if kept is None:
+        raise ToolkitError("the dense model scores 0 on every benchmark: retention is undefined")
+    record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=seconds)
+    return record
+
+
+def evaluate_all(model: nn.Module, processor, benches: Sequence[Any], **kwargs) -> EvalReport:
+    """The harness on Benchmark objects; any other benchmark scores itself with ``evaluate(model, processor)``
+    -> BenchmarkResult (e.g. ``evaluation.lmms_bridge.LmmsTask``: an lmms-eval task through the bridge)."""
+    own = [b for b in benches if isinstance(b, Benchmark)]
+    report = evaluate(model, processor, own, **kwargs) if own else None
+    results = [report[b.name] if isinstance(b, Benchmark) else b.evaluate(model, processor) for b in benches]
+    return EvalReport(results, seed=kwargs.get("seed", 0))
+
+
+def load_reference(path: Path, model: nn.Module, processor, benches: Sequence[Any],
+                   progress: bool) -> FidelityReference | None:
+    """The dense model's fidelity reference, computed once and kept at ``path``."""
+    fidelity = [b for b in benches if getattr(b, "kind", None) == "fidelity"]
+    if not fidelity:
+        return None
+    if path.is_file():
+        return FidelityReference.load(path)
+    reference = fidelity_reference(model, processor, fidelity, progress=progress)
+    tmp = path.with_suffix(".partial")
+    reference.save(tmp)
+    tmp.replace(path)
+    return reference
