@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,20 +192,3 @@ def _drift(maker: _Maker) -> None:
     else:
         maker.figure("drift_patches", lambda: patch_overlay_figure(data))
 
-
-# -- command line --------------------------------------------------------------------------------
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``atv figures`` to the ``atv`` command's subparsers."""
-    p = subparsers.add_parser("figures", help="regenerate every figure and table from a results folder")
-    p.add_argument("--results", type=Path, required=True,
-                   help="results folder (probe/results.jsonl, methods/results.jsonl, analysis/*.pt)")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures)")
-    p.add_argument("--formats", nargs="+", default=["png", "pdf"], help="png | pdf | svg (default: png pdf)")
-    p.add_argument("--seed", type=int, default=0, help="t-SNE seed")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    report = make_figures(args.results, args.out, tuple(args.formats), seed=args.seed)
-    print(report.summary())
-    return 0

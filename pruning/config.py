@@ -22,6 +22,7 @@ from typing import Any
 
 from .adapters import DECODER_PROJ
 from .errors import ConfigError
+from .options import option
 from .pools import POOLS
 
 METHODS = {"magnitude": ("magnitude", None), "wanda": ("wanda", "all"), "atv": ("wanda", "atv"),
@@ -46,24 +47,26 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
 
 @dataclass
 class PruneConfig:
-    method: str = "atv"              # preset: magnitude | wanda | atv | sparsegpt | tamp
-    sparsity: float | None = None    # fraction pruned per output row; None = N/M with a pattern, else 0.5
-    pattern: str | None = None       # 'N:M' semi-structured sparsity, e.g. '2:4'; None = unstructured
-    pool: str | None = None          # calibration pool; None = the method's default
-    alpha: float = 1.0               # ATV alpha rule: k = round(min(1, alpha * mean_drift) * n_text)
-    visual_ratio: float | None = None  # ATV fixed rule: k = round(ratio * n_visual); None = alpha rule
-    targets: tuple[str, ...] = DECODER_PROJ  # Linears to prune, relative to each decoder block
-    layers: tuple[int, ...] | None = None    # decoder layer indices to prune; None = all
-    propagate: str = "pruned"        # next layer's inputs: outputs of the 'pruned' or the 'dense' layer
-    offload_device: str | None = None  # where calibration activations live; None = CPU if the model is not
-    schedule: str = "auto"           # ATV alpha rule: 'two-pass' (stash activations), 'three-pass', or 'auto'
-    stash_budget_gb: float = 4.0     # 'auto' uses two passes when the stash fits in this budget
-    blocksize: int = 128             # SparseGPT column block
-    percdamp: float = 0.01           # SparseGPT dampening, fraction of the mean Hessian diagonal
-    seed: int = 0                    # random-visual pool
-    offload: bool = False            # one decoder layer's weights at a time on its execution device (accelerate
-                                     # CPU-offload hooks for the run, unless the model is already dispatched)
-    execution_device: str | None = None  # with offload: where each layer runs; None = where it is now
+    method: str = option("atv", "preset naming a scorer and its default pool", choices=tuple(METHODS))
+    sparsity: float | None = option(None, "fraction pruned per output row (default 0.5; N/M with --pattern)")
+    pattern: str | None = option(None, "N:M semi-structured sparsity, e.g. 2:4 (default: unstructured)")
+    pool: str | None = option(None, "calibration pool (default: the method's)", choices=tuple(POOLS))
+    alpha: float = option(1.0, "ATV alpha rule: k = round(min(1, alpha * mean drift) * n_text)")
+    visual_ratio: float | None = option(None, "ATV fixed rule instead of alpha: k = round(ratio * n_visual)")
+    targets: tuple[str, ...] = option(DECODER_PROJ, "Linears to prune, relative to each decoder block")
+    layers: tuple[int, ...] | None = option(None, "decoder layer indices to prune (default: all)")
+    propagate: str = option("pruned", "next layer's inputs: outputs of the pruned or the dense layer",
+                            choices=("pruned", "dense"))
+    offload_device: str | None = option(None, "where calibration activations live (default: CPU)")
+    schedule: str = option("auto", "ATV alpha rule: stash activations (two-pass), recompute (three-pass), or "
+                                   "choose by --stash-budget-gb", choices=SCHEDULES)
+    stash_budget_gb: float = option(4.0, "'auto' schedule: two passes when the stash fits in this budget")
+    blocksize: int = option(128, "SparseGPT column block")
+    percdamp: float = option(0.01, "SparseGPT dampening, fraction of the mean Hessian diagonal")
+    seed: int = option(0, "seed of the random-visual pool")
+    offload: bool = option(False, "keep decoder layers on disk and load one at a time (memory bounded by one "
+                                  "layer)")
+    execution_device: str | None = option(None, "with --offload: where each layer runs (default: where it is)")
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:

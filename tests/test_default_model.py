@@ -129,10 +129,11 @@ def test_config_errors(tiny_lm, tmp_path):
 
 
 def test_cli_registers_the_commands(tmp_path):
+    from atv import cli
     from atv.cli import build_parser, main
 
     args = build_parser().parse_args(["default-model", "build", "--cache-dir", str(tmp_path)])
-    assert args.func is dm._cli_build and args.cache_dir == tmp_path
+    assert args.func is cli._default_model_build and args.cache_dir == tmp_path
     assert main(["suite", "--out", str(tmp_path / "s"), "--n-eval", "2", "--n-calib", "3"]) == 0
     assert (tmp_path / "s" / "digit.jsonl").read_text().count("\n") == 2
     assert main(["suite", "--out", str(tmp_path / "s"), "--n-eval", "0"]) == 2  # ConfigError -> exit code 2

@@ -23,23 +23,26 @@ from pathlib import Path
 from typing import Any
 
 from pruning.errors import ConfigError
+from pruning.options import option
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DemoConfig:
-    out: Path = Path("runs/demo")             # output folder (suite, results, figures, report.md)
-    quick: bool = False                       # smaller grid, fewer items and calibration samples
-    seed: int = 0
-    cache_dir: Path | None = None             # default model cache (default ~/.cache/atv-toolkit)
-    nsamples: int | None = None               # calibration samples (default 32, quick 8)
-    n_eval: int | None = None                 # eval items per benchmark (default 20, quick 6)
-    probe_sparsities: tuple[float, ...] = field(default=())       # default (0.5, 0.6); quick (0.6,)
-    settings: tuple[str, ...] = field(default=())                 # default 50%, 60%, 2:4; quick 60%
-    methods: tuple[str, ...] = field(default=())  # default atv, wanda, sparsegpt, magnitude; quick without sparsegpt
-    batch_size: int = 16                      # evaluation items per forward
-    calib_batch_size: int = 8                 # calibration samples per forward (padded; padding is masked out)
+    out: Path = option(Path("runs/demo"), "output folder (suite, results, figures, report.md)")
+    quick: bool = option(False, "smaller grid, fewer items and calibration samples (a few minutes)")
+    seed: int = option(0, "seed of the suite, the calibration sampling and the pruners")
+    cache_dir: Path | None = option(None, "where the default model is built (default $ATV_CACHE or "
+                                          "~/.cache/atv-toolkit)")
+    nsamples: int | None = option(None, "calibration samples (default 32, quick 8)")
+    n_eval: int | None = option(None, "items per image benchmark (default 20, quick 6)")
+    probe_sparsities: tuple[float, ...] = option((), "probe sparsities (default 0.5 0.6, quick 0.6)")
+    settings: tuple[str, ...] = option((), "method settings, e.g. 50% 2:4 (default 50% 60% 2:4, quick 60%)")
+    methods: tuple[str, ...] = option((), "methods on the shared weights (default atv wanda sparsegpt magnitude, "
+                                          "quick without sparsegpt)")
+    batch_size: int = option(16, "evaluation items per forward")
+    calib_batch_size: int = option(8, "calibration samples per forward (padded; padding is masked out)")
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

@@ -25,10 +25,8 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +35,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from pruning.errors import ConfigError, ToolkitError
+from pruning.io import DTYPES
+from pruning.options import option
 
 from evaluation.benchmarks import FIDELITY, Benchmark, load_benchmark
 from evaluation import INSTALL_HINT
@@ -258,25 +258,32 @@ def require_lmms_eval(tasks: list[str]) -> None:
 
 @dataclass
 class EvalJob:
-    tasks: tuple[str, ...]  # harness JSONL files and/or lmms-eval task names
-    model: Path | None = None  # HF model folder (default with probe_from: the study's model)
-    probe_from: ProbeCell | None = None  # re-create this probe cell in memory
-    calib: Path | None = None  # overrides the study's calibration file
-    images: Path | None = None  # calibration image folder (default: setup 'images', else <calib dir>/images)
-    dense_model: Path | None = None  # fidelity benchmarks without probe_from: the dense reference model
-    dense_results: Path | None = None  # an `atv eval` JSON or a probe results.jsonl: retention against it
-    out: Path | None = None  # write the result JSON here
-    batch_size: int = 8
-    max_new_tokens: int = 8  # harness open answers (lmms-eval tasks set their own)
-    limit: int | None = None  # lmms-eval: items per task (a smoke test)
-    lmms_include: tuple[Path, ...] = ()  # folders of extra lmms-eval task YAMLs
-    lmms_defaults: bool = True  # index lmms-eval's own tasks too (takes seconds)
-    dtype: str | None = None  # default: the study's, else float32
-    device: str | None = None
-    seed: int = 0
+    tasks: tuple[str, ...] = option(help="harness .jsonl files and/or lmms-eval task names (those need the "
+                                         "lmms extra)")
+    model: Path | None = option(None, "HF model folder (default with --probe-from: the study's)")
+    probe_from: ProbeCell | str | None = option(None, "re-create a probe cell, e.g. "
+                                                      "runs/probe/results.jsonl:text/visual/0.5",
+                                                metavar="RESULTS:PATHWAY/POOL/SPARSITY")
+    calib: Path | None = option(None, "override the study's calibration file")
+    images: Path | None = option(None, "calibration images (default: the study's, else <calib folder>/images)")
+    dense_model: Path | None = option(None, "dense model for fidelity benchmarks (without --probe-from)")
+    dense_results: Path | None = option(None, "dense run to compare with: an `atv eval` JSON or a probe "
+                                              "results.jsonl")
+    out: Path | None = option(None, "write the result JSON here")
+    batch_size: int = option(8, "items per forward")
+    max_new_tokens: int = option(8, "harness open answers (lmms-eval tasks set their own)")
+    limit: int | None = option(None, "lmms-eval: at most this many items per task (a smoke test)")
+    lmms_include: tuple[Path, ...] = option((), "folders of extra lmms-eval task YAMLs")
+    lmms_defaults: bool = option(True, "index only --lmms-include tasks (faster)", flag="--no-lmms-defaults")
+    dtype: str | None = option(None, "dtype the model is loaded in (default: the study's, else float32)",
+                               choices=tuple(DTYPES))
+    device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
+    seed: int = option(0, "seed of the evaluation (and lmms-eval's samplers)")
 
     def __post_init__(self) -> None:
         self.tasks = tuple(str(t) for t in self.tasks)
+        if isinstance(self.probe_from, str):
+            self.probe_from = ProbeCell.parse(self.probe_from)
         if not self.tasks:
             raise ConfigError("--tasks is empty; give harness .jsonl files and/or lmms-eval task names")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -410,59 +417,6 @@ def _path_of(name: str, paths: list[str]) -> str | None:
     return next((p for p in paths if Path(p).stem == name), None)
 
 
-# -- command line --------------------------------------------------------------------------------------
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``atv eval`` to the ``atv`` command."""
-    p = sub.add_parser("eval", help="score a model or a re-created probe cell on harness files / lmms-eval tasks")
-    p.add_argument("--tasks", nargs="+", required=True,
-                   help="harness .jsonl files and/or lmms-eval task names (those need the lmms extra)")
-    p.add_argument("--model", type=Path, default=None, help="HF model folder (default with --probe-from: the study's)")
-    p.add_argument("--probe-from", default=None, metavar="RESULTS:PATHWAY/POOL/SPARSITY",
-                   help="re-create a probe cell, e.g. runs/probe/results.jsonl:text/visual/0.5")
-    p.add_argument("--calib", type=Path, default=None, help="override the study's calibration file")
-    p.add_argument("--images", type=Path, default=None, help="calibration images (default <calib folder>/images)")
-    p.add_argument("--dense-model", type=Path, default=None, help="dense model for fidelity benchmarks")
-    p.add_argument("--dense-results", type=Path, default=None,
-                   help="dense run to compare with: an `atv eval` JSON or a probe results.jsonl")
-    p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=8, help="harness open answers")
-    p.add_argument("--limit", type=int, default=None, help="lmms-eval: at most this many items per task")
-    p.add_argument("--lmms-include", type=Path, nargs="+", default=[], help="folders of extra lmms-eval task YAMLs")
-    p.add_argument("--no-lmms-defaults", action="store_true", help="index only --lmms-include tasks (faster)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: where the model loads)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    job = EvalJob(tasks=tuple(args.tasks), model=args.model,
-                  probe_from=ProbeCell.parse(args.probe_from) if args.probe_from else None, calib=args.calib,
-                  images=args.images, dense_model=args.dense_model, dense_results=args.dense_results, out=args.out,
-                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                  lmms_include=tuple(args.lmms_include), lmms_defaults=not args.no_lmms_defaults, dtype=args.dtype,
-                  device=args.device, seed=args.seed)
-    if any(not is_harness_task(t) for t in job.tasks):
-        _lmms_logs_to_stderr()
-    result = run_eval_job(job)
-    print(result.to_json())
-    return 0
-
-
-def _lmms_logs_to_stderr() -> None:
-    """lmms-eval logs (loguru) to stdout; the command keeps stdout for its JSON report."""
-    try:
-        import lmms_eval.evaluator  # noqa: F401  (its import sets up the stdout sink)
-        from loguru import logger
-    except ImportError:
-        return  # run_eval_job says how to install the extra
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-
-
 __all__ = ["EvalJob", "EvalResult", "LoadedModel", "ProbeCell", "StudySetup", "TaskScore", "is_harness_task",
-           "load_cell_for_bridge", "load_eval_model", "lmms_manifest", "read_dense_scores", "read_study_setup", "register", "require_lmms_eval",
+           "load_cell_for_bridge", "load_eval_model", "lmms_manifest", "read_dense_scores", "read_study_setup", "require_lmms_eval",
            "run_eval_job"]

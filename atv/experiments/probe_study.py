@@ -25,6 +25,8 @@ from evaluation import Benchmark, load_benchmark
 from pruning.config import METHODS, PruneConfig
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError
+from pruning.io import DTYPES
+from pruning.options import option
 
 from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
@@ -33,15 +35,17 @@ from .cells import REFERENCE, check_choices, evaluate_all, load_reference, open_
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class StudyConfig:
-    pathways: tuple[str, ...] = PATHS                 # which path is pruned (the other stays dense)
-    pools: tuple[str, ...] = tuple(PROBE_POOLS)       # calibration pools: text | visual | mixed
-    sparsities: tuple[float, ...] = (0.5, 0.6)        # unstructured, per output row
-    method: str = "wanda"                             # pruner used on the path (any activation-based one)
-    seed: int = 0
-    batch_size: int = 8                               # evaluation batch
-    max_new_tokens: int = 8                           # open-answer benchmarks
+    pathways: tuple[str, ...] = option(PATHS, "pruned pathway(s); the other stays dense", choices=PATHS)
+    pools: tuple[str, ...] = option(tuple(PROBE_POOLS), "calibration pool(s)", choices=tuple(PROBE_POOLS))
+    sparsities: tuple[float, ...] = option((0.5, 0.6), "unstructured sparsities, per output row")
+    method: str = option("wanda", "pruner used on the path (one that takes the pool as given)",
+                         choices=("wanda", "sparsegpt"))
+    seed: int = option(0, "seed of the calibration sampling and the pruner")
+    batch_size: int = option(8, "evaluation batch size")
+    max_new_tokens: int = option(8, "answer length on open-answer benchmarks")
 
     def __post_init__(self) -> None:
         self.pathways, self.pools = tuple(self.pathways), tuple(self.pools)
@@ -123,16 +127,16 @@ def _prune_path(probe, calibration, config: StudyConfig, cell: dict[str, Any]) -
 
 @dataclass
 class ProbeJob:
-    model: Path                        # HF vision-language model folder (with processor)
-    calib: Path                        # LLaVA-conversation JSON/JSONL for the pruner
-    images: Path                       # image folder of the calibration records
-    benchmarks: tuple[Path, ...]       # harness JSONL files
-    out: Path                          # study folder (results.jsonl, probe_table.*)
-    config: StudyConfig = field(default_factory=StudyConfig)
-    nsamples: int = 128
-    max_length: int | None = None
-    dtype: str = "float32"
-    device: str | None = None
+    model: Path = option(help="HF vision-language model folder (with processor)")
+    calib: Path = option(help="LLaVA-conversation JSON/JSONL for the pruner")
+    images: Path = option(help="image folder of the calibration records")
+    benchmarks: tuple[Path, ...] = option(help="benchmark JSONL files", flag="--bench")
+    out: Path = option(help="study folder; re-run the same command to resume")
+    config: StudyConfig = option(default_factory=StudyConfig, cli=False)
+    nsamples: int = option(128, "calibration samples")
+    max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
+    dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
+    device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
 
 
 def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:

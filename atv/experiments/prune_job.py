@@ -16,23 +16,24 @@ from pruning.config import PruneConfig
 from pruning.data import load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError
-from pruning.io import check_output_dir, load_model, save_pruned
+from pruning.io import DTYPES, check_output_dir, load_model, save_pruned
+from pruning.options import option
 
 
 @dataclass
 class PruneJob:
-    model: Path                  # folder of an HF vision-language model (with its processor)
-    out: Path                    # where the pruned model, processor and prune_report.json go
-    config: PruneConfig
-    calib: Path | None = None    # LLaVA-conversation JSON/JSONL
-    images: Path | None = None   # folder the records' "image" paths are relative to
-    nsamples: int = 128
-    seed: int = 0
-    max_length: int | None = None
-    batch_size: int = 1          # calibration samples per forward (right-padded; padding never counts)
-    dtype: str = "float32"
-    device: str | None = None
-    overwrite: bool = False
+    model: Path = option(help="HF vision-language model folder (with its processor)")
+    out: Path = option(help="output folder for the pruned model, its processor and prune_report.json")
+    config: PruneConfig = option(cli=False)
+    calib: Path | None = option(None, "LLaVA-conversation JSON/JSONL (ShareGPT4V / LLaVA-NeXT-Data format)")
+    images: Path | None = option(None, "folder the calibration records' image paths are relative to")
+    nsamples: int = option(128, "calibration samples")
+    seed: int = option(0, "seed of the calibration sampling (and of the pruner's random choices)")
+    max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
+    batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)")
+    dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
+    device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
+    overwrite: bool = option(False, "replace an existing output folder")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,27 @@
+"""Dataclass fields that also describe their command-line option, so each default and help text is
+written once: on the config or job dataclass. ``atv.cli`` builds every parser from this metadata.
+
+Example::
+
+    @dataclass
+    class Job:
+        nsamples: int = option(128, "calibration samples")
+        dtype: str = option("float32", "weights' dtype", choices=("float32", "bfloat16"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence[Any] | None = None,
+           flag: str | None = None, metavar: str | None = None, default_factory: Any = dataclasses.MISSING,
+           cli: bool = True) -> Any:
+    """A dataclass field with its option's help text (and ``choices``, ``flag`` when the option is not
+    ``--field-name``, ``metavar``). ``cli=False`` keeps the field off the command line."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "flag": flag,
+                "metavar": metavar, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
