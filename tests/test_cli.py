@@ -29,7 +29,7 @@ def test_parser_defaults_are_the_dataclass_defaults(command):
     args = build_parser().parse_args([command, *REQUIRED[command]])
     for cls in CLASSES[command]:
         for field in _cli_fields(cls):
-            if "--" + field.name in REQUIRED[command]:
+            if (field.metadata["flag"] or "--" + field.name.replace("_", "-")) in REQUIRED[command]:
                 continue  # given above
             default = field.default_factory() if field.default is dataclasses.MISSING else field.default
             assert getattr(args, field.name) == default, (cls.__name__, field.name)
