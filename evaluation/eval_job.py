@@ -40,14 +40,11 @@ from pruning.errors import ConfigError, ToolkitError
 
 from .benchmarks import FIDELITY, Benchmark, load_benchmark
 from .harness import evaluate, fidelity_reference
+from .install import INSTALL_HINT
 from .records import RESULTS, SETUP, read_records
 from .reports import retention
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = ('install the lmms-eval extra: pip install -e ".[lmms]" (with a CPU-only torch, beside which '
-                "PyPI's torchvision does not work: pip install --no-deps lmms-eval==0.7.3 && pip install loguru "
-                'sacrebleu evaluate pytz tenacity pytablewriter "filelock<4.3")')
 
 
 # -- probe cells -------------------------------------------------------------------------------------
