@@ -96,7 +96,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     from mot_probe.study import StudyConfig, run_probe_study
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
-    from pruning.run import seed_everything
+    from transformers import set_seed
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -108,7 +108,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
         clock = now
 
     config.out.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed)
+    set_seed(config.seed)
     model_dir = build_default_model(config.cache_dir, progress=progress)
     suite = _suite(config)
     benches = _benchmarks(suite)

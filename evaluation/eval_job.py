@@ -205,10 +205,10 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     from mot_probe.surgery import attach_probe_, probe_pool
     from pruning.config import PruneConfig
     from pruning.data import load_llava_conversations
-    from pruning.run import seed_everything
+    from transformers import set_seed
 
     setup = read_study_setup(cell, model=model_dir, calib=calib, images=images)
-    seed_everything(setup.seed)  # as run_probe_job, before loading model and calibration
+    set_seed(setup.seed)  # as run_probe_job, before loading model and calibration
     model, loaded = load_model(setup.model, dtype or setup.dtype, device, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed,

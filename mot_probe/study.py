@@ -159,10 +159,10 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     """Load the model and the calibration data, then run or resume the study (``atv probe``)."""
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
-    from pruning.run import seed_everything
+    from transformers import set_seed
 
     benches = [load_benchmark(path) for path in job.benchmarks]  # bad benchmark files fail before any loading
-    seed_everything(job.config.seed)
+    set_seed(job.config.seed)
     model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,
