@@ -433,7 +433,9 @@ def _eval_count(name: str, n_eval: int) -> int:
     return min(n_eval, len(TEXT_MC) if bench.kind == CHOICE else len(FIDELITY_TEXTS))
 
 
-def _write_items(folder: Path, name: str, items: list[Item]) -> dict[str, Any]:
+def write_items(folder: Path, name: str, items: list[Item]) -> dict[str, Any]:
+    """Write ``items`` of benchmark ``name`` as the harness file ``folder/<name>.jsonl`` (images into the existing
+    ``folder/images``); returns the benchmark's summary (kind, skill, item count, chance level)."""
     lines = []
     for item in items:
         rel = None
@@ -481,7 +483,7 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_eval: int | None = None, n
         summary = {"seed": seed, "n_eval": config.n_eval, "n_calib": n_calib, "benchmarks": {}}
         for name in config.benchmarks:
             items = make_items(name, "eval", _eval_count(name, config.n_eval), seed)
-            summary["benchmarks"][name] = _write_items(tmp, name, items)
+            summary["benchmarks"][name] = write_items(tmp, name, items)
         records = calibration_records(n_calib, seed, tmp)
         (tmp / "calib.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
         (tmp / "suite.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
