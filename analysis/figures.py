@@ -34,8 +34,6 @@ HIDDEN_STATES = Path("analysis") / "hidden_states.pt"
 POOL_MASKS = Path("analysis") / "pool_masks.pt"
 DRIFT = Path("analysis") / "drift.pt"
 
-FIGURES = ("sensitivity", "methods_retention", "methods_scores", "tsne", "mask_iou", "drift", "drift_patches")
-
 
 @dataclass
 class FiguresReport:

@@ -83,8 +83,8 @@ def _default(fn: Callable, name: str) -> Any:
 
 # -- commands ------------------------------------------------------------------------------------------
 def _add_prune(sub: argparse._SubParsersAction) -> None:
-    from pruning.config import PruneConfig
     from atv.experiments.prune_job import PruneJob
+    from pruning.config import PruneConfig
 
     p = sub.add_parser("prune", help="prune a model's shared weights and save it")
     seen: set[str] = set()
@@ -94,8 +94,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from pruning.config import PruneConfig
     from atv.experiments.prune_job import PruneJob, run_prune_job
+    from pruning.config import PruneConfig
 
     job = build(PruneJob, args, config=build(PruneConfig, args))
     report = run_prune_job(job)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evaluation.model_io import build_prompt, encode
 from pruning.errors import ConfigError, OutputExistsError, ToolkitError
 from pruning.io import atomic_folder
 
@@ -85,14 +86,6 @@ def chat_template(image_token: str) -> str:
         "{{ '<|im_end|>\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-
-
-def prompt_for(processor, question: str, with_image: bool) -> str:
-    """The harness prompt: one user turn (image item first when there is one), generation prompt added."""
-    content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
-    content.append({"type": "text", "text": question})
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
 
 
 # ---------------------------------------------------------------- the language model
@@ -364,9 +357,9 @@ def _train_stage1(model, processor, train: dict[str, list], config: TrainConfig,
 
 def encode_example(processor, item, with_target: bool = True) -> dict[str, torch.Tensor]:
     """Prompt (harness format) [+ target + <|im_end|>] -> input_ids, labels (-100 outside the target), pixels."""
-    prompt = prompt_for(processor, item.question, item.image is not None)
+    prompt = build_prompt(processor, item.question, item.image is not None)
     images = [item.image] if item.image is not None else None
-    enc = processor(images=images, text=[prompt], return_tensors="pt")
+    enc = encode(processor, [prompt], images, "right")  # one row: no padding
     ids = enc["input_ids"][0]
     labels = torch.full_like(ids, -100)
     if with_target:
@@ -465,8 +458,8 @@ def train_default_model(config: TrainConfig = TrainConfig(), out_dir: str | Path
     for name in IMAGE_BENCHMARKS:
         check_train = train[name][:config.n_check]
         heldout = make_items(name, "eval", config.n_check, config.seed)
-        record.train_accuracy[name] = round(accuracy(model, processor, check_train), 4)
-        record.heldout_accuracy[name] = round(accuracy(model, processor, heldout), 4)
+        record.train_accuracy[name] = round(accuracy(model, processor, name, check_train), 4)
+        record.heldout_accuracy[name] = round(accuracy(model, processor, name, heldout), 4)
         record.chance[name] = round(chance_level(heldout), 4)
         log.info("%s: train %.3f held-out %.3f chance %.3f", name, record.train_accuracy[name],
                  record.heldout_accuracy[name], record.chance[name])
@@ -485,52 +478,24 @@ def _check_lm_unchanged(model: nn.Module, reference: dict[str, torch.Tensor]) ->
             raise ToolkitError(f"the language model changed during training ({key}); it must stay frozen")
 
 
-# ---------------------------------------------------------------- a small accuracy check
+# ---------------------------------------------------------------- the accuracy check
 
 
-@torch.no_grad()
-def option_logprobs(model, processor, item) -> list[float]:
-    """Sum of log-probabilities of each option's tokens as the assistant continuation of the prompt
-    (one forward for all single-token options, one more per longer option)."""
-    enc = encode_example(processor, item, with_target=False)
-    ids = enc["input_ids"]
-    pixels = enc["pixel_values"][None] if "pixel_values" in enc else None
-    last = model(input_ids=ids[None], pixel_values=pixels, use_cache=False).logits[0, -1].log_softmax(-1)
-    scores = []
-    for option in item.options:
-        opt = torch.tensor(processor.tokenizer.encode(option, add_special_tokens=False), dtype=ids.dtype)
-        if len(opt) == 1:
-            scores.append(last[opt[0]].item())
-            continue
-        logits = model(input_ids=torch.cat([ids, opt])[None], pixel_values=pixels, use_cache=False).logits[0]
-        logp = logits[len(ids) - 1:-1].log_softmax(-1)  # (len(opt), V): predictions of the option tokens
-        scores.append(logp.gather(1, opt[:, None]).sum().item())
-    return scores
+def accuracy(model, processor, name: str, items: list) -> float:
+    """Fraction of ``items`` (of suite benchmark ``name``) right, scored by the harness one item per forward:
+    highest option log-likelihood for multiple choice, VQA accuracy of the greedy answer (at most 6 new
+    tokens) for open items. The items are written as a harness benchmark to a temporary folder first."""
+    from atv.suite import write_items
+    from evaluation.benchmarks import CHOICE, load_benchmark
+    from evaluation.harness import score_choice, score_open
 
-
-def _normalise(text: str) -> str:
-    return "".join(ch for ch in text.lower().strip() if ch.isalnum() or ch == " ").strip()
-
-
-@torch.no_grad()
-def generate_answer(model, processor, item, max_new_tokens: int = 6) -> str:
-    enc = encode_example(processor, item, with_target=False)
-    kwargs = {"pixel_values": enc["pixel_values"][None]} if "pixel_values" in enc else {}
-    ids = enc["input_ids"][None]
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=processor.tokenizer.pad_token_id, **kwargs)
-    return processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def accuracy(model, processor, items: list) -> float:
-    """Fraction correct: highest option log-likelihood for multiple choice, normalised exact match of the
-    greedy answer for open items. (The training's own check; ``evaluation/`` is the reference harness.)"""
-    correct = 0
-    for item in items:
-        if item.options is not None:
-            scores = option_logprobs(model, processor, item)
-            correct += item.options[scores.index(max(scores))] == item.answer
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "images").mkdir()
+        write_items(Path(tmp), name, items)
+        bench = load_benchmark(Path(tmp) / f"{name}.jsonl")
+        if bench.kind == CHOICE:
+            result = score_choice(model, processor, bench, batch_size=1, prefix_cache=False, progress=False)
         else:
-            answer = _normalise(generate_answer(model, processor, item))
-            correct += answer in {_normalise(a) for a in item.answers}
-    return correct / len(items)
+            result = score_open(model, processor, bench, batch_size=1, max_new_tokens=6, progress=False)
+    return result.score / 100
+

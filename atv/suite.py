@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from evaluation.benchmarks import CHOICE, FIDELITY, OPEN
 from pruning.errors import ConfigError, OutputExistsError
 from pruning.io import atomic_folder
 
@@ -81,7 +82,7 @@ class Item:
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    kind: str  # "mc" | "open" | "fidelity"
+    kind: str  # CHOICE | OPEN | FIDELITY, as evaluation.benchmarks names them
     skill: str  # what it measures, for reports
     make: Callable[[random.Random, Any], Item]  # (rng, digit sample or None) -> item without id
     uses_digits: bool = False
@@ -312,17 +313,17 @@ def _make_fidelity(rng: random.Random, index: int) -> Item:
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("digit", "mc", "perception: which handwritten digit", _make_digit, uses_digits=True),
-    Benchmark("scene-colour", "mc", "perception: colour of a shape", _make_colour),
-    Benchmark("scene-shape", "mc", "perception: kind of shape", _make_shape),
-    Benchmark("scene-position", "mc", "perception: where the shape is", _make_position),
-    Benchmark("scene-count", "mc", "perception: how many shapes", _make_count),
-    Benchmark("digit-compare", "mc", "reasoning: compare the digit with a number in the text", _make_digit_compare,
+    Benchmark("digit", CHOICE, "perception: which handwritten digit", _make_digit, uses_digits=True),
+    Benchmark("scene-colour", CHOICE, "perception: colour of a shape", _make_colour),
+    Benchmark("scene-shape", CHOICE, "perception: kind of shape", _make_shape),
+    Benchmark("scene-position", CHOICE, "perception: where the shape is", _make_position),
+    Benchmark("scene-count", CHOICE, "perception: how many shapes", _make_count),
+    Benchmark("digit-compare", CHOICE, "reasoning: compare the digit with a number in the text", _make_digit_compare,
               uses_digits=True),
-    Benchmark("digit-plus", "open", "reasoning: arithmetic on the digit (generation)", _make_digit_plus,
+    Benchmark("digit-plus", OPEN, "reasoning: arithmetic on the digit (generation)", _make_digit_plus,
               uses_digits=True),
-    Benchmark("text-mc", "mc", "text only: facts and grammar", _make_text_mc, image=False),
-    Benchmark("text-fidelity", "fidelity", "text only: passages for KL / top-1 agreement", _make_fidelity,
+    Benchmark("text-mc", CHOICE, "text only: facts and grammar", _make_text_mc, image=False),
+    Benchmark("text-fidelity", FIDELITY, "text only: passages for KL / top-1 agreement", _make_fidelity,
               image=False),
 )}
 IMAGE_BENCHMARKS = tuple(name for name, b in BENCHMARKS.items() if b.image)
@@ -365,7 +366,7 @@ def make_items(name: str, split: str, n: int, seed: int = 0) -> list[Item]:
     if not bench.image:
         if split != "eval":
             raise ConfigError(f"text-only benchmark {name!r} has only an 'eval' split, got {split!r}")
-        pool = TEXT_MC if bench.kind == "mc" else FIDELITY_TEXTS
+        pool = TEXT_MC if bench.kind == CHOICE else FIDELITY_TEXTS
         order = list(range(len(pool)))
         random.Random(seed).shuffle(order)
         sources: list[Any] = order[:n]
@@ -429,10 +430,12 @@ def _eval_count(name: str, n_eval: int) -> int:
     bench = BENCHMARKS[name]
     if bench.image:
         return n_eval
-    return min(n_eval, len(TEXT_MC) if bench.kind == "mc" else len(FIDELITY_TEXTS))
+    return min(n_eval, len(TEXT_MC) if bench.kind == CHOICE else len(FIDELITY_TEXTS))
 
 
-def _write_items(folder: Path, name: str, items: list[Item]) -> dict[str, Any]:
+def write_items(folder: Path, name: str, items: list[Item]) -> dict[str, Any]:
+    """Write ``items`` of benchmark ``name`` as the harness file ``folder/<name>.jsonl`` (images into the existing
+    ``folder/images``); returns the benchmark's summary (kind, skill, item count, chance level)."""
     lines = []
     for item in items:
         rel = None
@@ -442,7 +445,7 @@ def _write_items(folder: Path, name: str, items: list[Item]) -> dict[str, Any]:
         lines.append(json.dumps(item.record(rel)))
     (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     bench = BENCHMARKS[name]
-    chance = None if bench.kind == "fidelity" else round(chance_level(items), 4)
+    chance = None if bench.kind == FIDELITY else round(chance_level(items), 4)
     return {"kind": bench.kind, "skill": bench.skill, "items": len(items), "chance": chance}
 
 
@@ -480,7 +483,7 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_eval: int | None = None, n
         summary = {"seed": seed, "n_eval": config.n_eval, "n_calib": n_calib, "benchmarks": {}}
         for name in config.benchmarks:
             items = make_items(name, "eval", _eval_count(name, config.n_eval), seed)
-            summary["benchmarks"][name] = _write_items(tmp, name, items)
+            summary["benchmarks"][name] = write_items(tmp, name, items)
         records = calibration_records(n_calib, seed, tmp)
         (tmp / "calib.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
         (tmp / "suite.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -1,7 +1,8 @@
 """Evaluation harness: how much of a dense LVLM's ability a pruned (or probed) model retains.
 
 Benchmarks are local JSON Lines files (:mod:`.benchmarks`); scoring math is pure (:mod:`.metrics`);
-the harness runs the model (:mod:`.harness`) and returns report dataclasses (:mod:`.reports`).
+the harness runs the model (:mod:`.harness`) through the shared prompt and encoding (:mod:`.model_io`)
+and returns report dataclasses (:mod:`.reports`).
 
 Example::
 
@@ -13,15 +14,10 @@ Example::
     print(retention(pruned_report, dense_report).mean)
 """
 
-# How to get the optional lmms-eval bridge (checked before any model loads).
-INSTALL_HINT = ('install the lmms-eval extra: pip install -e ".[lmms]" (with a CPU-only torch, beside which '
-                "PyPI's torchvision does not work: pip install --no-deps lmms-eval==0.7.3 && pip install loguru "
-                'sacrebleu evaluate pytz tenacity pytablewriter "filelock<4.3")')
-
 from .benchmarks import Benchmark, BenchmarkError, ChoiceItem, OpenItem, TextItem, load_benchmark
-from .harness import (FidelityReference, build_prompt, evaluate, fidelity_reference, score_choice, score_fidelity,
-                      score_open)
+from .harness import FidelityReference, evaluate, fidelity_reference, score_choice, score_fidelity, score_open
 from .metrics import normalize_answer, vqa_accuracy
+from .model_io import build_prompt
 from .reports import BenchmarkResult, EvalReport, ItemResult, RetentionReport, defined_retention, retention
 
 __all__ = [

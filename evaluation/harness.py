@@ -20,109 +20,31 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruning.data import open_image
 from pruning.errors import ConfigError
 
 from . import metrics
 from .benchmarks import (CHOICE, FIDELITY, OPEN, Benchmark, BenchmarkError, ChoiceItem, OpenItem, TextItem,
                          load_benchmark)
+from .model_io import (build_prompt, common_prefix, encode, forward_rows, inference, real_ids, to_model,
+                       tokenizer_of)
 from .reports import BenchmarkResult, EvalReport, ItemResult
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 128  # reference log-probs kept per position; None keeps the full vocabulary (exact KL)
 Benchmarks = Benchmark | str | Path | Sequence[Benchmark | str | Path]
-
-
-# -- model and processor plumbing (public: the lmms-eval bridge drives the model through the same calls) --
-
-
-@contextlib.contextmanager
-def inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad for the duration; the model's training flag is restored afterwards."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(training)
-
-
-def to_model(inputs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Move tensors to the model's device; floating tensors (pixel values) take its float dtype."""
-    params = list(model.parameters())
-    device = params[0].device
-    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-    moved = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-        moved[key] = value
-    return moved
-
-
-def tokenizer_of(processor):
-    """The processor's tokenizer (a bare tokenizer is its own)."""
-    return getattr(processor, "tokenizer", processor)
-
-
-@contextlib.contextmanager
-def _padding_side(processor, side: str) -> Iterator[None]:
-    tokenizer = tokenizer_of(processor)
-    saved, tokenizer.padding_side = tokenizer.padding_side, side
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = saved
-
-
-def encode(processor, texts: list[str], images: list[Image.Image] | None, side: str) -> dict[str, torch.Tensor]:
-    """Texts (and one image per text, or none) -> padded model inputs on the CPU."""
-    with _padding_side(processor, side):
-        if images:
-            return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
-        return dict(processor(text=texts, padding=True, return_tensors="pt"))
-
-
-def real_positions(attention_mask: torch.Tensor) -> list[torch.Tensor]:
-    """(B, T) mask -> per row the indices of its real (non-padding) tokens, in order."""
-    return [row.nonzero().squeeze(-1) for row in attention_mask.cpu()]
-
-
-def forward_rows(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One forward; per row (real token ids (T_b,), their logits (T_b, V)), padding dropped."""
-    logits = model(**to_model(inputs, model), use_cache=False).logits  # (B, T, V)
-    rows = []
-    for b, positions in enumerate(real_positions(inputs["attention_mask"])):
-        rows.append((inputs["input_ids"][b, positions], logits[b, positions.to(logits.device)]))
-    return rows
-
-
-def build_prompt(processor, question: str, with_image: bool) -> str:
-    """The fixed prompt: one user turn (image first, then the question) and the generation prompt."""
-    content: list[dict[str, str]] = [{"type": "image"}] if with_image else []
-    content.append({"type": "text", "text": question})
-    messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def _open_image(path: Path | None) -> Image.Image | None:
-    if path is None:
-        return None
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def _by_modality(entries: list, has_image) -> list[list]:
@@ -164,13 +86,6 @@ class _ChoicePlan:
         return all(s == n and len(f) == n + 1 for s, f in zip(self.starts, self.full_ids))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def _plan_choice(processor, item: ChoiceItem) -> _ChoicePlan:
     """Tokenise the prompt and prompt + option with the processor (so image tokens are expanded).
 
@@ -178,13 +93,12 @@ def _plan_choice(processor, item: ChoiceItem) -> _ChoicePlan:
     lists: the tokenised prompt itself when tokenisation is prefix-consistent, else (the option
     merged with the prompt's last token) the first differing token on (counted and logged).
     """
-    image = _open_image(item.image)
+    image = open_image(item.image) if item.image is not None else None
     prompt = build_prompt(processor, item.question, image is not None)
     texts = [prompt] + [prompt + option for option in item.options]
-    encoded = encode(processor, texts, [image] * len(texts) if image else None, "right")
-    rows = [encoded["input_ids"][b, p].tolist() for b, p in enumerate(real_positions(encoded["attention_mask"]))]
+    rows = real_ids(encode(processor, texts, [image] * len(texts) if image else None, "right"))
     prompt_ids, full_ids = rows[0], rows[1:]
-    starts = [_common_prefix(prompt_ids, full) for full in full_ids]
+    starts = [common_prefix(prompt_ids, full) for full in full_ids]
     for option, start, full in zip(item.options, starts, full_ids):
         if not 1 <= start < len(full):
             raise BenchmarkError(f"item {item.id!r}: option {option!r} adds no token to the prompt "
@@ -331,9 +245,9 @@ def _result(benchmark: Benchmark, items: list[ItemResult], chance: float | None 
 
 def _generate(model: nn.Module, processor, items: list[OpenItem], max_new_tokens: int) -> list[str]:
     """Greedy answers for items that all have an image, or all have none (left-padded batch)."""
-    images = [_open_image(i.image) for i in items]
+    images = [open_image(i.image) for i in items if i.image is not None]
     prompts = [build_prompt(processor, i.question, i.image is not None) for i in items]
-    inputs = encode(processor, prompts, images if items[0].image else None, "left")
+    inputs = encode(processor, prompts, images, "left")
     tokenizer = tokenizer_of(processor)
     out = model.generate(**to_model(inputs, model), do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id)
@@ -515,5 +429,5 @@ def evaluate(model: nn.Module, processor, benchmarks: Benchmarks, *, reference: 
     return EvalReport(results, seed=seed)
 
 
-__all__ = ["DEFAULT_TOP_K", "FidelityReference", "ReferenceText", "build_prompt", "evaluate", "fidelity_reference",
-           "score_choice", "score_fidelity", "score_open"]
+__all__ = ["DEFAULT_TOP_K", "FidelityReference", "ReferenceText", "evaluate", "fidelity_reference", "score_choice",
+           "score_fidelity", "score_open"]

@@ -11,7 +11,7 @@ or, from the command line, a model folder (optionally re-pruned as a probe cell,
 
     lmms-eval --model atv --model_args pretrained=DIR,probe_from=runs/probe/results.jsonl:text/visual/0.5 --tasks pope
 
-Prompts are the toolkit harness's (:func:`evaluation.harness.build_prompt`: one user turn, the image
+Prompts are the toolkit harness's (:func:`evaluation.model_io.build_prompt`: one user turn, the image
 first, then the task's question, and the generation prompt) and generation is the harness's greedy
 call, batched the same way (windows of ``batch_size`` requests in order, split by modality), so a
 harness benchmark and an lmms-eval task over the same items give the same answers.
@@ -43,11 +43,13 @@ from PIL import Image
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from pruning.data import open_image
 from pruning.errors import ConfigError, ToolkitError
 
-from . import INSTALL_HINT, metrics
+from . import metrics
 from .benchmarks import CHOICE, OPEN, Benchmark, load_benchmark
-from .harness import build_prompt, encode, forward_rows, inference, real_positions, to_model, tokenizer_of
+from .install import INSTALL_HINT
+from .model_io import build_prompt, common_prefix, encode, forward_rows, inference, real_ids, to_model, tokenizer_of
 from .reports import BenchmarkResult
 
 log = logging.getLogger(__name__)
@@ -93,14 +95,7 @@ def _loglikelihood_output(value: float, greedy: bool) -> Any:
 # -- prompts and stop sequences (pure) ---------------------------------------------------------------
 
 
-def bridge_prompt(processor, context: str, n_images: int) -> str:
-    """The harness prompt for an lmms-eval context: :func:`build_prompt` for 0 or 1 image; for more,
-    the same user turn with one image item per image, then the text."""
-    if n_images <= 1:
-        return build_prompt(processor, context, n_images == 1)
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+bridge_prompt = build_prompt  # an lmms-eval context and its image count -> the harness prompt
 
 
 def cut_at_stop(text: str, until: Sequence[str]) -> str:
@@ -114,7 +109,12 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
 
 
 class _StopSequences(StoppingCriteria):
-    """Per row: stop once the decoded new tokens contain a stop sequence (the text is cut afterwards)."""
+    """Per row: stop once the decoded new tokens contain a stop sequence (the text is cut afterwards).
+
+    Not ``generate(stop_strings=...)``: transformers' ``StopStringCriteria`` matches the end of the whole
+    sequence, prompt included (a stop sequence spanning the prompt's last tokens halts generation before
+    the answer holds it), and it cannot index every tokenizer's vocabulary (it raises on a WordLevel one).
+    """
 
     def __init__(self, tokenizer, prompt_length: int, until: Sequence[str]):
         self.tokenizer, self.prompt_length, self.until = tokenizer, prompt_length, [s for s in until if s]
@@ -280,7 +280,7 @@ class ATVModel(lmms):
 
     def _generate(self, group: list[_Request]) -> list[str]:
         """The harness's generate call (left-padded, greedy, pad id), stopped and cut at ``until``."""
-        prompts = [bridge_prompt(self.processor, r.context, len(r.images)) for r in group]
+        prompts = [build_prompt(self.processor, r.context, len(r.images)) for r in group]
         images = [image for r in group for image in r.images] or None
         inputs = encode(self.processor, prompts, images, "left")
         tokenizer = tokenizer_of(self.processor)
@@ -317,16 +317,14 @@ class ATVModel(lmms):
     def _continuation_scores(self, group: list[_Request]) -> list[tuple[float, bool]]:
         """As the harness scores an option: the continuation is what follows the longest common prefix of
         the tokenised prompt and prompt + continuation; its summed log-prob from one forward."""
-        prompts = [bridge_prompt(self.processor, r.context, len(r.images)) for r in group]
+        prompts = [build_prompt(self.processor, r.context, len(r.images)) for r in group]
         images = [image for r in group for image in r.images] or None
-        prompt_inputs = encode(self.processor, prompts, images, "right")
-        prompt_ids = [prompt_inputs["input_ids"][b, p].tolist()
-                      for b, p in enumerate(real_positions(prompt_inputs["attention_mask"]))]
+        prompt_ids = real_ids(encode(self.processor, prompts, images, "right"))
         fulls = [prompt + r.continuation for prompt, r in zip(prompts, group)]
         rows = forward_rows(self.model, encode(self.processor, fulls, images, "right"))
         scores = []
         for request, prompt, (ids, logits) in zip(group, prompt_ids, rows):
-            start = _common_prefix(prompt, ids.tolist())
+            start = common_prefix(prompt, ids.tolist())
             if not 1 <= start < len(ids):
                 raise ConfigError(f"continuation {request.continuation!r} adds no token to the prompt "
                                   f"({len(prompt)} prompt tokens, {len(ids)} with it)")
@@ -338,13 +336,6 @@ class ATVModel(lmms):
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"--model {MODEL_NAME} answers single-turn tasks only (generate_until, "
                                   "loglikelihood, multiple_choice)")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 # -- registration ------------------------------------------------------------------------------------
@@ -485,8 +476,7 @@ def harness_task_functions(folder: str | Path) -> SimpleNamespace:
         if not doc.get("image"):
             return []
         path = Path(doc["image"]) if Path(doc["image"]).is_absolute() else folder / doc["image"]
-        with Image.open(path) as image:
-            return [image.convert("RGB")]
+        return [open_image(path)]
 
     def doc_to_text(doc: dict) -> str:
         return doc["question"]

@@ -1,5 +1,5 @@
 """Calibration data: LLaVA-conversation JSON (ShareGPT4V / LLaVA-NeXT-Data) through the model's own
-processor and chat template, or any iterable of ready model inputs.
+processor and chat template (``prune_`` also takes any iterable of ready model-input dicts).
 
 The LLaVA conversation format::
 
@@ -20,7 +20,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -85,7 +85,8 @@ def to_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _open_image(path: Path):
+def open_image(path: str | Path):
+    """The image at ``path`` as an RGB ``PIL.Image`` (loaded, file closed): calibration and evaluation alike."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -132,7 +133,7 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
         if not image_path.is_file():
             report.skipped["missing_image"] += 1
             continue
-        image = _open_image(image_path)
+        image = open_image(image_path)
         inputs = encode_records([record], [image], processor)
         if max_length is not None and inputs["input_ids"].shape[1] > max_length:
             report.skipped["too_long"] += 1
@@ -151,13 +152,3 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
         groups = [usable[i:i + batch_size] for i in range(0, len(usable), batch_size)]
         samples = [encode_records([r for r, _ in g], [im for _, im in g], processor) for g in groups]
     return samples, report
-
-
-def ready_inputs(batches: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Any iterable of ready model-input dicts (each with 'input_ids'), as a list."""
-    out = []
-    for j, batch in enumerate(batches):
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise CalibrationError(f"calibration item {j} is not a dict of model inputs with 'input_ids'")
-        out.append(dict(batch))
-    return out

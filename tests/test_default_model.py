@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig
 
 from atv import default_model as dm
 from atv.suite import make_items
+from evaluation.model_io import build_prompt
 from pruning.errors import ConfigError, OutputExistsError
 
 TINY = dm.DefaultModelConfig(image_size=16, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
@@ -66,7 +67,7 @@ def test_saved_folder_reloads_offline_and_expands_the_image_token(tiny_lm, tiny_
     reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
     proc = AutoProcessor.from_pretrained(out)
     item = make_items("digit", "eval", 1)[0]
-    prompt = dm.prompt_for(proc, item.question, with_image=True)
+    prompt = build_prompt(proc, item.question, with_image=True)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
     assert "<empty_output>\nWhich digit is shown?" in prompt
     inputs = proc(images=[item.image.resize((16, 16))], text=[prompt], return_tensors="pt")
@@ -154,5 +155,5 @@ def test_real_build_keeps_smollm2_unchanged(tmp_path):
         assert torch.equal(model.get_decoder().state_dict()[key], value), key
     processor = AutoProcessor.from_pretrained(folder)
     item = make_items("digit", "eval", 1)[0]
-    inputs = processor(images=[item.image], text=[dm.prompt_for(processor, item.question, True)], return_tensors="pt")
+    inputs = processor(images=[item.image], text=[build_prompt(processor, item.question, True)], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 36

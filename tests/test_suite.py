@@ -10,6 +10,7 @@ import pytest
 
 from atv.suite import (BENCHMARKS, DIGIT_SLICES, IMAGE_BENCHMARKS, SPLITS, Item, chance_level, digit_indices, item_seed,
                        make_items, write_suite)
+from evaluation.benchmarks import CHOICE, FIDELITY
 from pruning.data import read_records, to_messages
 from pruning.errors import ConfigError, OutputExistsError
 
@@ -68,13 +69,13 @@ def test_harness_format(suite):
         records = [json.loads(line) for line in (suite / f"{name}.jsonl").read_text().splitlines()]
         assert len(records) == 5 and len({r["id"] for r in records}) == 5
         for r in records:
-            if bench.kind == "fidelity":
+            if bench.kind == FIDELITY:
                 assert set(r) == {"id", "text"} and len(r["text"].split()) > 5
                 continue
             assert (r["image"] is None) == (not bench.image)
             if r["image"]:
                 assert (suite / r["image"]).is_file()
-            if bench.kind == "mc":
+            if bench.kind == CHOICE:
                 assert r["answer"] in r["options"] and len(set(r["options"])) == len(r["options"])
             else:
                 assert r["answers"] and all(isinstance(a, str) for a in r["answers"])

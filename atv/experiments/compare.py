@@ -24,7 +24,16 @@ from pruning.config import METHODS, PruneConfig, parse_pattern
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError
 
-from .cells import REFERENCE, check_choices, evaluate_all, load_reference, open_benchmarks, open_log, run_cells, score_cell
+from .cells import (
+    REFERENCE,
+    check_choices,
+    evaluate_all,
+    load_reference,
+    open_benchmarks,
+    open_log,
+    run_cells,
+    score_cell,
+)
 
 log = logging.getLogger(__name__)
 

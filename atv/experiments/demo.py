@@ -18,7 +18,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +93,14 @@ def _benchmarks(suite: Path) -> list[Path]:
 
 def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     """Run (or resume) every step of the demo; see the module docstring."""
+    from transformers import set_seed
+
     from analysis.tables import method_table, probe_table, scores_table, to_markdown
     from atv.default_model import build_default_model
     from atv.experiments.compare import CompareConfig, run_method_comparison
     from atv.experiments.probe_study import StudyConfig, run_probe_study
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
-    from atv.experiments.prune_job import seed_everything
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -111,7 +112,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
         clock = now
 
     config.out.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.seed)
+    set_seed(config.seed)
     model_dir = build_default_model(config.cache_dir, progress=progress)
     suite = _suite(config)
     benches = _benchmarks(suite)

@@ -30,20 +30,20 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
+from evaluation.benchmarks import FIDELITY, Benchmark, load_benchmark
+from evaluation.harness import evaluate, fidelity_reference
+from evaluation.install import INSTALL_HINT
+from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import DTYPES
 from pruning.options import option
 
-from evaluation.benchmarks import FIDELITY, Benchmark, load_benchmark
-from evaluation import INSTALL_HINT
-from evaluation.harness import evaluate, fidelity_reference
 from .cells import prune_summary
 from .records import RESULTS, SETUP, read_records
-from evaluation.reports import defined_retention
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +203,14 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
                      if reference_benchmarks else None)
         return LoadedModel(model, processor, reference=reference)
 
+    from transformers import set_seed
+
     from mot_probe.surgery import attach_probe_, probe_pool
     from pruning.config import PruneConfig
     from pruning.data import load_llava_conversations
-    from atv.experiments.prune_job import seed_everything
 
     setup = read_study_setup(cell, model=model_dir, calib=calib, images=images)
-    seed_everything(setup.seed)  # as run_probe_job, before loading model and calibration
+    set_seed(setup.seed)  # as run_probe_job, before loading model and calibration
     model, loaded = load_model(setup.model, dtype or setup.dtype, device, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed,

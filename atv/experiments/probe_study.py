@@ -12,26 +12,32 @@ The model is loaded once: the probe computes exactly the original model while un
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from analysis.tables import probe_table, write_table
 from evaluation import Benchmark, load_benchmark
+from mot_probe.routing import PATHS
+from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
 from pruning.config import METHODS, PruneConfig
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError
 from pruning.io import DTYPES
 from pruning.options import option
 
-from mot_probe.routing import PATHS
-from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
-
-from .cells import REFERENCE, check_choices, evaluate_all, load_reference, open_benchmarks, open_log, run_cells, score_cell
+from .cells import (
+    REFERENCE,
+    check_choices,
+    evaluate_all,
+    load_reference,
+    open_benchmarks,
+    open_log,
+    run_cells,
+    score_cell,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +147,13 @@ class ProbeJob:
 
 def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:
     """Load the model and the calibration data, then run or resume the study (``atv probe``)."""
+    from transformers import set_seed
+
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
-    from atv.experiments.prune_job import seed_everything
 
     benches = [load_benchmark(path) for path in job.benchmarks]  # bad benchmark files fail before any loading
-    seed_everything(job.config.seed)
+    set_seed(job.config.seed)
     model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import random
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+from transformers import set_seed
 
 from pruning.config import PruneConfig
 from pruning.data import load_llava_conversations
@@ -36,12 +34,6 @@ class PruneJob:
     overwrite: bool = option(False, "replace an existing output folder")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:
     """Validate everything cheap first, then load, calibrate, prune and save atomically.
 
@@ -49,7 +41,7 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     check_output_dir(job.out, job.overwrite)
     if job.config.needs_calibration and (job.calib is None or job.images is None):
         raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
-    seed_everything(job.seed)
+    set_seed(job.seed)  # python, numpy and torch
     start = time.perf_counter()
     with _offload_folder(job) as folder:
         return _load_prune_save(job, start, progress, processor, folder)
