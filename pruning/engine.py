@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
-from .masks import mask_from_scores, sparsity_of
+from .masks import apply_mask_, mask_from_scores, sparsity_of
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
 from .scores import magnitude_scores, wanda_scores
@@ -437,7 +437,7 @@ class LayerPruner:
             if name in new_weights:
                 linear.weight.copy_(new_weights[name])
             else:
-                linear.weight.masked_fill_(masks[name].to(linear.weight.device), 0)
+                apply_mask_(linear, masks[name])
             value = sparsity_of(linear.weight) if self.apply else float(masks[name].float().mean())
             self.report.sparsity[name] = value
 
