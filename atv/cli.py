@@ -39,16 +39,18 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 def _prune(args: argparse.Namespace) -> int:
     from pruning.config import PruneConfig
+    from pruning.execution import ExecutionConfig
     from pruning.run import PruneJob, run_prune_job
 
     extra = {"targets": tuple(args.targets)} if args.targets else {}
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, pool=args.pool,
                          alpha=args.alpha, visual_ratio=args.visual_ratio, propagate=args.propagate,
-                         seed=args.seed, offload=args.offload, **extra)
+                         seed=args.seed, **extra)
     job = PruneJob(model=args.model, out=args.out, config=config, calib=args.calib, images=args.images,
                    nsamples=args.nsamples, seed=args.seed, max_length=args.max_length,
                    batch_size=args.batch_size, dtype=args.dtype,
-                   device=args.device, overwrite=args.overwrite)
+                   device=args.device, overwrite=args.overwrite,
+                   execution=ExecutionConfig(offload=args.offload))
     report = run_prune_job(job)
     print(json.dumps({"out": str(args.out), "mean_sparsity": round(report.sparsity, 6),
                       "layers": len(report.layers), "seconds": round(report.seconds, 2)}, indent=2))

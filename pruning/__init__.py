@@ -4,6 +4,7 @@ from .adapters import DECODER_PROJ, Adapter, get_adapter, register_adapter
 from .config import PruneConfig
 from .engine import PruneReport, compute_masks, prune_
 from .errors import ToolkitError
+from .execution import ExecutionConfig
 
-__all__ = ["Adapter", "DECODER_PROJ", "PruneConfig", "PruneReport", "ToolkitError", "compute_masks",
+__all__ = ["Adapter", "DECODER_PROJ", "ExecutionConfig", "PruneConfig", "PruneReport", "ToolkitError", "compute_masks",
            "get_adapter", "prune_", "register_adapter"]

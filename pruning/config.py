@@ -13,6 +13,7 @@ tamp           Wanda        tamp
 =============  ===========  ============
 
 Any scorer that uses activations accepts any pool, e.g. ``PruneConfig("sparsegpt", pool="atv")``.
+How to run (offloading, pass schedule) is :class:`pruning.execution.ExecutionConfig`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from .pools import POOLS
 
 METHODS = {"magnitude": ("magnitude", None), "wanda": ("wanda", "all"), "atv": ("wanda", "atv"),
            "sparsegpt": ("sparsegpt", "all"), "tamp": ("wanda", "tamp")}
-SCHEDULES = ("auto", "two-pass", "three-pass")
 
 
 def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -55,15 +55,9 @@ class PruneConfig:
     targets: tuple[str, ...] = DECODER_PROJ  # Linears to prune, relative to each decoder block
     layers: tuple[int, ...] | None = None    # decoder layer indices to prune; None = all
     propagate: str = "pruned"        # next layer's inputs: outputs of the 'pruned' or the 'dense' layer
-    offload_device: str | None = None  # where calibration activations live; None = CPU if the model is not
-    schedule: str = "auto"           # ATV alpha rule: 'two-pass' (stash activations), 'three-pass', or 'auto'
-    stash_budget_gb: float = 4.0     # 'auto' uses two passes when the stash fits in this budget
     blocksize: int = 128             # SparseGPT column block
     percdamp: float = 0.01           # SparseGPT dampening, fraction of the mean Hessian diagonal
     seed: int = 0                    # random-visual pool
-    offload: bool = False            # one decoder layer's weights at a time on its execution device (accelerate
-                                     # CPU-offload hooks for the run, unless the model is already dispatched)
-    execution_device: str | None = None  # with offload: where each layer runs; None = where it is now
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,8 +87,6 @@ class PruneConfig:
             raise ConfigError(f"visual_ratio must be in [0, 1], got {self.visual_ratio}")
         if self.propagate not in ("pruned", "dense"):
             raise ConfigError(f"propagate must be 'pruned' or 'dense', got {self.propagate!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.targets:
             raise ConfigError("targets is empty: name at least one Linear, e.g. 'mlp.down_proj'")
         if self.blocksize < 1 or self.percdamp <= 0:

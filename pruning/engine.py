@@ -10,7 +10,7 @@ Schedule per decoder layer (two forward passes of the layer):
    outputs with ``propagate='dense'``).
 
 ATV's alpha rule needs the mean drift of all samples before any sample's pool is known; the
-engine then either stashes the activations of the dense pass (``schedule='two-pass'``) or runs one
+engine then either stashes the activations of the dense pass (``ExecutionConfig(schedule='two-pass')``) or runs one
 extra drift-only pass (``'three-pass'``, the reference schedule); both give identical masks.
 """
 
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
 from .config import PruneConfig
+from .execution import ExecutionConfig
 from .errors import CalibrationError, ConfigError
 from .masks import apply_mask_, mask_from_scores, sparsity_of
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
@@ -63,6 +64,7 @@ class PruneReport:
     seconds: float
     applied: bool
     masks: dict[str, torch.Tensor] | None = None  # full dotted name -> bool mask (True = pruned)
+    execution: dict[str, Any] = field(default_factory=dict)  # the ExecutionConfig of the run
 
     @property
     def sparsity(self) -> float:
@@ -77,24 +79,27 @@ class PruneReport:
 
 
 def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-           *, keep_masks: bool = False, progress: bool = True) -> PruneReport:
+           *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
     calibration: model input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...), each a
     batch; every row counts as one sample. Not needed for ``method='magnitude'``.
+    execution: how to run (offloading, pass schedule); None = ``ExecutionConfig()``. Masks do not depend on it.
 
     Example::
 
         report = prune_(model, PruneConfig("atv", sparsity=0.5), batches)
     """
-    return _run(model, config, calibration, apply=True, keep_masks=keep_masks, progress=progress)
+    return _run(model, config, execution or ExecutionConfig(), calibration, apply=True, keep_masks=keep_masks,
+                progress=progress)
 
 
 def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-                  *, progress: bool = True) -> PruneReport:
+                  *, execution: ExecutionConfig | None = None, progress: bool = True) -> PruneReport:
     """Same schedule as :func:`prune_` (later layers see pruned inputs) but the model's weights are
     restored afterwards; ``report.masks`` holds the masks."""
-    return _run(model, config, calibration, apply=False, keep_masks=True, progress=progress)
+    return _run(model, config, execution or ExecutionConfig(), calibration, apply=False, keep_masks=True,
+                progress=progress)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -125,8 +130,8 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
 
 
 # -- orchestration -----------------------------------------------------------------------------
-def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]], *, apply: bool,
-         keep_masks: bool, progress: bool) -> PruneReport:
+def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, calibration: Iterable[Mapping[str, Any]],
+         *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
     start = time.perf_counter()
     adapter = get_adapter(model)
     batches = list(calibration) if config.needs_calibration else []
@@ -135,8 +140,8 @@ def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[st
     masks: dict[str, torch.Tensor] = {}
     reports = []
     layers = adapter.decoder_layers(model)
-    with torch.no_grad(), _eager_attention(model, config.pool == "tamp"), _offloading(layers, config):
-        captured = _capture_all(model, adapter, batches, config, progress)
+    with torch.no_grad(), _eager_attention(model, config.pool == "tamp"), _offloading(layers, execution):
+        captured = _capture_all(model, adapter, batches, execution.activations_device, progress)
         last = indices[-1] if indices else -1
         for i in tqdm(range(last + 1), desc="layers", disable=not progress):
             if i not in indices:
@@ -144,14 +149,14 @@ def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[st
                     _propagate(model, adapter, i, captured)
                 continue
             t0 = time.perf_counter()
-            report = LayerPruner(model, adapter, config, i, captured, apply).run(masks if keep_masks else None)
+            report = LayerPruner(model, adapter, config, i, captured, apply, execution).run(masks if keep_masks else None)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
             log.info("layer %d: sparsity %s", i, report.sparsity)
         del layers
     samples = sum(int(b.hidden.shape[0]) for b in captured)
     return PruneReport(getattr(model.config, "model_type", "?"), config.to_dict(), reports, samples,
-                       time.perf_counter() - start, apply, masks if keep_masks else None)
+                       time.perf_counter() - start, apply, masks if keep_masks else None, execution.to_dict())
 
 
 @contextlib.contextmanager
@@ -169,28 +174,21 @@ def _eager_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def _offloading(layers: nn.ModuleList, config: PruneConfig) -> contextlib.AbstractContextManager:
-    """With ``config.offload``, decoder layers not already dispatched by accelerate get CPU-offload hooks
+def _offloading(layers: nn.ModuleList, execution: ExecutionConfig) -> contextlib.AbstractContextManager:
+    """With ``execution.offload``, decoder layers not already dispatched by accelerate get CPU-offload hooks
     for the run (one layer's weights on its execution device at a time)."""
-    if not config.offload:
+    if not execution.offload:
         return contextlib.nullcontext()
-    device = torch.device(config.execution_device) if config.execution_device is not None else None
-    return cpu_offloaded(list(layers), device)
+    return cpu_offloaded(list(layers), execution.layer_device)
 
 
 def _input_device(model: nn.Module) -> torch.device:
     return execution_device(model.get_input_embeddings())
 
 
-def _offload_device(model: nn.Module, config: PruneConfig) -> torch.device:
-    if config.offload_device is not None:
-        return torch.device(config.offload_device)
-    return torch.device("cpu")
-
-
-def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, Any]], config: PruneConfig,
+def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, Any]], offload: torch.device,
                  progress: bool) -> list[CapturedBatch]:
-    device, offload = _input_device(model), _offload_device(model, config)
+    device = _input_device(model)
     captured = []
     for inputs in tqdm(batches, desc="capture", disable=not progress or not batches):
         inputs = map_tensors(dict(inputs), lambda t: t.to(device))
@@ -232,8 +230,9 @@ class LayerPruner:
     """Prunes one decoder layer: statistics from a dense pass, masks, apply, pruned recompute."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: PruneConfig, index: int,
-                 captured: list[CapturedBatch], apply: bool):
+                 captured: list[CapturedBatch], apply: bool, execution: ExecutionConfig):
         self.model, self.adapter, self.config, self.index = model, adapter, config, index
+        self.execution = execution
         self.captured, self.apply = captured, apply
         self.layer = adapter.decoder_layers(model)[index]
         self.linears = adapter.named_linears(model, index, config.targets)
@@ -341,12 +340,12 @@ class LayerPruner:
         return stats, dense_outs
 
     def _schedule(self) -> str:
-        if self.config.schedule != "auto":
-            return self.config.schedule
+        if self.execution.schedule != "auto":
+            return self.execution.schedule
         tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
         features = sum(l.in_features for l in self.linears.values())
         size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
-        return "two-pass" if size_gb <= self.config.stash_budget_gb else "three-pass"
+        return "two-pass" if size_gb <= self.execution.stash_budget_gb else "three-pass"
 
     def _mean_drift(self) -> float:
         """Drift-only pass (the reference's first pass)."""

@@ -6,7 +6,7 @@ import contextlib
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 from .config import PruneConfig
 from .data import load_llava_conversations
 from .engine import PruneReport, prune_
+from .execution import ExecutionConfig
 from .errors import CalibrationError
 from .io import check_output_dir, load_model, save_pruned
 
@@ -33,6 +34,7 @@ class PruneJob:
     dtype: str = "float32"
     device: str | None = None
     overwrite: bool = False
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)  # offloading, pass schedule
 
 
 def seed_everything(seed: int) -> None:
@@ -55,8 +57,8 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
 
 
 def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
-    """With ``config.offload``: a temporary folder beside the output for the pruned, disk-offloaded layers."""
-    if not job.config.offload:
+    """With ``execution.offload``: a temporary folder beside the output for the pruned, disk-offloaded layers."""
+    if not job.execution.offload:
         return contextlib.nullcontext(None)
     parent = Path(job.out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
     if job.config.needs_calibration:
         batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
                                                         job.seed, job.max_length, job.batch_size)
-    report = prune_(model, job.config, batches, progress=progress)
+    report = prune_(model, job.config, batches, execution=job.execution, progress=progress)
     record = report.to_dict()
     record.update(model_dir=str(job.model), seed=job.seed, total_seconds=time.perf_counter() - start,
                   calibration=None if data_report is None else vars(data_report))
