@@ -1,6 +1,8 @@
 """What to prune and how: one validated dataclass.
 
-``method`` is a preset naming a scorer and a default calibration pool:
+``method`` is a preset naming a registered scorer and a default calibration pool (:data:`METHODS`;
+scorers and pools are registered in :mod:`pruning.registry`, so a new method is one registered
+function and one line of the table):
 
 =============  ===========  ============
 method         scorer       default pool
@@ -21,12 +23,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import pools, scores, sparsegpt, tamp  # noqa: F401  (they register the built-in scorers and pools)
 from .adapters import DECODER_PROJ
 from .errors import ConfigError
-from .pools import POOLS
+from .registry import get_pool, get_scorer, lookup
 
-METHODS = {"magnitude": ("magnitude", None), "wanda": ("wanda", "all"), "atv": ("wanda", "atv"),
-           "sparsegpt": ("sparsegpt", "all"), "tamp": ("wanda", "tamp")}
+# method -> (scorer, default pool); None = the scorer uses no calibration data
+METHODS: dict[str, tuple[str, str | None]] = {
+    "magnitude": ("magnitude", None),
+    "wanda": ("wanda", "all"),
+    "atv": ("wanda", "atv"),
+    "sparsegpt": ("sparsegpt", "all"),
+    "tamp": ("wanda", "tamp"),
+}
 
 
 def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -61,15 +70,16 @@ class PruneConfig:
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        self.scorer, default_pool = METHODS[self.method]
-        if self.pool is None:
-            self.pool = default_pool
-        elif self.scorer == "magnitude":
-            raise ConfigError(f"method 'magnitude' uses no calibration data; drop pool={self.pool!r}")
-        elif self.pool not in POOLS:
-            raise ConfigError(f"unknown pool {self.pool!r}; choose one of {list(POOLS)}")
+        self.scorer, default_pool = lookup("method", self.method, METHODS)
+        needs = get_scorer(self.scorer).needs
+        if self.pool is not None and needs is None:
+            raise ConfigError(f"method {self.method!r} uses no calibration data; drop pool={self.pool!r}")
+        self.pool = default_pool if self.pool is None else self.pool
+        if self.pool is not None:
+            get_pool(self.pool)
+        elif needs is not None:
+            raise ConfigError(f"method {self.method!r}: scorer {self.scorer!r} needs calibration data, so the "
+                              "method table must name a default pool")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
         nm = parse_pattern(self.pattern)
@@ -98,12 +108,12 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scorer != "magnitude"
+        return get_scorer(self.scorer).needs is not None
 
     @property
     def needs_mean_drift(self) -> bool:
         """The alpha rule's k depends on the mean drift of all samples at the layer."""
-        return self.pool in ("atv", "random-visual") and self.visual_ratio is None
+        return self.pool is not None and get_pool(self.pool).needs_drift and self.visual_ratio is None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,15 +29,13 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
 from .config import PruneConfig
-from .execution import ExecutionConfig
 from .errors import CalibrationError, ConfigError
-from .masks import apply_mask_, mask_from_scores, sparsity_of
+from .execution import ExecutionConfig
+from .masks import apply_mask_, sparsity_of
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
-from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
-from .scores import magnitude_scores, wanda_scores
-from .sparsegpt import sparsegpt_prune
-from .stats import Hessian, SquaredNorms
-from .tamp import amia_select
+from .pools import drift
+from .registry import PoolParams, get_pool, get_scorer
+from .stats import ACCUMULATORS, Hessian, SquaredNorms
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +118,7 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
     for j, batch in enumerate(batches):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise CalibrationError(f"calibration item {j} must be a dict of model inputs with 'input_ids'")
-    if config.pool in VISUAL_POOLS:
+    if get_pool(config.pool).needs_visual:
         n_visual = sum(int(adapter.visual_mask(model, b["input_ids"]).sum()) for b in batches)
         if n_visual == 0:
             raise CalibrationError(
@@ -140,7 +138,8 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
     masks: dict[str, torch.Tensor] = {}
     reports = []
     layers = adapter.decoder_layers(model)
-    with torch.no_grad(), _eager_attention(model, config.pool == "tamp"), _offloading(layers, execution):
+    needs_attention = config.pool is not None and get_pool(config.pool).needs_attention
+    with torch.no_grad(), _eager_attention(model, needs_attention), _offloading(layers, execution):
         captured = _capture_all(model, adapter, batches, execution.activations_device, progress)
         last = indices[-1] if indices else -1
         for i in tqdm(range(last + 1), desc="layers", disable=not progress):
@@ -161,7 +160,7 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
 
 @contextlib.contextmanager
 def _eager_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """TAMP needs attention probabilities, which only eager attention returns; the masks captured
+    """Pools like TAMP's need attention probabilities, which only eager attention returns; the masks captured
     under it are the eager ones, so the whole run uses it."""
     previous = getattr(model.config, "_attn_implementation", None)
     if not enabled or previous == "eager":
@@ -239,6 +238,8 @@ class LayerPruner:
         self.device = execution_device(self.layer)
         self.report = LayerReport(index=index, sparsity={})
         self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        self.scorer = get_scorer(config.scorer)
+        self.pool = get_pool(config.pool) if config.pool is not None else None
         self.attention: torch.Tensor | None = None
 
     def run(self, masks_out: dict[str, torch.Tensor] | None) -> LayerReport:
@@ -250,12 +251,8 @@ class LayerPruner:
 
     def _run(self, masks_out: dict[str, torch.Tensor] | None) -> None:
         originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.linears.items()}
-        dense_outs = None
-        if self.config.scorer == "magnitude":
-            masks, new_weights = self._magnitude_masks(), {}
-        else:
-            stats, dense_outs = self._statistics()
-            masks, new_weights = self._masks(stats)
+        stats, dense_outs = self._statistics() if self.scorer.needs is not None else ({}, None)
+        masks, new_weights = self._masks(stats)
         self._apply(masks, new_weights)
         if self.captured:
             self._next_inputs(dense_outs)
@@ -274,12 +271,12 @@ class LayerPruner:
     # -- statistics ------------------------------------------------------------------------
     def _accumulators(self, acts: dict[str, torch.Tensor]) -> dict[str, SquaredNorms | Hessian]:
         """One accumulator per distinct input tensor: Linears fed the same activations (q/k/v, gate/up)
-        share it, so their statistics are computed once (TAMP selects tokens per Linear: never shared)."""
-        kind = Hessian if self.config.scorer == "sparsegpt" else SquaredNorms
+        share it, so their statistics are computed once (attention pools select tokens per Linear: never shared)."""
+        kind = ACCUMULATORS[self.scorer.needs]
         by_input: dict[Any, SquaredNorms | Hessian] = {}
         stats = {}
         for name, linear in self.linears.items():
-            key = name if self.config.pool == "tamp" else id(acts[name])
+            key = name if self.pool.needs_attention else id(acts[name])
             if key not in by_input:
                 by_input[key] = kind(linear.in_features, device=self.device)
             stats[name] = by_input[key]
@@ -294,9 +291,9 @@ class LayerPruner:
 
     @contextlib.contextmanager
     def _record_attention(self) -> Iterator[dict[str, torch.Tensor]]:
-        """For the tamp pool: the attention probabilities (B, H, T, T) of this layer's dense pass."""
+        """For attention pools: the attention probabilities (B, H, T, T) of this layer's dense pass."""
         found: dict[str, torch.Tensor] = {}
-        if self.config.pool != "tamp":
+        if not self.pool.needs_attention:
             yield found
             return
 
@@ -322,7 +319,7 @@ class LayerPruner:
             out, acts, on_device = self._dense_pass(batch)
             if not stats:
                 stats = self._accumulators(acts)
-            drifts = drift(on_device.hidden, out) if self.config.pool in ("atv", "random-visual") else None
+            drifts = drift(on_device.hidden, out) if self.pool.needs_drift else None
             if dense_outs is not None:
                 dense_outs.append(out.to(offload))
             if deferred:
@@ -356,40 +353,26 @@ class LayerPruner:
             values.append(drift(on_device.hidden, out)[on_device.visual & on_device.valid])
         return float(torch.cat(values).mean()) if values else 0.0
 
-    def _pool(self, batch: CapturedBatch, drifts: torch.Tensor | None, mean_drift: float | None) -> torch.Tensor:
-        pool, config = self.config.pool, self.config
-        visual, valid = batch.visual, batch.valid
-        if pool == "all":
-            return valid
-        if pool == "text":
-            return text_pool(visual, valid)
-        if pool == "visual":
-            return visual_pool(visual, valid)
-        if pool in ("atv", "random-visual"):
-            generator = self.generator if pool == "random-visual" else None
-            chosen, ks = atv_pool(visual, valid, drifts, alpha=config.alpha, ratio=config.visual_ratio,
-                                  mean_drift=mean_drift, generator=generator)
-            self.report.k_per_sample.extend(ks)
-            return chosen
-        raise ConfigError(f"pool {pool!r} is not available in this engine yet")
-
     def _add(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor], batch: CapturedBatch,
              drifts: torch.Tensor | None, mean_drift: float | None) -> None:
-        if self.config.pool == "tamp":
-            return self._add_tamp(stats, acts, batch)
-        pool = self._pool(batch, drifts, mean_drift)
+        if self.pool.needs_attention:
+            return self._add_per_linear(stats, acts, batch)
+        params = PoolParams(self.config.alpha, self.config.visual_ratio, mean_drift, self.generator)
+        pool, ks = self.pool.fn(batch.visual, batch.valid, drifts, params)
+        self.report.k_per_sample.extend(ks)
         samples = int(batch.hidden.shape[0])
         whole = bool(pool.all())  # every position pooled: the rows in order, without a gather copy
         for acc, x in _distinct_inputs(stats, acts):
             acc.add(x.flatten(0, -2) if whole else x[pool], samples=samples)
         self._count(batch, pool)
 
-    def _add_tamp(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
+    def _add_per_linear(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
                   batch: CapturedBatch) -> None:
-        """TAMP selects tokens per Linear and per sample from the Linear's own outputs; the report's
-        pooled/visual-selected counts are then means over the Linears."""
+        """Attention pools (TAMP) select tokens per Linear and per sample from the Linear's own outputs; the
+        report's pooled/visual-selected counts are then means over the Linears."""
         if self.attention is None:
-            raise ConfigError("the tamp pool needs attention probabilities; this layer's attention returned none")
+            raise ConfigError(f"the {self.pool.name} pool needs attention probabilities; this layer's attention "
+                              "returned none")
         scores = self.attention.float().mean(dim=1)  # (B, T, T), mean over heads
         pooled = visual_chosen = 0
         for b in range(batch.hidden.shape[0]):
@@ -399,7 +382,7 @@ class LayerPruner:
             for name, acc in stats.items():
                 rows = acts[name][b][valid]
                 linear = self.linears[name]
-                chosen = amia_select(nn.functional.linear(rows, linear.weight, linear.bias), visual, attention)
+                chosen = self.pool.fn(nn.functional.linear(rows, linear.weight, linear.bias), visual, attention)
                 acc.add(rows[chosen], samples=1)
                 pooled += int(chosen.sum())
                 visual_chosen += int((chosen & visual).sum())
@@ -415,20 +398,14 @@ class LayerPruner:
         self.report.visual_selected += int((pool & visual).sum())
 
     # -- masks -----------------------------------------------------------------------------
-    def _magnitude_masks(self) -> dict[str, torch.Tensor]:
-        return {n: mask_from_scores(magnitude_scores(l.weight), self.config.sparsity, self.config.nm)
-                for n, l in self.linears.items()}
-
     def _masks(self, stats: dict[str, SquaredNorms | Hessian]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         masks, new_weights = {}, {}
         for name, linear in self.linears.items():
-            if self.config.scorer == "sparsegpt":
-                new_weights[name], masks[name] = sparsegpt_prune(
-                    linear.weight, stats[name].result(), self.config.sparsity, self.config.nm,
-                    self.config.blocksize, self.config.percdamp)
-            else:
-                scores = wanda_scores(linear.weight, stats[name].result())
-                masks[name] = mask_from_scores(scores, self.config.sparsity, self.config.nm)
+            statistic = stats[name].result() if stats else None
+            masks[name], new_weight = self.scorer.prune(linear.weight, statistic, self.config.sparsity, self.config.nm,
+                                                        blocksize=self.config.blocksize, percdamp=self.config.percdamp)
+            if new_weight is not None:
+                new_weights[name] = new_weight
         return masks, new_weights
 
     def _apply(self, masks: dict[str, torch.Tensor], new_weights: dict[str, torch.Tensor]) -> None:

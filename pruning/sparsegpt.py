@@ -9,6 +9,7 @@ import torch
 
 from .errors import NumericalError
 from .masks import matrix_mask
+from .registry import register_scorer
 from .scores import STATS_DTYPE
 
 
@@ -38,6 +39,7 @@ def block_saliency(w: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:
     return w.pow(2) / hinv_diag.pow(2).unsqueeze(0)
 
 
+@register_scorer("sparsegpt", needs="hessian", updates_weights=True)
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, blocksize: int = 128,
