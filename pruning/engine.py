@@ -35,6 +35,7 @@ from .masks import apply_mask_, sparsity_of
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import drift
 from .registry import PoolParams, get_pool, get_scorer
+from .replay import capture, check_layers, on_device, propagate_, replay_layers
 from .stats import ACCUMULATORS, Hessian, SquaredNorms
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,7 @@ def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[M
 # -- validation --------------------------------------------------------------------------------
 def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: list[Mapping[str, Any]]) -> list[int]:
     n_layers = len(adapter.decoder_layers(model))
-    indices = list(range(n_layers)) if config.layers is None else sorted(set(config.layers))
-    bad = [i for i in indices if not 0 <= i < n_layers]
-    if bad:
-        raise ConfigError(f"layers {bad} out of range: the model has {n_layers} decoder layers")
+    indices = list(range(n_layers)) if config.layers is None else check_layers(config.layers, n_layers)
     for name, linear in adapter.named_linears(model, indices[0] if indices else 0, config.targets).items():
         if config.nm and linear.in_features % config.nm[1]:
             raise ConfigError(f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
@@ -144,8 +142,7 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
         last = indices[-1] if indices else -1
         for i in tqdm(range(last + 1), desc="layers", disable=not progress):
             if i not in indices:
-                if captured:
-                    _propagate(model, adapter, i, captured)
+                propagate_(model, adapter, captured, [i])
                 continue
             t0 = time.perf_counter()
             report = LayerPruner(model, adapter, config, i, captured, apply, execution).run(masks if keep_masks else None)
@@ -181,32 +178,10 @@ def _offloading(layers: nn.ModuleList, execution: ExecutionConfig) -> contextlib
     return cpu_offloaded(list(layers), execution.layer_device)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    return execution_device(model.get_input_embeddings())
-
-
 def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, Any]], offload: torch.device,
                  progress: bool) -> list[CapturedBatch]:
-    device = _input_device(model)
-    captured = []
-    for inputs in tqdm(batches, desc="capture", disable=not progress or not batches):
-        inputs = map_tensors(dict(inputs), lambda t: t.to(device))
-        captured.append(adapter.capture(model, inputs).to(offload))
-    return captured
-
-
-def _on(batch: CapturedBatch, device: torch.device) -> CapturedBatch:
-    """``batch`` on ``device``; captured batches live on one device, so no copy when it is that one."""
-    return batch if batch.hidden.device == device else batch.to(device)
-
-
-def _propagate(model: nn.Module, adapter: Adapter, index: int, captured: list[CapturedBatch]) -> None:
-    """Run an unpruned layer to feed the next one."""
-    layer = adapter.decoder_layers(model)[index]
-    device = execution_device(layer)
-    for batch in captured:
-        on_device = _on(batch, device)
-        batch.hidden = adapter.replay(model, index, on_device.hidden, on_device).to(batch.hidden.device)
+    return [capture(model, adapter, inputs).to(offload)
+            for inputs in tqdm(batches, desc="capture", disable=not progress or not batches)]
 
 
 @contextlib.contextmanager
@@ -283,11 +258,10 @@ class LayerPruner:
         return stats
 
     def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
-        on_device = _on(batch, self.device)
         with record_inputs(self.linears) as acts, self._record_attention() as attention:
-            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
+            step = next(replay_layers(self.model, self.adapter, [batch], [self.index], chain=False))
         self.attention = attention.get("probs")
-        return out, dict(acts), on_device
+        return step.outputs, dict(acts), step.batch
 
     @contextlib.contextmanager
     def _record_attention(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -316,22 +290,21 @@ class LayerPruner:
         stash, visual_drifts = [], []
         offload = self.captured[0].hidden.device
         for batch in self.captured:
-            out, acts, on_device = self._dense_pass(batch)
+            out, acts, moved = self._dense_pass(batch)
             if not stats:
                 stats = self._accumulators(acts)
-            drifts = drift(on_device.hidden, out) if self.pool.needs_drift else None
+            drifts = drift(moved.hidden, out) if self.pool.needs_drift else None
             if dense_outs is not None:
                 dense_outs.append(out.to(offload))
             if deferred:
-                visual_drifts.append(drifts[on_device.visual & on_device.valid])
+                visual_drifts.append(drifts[moved.visual & moved.valid])
                 stash.append((map_tensors(acts, lambda t: t.to(offload)), drifts.to(offload), batch))
             else:
-                self._add(stats, acts, on_device, drifts, mean_drift)
+                self._add(stats, acts, moved, drifts, mean_drift)
         if deferred:
             mean_drift = float(torch.cat(visual_drifts).mean()) if visual_drifts else 0.0
             for acts, drifts, batch in stash:
-                on_device = _on(batch, self.device)
-                self._add(stats, map_tensors(acts, lambda t: t.to(self.device)), on_device,
+                self._add(stats, map_tensors(acts, lambda t: t.to(self.device)), on_device(batch, self.device),
                           drifts.to(self.device), mean_drift)
         self.report.mean_drift = mean_drift
         return stats, dense_outs
@@ -346,11 +319,8 @@ class LayerPruner:
 
     def _mean_drift(self) -> float:
         """Drift-only pass (the reference's first pass)."""
-        values = []
-        for batch in self.captured:
-            on_device = _on(batch, self.device)
-            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
-            values.append(drift(on_device.hidden, out)[on_device.visual & on_device.valid])
+        values = [drift(step.inputs, step.outputs)[step.batch.visual & step.batch.valid]
+                  for step in replay_layers(self.model, self.adapter, self.captured, [self.index], chain=False)]
         return float(torch.cat(values).mean()) if values else 0.0
 
     def _add(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor], batch: CapturedBatch,
@@ -422,10 +392,7 @@ class LayerPruner:
             for batch, out in zip(self.captured, dense_outs):
                 batch.hidden = out
             return
-        for batch in self.captured:
-            on_device = _on(batch, self.device)
-            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
-            batch.hidden = out.to(batch.hidden.device)
+        propagate_(self.model, self.adapter, self.captured, [self.index])
 
 
 def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],
