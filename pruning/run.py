@@ -15,8 +15,8 @@ import torch
 from .config import PruneConfig
 from .data import load_llava_conversations
 from .engine import PruneReport, prune_
-from .execution import ExecutionConfig
 from .errors import CalibrationError
+from .execution import ExecutionConfig
 from .io import check_output_dir, load_model, save_pruned
 
 

@@ -71,10 +71,10 @@ def test_registered_pool_feeds_the_statistics(first_token_pool):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: PruneConfig("obs"), r"unknown method 'obs'; choose one of \['atv', 'magnitude', 'sparsegpt', 'tamp', "
-                                 r"'wanda'\]"),
-    (lambda: PruneConfig("wanda", pool="images"), r"unknown pool 'images'; choose one of \['all', 'atv', "
-                                                  r"'random-visual', 'tamp', 'text', 'visual'\]"),
+    (lambda: PruneConfig("obs"),
+     r"unknown method 'obs'; choose one of \['atv', 'magnitude', 'sparsegpt', 'tamp', 'wanda'\]"),
+    (lambda: PruneConfig("wanda", pool="images"),
+     r"unknown pool 'images'; choose one of \['all', 'atv', 'random-visual', 'tamp', 'text', 'visual'\]"),
     (lambda: get_scorer("obs"), r"unknown scorer 'obs'; choose one of \['magnitude', 'sparsegpt', 'wanda'\]"),
     (lambda: get_pool("images"), r"unknown pool 'images'; choose one of \[.*'visual'\]"),
     (lambda: register_scorer("x", needs="gradients"), r"needs must be one of .* got 'gradients'"),
