@@ -5,6 +5,7 @@ from .config import PruneConfig
 from .engine import PruneReport, compute_masks, prune_
 from .errors import ToolkitError
 from .execution import ExecutionConfig
+from .registry import register_pool, register_scorer
 
 __all__ = ["Adapter", "DECODER_PROJ", "ExecutionConfig", "PruneConfig", "PruneReport", "ToolkitError", "compute_masks",
-           "get_adapter", "prune_", "register_adapter"]
+           "get_adapter", "prune_", "register_adapter", "register_pool", "register_scorer"]

@@ -70,16 +70,7 @@ class PruneConfig:
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.scorer, default_pool = lookup("method", self.method, METHODS)
-        needs = get_scorer(self.scorer).needs
-        if self.pool is not None and needs is None:
-            raise ConfigError(f"method {self.method!r} uses no calibration data; drop pool={self.pool!r}")
-        self.pool = default_pool if self.pool is None else self.pool
-        if self.pool is not None:
-            get_pool(self.pool)
-        elif needs is not None:
-            raise ConfigError(f"method {self.method!r}: scorer {self.scorer!r} needs calibration data, so the "
-                              "method table must name a default pool")
+        self._resolve_method()
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
         nm = parse_pattern(self.pattern)
@@ -101,6 +92,19 @@ class PruneConfig:
             raise ConfigError("targets is empty: name at least one Linear, e.g. 'mlp.down_proj'")
         if self.blocksize < 1 or self.percdamp <= 0:
             raise ConfigError(f"blocksize must be >= 1 and percdamp > 0, got {self.blocksize}, {self.percdamp}")
+
+    def _resolve_method(self) -> None:
+        """Scorer and pool from the method table; every name must be registered."""
+        self.scorer, default_pool = lookup("method", self.method, METHODS)
+        needs = get_scorer(self.scorer).needs
+        if self.pool is not None and needs is None:
+            raise ConfigError(f"method {self.method!r} uses no calibration data; drop pool={self.pool!r}")
+        self.pool = default_pool if self.pool is None else self.pool
+        if self.pool is not None:
+            get_pool(self.pool)
+        elif needs is not None:
+            raise ConfigError(f"method {self.method!r}: scorer {self.scorer!r} needs calibration data, so the "
+                              "method table must name a default pool")
 
     @property
     def nm(self) -> tuple[int, int] | None:

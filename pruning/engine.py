@@ -145,7 +145,8 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
                 propagate_(model, adapter, captured, [i])
                 continue
             t0 = time.perf_counter()
-            report = LayerPruner(model, adapter, config, i, captured, apply, execution).run(masks if keep_masks else None)
+            pruner = LayerPruner(model, adapter, config, i, captured, apply, execution)
+            report = pruner.run(masks if keep_masks else None)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
             log.info("layer %d: sparsity %s", i, report.sparsity)
