@@ -36,9 +36,10 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from pruning.adapters import get_adapter, map_tensors
+from pruning.adapters import get_adapter
 from pruning.errors import CalibrationError, ConfigError
 from pruning.pools import atv_pool, drift
+from pruning.replay import capture, check_layers, replay_layers
 
 from .style import DENSE_COLOR, MODALITY_COLORS, PALETTE, new_figure, style_context
 
@@ -100,21 +101,13 @@ def collect_drift(model: nn.Module, batches: Sequence[Mapping[str, Any]], alpha:
         raise CalibrationError("collect_drift needs at least one calibration batch; none was given")
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
-    layers = list(range(n_layers)) if layers is None else sorted(set(int(i) for i in layers))
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad or not layers:
-        raise ConfigError(f"layers {bad or '(none)'} invalid: the model has {n_layers} decoder layers")
+    layers = check_layers(range(n_layers) if layers is None else layers, n_layers)
     model.eval()
-    device = model.get_input_embeddings().weight.device
     per_batch = []  # (visual (B,T), valid (B,T), {layer: drift (B,T)})
     for inputs in batches:
-        batch = adapter.capture(model, map_tensors(dict(inputs), lambda t: t.to(device)))
-        hidden, drifts = batch.hidden, {}
-        for i in range(layers[-1] + 1):
-            out = adapter.replay(model, i, hidden, batch)
-            if i in layers:
-                drifts[i] = drift(hidden, out).cpu()
-            hidden = out
+        batch = capture(model, adapter, inputs)
+        drifts = {step.index: drift(step.inputs, step.outputs).cpu()
+                  for step in replay_layers(model, adapter, [batch], range(layers[-1] + 1)) if step.index in layers}
         per_batch.append((batch.visual.cpu(), batch.valid.cpu(), drifts))
     if not any(bool((vis & val).any()) for vis, val, _ in per_batch):
         raise CalibrationError("the calibration batches have no visual tokens: there is no visual drift to show")

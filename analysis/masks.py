@@ -29,7 +29,7 @@ from torch import nn
 from pruning.config import PruneConfig
 from pruning.errors import ConfigError
 
-from .style import new_figure, style_context, color_for
+from .style import color_for, new_figure, style_context
 
 log = logging.getLogger(__name__)
 

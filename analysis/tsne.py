@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruning.adapters import get_adapter, map_tensors
+from pruning.adapters import get_adapter
 from pruning.errors import CalibrationError, ConfigError
+from pruning.replay import capture, check_layers, replay_layers
 
 from .style import MODALITY_COLORS, new_figure, style_context
 
@@ -62,16 +63,6 @@ def split_by_batch(indices: torch.Tensor, counts: Sequence[int]) -> list[torch.T
 
 
 # -- collection (orchestration) ------------------------------------------------------------------
-def _check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
-    layers = sorted(set(int(i) for i in layers))
-    if not layers:
-        raise ConfigError("layers is empty: name at least one decoder layer index, e.g. layers=(0,)")
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise ConfigError(f"layers {bad} out of range: the model has {n_layers} decoder layers")
-    return layers
-
-
 @torch.no_grad()
 def collect_hidden_states(model: nn.Module, batches: Sequence[Mapping[str, Any]], layers: Iterable[int],
                           max_per_modality: int | None = 1000, seed: int = 0) -> dict[str, Any]:
@@ -88,9 +79,8 @@ def collect_hidden_states(model: nn.Module, batches: Sequence[Mapping[str, Any]]
     if not batches:
         raise CalibrationError("collect_hidden_states needs at least one calibration batch; none was given")
     adapter = get_adapter(model)
-    layers = _check_layers(layers, len(adapter.decoder_layers(model)))
+    layers = check_layers(layers, len(adapter.decoder_layers(model)))
     model.eval()
-    device = model.get_input_embeddings().weight.device
     # Modality masks come from input_ids alone, so the subsample is drawn before any forward.
     masks = [modality_masks(adapter.visual_mask(model, b["input_ids"]).cpu(), _valid(b)) for b in batches]
     generator = torch.Generator().manual_seed(seed)
@@ -104,15 +94,13 @@ def collect_hidden_states(model: nn.Module, batches: Sequence[Mapping[str, Any]]
         log.warning("the calibration batches have no visual tokens; the t-SNE will show text only")
     found: dict[int, dict[str, list[torch.Tensor]]] = {i: {m: [] for m in MODALITIES} for i in layers}
     for j, inputs in enumerate(batches):
-        batch = adapter.capture(model, map_tensors(dict(inputs), lambda t: t.to(device)))
-        hidden = batch.hidden
-        for i in range(layers[-1] + 1):
-            if i in found:
-                flat = hidden.float().cpu()
+        batch = capture(model, adapter, inputs)
+        # the last layer is replayed too (its outputs unused): one loop for every consumer of captured inputs
+        for step in replay_layers(model, adapter, [batch], range(layers[-1] + 1)):
+            if step.index in found:
+                flat = step.inputs.float().cpu()
                 for modality in MODALITIES:
-                    found[i][modality].append(flat[masks[j][modality]][picks[modality][j]])
-            if i < layers[-1]:
-                hidden = adapter.replay(model, i, hidden, batch)
+                    found[step.index][modality].append(flat[masks[j][modality]][picks[modality][j]])
     states = {i: {m: torch.cat(found[i][m]) for m in MODALITIES} for i in layers}
     log.info("hidden states: %s text / %s visual tokens per layer (of %s / %s)", len(states[layers[0]]["text"]),
              len(states[layers[0]]["visual"]), totals["text"], totals["visual"])

@@ -33,8 +33,9 @@ def _unpack(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
-def _help(text: str, default: Any, choices: tuple | None) -> str:
+def _help(text: str, default: Any, choices: Any) -> str:
     text = text.replace("%", "%%")
+    choices = choices() if callable(choices) else choices
     if choices:
         text += " {" + ", ".join(map(str, choices)) + "}"
     if not any(default is hidden for hidden in (None, False, True, dataclasses.MISSING)) and default != ():
@@ -85,19 +86,21 @@ def _default(fn: Callable, name: str) -> Any:
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.prune_job import PruneJob
     from pruning.config import PruneConfig
+    from pruning.execution import ExecutionConfig
 
     p = sub.add_parser("prune", help="prune a model's shared weights and save it")
     seen: set[str] = set()
-    add_options(p, PruneJob, seen)
-    add_options(p, PruneConfig, seen)
+    for cls in (PruneJob, PruneConfig, ExecutionConfig):
+        add_options(p, cls, seen)
     p.set_defaults(func=_prune)
 
 
 def _prune(args: argparse.Namespace) -> int:
     from atv.experiments.prune_job import PruneJob, run_prune_job
     from pruning.config import PruneConfig
+    from pruning.execution import ExecutionConfig
 
-    job = build(PruneJob, args, config=build(PruneConfig, args))
+    job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args))
     report = run_prune_job(job)
     print(json.dumps({"out": str(job.out), "mean_sparsity": round(report.sparsity, 6),
                       "layers": len(report.layers), "seconds": round(report.seconds, 2)}, indent=2))

@@ -10,7 +10,7 @@ so only ratios measured within one process are reported. No test asserts on time
     python benchmarks/prune_speed.py --model DIR --calib calib.json --images DIR --offload-methods wanda atv
 
 Offload variants (folder models only) load the decoder layers memory-mapped from the checkpoint and
-prune one layer at a time (``PruneConfig(offload=True)``); compare their peak RSS with the plain run.
+prune one layer at a time (``ExecutionConfig(offload=True)``); compare their peak RSS with the plain run.
 Results go to ``benchmarks/results/prune_speed_<name>.json`` unless ``--out`` says otherwise.
 """
 
@@ -98,7 +98,7 @@ def forward_time(model, batches) -> float:
 
 def run_one(args: argparse.Namespace) -> dict:
     """In a child process: T_fwd, prune with one method, T_fwd again (on the pruned model: same cost)."""
-    from pruning import PruneConfig, prune_
+    from pruning import ExecutionConfig, PruneConfig, prune_
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="prune-speed-offload-") as folder:
@@ -106,8 +106,8 @@ def run_one(args: argparse.Namespace) -> dict:
         forward_time(model, batches[:1])  # warm-up
         before = forward_time(model, batches)
         extra = {"schedule": args.schedule} if args.method == "atv" else {}
-        report = prune_(model, PruneConfig(args.method, sparsity=0.5, offload=args.offload, **extra), batches,
-                        progress=False)
+        report = prune_(model, PruneConfig(args.method, sparsity=0.5), batches,
+                        execution=ExecutionConfig(offload=args.offload, **extra), progress=False)
         after = forward_time(model, batches)
     t_fwd = (before + after) / 2
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

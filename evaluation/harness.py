@@ -35,10 +35,18 @@ from pruning.data import open_image
 from pruning.errors import ConfigError
 
 from . import metrics
-from .benchmarks import (CHOICE, FIDELITY, OPEN, Benchmark, BenchmarkError, ChoiceItem, OpenItem, TextItem,
-                         load_benchmark)
-from .model_io import (build_prompt, common_prefix, encode, forward_rows, inference, real_ids, to_model,
-                       tokenizer_of)
+from .benchmarks import (
+    CHOICE,
+    FIDELITY,
+    OPEN,
+    Benchmark,
+    BenchmarkError,
+    ChoiceItem,
+    OpenItem,
+    TextItem,
+    load_benchmark,
+)
+from .model_io import build_prompt, common_prefix, encode, forward_rows, inference, real_ids, to_model, tokenizer_of
 from .reports import BenchmarkResult, EvalReport, ItemResult
 
 log = logging.getLogger(__name__)

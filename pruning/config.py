@@ -1,6 +1,8 @@
 """What to prune and how: one validated dataclass.
 
-``method`` is a preset naming a scorer and a default calibration pool:
+``method`` is a preset naming a registered scorer and a default calibration pool (:data:`METHODS`;
+scorers and pools are registered in :mod:`pruning.registry`, so a new method is one registered
+function and one line of the table):
 
 =============  ===========  ============
 method         scorer       default pool
@@ -13,6 +15,7 @@ tamp           Wanda        tamp
 =============  ===========  ============
 
 Any scorer that uses activations accepts any pool, e.g. ``PruneConfig("sparsegpt", pool="atv")``.
+How to run (offloading, pass schedule) is :class:`pruning.execution.ExecutionConfig`.
 """
 
 from __future__ import annotations
@@ -20,14 +23,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import pools, scores, sparsegpt, tamp  # noqa: F401  (they register the built-in scorers and pools)
 from .adapters import DECODER_PROJ
 from .errors import ConfigError
 from .options import option
-from .pools import POOLS
+from .registry import POOLS, get_pool, get_scorer, lookup
 
-METHODS = {"magnitude": ("magnitude", None), "wanda": ("wanda", "all"), "atv": ("wanda", "atv"),
-           "sparsegpt": ("sparsegpt", "all"), "tamp": ("wanda", "tamp")}
-SCHEDULES = ("auto", "two-pass", "three-pass")
+# method -> (scorer, default pool); None = the scorer uses no calibration data
+METHODS: dict[str, tuple[str, str | None]] = {
+    "magnitude": ("magnitude", None),
+    "wanda": ("wanda", "all"),
+    "atv": ("wanda", "atv"),
+    "sparsegpt": ("sparsegpt", "all"),
+    "tamp": ("wanda", "tamp"),
+}
 
 
 def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -47,38 +56,23 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
 
 @dataclass
 class PruneConfig:
-    method: str = option("atv", "preset naming a scorer and its default pool", choices=tuple(METHODS))
+    method: str = option("atv", "preset naming a scorer and its default pool", choices=lambda: tuple(METHODS))
     sparsity: float | None = option(None, "fraction pruned per output row (default 0.5; N/M with --pattern)")
     pattern: str | None = option(None, "N:M semi-structured sparsity, e.g. 2:4 (default: unstructured)")
-    pool: str | None = option(None, "calibration pool (default: the method's)", choices=tuple(POOLS))
+    pool: str | None = option(None, "calibration pool (default: the method's)", choices=lambda: tuple(POOLS))
     alpha: float = option(1.0, "ATV alpha rule: k = round(min(1, alpha * mean drift) * n_text)")
     visual_ratio: float | None = option(None, "ATV fixed rule instead of alpha: k = round(ratio * n_visual)")
     targets: tuple[str, ...] = option(DECODER_PROJ, "Linears to prune, relative to each decoder block")
     layers: tuple[int, ...] | None = option(None, "decoder layer indices to prune (default: all)")
     propagate: str = option("pruned", "next layer's inputs: outputs of the pruned or the dense layer",
                             choices=("pruned", "dense"))
-    offload_device: str | None = option(None, "where calibration activations live (default: CPU)")
-    schedule: str = option("auto", "ATV alpha rule: stash activations (two-pass), recompute (three-pass), or "
-                                   "choose by --stash-budget-gb", choices=SCHEDULES)
-    stash_budget_gb: float = option(4.0, "'auto' schedule: two passes when the stash fits in this budget")
     blocksize: int = option(128, "SparseGPT column block")
     percdamp: float = option(0.01, "SparseGPT dampening, fraction of the mean Hessian diagonal")
     seed: int = option(0, "seed of the random-visual pool")
-    offload: bool = option(False, "keep decoder layers on disk and load one at a time (memory bounded by one "
-                                  "layer)")
-    execution_device: str | None = option(None, "with --offload: where each layer runs (default: where it is)")
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        self.scorer, default_pool = METHODS[self.method]
-        if self.pool is None:
-            self.pool = default_pool
-        elif self.scorer == "magnitude":
-            raise ConfigError(f"method 'magnitude' uses no calibration data; drop pool={self.pool!r}")
-        elif self.pool not in POOLS:
-            raise ConfigError(f"unknown pool {self.pool!r}; choose one of {list(POOLS)}")
+        self._resolve_method()
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
         nm = parse_pattern(self.pattern)
@@ -96,12 +90,23 @@ class PruneConfig:
             raise ConfigError(f"visual_ratio must be in [0, 1], got {self.visual_ratio}")
         if self.propagate not in ("pruned", "dense"):
             raise ConfigError(f"propagate must be 'pruned' or 'dense', got {self.propagate!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.targets:
             raise ConfigError("targets is empty: name at least one Linear, e.g. 'mlp.down_proj'")
         if self.blocksize < 1 or self.percdamp <= 0:
             raise ConfigError(f"blocksize must be >= 1 and percdamp > 0, got {self.blocksize}, {self.percdamp}")
+
+    def _resolve_method(self) -> None:
+        """Scorer and pool from the method table; every name must be registered."""
+        self.scorer, default_pool = lookup("method", self.method, METHODS)
+        needs = get_scorer(self.scorer).needs
+        if self.pool is not None and needs is None:
+            raise ConfigError(f"method {self.method!r} uses no calibration data; drop pool={self.pool!r}")
+        self.pool = default_pool if self.pool is None else self.pool
+        if self.pool is not None:
+            get_pool(self.pool)
+        elif needs is not None:
+            raise ConfigError(f"method {self.method!r}: scorer {self.scorer!r} needs calibration data, so the "
+                              "method table must name a default pool")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -109,12 +114,12 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scorer != "magnitude"
+        return get_scorer(self.scorer).needs is not None
 
     @property
     def needs_mean_drift(self) -> bool:
         """The alpha rule's k depends on the mean drift of all samples at the layer."""
-        return self.pool in ("atv", "random-visual") and self.visual_ratio is None
+        return self.pool is not None and get_pool(self.pool).needs_drift and self.visual_ratio is None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,7 +10,7 @@ Schedule per decoder layer (two forward passes of the layer):
    outputs with ``propagate='dense'``).
 
 ATV's alpha rule needs the mean drift of all samples before any sample's pool is known; the
-engine then either stashes the activations of the dense pass (``schedule='two-pass'``) or runs one
+engine then either stashes the activations of the dense pass (``ExecutionConfig(schedule='two-pass')``) or runs one
 extra drift-only pass (``'three-pass'``, the reference schedule); both give identical masks.
 """
 
@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
-from .masks import mask_from_scores, sparsity_of
+from .execution import ExecutionConfig
+from .masks import apply_mask_, sparsity_of
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
-from .pools import VISUAL_POOLS, atv_pool, drift, text_pool, visual_pool
-from .scores import magnitude_scores, wanda_scores
-from .sparsegpt import sparsegpt_prune
-from .stats import Hessian, SquaredNorms
-from .tamp import amia_select
+from .pools import drift
+from .registry import PoolParams, get_pool, get_scorer
+from .replay import capture, check_layers, on_device, propagate_, replay_layers
+from .stats import ACCUMULATORS, Hessian, SquaredNorms
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class PruneReport:
     seconds: float
     applied: bool
     masks: dict[str, torch.Tensor] | None = None  # full dotted name -> bool mask (True = pruned)
+    execution: dict[str, Any] = field(default_factory=dict)  # the ExecutionConfig of the run
 
     @property
     def sparsity(self) -> float:
@@ -77,33 +78,33 @@ class PruneReport:
 
 
 def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-           *, keep_masks: bool = False, progress: bool = True) -> PruneReport:
+           *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
     calibration: model input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...), each a
     batch; every row counts as one sample. Not needed for ``method='magnitude'``.
+    execution: how to run (offloading, pass schedule); None = ``ExecutionConfig()``. Masks do not depend on it.
 
     Example::
 
         report = prune_(model, PruneConfig("atv", sparsity=0.5), batches)
     """
-    return _run(model, config, calibration, apply=True, keep_masks=keep_masks, progress=progress)
+    return _run(model, config, execution or ExecutionConfig(), calibration, apply=True, keep_masks=keep_masks,
+                progress=progress)
 
 
 def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-                  *, progress: bool = True) -> PruneReport:
+                  *, execution: ExecutionConfig | None = None, progress: bool = True) -> PruneReport:
     """Same schedule as :func:`prune_` (later layers see pruned inputs) but the model's weights are
     restored afterwards; ``report.masks`` holds the masks."""
-    return _run(model, config, calibration, apply=False, keep_masks=True, progress=progress)
+    return _run(model, config, execution or ExecutionConfig(), calibration, apply=False, keep_masks=True,
+                progress=progress)
 
 
 # -- validation --------------------------------------------------------------------------------
 def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: list[Mapping[str, Any]]) -> list[int]:
     n_layers = len(adapter.decoder_layers(model))
-    indices = list(range(n_layers)) if config.layers is None else sorted(set(config.layers))
-    bad = [i for i in indices if not 0 <= i < n_layers]
-    if bad:
-        raise ConfigError(f"layers {bad} out of range: the model has {n_layers} decoder layers")
+    indices = list(range(n_layers)) if config.layers is None else check_layers(config.layers, n_layers)
     for name, linear in adapter.named_linears(model, indices[0] if indices else 0, config.targets).items():
         if config.nm and linear.in_features % config.nm[1]:
             raise ConfigError(f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
@@ -115,7 +116,7 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
     for j, batch in enumerate(batches):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise CalibrationError(f"calibration item {j} must be a dict of model inputs with 'input_ids'")
-    if config.pool in VISUAL_POOLS:
+    if get_pool(config.pool).needs_visual:
         n_visual = sum(int(adapter.visual_mask(model, b["input_ids"]).sum()) for b in batches)
         if n_visual == 0:
             raise CalibrationError(
@@ -125,8 +126,8 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
 
 
 # -- orchestration -----------------------------------------------------------------------------
-def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]], *, apply: bool,
-         keep_masks: bool, progress: bool) -> PruneReport:
+def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, calibration: Iterable[Mapping[str, Any]],
+         *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
     start = time.perf_counter()
     adapter = get_adapter(model)
     batches = list(calibration) if config.needs_calibration else []
@@ -135,28 +136,29 @@ def _run(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[st
     masks: dict[str, torch.Tensor] = {}
     reports = []
     layers = adapter.decoder_layers(model)
-    with torch.no_grad(), _eager_attention(model, config.pool == "tamp"), _offloading(layers, config):
-        captured = _capture_all(model, adapter, batches, config, progress)
+    needs_attention = config.pool is not None and get_pool(config.pool).needs_attention
+    with torch.no_grad(), _eager_attention(model, needs_attention), _offloading(layers, execution):
+        captured = _capture_all(model, adapter, batches, execution.activations_device, progress)
         last = indices[-1] if indices else -1
         for i in tqdm(range(last + 1), desc="layers", disable=not progress):
             if i not in indices:
-                if captured:
-                    _propagate(model, adapter, i, captured)
+                propagate_(model, adapter, captured, [i])
                 continue
             t0 = time.perf_counter()
-            report = LayerPruner(model, adapter, config, i, captured, apply).run(masks if keep_masks else None)
+            pruner = LayerPruner(model, adapter, config, i, captured, apply, execution)
+            report = pruner.run(masks if keep_masks else None)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
             log.info("layer %d: sparsity %s", i, report.sparsity)
         del layers
     samples = sum(int(b.hidden.shape[0]) for b in captured)
     return PruneReport(getattr(model.config, "model_type", "?"), config.to_dict(), reports, samples,
-                       time.perf_counter() - start, apply, masks if keep_masks else None)
+                       time.perf_counter() - start, apply, masks if keep_masks else None, execution.to_dict())
 
 
 @contextlib.contextmanager
 def _eager_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """TAMP needs attention probabilities, which only eager attention returns; the masks captured
+    """Pools like TAMP's need attention probabilities, which only eager attention returns; the masks captured
     under it are the eager ones, so the whole run uses it."""
     previous = getattr(model.config, "_attn_implementation", None)
     if not enabled or previous == "eager":
@@ -169,47 +171,18 @@ def _eager_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def _offloading(layers: nn.ModuleList, config: PruneConfig) -> contextlib.AbstractContextManager:
-    """With ``config.offload``, decoder layers not already dispatched by accelerate get CPU-offload hooks
+def _offloading(layers: nn.ModuleList, execution: ExecutionConfig) -> contextlib.AbstractContextManager:
+    """With ``execution.offload``, decoder layers not already dispatched by accelerate get CPU-offload hooks
     for the run (one layer's weights on its execution device at a time)."""
-    if not config.offload:
+    if not execution.offload:
         return contextlib.nullcontext()
-    device = torch.device(config.execution_device) if config.execution_device is not None else None
-    return cpu_offloaded(list(layers), device)
+    return cpu_offloaded(list(layers), execution.layer_device)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    return execution_device(model.get_input_embeddings())
-
-
-def _offload_device(model: nn.Module, config: PruneConfig) -> torch.device:
-    if config.offload_device is not None:
-        return torch.device(config.offload_device)
-    return torch.device("cpu")
-
-
-def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, Any]], config: PruneConfig,
+def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, Any]], offload: torch.device,
                  progress: bool) -> list[CapturedBatch]:
-    device, offload = _input_device(model), _offload_device(model, config)
-    captured = []
-    for inputs in tqdm(batches, desc="capture", disable=not progress or not batches):
-        inputs = map_tensors(dict(inputs), lambda t: t.to(device))
-        captured.append(adapter.capture(model, inputs).to(offload))
-    return captured
-
-
-def _on(batch: CapturedBatch, device: torch.device) -> CapturedBatch:
-    """``batch`` on ``device``; captured batches live on one device, so no copy when it is that one."""
-    return batch if batch.hidden.device == device else batch.to(device)
-
-
-def _propagate(model: nn.Module, adapter: Adapter, index: int, captured: list[CapturedBatch]) -> None:
-    """Run an unpruned layer to feed the next one."""
-    layer = adapter.decoder_layers(model)[index]
-    device = execution_device(layer)
-    for batch in captured:
-        on_device = _on(batch, device)
-        batch.hidden = adapter.replay(model, index, on_device.hidden, on_device).to(batch.hidden.device)
+    return [capture(model, adapter, inputs).to(offload)
+            for inputs in tqdm(batches, desc="capture", disable=not progress or not batches)]
 
 
 @contextlib.contextmanager
@@ -232,14 +205,17 @@ class LayerPruner:
     """Prunes one decoder layer: statistics from a dense pass, masks, apply, pruned recompute."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: PruneConfig, index: int,
-                 captured: list[CapturedBatch], apply: bool):
+                 captured: list[CapturedBatch], apply: bool, execution: ExecutionConfig):
         self.model, self.adapter, self.config, self.index = model, adapter, config, index
+        self.execution = execution
         self.captured, self.apply = captured, apply
         self.layer = adapter.decoder_layers(model)[index]
         self.linears = adapter.named_linears(model, index, config.targets)
         self.device = execution_device(self.layer)
         self.report = LayerReport(index=index, sparsity={})
         self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
+        self.scorer = get_scorer(config.scorer)
+        self.pool = get_pool(config.pool) if config.pool is not None else None
         self.attention: torch.Tensor | None = None
 
     def run(self, masks_out: dict[str, torch.Tensor] | None) -> LayerReport:
@@ -251,12 +227,8 @@ class LayerPruner:
 
     def _run(self, masks_out: dict[str, torch.Tensor] | None) -> None:
         originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.linears.items()}
-        dense_outs = None
-        if self.config.scorer == "magnitude":
-            masks, new_weights = self._magnitude_masks(), {}
-        else:
-            stats, dense_outs = self._statistics()
-            masks, new_weights = self._masks(stats)
+        stats, dense_outs = self._statistics() if self.scorer.needs is not None else ({}, None)
+        masks, new_weights = self._masks(stats)
         self._apply(masks, new_weights)
         if self.captured:
             self._next_inputs(dense_outs)
@@ -275,29 +247,28 @@ class LayerPruner:
     # -- statistics ------------------------------------------------------------------------
     def _accumulators(self, acts: dict[str, torch.Tensor]) -> dict[str, SquaredNorms | Hessian]:
         """One accumulator per distinct input tensor: Linears fed the same activations (q/k/v, gate/up)
-        share it, so their statistics are computed once (TAMP selects tokens per Linear: never shared)."""
-        kind = Hessian if self.config.scorer == "sparsegpt" else SquaredNorms
+        share it, so their statistics are computed once (attention pools select tokens per Linear: never shared)."""
+        kind = ACCUMULATORS[self.scorer.needs]
         by_input: dict[Any, SquaredNorms | Hessian] = {}
         stats = {}
         for name, linear in self.linears.items():
-            key = name if self.config.pool == "tamp" else id(acts[name])
+            key = name if self.pool.needs_attention else id(acts[name])
             if key not in by_input:
                 by_input[key] = kind(linear.in_features, device=self.device)
             stats[name] = by_input[key]
         return stats
 
     def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
-        on_device = _on(batch, self.device)
         with record_inputs(self.linears) as acts, self._record_attention() as attention:
-            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
+            step = next(replay_layers(self.model, self.adapter, [batch], [self.index], chain=False))
         self.attention = attention.get("probs")
-        return out, dict(acts), on_device
+        return step.outputs, dict(acts), step.batch
 
     @contextlib.contextmanager
     def _record_attention(self) -> Iterator[dict[str, torch.Tensor]]:
-        """For the tamp pool: the attention probabilities (B, H, T, T) of this layer's dense pass."""
+        """For attention pools: the attention probabilities (B, H, T, T) of this layer's dense pass."""
         found: dict[str, torch.Tensor] = {}
-        if self.config.pool != "tamp":
+        if not self.pool.needs_attention:
             yield found
             return
 
@@ -320,77 +291,59 @@ class LayerPruner:
         stash, visual_drifts = [], []
         offload = self.captured[0].hidden.device
         for batch in self.captured:
-            out, acts, on_device = self._dense_pass(batch)
+            out, acts, moved = self._dense_pass(batch)
             if not stats:
                 stats = self._accumulators(acts)
-            drifts = drift(on_device.hidden, out) if self.config.pool in ("atv", "random-visual") else None
+            drifts = drift(moved.hidden, out) if self.pool.needs_drift else None
             if dense_outs is not None:
                 dense_outs.append(out.to(offload))
             if deferred:
-                visual_drifts.append(drifts[on_device.visual & on_device.valid])
+                visual_drifts.append(drifts[moved.visual & moved.valid])
                 stash.append((map_tensors(acts, lambda t: t.to(offload)), drifts.to(offload), batch))
             else:
-                self._add(stats, acts, on_device, drifts, mean_drift)
+                self._add(stats, acts, moved, drifts, mean_drift)
         if deferred:
             mean_drift = float(torch.cat(visual_drifts).mean()) if visual_drifts else 0.0
             for acts, drifts, batch in stash:
-                on_device = _on(batch, self.device)
-                self._add(stats, map_tensors(acts, lambda t: t.to(self.device)), on_device,
+                self._add(stats, map_tensors(acts, lambda t: t.to(self.device)), on_device(batch, self.device),
                           drifts.to(self.device), mean_drift)
         self.report.mean_drift = mean_drift
         return stats, dense_outs
 
     def _schedule(self) -> str:
-        if self.config.schedule != "auto":
-            return self.config.schedule
+        if self.execution.schedule != "auto":
+            return self.execution.schedule
         tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
         features = sum(l.in_features for l in self.linears.values())
         size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
-        return "two-pass" if size_gb <= self.config.stash_budget_gb else "three-pass"
+        return "two-pass" if size_gb <= self.execution.stash_budget_gb else "three-pass"
 
     def _mean_drift(self) -> float:
         """Drift-only pass (the reference's first pass)."""
-        values = []
-        for batch in self.captured:
-            on_device = _on(batch, self.device)
-            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
-            values.append(drift(on_device.hidden, out)[on_device.visual & on_device.valid])
+        values = [drift(step.inputs, step.outputs)[step.batch.visual & step.batch.valid]
+                  for step in replay_layers(self.model, self.adapter, self.captured, [self.index], chain=False)]
         return float(torch.cat(values).mean()) if values else 0.0
-
-    def _pool(self, batch: CapturedBatch, drifts: torch.Tensor | None, mean_drift: float | None) -> torch.Tensor:
-        pool, config = self.config.pool, self.config
-        visual, valid = batch.visual, batch.valid
-        if pool == "all":
-            return valid
-        if pool == "text":
-            return text_pool(visual, valid)
-        if pool == "visual":
-            return visual_pool(visual, valid)
-        if pool in ("atv", "random-visual"):
-            generator = self.generator if pool == "random-visual" else None
-            chosen, ks = atv_pool(visual, valid, drifts, alpha=config.alpha, ratio=config.visual_ratio,
-                                  mean_drift=mean_drift, generator=generator)
-            self.report.k_per_sample.extend(ks)
-            return chosen
-        raise ConfigError(f"pool {pool!r} is not available in this engine yet")
 
     def _add(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor], batch: CapturedBatch,
              drifts: torch.Tensor | None, mean_drift: float | None) -> None:
-        if self.config.pool == "tamp":
-            return self._add_tamp(stats, acts, batch)
-        pool = self._pool(batch, drifts, mean_drift)
+        if self.pool.needs_attention:
+            return self._add_per_linear(stats, acts, batch)
+        params = PoolParams(self.config.alpha, self.config.visual_ratio, mean_drift, self.generator)
+        pool, ks = self.pool.fn(batch.visual, batch.valid, drifts, params)
+        self.report.k_per_sample.extend(ks)
         samples = int(batch.hidden.shape[0])
         whole = bool(pool.all())  # every position pooled: the rows in order, without a gather copy
         for acc, x in _distinct_inputs(stats, acts):
             acc.add(x.flatten(0, -2) if whole else x[pool], samples=samples)
         self._count(batch, pool)
 
-    def _add_tamp(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
+    def _add_per_linear(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
                   batch: CapturedBatch) -> None:
-        """TAMP selects tokens per Linear and per sample from the Linear's own outputs; the report's
-        pooled/visual-selected counts are then means over the Linears."""
+        """Attention pools (TAMP) select tokens per Linear and per sample from the Linear's own outputs; the
+        report's pooled/visual-selected counts are then means over the Linears."""
         if self.attention is None:
-            raise ConfigError("the tamp pool needs attention probabilities; this layer's attention returned none")
+            raise ConfigError(f"the {self.pool.name} pool needs attention probabilities; this layer's attention "
+                              "returned none")
         scores = self.attention.float().mean(dim=1)  # (B, T, T), mean over heads
         pooled = visual_chosen = 0
         for b in range(batch.hidden.shape[0]):
@@ -400,7 +353,7 @@ class LayerPruner:
             for name, acc in stats.items():
                 rows = acts[name][b][valid]
                 linear = self.linears[name]
-                chosen = amia_select(nn.functional.linear(rows, linear.weight, linear.bias), visual, attention)
+                chosen = self.pool.fn(nn.functional.linear(rows, linear.weight, linear.bias), visual, attention)
                 acc.add(rows[chosen], samples=1)
                 pooled += int(chosen.sum())
                 visual_chosen += int((chosen & visual).sum())
@@ -416,20 +369,14 @@ class LayerPruner:
         self.report.visual_selected += int((pool & visual).sum())
 
     # -- masks -----------------------------------------------------------------------------
-    def _magnitude_masks(self) -> dict[str, torch.Tensor]:
-        return {n: mask_from_scores(magnitude_scores(l.weight), self.config.sparsity, self.config.nm)
-                for n, l in self.linears.items()}
-
     def _masks(self, stats: dict[str, SquaredNorms | Hessian]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         masks, new_weights = {}, {}
         for name, linear in self.linears.items():
-            if self.config.scorer == "sparsegpt":
-                new_weights[name], masks[name] = sparsegpt_prune(
-                    linear.weight, stats[name].result(), self.config.sparsity, self.config.nm,
-                    self.config.blocksize, self.config.percdamp)
-            else:
-                scores = wanda_scores(linear.weight, stats[name].result())
-                masks[name] = mask_from_scores(scores, self.config.sparsity, self.config.nm)
+            statistic = stats[name].result() if stats else None
+            masks[name], new_weight = self.scorer.prune(linear.weight, statistic, self.config.sparsity, self.config.nm,
+                                                        blocksize=self.config.blocksize, percdamp=self.config.percdamp)
+            if new_weight is not None:
+                new_weights[name] = new_weight
         return masks, new_weights
 
     def _apply(self, masks: dict[str, torch.Tensor], new_weights: dict[str, torch.Tensor]) -> None:
@@ -437,7 +384,7 @@ class LayerPruner:
             if name in new_weights:
                 linear.weight.copy_(new_weights[name])
             else:
-                linear.weight.masked_fill_(masks[name].to(linear.weight.device), 0)
+                apply_mask_(linear, masks[name])
             value = sparsity_of(linear.weight) if self.apply else float(masks[name].float().mean())
             self.report.sparsity[name] = value
 
@@ -446,10 +393,7 @@ class LayerPruner:
             for batch, out in zip(self.captured, dense_outs):
                 batch.hidden = out
             return
-        for batch in self.captured:
-            on_device = _on(batch, self.device)
-            out = self.adapter.replay(self.model, self.index, on_device.hidden, on_device)
-            batch.hidden = out.to(batch.hidden.device)
+        propagate_(self.model, self.adapter, self.captured, [self.index])
 
 
 def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],

@@ -12,15 +12,17 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence[Any] | None = None,
+def option(default: Any = dataclasses.MISSING, help: str = "", *,
+           choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
            flag: str | None = None, metavar: str | None = None, default_factory: Any = dataclasses.MISSING,
            cli: bool = True) -> Any:
-    """A dataclass field with its option's help text (and ``choices``, ``flag`` when the option is not
-    ``--field-name``, ``metavar``). ``cli=False`` keeps the field off the command line."""
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "flag": flag,
+    """A dataclass field with its option's help text (and ``choices`` -- shown in the help, checked by the
+    dataclass itself; a callable is read when the parser is built, e.g. a registry's names --, ``flag``
+    when the option is not ``--field-name``, ``metavar``). ``cli=False`` keeps the field off the command line."""
+    metadata = {"help": help, "choices": choices, "flag": flag,
                 "metavar": metavar, "cli": cli}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-POOLS = ("all", "text", "visual", "atv", "random-visual", "tamp")
-VISUAL_POOLS = ("visual", "atv", "random-visual", "tamp")
+from .registry import PoolParams, register_pool
 
 
 def text_pool(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -87,3 +86,38 @@ def atv_pool(visual: torch.Tensor, valid: torch.Tensor, drifts: torch.Tensor, *,
         pool[b] |= pick
         ks.append(k)
     return pool, ks
+
+
+# -- registered pools: fn(visual, valid, drifts, params) -> (pool (B, T) bool, k per sample) ----------------
+@register_pool("all")
+def all_tokens(visual: torch.Tensor, valid: torch.Tensor, drifts: torch.Tensor | None,
+               params: PoolParams) -> tuple[torch.Tensor, list[int]]:
+    """Every non-padding token (Wanda's pool)."""
+    return valid, []
+
+
+@register_pool("text")
+def text_tokens(visual: torch.Tensor, valid: torch.Tensor, drifts: torch.Tensor | None,
+                params: PoolParams) -> tuple[torch.Tensor, list[int]]:
+    return text_pool(visual, valid), []
+
+
+@register_pool("visual", needs_visual=True)
+def visual_tokens(visual: torch.Tensor, valid: torch.Tensor, drifts: torch.Tensor | None,
+                  params: PoolParams) -> tuple[torch.Tensor, list[int]]:
+    return visual_pool(visual, valid), []
+
+
+@register_pool("atv", needs_visual=True, needs_drift=True)
+def atv_tokens(visual: torch.Tensor, valid: torch.Tensor, drifts: torch.Tensor,
+               params: PoolParams) -> tuple[torch.Tensor, list[int]]:
+    """Text + the top-k drifting visual tokens per sample."""
+    return atv_pool(visual, valid, drifts, alpha=params.alpha, ratio=params.ratio, mean_drift=params.mean_drift)
+
+
+@register_pool("random-visual", needs_visual=True, needs_drift=True)
+def random_visual_tokens(visual: torch.Tensor, valid: torch.Tensor, drifts: torch.Tensor,
+                         params: PoolParams) -> tuple[torch.Tensor, list[int]]:
+    """Text + k random visual tokens per sample (ATV's k; the drifts give the alpha rule's mean drift)."""
+    return atv_pool(visual, valid, drifts, alpha=params.alpha, ratio=params.ratio, mean_drift=params.mean_drift,
+                    generator=params.generator)

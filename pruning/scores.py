@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import torch
 
+from .registry import register_scorer
+
 # Statistics and scores are computed in fp32 whatever the model dtype.
 STATS_DTYPE = torch.float32
 
 
+@register_scorer("magnitude", needs=None)
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     """|W|, shape (out, in)."""
     return weight.detach().to(STATS_DTYPE).abs()
 
 
+@register_scorer("wanda", needs="sq_norms")
 def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     """Wanda score |W_ij| * ||X_j||_2.
 

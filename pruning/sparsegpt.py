@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from .errors import NumericalError
+from .masks import matrix_mask
+from .registry import register_scorer
 from .scores import STATS_DTYPE
 
 
@@ -32,15 +34,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
     return factor, dead
 
 
-def _block_mask(w: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Unstructured mask of one column block: the lowest w^2 / diag(Hinv)^2 across the whole block."""
-    saliency = w.pow(2) / hinv_diag.pow(2).unsqueeze(0)
-    n_prune = int(saliency.numel() * sparsity)
-    mask = torch.zeros(saliency.numel(), dtype=torch.bool, device=w.device)
-    mask[torch.sort(saliency.flatten(), stable=True).indices[:n_prune]] = True
-    return mask.view_as(saliency)
+def block_saliency(w: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:
+    """OBS saliency w^2 / diag(Hinv)^2 of a column block: (out, cols) with (cols,) -> (out, cols)."""
+    return w.pow(2) / hinv_diag.pow(2).unsqueeze(0)
 
 
+@register_scorer("sparsegpt", needs="hessian", updates_weights=True)
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, blocksize: int = 128,
@@ -61,11 +60,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         block = w[:, start:end].clone()
         block_hinv = hinv[start:end, start:end]
         block_mask = (torch.zeros_like(block, dtype=torch.bool) if nm
-                      else _block_mask(block, torch.diag(block_hinv), sparsity))
+                      else matrix_mask(block_saliency(block, torch.diag(block_hinv)), sparsity))
         errors = torch.zeros_like(block)
         for i in range(end - start):
             if nm and i % nm[1] == 0:
-                group = block[:, i:i + nm[1]].pow(2) / torch.diag(block_hinv)[i:i + nm[1]].pow(2).unsqueeze(0)
+                group = block_saliency(block[:, i:i + nm[1]], torch.diag(block_hinv)[i:i + nm[1]])
                 low = torch.sort(group, dim=1, stable=True).indices[:, :nm[0]]
                 block_mask.scatter_(1, i + low, True)
             col = block[:, i]

@@ -43,3 +43,6 @@ class Hessian:
 
     def result(self) -> torch.Tensor:
         return self.total / max(self.samples, 1)
+
+
+ACCUMULATORS = {"sq_norms": SquaredNorms, "hessian": Hessian}  # a scorer's ``needs`` -> its accumulator

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CalibrationError
+from .registry import register_pool
 
 NEIGHBOURS = 3
 DAMPING = 0.2
@@ -33,6 +34,7 @@ def modality_density(tokens: torch.Tensor, visual: torch.Tensor) -> float:
     return (upper_mean(v) + upper_mean(t) + float((v @ t.T).mean())) / 3
 
 
+@register_pool("tamp", needs_visual=True, needs_attention=True)
 def amia_select(outputs: torch.Tensor, visual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """Selected tokens of one sample for one Linear.
 

@@ -12,11 +12,12 @@ from atv.experiments.eval_job import EvalJob, ProbeCell
 from atv.experiments.probe_study import ProbeJob, StudyConfig
 from atv.experiments.prune_job import PruneJob
 from pruning.config import PruneConfig
+from pruning.execution import ExecutionConfig
 
 REQUIRED = {"prune": ["--model", "m", "--out", "o"],
             "probe": ["--model", "m", "--calib", "c.json", "--images", "i", "--bench", "b.jsonl", "--out", "o"],
             "demo": [], "eval": ["--tasks", "t.jsonl", "--model", "m"]}
-CLASSES = {"prune": (PruneJob, PruneConfig), "probe": (ProbeJob, StudyConfig), "demo": (DemoConfig,),
+CLASSES = {"prune": (PruneJob, PruneConfig, ExecutionConfig), "probe": (ProbeJob, StudyConfig), "demo": (DemoConfig,),
            "eval": (EvalJob,)}
 
 
@@ -48,10 +49,10 @@ def test_every_option_field_is_on_the_command_line(command, capsys):
 def test_options_are_typed_and_feed_the_dataclasses():
     args = build_parser().parse_args(["prune", *REQUIRED["prune"], "--sparsity", "0.6", "--targets", "mlp.up_proj",
                                       "--layers", "0", "2", "--seed", "3", "--offload"])
-    job = build(PruneJob, args, config=build(PruneConfig, args))
+    job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args))
     assert job.model == Path("m") and job.seed == 3 and job.config.seed == 3  # one --seed feeds both
     assert job.config.sparsity == 0.6 and job.config.targets == ("mlp.up_proj",) and job.config.layers == (0, 2)
-    assert job.config.offload is True
+    assert job.execution.offload is True
     args = build_parser().parse_args(["eval", "--tasks", "a.jsonl", "--probe-from", "runs/p/results.jsonl:text/text/0.5",
                                       "--no-lmms-defaults"])
     job = build(EvalJob, args)

@@ -2,7 +2,6 @@
 exact sparsity, schedules, propagation, padding and bad input."""
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks, prune_
 from pruning.errors import CalibrationError, ConfigError, UnsupportedModelError
+from pruning.execution import ExecutionConfig
 from pruning.masks import row_mask
 from pruning.pools import text_pool, visual_pool
 from pruning.scores import wanda_scores
@@ -83,8 +83,10 @@ def test_nm_pattern_in_every_group(llava):
                                     PruneConfig("wanda", pool="random-visual")])
 def test_two_pass_and_three_pass_give_identical_masks(llava, config):
     model, batches = llava
-    two = compute_masks(copy.deepcopy(model), dataclasses.replace(config, schedule="two-pass"), batches, progress=False)
-    three = compute_masks(copy.deepcopy(model), dataclasses.replace(config, schedule="three-pass"), batches, progress=False)
+    two = compute_masks(copy.deepcopy(model), config, batches, execution=ExecutionConfig(schedule="two-pass"),
+                        progress=False)
+    three = compute_masks(copy.deepcopy(model), config, batches, execution=ExecutionConfig(schedule="three-pass"),
+                          progress=False)
     assert two.masks.keys() == three.masks.keys()
     assert all(torch.equal(two.masks[k], three.masks[k]) for k in two.masks)
 

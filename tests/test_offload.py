@@ -10,6 +10,7 @@ import torch
 from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks, prune_
+from pruning.execution import ExecutionConfig
 from pruning.io import load_model
 from pruning.offload import offload_device_map, offloaded_modules, onloaded
 from tiny_models import build_tiny
@@ -43,7 +44,8 @@ def test_offload_flag_gives_bit_identical_masks_and_weights(llava, method):
     model, batches = llava
     plain, offloaded = copy.deepcopy(model), copy.deepcopy(model)
     reference = prune_(plain, PruneConfig(method), batches, keep_masks=True, progress=False)
-    report = prune_(offloaded, PruneConfig(method, offload=True), batches, keep_masks=True, progress=False)
+    report = prune_(offloaded, PruneConfig(method), batches, execution=ExecutionConfig(offload=True), keep_masks=True,
+                    progress=False)
     assert report.masks.keys() == reference.masks.keys()
     assert all(torch.equal(report.masks[k], reference.masks[k]) for k in reference.masks)
     assert not offloaded_modules(offloaded)  # hooks removed, weights back in place
@@ -57,7 +59,7 @@ def test_compute_masks_with_offload_leaves_weights(llava):
     model, batches = llava
     before = _decoder_weights(model)
     work = copy.deepcopy(model)
-    report = compute_masks(work, PruneConfig("atv", offload=True), batches, progress=False)
+    report = compute_masks(work, PruneConfig("atv"), batches, execution=ExecutionConfig(offload=True), progress=False)
     reference = compute_masks(copy.deepcopy(model), PruneConfig("atv"), batches, progress=False)
     assert all(torch.equal(report.masks[k], reference.masks[k]) for k in reference.masks)
     after = _decoder_weights(work)
@@ -105,7 +107,8 @@ def test_load_model_with_offload_folder_keeps_layers_on_disk(tmp_path, llava):
     assert all(p.device.type == "meta" for p in layers.parameters())
     assert offloaded.get_input_embeddings().weight.device.type == "cpu"
     reference = compute_masks(copy.deepcopy(model), PruneConfig("wanda"), batches, progress=False)
-    report = compute_masks(offloaded, PruneConfig("wanda", offload=True), batches, progress=False)
+    report = compute_masks(offloaded, PruneConfig("wanda"), batches, execution=ExecutionConfig(offload=True),
+                           progress=False)
     assert all(torch.equal(report.masks[k], reference.masks[k]) for k in reference.masks)
 
 

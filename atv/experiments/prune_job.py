@@ -14,6 +14,7 @@ from pruning.config import PruneConfig
 from pruning.data import load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError
+from pruning.execution import ExecutionConfig
 from pruning.io import DTYPES, check_output_dir, load_model, save_pruned
 from pruning.options import option
 
@@ -32,6 +33,7 @@ class PruneJob:
     dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
     device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
     overwrite: bool = option(False, "replace an existing output folder")
+    execution: ExecutionConfig = option(default_factory=ExecutionConfig, cli=False)  # offloading, pass schedule
 
 
 def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:
@@ -48,8 +50,8 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
 
 
 def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
-    """With ``config.offload``: a temporary folder beside the output for the pruned, disk-offloaded layers."""
-    if not job.config.offload:
+    """With ``execution.offload``: a temporary folder beside the output for the pruned, disk-offloaded layers."""
+    if not job.execution.offload:
         return contextlib.nullcontext(None)
     parent = Path(job.out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,7 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
     if job.config.needs_calibration:
         batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
                                                         job.seed, job.max_length, job.batch_size)
-    report = prune_(model, job.config, batches, progress=progress)
+    report = prune_(model, job.config, batches, execution=job.execution, progress=progress)
     record = report.to_dict()
     record.update(model_dir=str(job.model), seed=job.seed, total_seconds=time.perf_counter() - start,
                   calibration=None if data_report is None else vars(data_report))
