@@ -87,10 +87,11 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.prune_job import PruneJob
     from pruning.config import PruneConfig
     from pruning.execution import ExecutionConfig
+    from pruning.io import LoadOptions
 
     p = sub.add_parser("prune", help="prune a model's shared weights and save it")
     seen: set[str] = set()
-    for cls in (PruneJob, PruneConfig, ExecutionConfig):
+    for cls in (PruneJob, LoadOptions, PruneConfig, ExecutionConfig):
         add_options(p, cls, seen)
     p.set_defaults(func=_prune)
 
@@ -99,8 +100,10 @@ def _prune(args: argparse.Namespace) -> int:
     from atv.experiments.prune_job import PruneJob, run_prune_job
     from pruning.config import PruneConfig
     from pruning.execution import ExecutionConfig
+    from pruning.io import LoadOptions
 
-    job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args))
+    job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args),
+                load=build(LoadOptions, args))
     report = run_prune_job(job)
     print(json.dumps({"out": str(job.out), "mean_sparsity": round(report.sparsity, 6),
                       "layers": len(report.layers), "seconds": round(report.seconds, 2)}, indent=2))
@@ -109,19 +112,21 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.probe_study import ProbeJob, StudyConfig
+    from pruning.io import LoadOptions
 
     p = sub.add_parser("probe", help="MoT sensitivity study: prune one pathway with one calibration pool, evaluate")
     seen: set[str] = set()
-    add_options(p, ProbeJob, seen)
-    add_options(p, StudyConfig, seen)
+    for cls in (ProbeJob, LoadOptions, StudyConfig):
+        add_options(p, cls, seen)
     p.set_defaults(func=_probe)
 
 
 def _probe(args: argparse.Namespace) -> int:
     from analysis.tables import to_markdown
     from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
+    from pruning.io import LoadOptions
 
-    job = build(ProbeJob, args, config=build(StudyConfig, args))
+    job = build(ProbeJob, args, config=build(StudyConfig, args), load=build(LoadOptions, args))
     result = run_probe_job(job)
     print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {job.out}")
     print(to_markdown(result.table))
@@ -148,16 +153,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.eval_job import EvalJob
+    from pruning.io import LoadOptions
 
     p = sub.add_parser("eval", help="score a model or a re-created probe cell on harness files / lmms-eval tasks")
-    add_options(p, EvalJob)
+    seen: set[str] = set()
+    for cls in (EvalJob, LoadOptions):
+        add_options(p, cls, seen)
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from atv.experiments.eval_job import EvalJob, is_harness_task, run_eval_job
+    from pruning.io import LoadOptions
 
-    job = build(EvalJob, args)
+    job = build(EvalJob, args, load=build(LoadOptions, args))
     if any(not is_harness_task(t) for t in job.tasks):
         _lmms_logs_to_stderr()
     print(run_eval_job(job).to_json())

@@ -186,7 +186,7 @@ class ATVModel(lmms):
     def __init__(self, pretrained: str | None = None, model: nn.Module | None = None, processor=None, *,
                  probe_from: str | None = None, calib: str | None = None, images: str | None = None,
                  batch_size: int | str = 8, max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS,
-                 dtype: str = "float32", device: str | None = None, max_batch_size: Any = None, **unknown: Any):
+                 dtype: str = "auto", device: str | None = None, max_batch_size: Any = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise ConfigError(f"unknown model_args for --model {MODEL_NAME}: {sorted(unknown)}; accepted: pretrained, "

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,12 +16,16 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .errors import OutputExistsError, ToolkitError, UnsupportedModelError
+from .errors import ConfigError, OutputExistsError, ToolkitError, UnsupportedModelError
+from .options import option
 
 log = logging.getLogger(__name__)
 
 _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -37,41 +43,133 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None = None,
+@dataclass
+class LoadOptions:
+    """How a model is found and placed: shared by ``atv prune``, ``atv probe`` and ``atv eval``."""
+
+    revision: str | None = option(None, "Hub branch, tag or commit, with a Hub id as --model")
+    trust_remote_code: bool = option(False, "run Python code shipped with the model repository (only for "
+                                            "repositories you trust)")
+    dtype: str = option("auto", "dtype in memory; auto = the checkpoint's own (statistics stay fp32)",
+                        choices=DTYPE_CHOICES)
+    device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
+    device_map: str | None = option(None, "accelerate dispatch over the devices", choices=DEVICE_MAPS)
+    max_memory: tuple[str, ...] | None = option(None, "caps for --device-map, e.g. 0=20GiB 1=20GiB cpu=60GiB")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ConfigError(f"device_map must be one of {list(DEVICE_MAPS)}, got {self.device_map!r}")
+        if self.device_map is not None and self.device is not None:
+            raise ConfigError(f"device={self.device!r} and device_map={self.device_map!r} both place the model; "
+                              "give one")
+        if self.max_memory is not None and self.device_map is None:
+            raise ConfigError("max_memory caps a dispatch: give device_map too (e.g. auto)")
+        self.max_memory = None if self.max_memory is None else tuple(self.max_memory)
+        _max_memory(self.max_memory)  # validates
+
+    def placement(self) -> dict[str, Any]:
+        """from_pretrained's dtype / device_map / max_memory arguments."""
+        out: dict[str, Any] = {"dtype": "auto" if self.dtype == "auto" else DTYPES[self.dtype]}
+        if self.device_map is not None:
+            out["device_map"] = {"": "cpu"} if self.device_map == "cpu" else self.device_map
+            if self.max_memory:
+                out["max_memory"] = _max_memory(self.max_memory)
+        return out
+
+
+def _max_memory(entries: tuple[str, ...] | None) -> dict[int | str, str] | None:
+    """('0=20GiB', 'cpu=60GiB') -> {0: '20GiB', 'cpu': '60GiB'} (accelerate's form)."""
+    if not entries:
+        return None
+    caps: dict[int | str, str] = {}
+    for entry in entries:
+        device, sep, size = str(entry).partition("=")
+        if not sep or not device or not size:
+            raise ConfigError(f"max_memory entries look like DEVICE=SIZE (e.g. 0=20GiB, cpu=60GiB), got {entry!r}")
+        caps[int(device) if device.isdigit() else device] = size
+    return caps
+
+
+def resolve_model(model: str | Path) -> str:
+    """A local model folder, or a Hub id (``org/name``) left for transformers to find (in its cache when
+    offline). Anything else is refused with the reason."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"{str(model)!r} is not a model folder (no config.json)")
+        return str(path)
+    if HUB_ID.fullmatch(str(model)):
+        return str(model)
+    raise UnsupportedModelError(f"{str(model)!r} is neither a model folder nor a Hub id like org/name")
+
+
+def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str | None = None,
                with_processor: bool = True, offload_folder: str | Path | None = None) -> tuple[nn.Module, Any]:
-    """Load an HF vision-language model and (unless ``with_processor=False``) its processor from a local folder.
+    """Load an HF vision-language model and (unless ``with_processor=False``) its processor from a local
+    folder or a Hub id. ``dtype`` is a dtype name or a full :class:`LoadOptions`.
 
     With ``offload_folder``, the decoder layers stay on disk (read memory-mapped from the checkpoint's
     safetensors by accelerate's hooks, one layer at a time; pruned weights are written to the folder)
     and the other modules load on ``device`` (default CPU)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UnsupportedModelError(f"{str(model_dir)!r} is not a model folder (no config.json)")
-    if dtype not in DTYPES:
-        raise UnsupportedModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    config = AutoConfig.from_pretrained(model_dir)
-    placement = {} if offload_folder is None else _disk_offload(config, device, offload_folder)
+    options = dtype if isinstance(dtype, LoadOptions) else LoadOptions(dtype=dtype, device=device)
+    source = resolve_model(model)
+    hub = {"revision": options.revision, "trust_remote_code": options.trust_remote_code}
+    config = _load_config(source, hub)
+    placement = options.placement()
+    if offload_folder is not None:
+        if options.device_map is not None:
+            raise ConfigError("offload keeps decoder layers on disk with its own map; drop device_map or offload")
+        placement.update(_disk_offload(config, options.device, offload_folder))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=DTYPES[dtype], **placement)
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, **hub, **placement)
     except ValueError as err:
         raise UnsupportedModelError(
-            f"model_type {config.model_type!r} in {str(model_dir)!r} is not an image-text-to-text "
+            f"model_type {config.model_type!r} in {source!r} is not an image-text-to-text "
             f"architecture transformers knows ({err})") from None
     get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
-    if device is not None and offload_folder is None:
-        model.to(device)
+    if options.device is not None and offload_folder is None:
+        model.to(options.device)
     if not with_processor:
         return model.eval(), None
+    return model.eval(), _load_processor(source, hub)
+
+
+def dtype_name(model: nn.Module) -> str:
+    """The model's parameter dtype as a DTYPES name (e.g. 'bfloat16'), what ``dtype='auto'`` resolved to."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _load_config(source: str, hub: dict[str, Any]):
+    from transformers import AutoConfig
+
     try:
-        processor = AutoProcessor.from_pretrained(model_dir)
+        return AutoConfig.from_pretrained(source, **hub)
+    except OSError as err:  # not in the local cache (offline), unknown id or revision, no access
+        raise UnsupportedModelError(f"cannot load model {source!r}{_revision(hub)}: {_first_line(err)}") from None
+
+
+def _load_processor(source: str, hub: dict[str, Any]):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source, **hub)
     except (AttributeError, ImportError, ValueError, OSError) as err:
         raise UnsupportedModelError(
-            f"cannot load the processor saved in {str(model_dir)!r} ({type(err).__name__}: {err}). Some transformers "
-            "processors (e.g. Qwen2-VL's video processor) need torchvision: install the torchvision build that "
-            "matches your torch") from None
-    return model.eval(), processor
+            f"cannot load the processor of {source!r} ({type(err).__name__}: {_first_line(err)}). Some "
+            "transformers processors (e.g. Qwen2-VL's video processor) need torchvision: install the torchvision "
+            "build that matches your torch") from None
+
+
+def _revision(hub: dict[str, Any]) -> str:
+    return f" at revision {hub['revision']!r}" if hub.get("revision") else ""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dict[str, Any]:

@@ -13,12 +13,13 @@ from atv.experiments.probe_study import ProbeJob, StudyConfig
 from atv.experiments.prune_job import PruneJob
 from pruning.config import PruneConfig
 from pruning.execution import ExecutionConfig
+from pruning.io import LoadOptions
 
 REQUIRED = {"prune": ["--model", "m", "--out", "o"],
             "probe": ["--model", "m", "--calib", "c.json", "--images", "i", "--bench", "b.jsonl", "--out", "o"],
             "demo": [], "eval": ["--tasks", "t.jsonl", "--model", "m"]}
-CLASSES = {"prune": (PruneJob, PruneConfig, ExecutionConfig), "probe": (ProbeJob, StudyConfig), "demo": (DemoConfig,),
-           "eval": (EvalJob,)}
+CLASSES = {"prune": (PruneJob, LoadOptions, PruneConfig, ExecutionConfig), "probe": (ProbeJob, LoadOptions, StudyConfig),
+           "demo": (DemoConfig,), "eval": (EvalJob, LoadOptions)}
 
 
 def _cli_fields(cls):
@@ -50,11 +51,11 @@ def test_options_are_typed_and_feed_the_dataclasses():
     args = build_parser().parse_args(["prune", *REQUIRED["prune"], "--sparsity", "0.6", "--targets", "mlp.up_proj",
                                       "--layers", "0", "2", "--seed", "3", "--offload"])
     job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args))
-    assert job.model == Path("m") and job.seed == 3 and job.config.seed == 3  # one --seed feeds both
+    assert job.model == "m" and job.seed == 3 and job.config.seed == 3  # one --seed feeds both
     assert job.config.sparsity == 0.6 and job.config.targets == ("mlp.up_proj",) and job.config.layers == (0, 2)
     assert job.execution.offload is True
     args = build_parser().parse_args(["eval", "--tasks", "a.jsonl", "--probe-from", "runs/p/results.jsonl:text/text/0.5",
                                       "--no-lmms-defaults"])
-    job = build(EvalJob, args)
+    job = build(EvalJob, args, load=build(LoadOptions, args))
     assert job.probe_from == ProbeCell(Path("runs/p/results.jsonl"), "text", "text", 0.5)
     assert job.lmms_defaults is False

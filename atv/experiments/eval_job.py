@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -39,7 +40,7 @@ from evaluation.harness import evaluate, fidelity_reference
 from evaluation.install import INSTALL_HINT
 from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
-from pruning.io import DTYPES
+from pruning.io import LoadOptions, load_model
 from pruning.options import option
 
 from .cells import prune_summary
@@ -184,20 +185,21 @@ class LoadedModel:
 
 
 def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, calib: Path | None = None,
-                    images: Path | None = None, dtype: str | None = None, device: str | None = None,
+                    images: Path | None = None, load: LoadOptions | None = None,
                     reference_benchmarks: list[Benchmark] | None = None, progress: bool = False,
                     processor=None) -> LoadedModel:
     """A model folder, or (``cell``) the probe cell re-created in memory, with its processor.
 
+    ``load``: revision, dtype, device and device map (a probe cell's dtype 'auto' is the study's).
     ``reference_benchmarks``: fidelity benchmarks whose dense reference is computed before the path is
     pruned (the study's reference). ``processor`` overrides the one saved with the model.
     """
-    from pruning.io import load_model
+    load = load or LoadOptions()
 
     if cell is None:
         if model_dir is None:
             raise ConfigError("give --model DIR, or --probe-from RESULTS:pathway/pool/sparsity")
-        model, loaded = load_model(model_dir, dtype or "float32", device, with_processor=processor is None)
+        model, loaded = load_model(model_dir, load, with_processor=processor is None)
         processor = processor if processor is not None else loaded
         reference = (fidelity_reference(model, processor, reference_benchmarks, progress=progress)
                      if reference_benchmarks else None)
@@ -211,7 +213,9 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
 
     setup = read_study_setup(cell, model=model_dir, calib=calib, images=images)
     set_seed(setup.seed)  # as run_probe_job, before loading model and calibration
-    model, loaded = load_model(setup.model, dtype or setup.dtype, device, with_processor=processor is None)
+    if load.dtype == "auto":
+        load = dataclasses.replace(load, dtype=setup.dtype)
+    model, loaded = load_model(setup.model, load, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed,
                                               setup.max_length, batch_size=setup.calib_batch_size)
@@ -225,10 +229,10 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
 
 
 def load_cell_for_bridge(model_dir: Path, probe_from: str, *, calib: str | None = None, images: str | None = None,
-                         dtype: str | None = None, device: str | None = None) -> tuple[nn.Module, Any]:
+                         dtype: str = "auto", device: str | None = None) -> tuple[nn.Module, Any]:
     """The lmms-eval bridge's ``probe_from=`` loader: the probe cell re-created in memory, with its processor."""
     loaded = load_eval_model(model_dir, ProbeCell.parse(probe_from), calib=Path(calib) if calib else None,
-                             images=Path(images) if images else None, dtype=dtype, device=device)
+                             images=Path(images) if images else None, load=LoadOptions(dtype=dtype, device=device))
     return loaded.model, loaded.processor
 
 
@@ -261,7 +265,7 @@ def require_lmms_eval(tasks: list[str]) -> None:
 class EvalJob:
     tasks: tuple[str, ...] = option(help="harness .jsonl files and/or lmms-eval task names (those need the "
                                          "lmms extra)")
-    model: Path | None = option(None, "HF model folder (default with --probe-from: the study's)")
+    model: str | None = option(None, "HF model folder or Hub id (default with --probe-from: the study's)")
     probe_from: ProbeCell | str | None = option(None, "re-create a probe cell, e.g. "
                                                       "runs/probe/results.jsonl:text/visual/0.5",
                                                 metavar="RESULTS:PATHWAY/POOL/SPARSITY")
@@ -276,9 +280,7 @@ class EvalJob:
     limit: int | None = option(None, "lmms-eval: at most this many items per task (a smoke test)")
     lmms_include: tuple[Path, ...] = option((), "folders of extra lmms-eval task YAMLs")
     lmms_defaults: bool = option(True, "index only --lmms-include tasks (faster)", flag="--no-lmms-defaults")
-    dtype: str | None = option(None, "dtype the model is loaded in (default: the study's, else float32)",
-                               choices=tuple(DTYPES))
-    device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
+    load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     seed: int = option(0, "seed of the evaluation (and lmms-eval's samplers)")
 
     def __post_init__(self) -> None:
@@ -370,12 +372,12 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
 
     reference = None
     if fidelity and job.probe_from is None:  # the dense model's reference, then the model itself
-        dense_loaded = load_eval_model(job.dense_model, dtype=job.dtype, device=job.device,
+        dense_loaded = load_eval_model(job.dense_model, load=job.load,
                                        reference_benchmarks=fidelity, progress=progress, processor=processor)
         reference = dense_loaded.reference
         del dense_loaded
-    loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, dtype=job.dtype,
-                             device=job.device, progress=progress, processor=processor,
+    loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, load=job.load,
+                             progress=progress, processor=processor,
                              reference_benchmarks=fidelity if job.probe_from is not None else None)
     reference = reference if reference is not None else loaded.reference
 

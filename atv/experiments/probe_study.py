@@ -25,7 +25,7 @@ from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
 from pruning.config import METHODS, PruneConfig
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError
-from pruning.io import DTYPES
+from pruning.io import LoadOptions, dtype_name
 from pruning.options import option
 
 from .cells import (
@@ -133,7 +133,7 @@ def _prune_path(probe, calibration, config: StudyConfig, cell: dict[str, Any]) -
 
 @dataclass
 class ProbeJob:
-    model: Path = option(help="HF vision-language model folder (with processor)")
+    model: str = option(help="HF vision-language model: a local folder (with its processor) or a Hub id")
     calib: Path = option(help="LLaVA-conversation JSON/JSONL for the pruner")
     images: Path = option(help="image folder of the calibration records")
     benchmarks: tuple[Path, ...] = option(help="benchmark JSONL files", flag="--bench")
@@ -141,8 +141,7 @@ class ProbeJob:
     config: StudyConfig = option(default_factory=StudyConfig, cli=False)
     nsamples: int = option(128, "calibration samples")
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
-    dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
-    device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
+    load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
 
 
 def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:
@@ -154,11 +153,12 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
 
     benches = [load_benchmark(path) for path in job.benchmarks]  # bad benchmark files fail before any loading
     set_seed(job.config.seed)
-    model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
+    model, loaded = load_model(job.model, job.load, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,
                                               job.max_length)
     extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images), "nsamples": job.nsamples,
-             "max_length": job.max_length, "calib_batch_size": 1, "dtype": job.dtype}
+             "max_length": job.max_length, "calib_batch_size": 1, "dtype": dtype_name(model),
+             **({"revision": job.load.revision} if job.load.revision else {})}
     return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
                            progress=progress)

@@ -15,13 +15,13 @@ from pruning.data import load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError
 from pruning.execution import ExecutionConfig
-from pruning.io import DTYPES, check_output_dir, load_model, save_pruned
+from pruning.io import LoadOptions, check_output_dir, load_model, save_pruned
 from pruning.options import option
 
 
 @dataclass
 class PruneJob:
-    model: Path = option(help="HF vision-language model folder (with its processor)")
+    model: str = option(help="HF vision-language model: a local folder (with its processor) or a Hub id")
     out: Path = option(help="output folder for the pruned model, its processor and prune_report.json")
     config: PruneConfig = option(cli=False)
     calib: Path | None = option(None, "LLaVA-conversation JSON/JSONL (ShareGPT4V / LLaVA-NeXT-Data format)")
@@ -30,10 +30,9 @@ class PruneJob:
     seed: int = option(0, "seed of the calibration sampling (and of the pruner's random choices)")
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
     batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)")
-    dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
-    device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
     overwrite: bool = option(False, "replace an existing output folder")
     execution: ExecutionConfig = option(default_factory=ExecutionConfig, cli=False)  # offloading, pass schedule
+    load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
 
 
 def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:
@@ -59,7 +58,7 @@ def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
 
 
 def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, offload_folder: str | None) -> PruneReport:
-    model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None,
+    model, loaded = load_model(job.model, job.load, with_processor=processor is None,
                                offload_folder=offload_folder)
     processor = processor if processor is not None else loaded
     batches, data_report = [], None
