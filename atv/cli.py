@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from pruning.errors import ToolkitError
+from pruning.errors import ConfigError, ToolkitError
 
 
 # -- options from dataclass fields ---------------------------------------------------------------------
@@ -77,6 +77,88 @@ def build(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     return cls(**values, **given)
 
 
+# -- recipes: every option of a command as a YAML key ------------------------------------------------
+RECIPE_COMMANDS = ("prune", "probe")
+_NOT_RECIPE = {"help", "recipe", "func", "command", "verbose", "out", "overwrite"}
+
+
+def _recipe_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in _NOT_RECIPE}
+
+
+def read_recipe(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """A recipe file's options, checked against ``parser``: unknown keys and wrong types are refused
+    with the key named. Keys are option names with or without dashes (``visual-ratio`` or ``visual_ratio``)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read recipe {str(path)!r}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of option: value, got {type(data).__name__}")
+    actions = _recipe_actions(parser)
+    flags = {o.lstrip("-").replace("-", "_"): a.dest for a in actions.values() for o in a.option_strings}
+    values = {}
+    for key, value in data.items():
+        dest = flags.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if dest not in actions:
+            raise ConfigError(f"recipe {str(path)!r}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}")
+        values[dest] = _recipe_value(actions[dest], key, value, path)
+    return values
+
+
+def _recipe_value(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
+    where = f"recipe {str(path)!r}: key {key!r}"
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    many = action.nargs == "+"
+    if isinstance(value, list) and not many:
+        raise ConfigError(f"{where} takes one value, got a list {value!r}")
+    kind = action.type or str
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, (dict, list, bool)) or (kind is str and not isinstance(item, str)) or \
+                (kind is int and isinstance(item, float)):
+            hint = " (quote it, e.g. '2:4')" if kind is str else ""
+            raise ConfigError(f"{where} must be {'a list of ' if many else 'a '}{kind.__name__}{hint}, got {value!r}")
+    try:
+        converted = [kind(item) for item in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be {'a list of ' if many else 'a '}{kind.__name__}, got {value!r}") from None
+    return tuple(converted) if many else converted[0]
+
+
+def recipe_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The options a command ran with, as a recipe (paths as given, tuples as lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+    return {dest: plain(getattr(args, dest)) for dest in _recipe_actions(parser) if hasattr(args, dest)}
+
+
+def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """With ``COMMAND --recipe FILE``: the file's options become the command's defaults (flags on the
+    command line still win), and options it gives are no longer required on the command line."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if known.recipe is None or command not in RECIPE_COMMANDS:
+        return
+    sub = parser.commands[command]
+    values = read_recipe(sub, known.recipe)
+    for action in sub._actions:
+        if action.dest in values:
+            action.required = False
+    sub.set_defaults(**values)
+
+
 def _default(fn: Callable, name: str) -> Any:
     """A function's default for ``name`` (so an option of a plain function repeats no default)."""
     return inspect.signature(fn).parameters[name].default
@@ -93,6 +175,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     seen: set[str] = set()
     for cls in (PruneJob, LoadOptions, PruneConfig, ExecutionConfig):
         add_options(p, cls, seen)
+    p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
+                                               "used are saved as recipe.yaml in --out")
     p.set_defaults(func=_prune)
 
 
@@ -103,7 +187,7 @@ def _prune(args: argparse.Namespace) -> int:
     from pruning.io import LoadOptions
 
     job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args),
-                load=build(LoadOptions, args))
+                load=build(LoadOptions, args), recipe=recipe_of(build_parser().commands["prune"], args))
     report = run_prune_job(job)
     print(json.dumps({"out": str(job.out), "mean_sparsity": round(report.sparsity, 6),
                       "layers": len(report.layers), "seconds": round(report.seconds, 2)}, indent=2))
@@ -118,6 +202,8 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     seen: set[str] = set()
     for cls in (ProbeJob, LoadOptions, StudyConfig):
         add_options(p, cls, seen)
+    p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
+                                               "used are saved as recipe.yaml in --out")
     p.set_defaults(func=_probe)
 
 
@@ -126,7 +212,8 @@ def _probe(args: argparse.Namespace) -> int:
     from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
     from pruning.io import LoadOptions
 
-    job = build(ProbeJob, args, config=build(StudyConfig, args), load=build(LoadOptions, args))
+    job = build(ProbeJob, args, config=build(StudyConfig, args), load=build(LoadOptions, args),
+                recipe=recipe_of(build_parser().commands["probe"], args))
     result = run_probe_job(job)
     print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {job.out}")
     print(to_markdown(result.table))
@@ -274,11 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_prune, _add_probe, _add_demo, _add_default_model, _add_suite, _add_figures, _add_eval):
         add(sub)
+    parser.commands = sub.choices  # command name -> its parser (recipes read the options from it)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    try:
+        _apply_recipe(parser, argv)
+    except ToolkitError as err:
+        print(f"atv: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

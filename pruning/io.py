@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -204,15 +204,17 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
 
 
 def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
-                overwrite: bool = False) -> Path:
-    """save_pretrained (safetensors) + processor + ``prune_report.json``, written to a temporary
-    sibling folder and moved into place only when complete."""
+                overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> Path:
+    """save_pretrained (safetensors) + processor + ``prune_report.json`` (+ ``extra_files``: name -> text),
+    written to a temporary sibling folder and moved into place only when complete."""
     out = check_output_dir(out_dir, overwrite)  # an existing folder is empty, or overwrite was asked for
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     log.info("saved pruned model to %s", out)
     return out
 

@@ -38,6 +38,7 @@ from .cells import (
     run_cells,
     score_cell,
 )
+from .prune_job import RECIPE, recipe_text
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class ProbeJob:
     nsamples: int = option(128, "calibration samples")
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
+    recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
 
 
 def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:
@@ -160,5 +162,10 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images), "nsamples": job.nsamples,
              "max_length": job.max_length, "calib_batch_size": 1, "dtype": dtype_name(model),
              **({"revision": job.load.revision} if job.load.revision else {})}
-    return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
-                           progress=progress)
+    result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
+                             progress=progress)
+    if job.recipe is not None:
+        tmp = result.out_dir / f".{RECIPE}.partial"
+        tmp.write_text(recipe_text(job.recipe), encoding="utf-8")
+        tmp.replace(result.out_dir / RECIPE)
+    return result

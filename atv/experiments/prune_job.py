@@ -7,6 +7,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import set_seed
 
@@ -33,6 +34,18 @@ class PruneJob:
     overwrite: bool = option(False, "replace an existing output folder")
     execution: ExecutionConfig = option(default_factory=ExecutionConfig, cli=False)  # offloading, pass schedule
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
+    recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
+
+
+RECIPE = "recipe.yaml"  # the options a command ran with; `atv prune --recipe` reads it back
+
+
+def recipe_text(recipe: dict[str, Any]) -> str:
+    """A recipe as YAML, keys in the command's option order."""
+    import yaml
+
+    return "# atv-toolkit recipe: re-run with --recipe this-file (flags given on the command line win)\n" + \
+        yaml.safe_dump(recipe, sort_keys=False)
 
 
 def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:
@@ -69,5 +82,6 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
     record = report.to_dict()
     record.update(model_dir=str(job.model), seed=job.seed, total_seconds=time.perf_counter() - start,
                   calibration=None if data_report is None else vars(data_report))
-    save_pruned(model, processor, record, job.out, job.overwrite)
+    extra = {RECIPE: recipe_text(job.recipe)} if job.recipe is not None else None
+    save_pruned(model, processor, record, job.out, job.overwrite, extra_files=extra)
     return report
