@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import shlex
 import sys
 import types
 import typing
@@ -187,7 +188,8 @@ def _prune(args: argparse.Namespace) -> int:
     from pruning.io import LoadOptions
 
     job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args),
-                load=build(LoadOptions, args), recipe=recipe_of(build_parser().commands["prune"], args))
+                load=build(LoadOptions, args), recipe=recipe_of(build_parser().commands["prune"], args),
+                command=shlex.join(["atv", *args.argv]))
     report = run_prune_job(job)
     print(json.dumps({"out": str(job.out), "mean_sparsity": round(report.sparsity, 6),
                       "layers": len(report.layers), "seconds": round(report.seconds, 2)}, indent=2))
@@ -374,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"atv: error: {err}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.argv = argv  # as typed, for the records that say how a result was made
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

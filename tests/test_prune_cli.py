@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+from tiny_models import build_tiny
+from tiny_processors import make_processor, save_model_dir, write_calibration
 from transformers import AutoModelForImageTextToText
 
 from atv.cli import main
+from atv.experiments.prune_job import PruneJob, run_prune_job
 from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
 from pruning.errors import CalibrationError, OutputExistsError
-from atv.experiments.prune_job import PruneJob, run_prune_job
-from tiny_models import build_tiny
-from tiny_processors import make_processor, save_model_dir, write_calibration
 
 
 def _checkpoint(tmp_path, family):
@@ -121,3 +121,49 @@ def test_unsupported_architecture_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "'llama'" in err and "image-text-to-text" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_pruned_folder_says_what_it_is(tmp_path, capsys):
+    """config.json carries a sparsity_config in compressed-tensors' schema (not under quantization_config),
+    the folder a model card with Hub front matter, and the report the environment and the command."""
+    model_dir = _checkpoint(tmp_path, "llava_next")
+    calib, images = write_calibration(tmp_path / "calib", n=3)
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(model_dir), "--method", "wanda", "--pattern", "2:4", "--calib", str(calib),
+            "--images", str(images), "--nsamples", "2", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    entry = config["sparsity_config"]
+    assert "quantization_config" not in config
+    assert entry["format"] == "dense" and entry["sparsity_structure"] == "2:4"
+    assert entry["global_sparsity"] == pytest.approx(0.5)
+    compressed = pytest.importorskip("compressed_tensors.config")
+    validated = compressed.SparsityCompressionConfig.load_from_registry(entry["format"], **{
+        k: v for k, v in entry.items() if k != "format"})
+    assert validated.sparsity_structure == "2:4"
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert reloaded.config.sparsity_config["global_sparsity"] == entry["global_sparsity"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "pipeline_tag: image-text-to-text" in card
+    assert "| layer |" in card and "atv prune --model" in card and "wanda" in card
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["environment"]["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        report["environment"]["versions"]["torch"] == torch.__version__
+    assert report["command"].startswith("atv prune --model ")
+    assert report["calibration"]["source"] == str(calib) and len(report["calibration"]["ids"]) == 2
+
+
+def test_pruned_folder_reloads_without_compressed_tensors(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(_checkpoint(tmp_path, "llava")), "--method", "magnitude",
+                 "--out", str(out)]) == 0
+    code = ("import sys; sys.modules['compressed_tensors'] = None\n"
+            "from transformers import AutoModelForImageTextToText\n"
+            f"m = AutoModelForImageTextToText.from_pretrained({str(out)!r})\n"
+            "print(m.config.sparsity_config['sparsity_structure'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "unstructured"

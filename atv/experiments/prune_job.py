@@ -19,6 +19,8 @@ from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, check_output_dir, load_model, save_pruned
 from pruning.options import option
 
+from .share import CARD, environment, model_card, sparsity_config
+
 
 @dataclass
 class PruneJob:
@@ -35,6 +37,7 @@ class PruneJob:
     execution: ExecutionConfig = option(default_factory=ExecutionConfig, cli=False)  # offloading, pass schedule
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
+    command: str | None = option(None, cli=False)  # the command line, for the model card
 
 
 RECIPE = "recipe.yaml"  # the options a command ran with; `atv prune --recipe` reads it back
@@ -79,9 +82,14 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
         batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
                                                         job.seed, job.max_length, job.batch_size)
     report = prune_(model, job.config, batches, execution=job.execution, progress=progress)
+    calibration = None if data_report is None else {"source": str(job.calib), **vars(data_report)}
     record = report.to_dict()
     record.update(model_dir=str(job.model), seed=job.seed, total_seconds=time.perf_counter() - start,
-                  calibration=None if data_report is None else vars(data_report))
-    extra = {RECIPE: recipe_text(job.recipe)} if job.recipe is not None else None
+                  calibration=calibration, environment=environment(model), command=job.command)
+    model.config.sparsity_config = sparsity_config(model, report)
+    extra = {CARD: model_card(report, record, base_model=str(job.model), calibration=calibration,
+                              command=job.command or "(run from Python)")}
+    if job.recipe is not None:
+        extra[RECIPE] = recipe_text(job.recipe)
     save_pruned(model, processor, record, job.out, job.overwrite, extra_files=extra)
     return report

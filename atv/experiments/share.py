@@ -1,0 +1,128 @@
+"""What a pruned checkpoint says about itself: a ``sparsity_config`` entry in config.json (the schema of
+compressed-tensors' ``SparsityCompressionConfig``, kept out of ``quantization_config`` so loading never
+needs compressed-tensors), a model card (``README.md`` with Hub front matter) and the environment a
+result was produced in.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import shlex
+import sys
+from importlib import metadata
+from typing import Any, Mapping, Sequence
+
+from torch import nn
+
+from pruning.adapters import get_adapter
+from pruning.engine import PruneReport
+
+CARD = "README.md"
+_PACKAGES = ("atv-toolkit", "torch", "transformers", "accelerate", "lmms-eval")
+
+
+def environment(model: nn.Module | None = None) -> dict[str, Any]:
+    """Versions of the toolkit and the libraries a result depends on, Python, and the model's device and
+    dtype (no machine paths)."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    out: dict[str, Any] = {"versions": versions, "python": platform.python_version()}
+    if model is not None:
+        weight = next(model.parameters())
+        out.update(device=weight.device.type, dtype=str(weight.dtype).removeprefix("torch."))
+    return out
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as the user typed it (``atv`` and its arguments, shell-quoted)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["atv", *args])
+
+
+def sparsity_config(model: nn.Module, report: PruneReport) -> dict[str, Any]:
+    """The ``sparsity_config`` entry for config.json: format 'dense' (zeros stored as such), the global
+    sparsity of the pruned weights (zeros / weights, measured), the structure ('unstructured' or 'N:M'),
+    the pruned Linears as targets (one regex per projection when every decoder layer was pruned) and
+    what was left dense as ignore."""
+    adapter = get_adapter(model)
+    modules = dict(model.named_modules())
+    counts = {f"{_prefix(model, adapter, layer.index)}.{rel}": value for layer in report.layers
+              for rel, value in layer.sparsity.items()}  # measured fraction of zeros (offloaded weights too)
+    names = sorted(counts)
+    zeros = sum(round(counts[n] * modules[n].weight.numel()) for n in names)
+    total = sum(modules[n].weight.numel() for n in names)
+    pattern = report.config.get("pattern")
+    return {"format": "dense", "global_sparsity": zeros / max(total, 1),
+            "sparsity_structure": pattern if pattern else "unstructured",
+            "targets": _targets(model, adapter, report, names), "ignore": ["lm_head", "re:.*(vision|visual).*"]}
+
+
+def _prefix(model: nn.Module, adapter, index: int) -> str:
+    layer = adapter.decoder_layers(model)[index]
+    return next(name for name, module in model.named_modules() if module is layer)
+
+
+def _targets(model: nn.Module, adapter, report: PruneReport, names: list[str]) -> list[str]:
+    n_layers = len(adapter.decoder_layers(model))
+    if len(report.layers) != n_layers:
+        return names
+    stack = _prefix(model, adapter, 0).rpartition(".")[0]
+    relative = sorted({rel for layer in report.layers for rel in layer.sparsity})
+    return [f"re:^{re.escape(stack)}\\.\\d+\\.{re.escape(rel)}$" for rel in relative]
+
+
+def model_card(report: PruneReport, record: Mapping[str, Any], *, base_model: str, command: str,
+               calibration: Mapping[str, Any] | None) -> str:
+    """A model card: Hub front matter, how the model was pruned, per-layer sparsity, the calibration
+    samples, the toolkit version and the exact command. ``atv eval --out-card`` appends results."""
+    config = report.config
+    env = record.get("environment", {})
+    rule = (f"fixed visual ratio {config.get('visual_ratio')}" if config.get("visual_ratio") is not None
+            else f"alpha {config.get('alpha')}")
+    lines = ["---", f"base_model: {base_model}", "library_name: transformers", "pipeline_tag: image-text-to-text",
+             "tags:", "- pruned", "- sparsity", f"- {config.get('method')}", "- atv-toolkit", "---", "",
+             f"# {base_model.rstrip('/').rpartition('/')[2]} pruned with {config.get('method')}", "",
+             f"- method: `{config.get('method')}` (scorer `{config.get('scorer')}`, pool `{config.get('pool')}`)",
+             f"- ATV rule: {rule}" if config.get("pool") in ("atv", "random-visual") else None,
+             f"- sparsity: {config.get('pattern') or config.get('sparsity')} per output row; measured mean "
+             f"{report.sparsity:.4f}",
+             f"- calibration: {_calibration(calibration)}",
+             f"- toolkit: atv-toolkit {env.get('versions', {}).get('atv-toolkit')}, transformers "
+             f"{env.get('versions', {}).get('transformers')}, torch {env.get('versions', {}).get('torch')}",
+             "", "Command:", "", "```bash", command, "```", "", "## Sparsity per layer", "",
+             *_layer_table(report), "", "## Evaluation", "", "No evaluation recorded yet "
+             "(`atv eval --model THIS_FOLDER --tasks ... --out-card` appends one).", ""]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _calibration(calibration: Mapping[str, Any] | None) -> str:
+    if not calibration:
+        return "none (magnitude)"
+    ids = calibration.get("ids", [])
+    shown = ", ".join(ids[:16]) + (f", ... ({len(ids)} in all)" if len(ids) > 16 else "")
+    return f"{calibration.get('source', '?')}, {calibration.get('used', len(ids))} samples (ids: {shown})"
+
+
+def _layer_table(report: PruneReport) -> list[str]:
+    projections = sorted({rel for layer in report.layers for rel in layer.sparsity})
+    short = [p.rpartition(".")[2] for p in projections]
+    rows = ["| layer | " + " | ".join(short) + " |", "|---:|" + "---:|" * len(short)]
+    for layer in report.layers:
+        rows.append(f"| {layer.index} | " + " | ".join(f"{layer.sparsity.get(p, float('nan')):.3f}"
+                                                      for p in projections) + " |")
+    return rows
+
+
+def append_results(card: str, results_markdown: str) -> str:
+    """The card with an evaluation section appended (the placeholder line replaced on the first one)."""
+    placeholder = "No evaluation recorded yet"
+    lines = [line for line in card.splitlines() if not line.startswith(placeholder)]
+    return "\n".join(lines).rstrip("\n") + "\n\n" + results_markdown.strip("\n") + "\n"
+
+
+__all__ = ["CARD", "append_results", "command_line", "environment", "model_card", "sparsity_config"]
