@@ -535,8 +535,8 @@ def check_in_scope(model: nn.Module) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} ({type(model).__name__}) has no causal LM head; load it with "
-            "AutoModelForImageTextToText (or AutoModelForCausalLM) to prune it")
+            f"model_type {model_type!r} ({type(model).__name__}) has no causal LM head (get_output_embeddings() "
+            "is None); load it with AutoModelForImageTextToText (or AutoModelForCausalLM) to prune it")
 
 
 def supported_model_types() -> list[str]:
