@@ -38,9 +38,10 @@ def check_discovery(model: torch.nn.Module) -> tuple[str, list[tuple[str, ...]]]
     return name, names
 
 
-def replayed(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """Layer-0 inputs captured once, then every decoder layer replayed in order: (B, T, C)."""
-    adapter = get_adapter(model)
+def replayed(model: torch.nn.Module, inputs: dict, adapter=None) -> torch.Tensor:
+    """Layer-0 inputs captured once, then every decoder layer replayed in order: (B, T, C).
+    ``adapter`` defaults to the model's own (get_adapter)."""
+    adapter = get_adapter(model) if adapter is None else adapter
     batch = adapter.capture(model, inputs)
     h = batch.hidden
     with torch.no_grad():

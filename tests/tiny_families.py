@@ -238,6 +238,12 @@ def _molmo2_offsets(inputs: dict) -> None:
     inputs["image_token_pooling"] = inputs["image_token_pooling"] + 16 * image[:, None]
 
 
+def _fuyu(c):
+    c.image_size, c.patch_size = 8, 2
+    c.text_config.partial_rotary_factor = 0.5
+    _tokens(c, image_token_id=IMAGE)
+
+
 @dataclass(frozen=True)
 class Recipe:
     edit: Callable[[Any], None]                      # shrunk default config -> tiny config, in place
@@ -265,6 +271,7 @@ RECIPES: dict[str, Recipe] = {
     "chameleon": Recipe(_chameleon, _pixels(8)),
     "emu3": Recipe(_emu3, _emu3_image),
     "molmo2": Recipe(_molmo2, _molmo2_image, (START,), (END,), finish=_molmo2_offsets),
+    "fuyu": Recipe(_fuyu, lambda c, g: {"pixel_values": torch.randn(1, 16, 12, generator=g)}),
     # a text-only causal LM in transformers' image-text-to-text table: fed text only
     "mistral4": Recipe(_mistral4, None),
 }
