@@ -4,6 +4,12 @@ Everything the rest of the toolkit needs to know about an architecture lives her
 decoder layers are, which token ids mark visual positions, and how to capture the exact inputs of
 every decoder layer so that a layer can be replayed on its own (bitwise equal to the full forward).
 
+Decoder blocks and their projections are found by structure (:func:`find_decoder_layers`,
+:func:`block_projections`): fused (``qkv_proj``, ``gate_up_proj``, ``query_key_value``), differently
+named (``w1/w2/w3``, MLA's ``q_a_proj``...) and hybrid (linear-attention, conv) blocks need no
+adapter; MoE routers and experts are listed as left out. A registered adapter holds only what
+structure cannot tell.
+
 Capture works the same way for every family: each decoder layer's ``forward`` is swapped for a
 recorder that stores the keyword arguments the model passes to it (attention mask, rotary
 embeddings, ...) and returns its input unchanged, so one cheap pass records the per-layer
@@ -283,23 +289,33 @@ class Qwen3VLAdapter(Adapter):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
 
-    @contextlib.contextmanager
-    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
-        def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-            extras["visual_pos_masks"] = kwargs.get("visual_pos_masks")
-            extras["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
-
-        handle = self.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        return _recording_deepstack(self.language_model(model), extras)
 
     def after_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
-        embeds = extras.get("deepstack_visual_embeds")
-        if embeds is None or index >= len(embeds):
-            return hidden
-        return self.language_model(model)._deepstack_process(hidden, extras["visual_pos_masks"], embeds[index])
+        return _add_deepstack(self.language_model(model), index, hidden, extras)
+
+
+@contextlib.contextmanager
+def _recording_deepstack(language_model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
+    """Record the DeepStack visual features and their positions the model hands its language model."""
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+        extras["visual_pos_masks"] = kwargs.get("visual_pos_masks")
+        extras["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
+
+    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _add_deepstack(language_model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+    """What DeepStack adds to the hidden states after layer ``index`` (nothing past its last feature level)."""
+    embeds = extras.get("deepstack_visual_embeds")
+    if embeds is None or index >= len(embeds):
+        return hidden
+    return language_model._deepstack_process(hidden, extras["visual_pos_masks"], embeds[index])
 
 
 @register_adapter
@@ -356,6 +372,17 @@ class GenericAdapter(Adapter):
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self._discovered(model)[0].rpartition(".")[0])
+
+    # Between-layer work found by structure: a language model with DeepStack (Qwen3-VL-MoE,
+    # Qwen3-Omni, ...) adds visual features after its first layers, as Qwen3-VL does.
+    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        language_model = self.language_model(model)
+        if hasattr(language_model, "_deepstack_process"):
+            return _recording_deepstack(language_model, extras)
+        return super().record_extras(model, extras)
+
+    def after_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        return _add_deepstack(self.language_model(model), index, hidden, extras)
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         for name in ("self_attn", "attention", "attn", "self_attention"):

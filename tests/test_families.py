@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from family_checks import (check_discovery, check_probe, check_prune, check_replay, check_save, input_groups,
-                           replayed)
+                           last_layer_output, replayed)
 from mot_probe import RoutedLinear, attach_probe_
 from mot_probe.surgery import ProbeError
-from pruning.adapters import DECODER_PROJ, block_projections, find_decoder_layers, get_adapter
+from pruning.adapters import DECODER_PROJ, Adapter, block_projections, find_decoder_layers, get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import prune_
 from pruning.errors import UnsupportedModelError
@@ -87,9 +87,24 @@ def test_projections_group_by_the_tensor_they_read(family, groups):
 
 
 def test_kv_sharing_layers_are_pruned_without_their_missing_k_and_v():
-    model, _ = _fresh("gemma4")
-    names = [get_adapter(model).projections(model, i).names for i in range(4)]
+    model, inputs = _fresh("gemma4")
+    adapter = get_adapter(model)
+    names = [adapter.projections(model, i).names for i in range(4)]
     assert all("self_attn.k_proj" in n for n in names[:2]) and not any("self_attn.k_proj" in n for n in names[2:])
+    batch = adapter.capture(model, inputs).to("cpu")  # as the engine keeps it: the shared K/V store stays shared
+    h = batch.hidden
+    with torch.no_grad():
+        for i in range(4):
+            h = adapter.replay(model, i, h, batch)
+    assert torch.equal(h, last_layer_output(model, inputs))
+
+
+def test_deepstack_found_by_structure_keeps_replay_exact():
+    model, inputs = _fresh("qwen3_vl_moe")
+    assert get_adapter(model).name == "generic"
+    want = last_layer_output(model, inputs)
+    assert not torch.equal(replayed(model, inputs, Adapter()), want)  # without DeepStack the replay drifts
+    assert torch.equal(replayed(model, inputs), want)
 
 
 def test_moe_experts_are_reported_and_left_alone():

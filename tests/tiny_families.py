@@ -144,6 +144,16 @@ def _qwen3_5(c):
     _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
 
 
+def _qwen3_vl_moe(c):
+    # DeepStack after layer 0 only, so that the last layer's output is the decoder's output
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32, intermediate_size=64,
+            out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    c.text_config.rope_parameters = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
+                                     "mrope_interleaved": True}
+    c.text_config.decoder_sparse_step = 1
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
 def _lfm2_vl(c):
     _vision(c, image_size=8, patch_size=2, hidden_size=32, intermediate_size=64, num_patches=16)
     t = c.text_config
@@ -264,6 +274,7 @@ RECIPES: dict[str, Recipe] = {
     "ovis2": Recipe(_ovis2, _pixels(8)),
     "glm4v": Recipe(_glm4v, _qwen_patches, (START,), (END,)),
     "qwen3_5": Recipe(_qwen3_5, _qwen_patches, (START,), (END,)),
+    "qwen3_vl_moe": Recipe(_qwen3_vl_moe, _qwen_patches, (START,), (END,)),
     "lfm2_vl": Recipe(_lfm2_vl, lambda c, g: {"pixel_values": torch.randn(1, 16, 12, generator=g),
                                               "spatial_shapes": torch.tensor([[4, 4]]),
                                               "pixel_attention_mask": torch.ones(1, 16, dtype=torch.bool)}),
@@ -279,7 +290,7 @@ TESTED = tuple(RECIPES)
 
 # Families with Qwen-style M-RoPE read the image positions from mm_token_type_ids.
 _TOKEN_TYPES = {"glm4v": "mm_token_type_ids", "qwen3_5": "mm_token_type_ids", "paligemma": "token_type_ids",
-                "gemma4": "mm_token_type_ids", "molmo2": "mm_token_type_ids"}
+                "gemma4": "mm_token_type_ids", "molmo2": "mm_token_type_ids", "qwen3_vl_moe": "mm_token_type_ids"}
 
 
 def build_family(model_type: str, seed: int = 0, batch: int = 2) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
