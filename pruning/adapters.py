@@ -359,6 +359,16 @@ class GenericAdapter(Adapter):
 
     def __init__(self) -> None:
         self._found: dict[int, tuple[str, nn.ModuleList]] = {}  # id(model) -> what discovery found
+        self._verified: set[int] = set()  # id(model) of models whose replay was checked once
+
+    def capture(self, model: nn.Module, inputs: dict[str, Any]) -> CapturedBatch:
+        """As for every adapter; the first capture of a model also checks that the layer-by-layer replay
+        reproduces the model's own forward (:func:`check_replay`), since nothing registered vouches for it."""
+        batch = super().capture(model, inputs)
+        if id(model) not in self._verified:
+            check_replay(self, model, inputs, batch)
+            self._verified.add(id(model))
+        return batch
 
     def _discovered(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """Discovery runs once per model; the engine asks for the layers once per layer and batch."""
@@ -390,6 +400,36 @@ class GenericAdapter(Adapter):
                 return getattr(layer, name)
         raise UnsupportedModelError(f"{type(layer).__name__} has no self-attention module named "
                                     "self_attn/attention/attn/self_attention; the tamp pool needs one")
+
+
+# Replay may differ from the forward by float noise at most (kernels that reduce in another order).
+REPLAY_TOLERANCE = 1e-3  # of the largest magnitude of the last layer's output
+
+
+@torch.no_grad()
+def check_replay(adapter: Adapter, model: nn.Module, inputs: dict[str, Any], batch: CapturedBatch) -> None:
+    """Raise UnsupportedModelError when replaying ``batch`` layer by layer does not reproduce the last
+    decoder layer's output in the model's own forward (then the model does work between its layers
+    that ``adapter`` does not know, and pruning statistics would come from a different computation)."""
+    last = len(adapter.decoder_layers(model)) - 1
+    found: dict[str, torch.Tensor] = {}
+    handle = adapter.decoder_layers(model)[last].register_forward_hook(
+        lambda _m, _a, out: found.update(out=out[0] if isinstance(out, tuple) else out))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    want = adapter.after_layer(model, last, found["out"], batch.extras)
+    got = batch.hidden
+    for i in range(last + 1):
+        got = adapter.replay(model, i, got, batch)
+    error, scale = float((got - want).abs().max()), float(want.abs().max())
+    if error > REPLAY_TOLERANCE * scale:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): replaying its "
+            f"decoder layers one by one differs from its forward by {error:.3g} (output scale {scale:.3g}); it does "
+            "work between layers that the generic adapter does not know. Register an Adapter whose record_extras/"
+            "after_layer reproduce it.")
 
 
 # -- structural discovery ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from family_checks import (check_discovery, check_probe, check_prune, check_repl
                            last_layer_output, replayed)
 from mot_probe import RoutedLinear, attach_probe_
 from mot_probe.surgery import ProbeError
-from pruning.adapters import DECODER_PROJ, Adapter, block_projections, find_decoder_layers, get_adapter
+from pruning.adapters import DECODER_PROJ, Adapter, GenericAdapter, block_projections, find_decoder_layers, get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import prune_
 from pruning.errors import UnsupportedModelError
@@ -105,6 +105,17 @@ def test_deepstack_found_by_structure_keeps_replay_exact():
     want = last_layer_output(model, inputs)
     assert not torch.equal(replayed(model, inputs, Adapter()), want)  # without DeepStack the replay drifts
     assert torch.equal(replayed(model, inputs), want)
+
+
+def test_generic_capture_refuses_a_replay_that_drifts():
+    model, inputs = _fresh("qwen3_vl_moe")
+
+    class Blind(GenericAdapter):  # a fallback that does not know DeepStack
+        record_extras, after_layer = Adapter.record_extras, Adapter.after_layer
+
+    with pytest.raises(UnsupportedModelError, match="qwen3_vl_moe.*differs from its forward"):
+        Blind().capture(model, inputs)
+    GenericAdapter().capture(model, inputs)  # the real fallback passes its own check
 
 
 def test_moe_experts_are_reported_and_left_alone():
