@@ -19,8 +19,8 @@ from pruning.errors import UnsupportedModelError
 from tiny_families import IMAGE, TESTED, FamilyUnavailable, build_family
 from tiny_models import FAMILIES, build_tiny
 
-# Hybrid decoders: some layers mix tokens by linear attention or convolution instead of attention.
-HYBRID = ("qwen3_5", "lfm2_vl")
+# Hybrid decoders: some layers mix tokens by linear attention, convolution or a state-space model.
+HYBRID = ("qwen3_5", "lfm2_vl", "bamba")
 
 
 @functools.lru_cache(maxsize=None)

@@ -45,7 +45,8 @@ def shrink(config: Any) -> Any:
         elif key in _SMALL and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, key, _SMALL[key])
     n = getattr(config, "num_hidden_layers", None)
-    if isinstance(getattr(config, "layer_types", None), list) and isinstance(n, int):
+    # only a stored list (Bamba's layer_types is derived from other fields, read-only)
+    if isinstance(vars(config).get("layer_types"), list) and isinstance(n, int):
         config.layer_types = config.layer_types[:n]
     return config
 
@@ -254,13 +255,24 @@ def _fuyu(c):
     _tokens(c, image_token_id=IMAGE)
 
 
+def _bamba(_c):
+    """A Mamba2 + attention hybrid (layer 0 a state-space mixer, layer 1 attention), built anew: its
+    layer types are derived at construction."""
+    from transformers import BambaConfig
+
+    return BambaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=4,
+                       mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16, max_position_embeddings=512)
+
+
 @dataclass(frozen=True)
 class Recipe:
-    edit: Callable[[Any], None]                      # shrunk default config -> tiny config, in place
+    edit: Callable[[Any], Any]                       # shrunk default config -> tiny config (in place, or returned)
     vision: Callable[[Any, torch.Generator], dict] | None  # one image's inputs; None = text-only model
     before: tuple[int, ...] = ()                     # marker tokens before the image run
     after: tuple[int, ...] = ()                      # and after it
     finish: Callable[[dict], None] | None = None     # batch-level fix-ups of the stacked inputs
+    causal_lm: bool = False                          # a text-only model outside the image-text-to-text table
 
 
 RECIPES: dict[str, Recipe] = {
@@ -285,6 +297,8 @@ RECIPES: dict[str, Recipe] = {
     "fuyu": Recipe(_fuyu, lambda c, g: {"pixel_values": torch.randn(1, 16, 12, generator=g)}),
     # a text-only causal LM in transformers' image-text-to-text table: fed text only
     "mistral4": Recipe(_mistral4, None),
+    # not an LVLM: the state-space hybrid decoder that no listed family builds on this transformers
+    "bamba": Recipe(_bamba, None, causal_lm=True),
 }
 TESTED = tuple(RECIPES)
 
@@ -305,9 +319,10 @@ def build_family(model_type: str, seed: int = 0, batch: int = 2) -> tuple[torch.
     if model_type not in CONFIG_MAPPING:
         raise FamilyUnavailable(f"transformers {tf.__version__} has no model_type {model_type!r}")
     config = shrink(CONFIG_MAPPING[model_type]())
-    edit(config)
+    config = edit(config) or config
     torch.manual_seed(seed)
-    model = tf.AutoModelForImageTextToText.from_config(config).eval()  # mistral4: its causal LM class
+    auto = tf.AutoModelForCausalLM if recipe.causal_lm else tf.AutoModelForImageTextToText
+    model = auto.from_config(config).eval()
     g = torch.Generator().manual_seed(seed + 1000)
     if vision is None:
         return model, _pad([_text(g, 8 + 2 * b) for b in range(batch)])
