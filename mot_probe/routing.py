@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from pruning.adapters import tokens_align
 from pruning.errors import ToolkitError
 
 PATHS = ("text", "visual")
@@ -131,7 +132,7 @@ class RoutedLinear(nn.Module):
         if text is visual:
             return text(x)
         mask = self.router.visual
-        if mask is None or mask.shape != x.shape[:-1]:
+        if mask is None or not tokens_align(mask.shape, x.shape[:-1]):
             got = None if mask is None else tuple(mask.shape)
             raise RoutingError(f"routed forward needs a modality mask of shape {tuple(x.shape[:-1])}, got {got}; "
                                "call the model with input_ids (the probe routes by the visual token ids)")

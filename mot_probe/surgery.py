@@ -1,5 +1,6 @@
-"""MoT probe surgery: duplicate each decoder block's QKV and FFN projections into a text and a visual
-path, prune one path with a chosen calibration pool, and undo it all.
+"""MoT probe surgery: duplicate each decoder block's QKV and FFN projections (in general: every
+projection structural discovery finds, except the token mixer's output projection) into a text and a
+visual path, prune one path with a chosen calibration pool, and undo it all.
 
 In-place and reversible, like peft's adapters::
 
@@ -23,7 +24,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from pruning.adapters import ATTACHED_ADAPTER, ATTN_PROJ, DECODER_PROJ, MLP_PROJ, Adapter, CapturedBatch, get_adapter
+from pruning.adapters import (ATTACHED_ADAPTER, ATTN_PROJ, DECODER_PROJ, MLP_PROJ, Adapter, BlockProjections,
+                              CapturedBatch, get_adapter)
 from pruning.config import PruneConfig
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
@@ -32,8 +34,11 @@ from .routing import ModalityRouter, RoutedLinear, check_path
 
 log = logging.getLogger(__name__)
 
-# The paper's probe routes Q, K, V and the FFN; o_proj is shared unless asked for.
+# The paper's probe routes Q, K, V and the FFN; o_proj is shared unless asked for. These are the routed
+# names of a Llama-style block; other blocks route their discovered projections (see routing_plan).
 ROUTED = ATTN_PROJ[:3] + MLP_PROJ
+# Last name parts of a token mixer's output projection (attention, linear attention, conv mixers).
+_MIXER_OUTPUTS = ("o_proj", "out_proj", "dense", "wo", "c_proj")
 # Probe pool names -> engine pool names ("mixed" = every non-padding token).
 PROBE_POOLS = {"text": "text", "visual": "visual", "mixed": "all"}
 
@@ -68,6 +73,10 @@ class ProbeAdapter(Adapter):
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return self.inner.attention_module(layer)
 
+    def projections(self, model: nn.Module, index: int) -> BlockProjections:
+        """The routed projections of layer ``index``: what the engine prunes by default on a probed model."""
+        return BlockProjections(tuple(self.probe.routed[index]), self.probe.skipped[index])
+
     def record_extras(self, model, extras):
         return self.inner.record_extras(model, extras)
 
@@ -81,18 +90,25 @@ class ProbeAdapter(Adapter):
 
 
 class MoTProbe:
-    """A model whose decoder projections are routed by modality. Create with :func:`attach_probe_`."""
+    """A model whose decoder projections are routed by modality. Create with :func:`attach_probe_`.
+
+    ``routed[i]`` maps the routed projections of decoder layer ``i`` (names relative to the block) to
+    their RoutedLinear; ``skipped[i]`` maps what the probe leaves shared to why (the attention output
+    projection unless ``include_o_proj``, MoE routers and experts).
+    """
 
     def __init__(self, model: nn.Module, include_o_proj: bool = False):
         if getattr(model, ATTACHED_ADAPTER, None) is not None:
             raise ProbeError(f"{type(model).__name__} already carries a probe; unload() it first")
         self.model = model
         self.family = get_adapter(model)
-        self.names = ROUTED + (("self_attn.o_proj",) if include_o_proj else ())
+        plan = routing_plan(model, self.family, include_o_proj)  # checks everything before any surgery
+        self.names = tuple(dict.fromkeys(name for names, _ in plan for name in names))
+        self.skipped = [skipped for _, skipped in plan]
         self.router = ModalityRouter()
         self.routed: list[dict[str, RoutedLinear]] = []
-        for layer in self.family.decoder_layers(model):
-            self.routed.append({name: self._wrap(layer, name) for name in self.names})
+        for layer, (names, _) in zip(self.family.decoder_layers(model), plan):
+            self.routed.append({name: self._wrap(layer, name) for name in names})
         self._hooks = [model.register_forward_pre_hook(self._set_mask, with_kwargs=True),
                        model.register_forward_hook(self._clear_mask, always_call=True)]
         setattr(model, ATTACHED_ADAPTER, ProbeAdapter(self.family, self))
@@ -100,10 +116,7 @@ class MoTProbe:
     def _wrap(self, layer: nn.Module, name: str) -> RoutedLinear:
         parent_name, _, child = name.rpartition(".")
         parent = layer.get_submodule(parent_name)
-        base = getattr(parent, child)
-        if not isinstance(base, nn.Linear):
-            raise ProbeError(f"{name} is a {type(base).__name__}, not an nn.Linear; cannot route it")
-        routed = RoutedLinear(base, self.router)
+        routed = RoutedLinear(getattr(parent, child), self.router)
         setattr(parent, child, routed)
         return routed
 
@@ -141,7 +154,8 @@ class MoTProbe:
         layers = range(len(self.routed)) if config.layers is None else config.layers
         for i in layers:
             if 0 <= i < len(self.routed):
-                for name in config.targets:
+                names = self.routed[i] if tuple(config.targets) == DECODER_PROJ else config.targets
+                for name in names:
                     self.routed[i][name].materialise(path)
                     self.routed[i][name].active = path
         try:
@@ -151,8 +165,11 @@ class MoTProbe:
             raise
 
     def _path_config(self, config: PruneConfig) -> PruneConfig:
+        """The default targets mean every routed projection (per layer: layers may differ, e.g. hybrid
+        or KV-sharing decoders); they are spelled out when every layer routes the same names."""
         if tuple(config.targets) == DECODER_PROJ:
-            return dataclasses.replace(config, targets=self.names)
+            same = all(tuple(routed) == self.names for routed in self.routed)
+            return dataclasses.replace(config, targets=self.names) if same else config
         stray = [t for t in config.targets if t not in self.names]
         if stray:
             raise ConfigError(f"targets {stray} are not routed by this probe (routed: {list(self.names)}); "
@@ -181,6 +198,45 @@ class MoTProbe:
         delattr(self.model, ATTACHED_ADAPTER)
         self.routed = []
         return self.model
+
+
+def is_attention_output(name: str) -> bool:
+    """True for a token mixer's output projection (``self_attn.o_proj``, ``linear_attn.out_proj``, ...),
+    which the paper's probe leaves shared."""
+    parent, _, last = name.rpartition(".")
+    in_ffn = any(word in parent for word in ("mlp", "feed_forward", "ffn"))
+    return last in _MIXER_OUTPUTS and not in_ffn
+
+
+def routing_plan(model: nn.Module, family: Adapter,
+                 include_o_proj: bool) -> list[tuple[tuple[str, ...], dict[str, str]]]:
+    """Per decoder layer: (projections to route, what stays shared -> why).
+
+    Raises ProbeError naming the obstacle when a projection cannot be routed (not an nn.Linear) or
+    when no layer has anything to route.
+    """
+    plan = []
+    for i, layer in enumerate(family.decoder_layers(model)):
+        found = family.projections(model, i)
+        skipped = dict(found.skipped)
+        names = []
+        for name in found.names:
+            if not include_o_proj and is_attention_output(name):
+                skipped[name] = "attention output projection (shared; include_o_proj=True routes it)"
+                continue
+            module = layer.get_submodule(name)
+            if isinstance(module, RoutedLinear) or not isinstance(module, nn.Linear):
+                raise ProbeError(f"cannot route {name} of decoder layer {i} of {type(model).__name__}: it is a "
+                                 f"{type(module).__name__}, not an nn.Linear; the probe wraps plain Linears only")
+            names.append(name)
+        plan.append((tuple(names), skipped))
+    if not any(names for names, _ in plan):
+        raise ProbeError(f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): "
+                         "no decoder projection can be routed; nothing would be probed")
+    experts = sorted({name for _, skipped in plan for name, why in skipped.items() if "expert" in why.lower()})
+    if experts:
+        log.warning("MoT probe: MoE expert weights stay shared (not routed, not pruned): %s", experts)
+    return plan
 
 
 def attach_probe_(model: nn.Module, include_o_proj: bool = False) -> MoTProbe:

@@ -4,6 +4,12 @@ Everything the rest of the toolkit needs to know about an architecture lives her
 decoder layers are, which token ids mark visual positions, and how to capture the exact inputs of
 every decoder layer so that a layer can be replayed on its own (bitwise equal to the full forward).
 
+Decoder blocks and their projections are found by structure (:func:`find_decoder_layers`,
+:func:`block_projections`): fused (``qkv_proj``, ``gate_up_proj``, ``query_key_value``), differently
+named (``w1/w2/w3``, MLA's ``q_a_proj``...) and hybrid (linear-attention, conv) blocks need no
+adapter; MoE routers and experts are listed as left out. A registered adapter holds only what
+structure cannot tell.
+
 Capture works the same way for every family: each decoder layer's ``forward`` is swapped for a
 recorder that stores the keyword arguments the model passes to it (attention mask, rotary
 embeddings, ...) and returns its input unchanged, so one cheap pass records the per-layer
@@ -23,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -31,7 +38,9 @@ from torch import nn
 
 from .errors import CalibrationError, UnsupportedModelError
 
-# The seven projections of a decoder block, relative to the block.
+# The seven projections of a Llama-style decoder block, relative to the block. As ``targets`` (the
+# default of PruneConfig) DECODER_PROJ means "the block's own projections": exactly these seven names
+# for Llama-style blocks, the discovered ones (see :func:`block_projections`) for any other block.
 ATTN_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_PROJ = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 DECODER_PROJ = ATTN_PROJ + MLP_PROJ
@@ -74,6 +83,12 @@ class CapturedBatch:
         )
 
 
+def tokens_align(mask_shape: torch.Size, token_shape: torch.Size) -> bool:
+    """True when an input's token dimensions are the (B, T) of a token mask up to singleton dimensions
+    (e.g. MLA's (B, 1, T, d) latents): its flattened rows are then the mask's tokens in order."""
+    return [d for d in mask_shape if d != 1] == [d for d in token_shape if d != 1]
+
+
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any] | None = None) -> Any:
     """Apply ``fn`` to every tensor inside nested dicts/lists/tuples; a tensor seen twice is mapped once."""
     memo = {} if memo is None else memo
@@ -103,9 +118,21 @@ class Adapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.language_model(model).layers
 
+    def projections(self, model: nn.Module, index: int) -> "BlockProjections":
+        """The prunable projections of decoder layer ``index`` (and what was left out, with why)."""
+        return block_projections(self.decoder_layers(model)[index])
+
+    def expert_weights(self, model: nn.Module) -> list[str]:
+        """'<layer index>.<name>' of every MoE expert weight the projections leave out (not pruned)."""
+        return [f"{i}.{name}" for i in range(len(self.decoder_layers(model)))
+                for name, why in self.projections(model, i).skipped.items() if "expert" in why.lower()]
+
     def named_linears(self, model: nn.Module, index: int, names: tuple[str, ...] = DECODER_PROJ) -> dict[str, nn.Linear]:
-        """The Linears ``names`` (relative to the block) of decoder layer ``index``."""
+        """The Linears ``names`` (relative to the block) of decoder layer ``index``; the default
+        (DECODER_PROJ) stands for every prunable projection of the block, in discovery order."""
         layer = self.decoder_layers(model)[index]
+        if tuple(names) == DECODER_PROJ:
+            names = self.projections(model, index).names
         found = {}
         for name in names:
             module = layer.get_submodule(name)
@@ -162,9 +189,7 @@ class Adapter:
             def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
                 hidden = args[0] if args else kwargs.pop("hidden_states")
                 if len(args) > 1:
-                    raise UnsupportedModelError(
-                        f"decoder layer {index} was called with {len(args)} positional arguments; "
-                        "only hidden_states may be positional for exact replay")
+                    kwargs = _as_keywords(layers[index], index, args, kwargs)
                 if index == 0:
                     first["hidden"] = hidden
                 recorded[index] = kwargs
@@ -203,6 +228,18 @@ class Adapter:
         out = layer(hidden, **batch.layer_kwargs[index])
         out = out[0] if isinstance(out, tuple) else out
         return self.after_layer(model, index, out, batch.extras)
+
+
+def _as_keywords(layer: nn.Module, index: int, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The positional arguments after hidden_states (e.g. Gemma4's per-layer input) as keywords, named by
+    the layer's forward signature, so that replay can pass them by name."""
+    names = [p.name for p in inspect.signature(type(layer).forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][2:len(args) + 1]  # after self, hidden
+    if len(names) != len(args) - 1 or any(n in kwargs for n in names):
+        raise UnsupportedModelError(
+            f"decoder layer {index} ({type(layer).__name__}) was called with {len(args)} positional arguments "
+            "that its forward signature does not name; register an Adapter that captures them")
+    return {**dict(zip(names, args[1:])), **kwargs}
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -252,23 +289,33 @@ class Qwen3VLAdapter(Adapter):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
 
-    @contextlib.contextmanager
-    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
-        def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-            extras["visual_pos_masks"] = kwargs.get("visual_pos_masks")
-            extras["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
-
-        handle = self.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        return _recording_deepstack(self.language_model(model), extras)
 
     def after_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
-        embeds = extras.get("deepstack_visual_embeds")
-        if embeds is None or index >= len(embeds):
-            return hidden
-        return self.language_model(model)._deepstack_process(hidden, extras["visual_pos_masks"], embeds[index])
+        return _add_deepstack(self.language_model(model), index, hidden, extras)
+
+
+@contextlib.contextmanager
+def _recording_deepstack(language_model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
+    """Record the DeepStack visual features and their positions the model hands its language model."""
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+        extras["visual_pos_masks"] = kwargs.get("visual_pos_masks")
+        extras["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
+
+    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _add_deepstack(language_model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+    """What DeepStack adds to the hidden states after layer ``index`` (nothing past its last feature level)."""
+    embeds = extras.get("deepstack_visual_embeds")
+    if embeds is None or index >= len(embeds):
+        return hidden
+    return language_model._deepstack_process(hidden, extras["visual_pos_masks"], embeds[index])
 
 
 @register_adapter
@@ -305,31 +352,210 @@ class Mistral3Adapter(Adapter):
 
 
 class GenericAdapter(Adapter):
-    """Fallback for unregistered families: finds the one ModuleList of decoder blocks by introspection."""
+    """Fallback for unregistered families: decoder blocks and projections found by structure
+    (see :func:`find_decoder_layers` and :func:`block_projections`)."""
 
     name = "generic"
 
+    def __init__(self) -> None:
+        self._found: dict[int, tuple[str, nn.ModuleList]] = {}  # id(model) -> what discovery found
+        self._verified: set[int] = set()  # id(model) of models whose replay was checked once
+
+    def capture(self, model: nn.Module, inputs: dict[str, Any]) -> CapturedBatch:
+        """As for every adapter; the first capture of a model also checks that the layer-by-layer replay
+        reproduces the model's own forward (:func:`check_replay`), since nothing registered vouches for it."""
+        batch = super().capture(model, inputs)
+        if id(model) not in self._verified:
+            check_replay(self, model, inputs, batch)
+            self._verified.add(id(model))
+        return batch
+
+    def _discovered(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """Discovery runs once per model; the engine asks for the layers once per layer and batch."""
+        cached = self._found.get(id(model))
+        if cached is None or model.get_submodule(cached[0]) is not cached[1]:
+            cached = self._found[id(model)] = find_decoder_layers(model)
+        return cached
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        candidates = [
-            (name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.ModuleList) and len(module) > 0
-            and all(_is_decoder_block(block) for block in module)
-            and not any(part in name.lower() for part in ("vision", "visual", "image", "encoder"))
-        ]
-        if len(candidates) != 1:
-            found = [name for name, _ in candidates] or "none"
-            raise UnsupportedModelError(
-                f"cannot decide which module list holds the decoder layers of {type(model).__name__} "
-                f"(config.model_type={getattr(model.config, 'model_type', None)!r}); candidates: {found}. "
-                "Register an Adapter subclass for this family with @register_adapter.")
-        return candidates[0][1]
+        return self._discovered(model)[1]
 
     def language_model(self, model: nn.Module) -> nn.Module:
-        layers = self.decoder_layers(model)
-        for module in model.modules():
-            if any(child is layers for child in module.children()):
-                return module
-        raise UnsupportedModelError(f"no parent module found for the decoder layers of {type(model).__name__}")
+        return model.get_submodule(self._discovered(model)[0].rpartition(".")[0])
+
+    # Between-layer work found by structure: a language model with DeepStack (Qwen3-VL-MoE,
+    # Qwen3-Omni, ...) adds visual features after its first layers, as Qwen3-VL does.
+    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        language_model = self.language_model(model)
+        if hasattr(language_model, "_deepstack_process"):
+            return _recording_deepstack(language_model, extras)
+        return super().record_extras(model, extras)
+
+    def after_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        return _add_deepstack(self.language_model(model), index, hidden, extras)
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        for name in ("self_attn", "attention", "attn", "self_attention"):
+            if isinstance(getattr(layer, name, None), nn.Module):
+                return getattr(layer, name)
+        raise UnsupportedModelError(f"{type(layer).__name__} has no self-attention module named "
+                                    "self_attn/attention/attn/self_attention; the tamp pool needs one")
+
+
+# Replay may differ from the forward by float noise at most (kernels that reduce in another order).
+REPLAY_TOLERANCE = 1e-3  # of the largest magnitude of the last layer's output
+
+
+@torch.no_grad()
+def check_replay(adapter: Adapter, model: nn.Module, inputs: dict[str, Any], batch: CapturedBatch) -> None:
+    """Raise UnsupportedModelError when replaying ``batch`` layer by layer does not reproduce the last
+    decoder layer's output in the model's own forward (then the model does work between its layers
+    that ``adapter`` does not know, and pruning statistics would come from a different computation)."""
+    last = len(adapter.decoder_layers(model)) - 1
+    found: dict[str, torch.Tensor] = {}
+    handle = adapter.decoder_layers(model)[last].register_forward_hook(
+        lambda _m, _a, out: found.update(out=out[0] if isinstance(out, tuple) else out))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    want = adapter.after_layer(model, last, found["out"], batch.extras)
+    got = batch.hidden
+    for i in range(last + 1):
+        got = adapter.replay(model, i, got, batch)
+    error, scale = float((got - want).abs().max()), float(want.abs().max())
+    if error > REPLAY_TOLERANCE * scale:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): replaying its "
+            f"decoder layers one by one differs from its forward by {error:.3g} (output scale {scale:.3g}); it does "
+            "work between layers that the generic adapter does not know. Register an Adapter whose record_extras/"
+            "after_layer reproduce it.")
+
+
+# -- structural discovery ------------------------------------------------------------------------
+# Dotted-name parts that mark modules outside the language decoder (vision tower, projector, resampler,
+# image tokenizer): decoder blocks are never searched for below them.
+_NOT_DECODER = ("vision", "visual", "image", "encoder", "resampler", "perceiver", "connector", "projector",
+                "vqmodel", "vqvae", "audio")
+# Names the MoE routers of transformers' models use (a router's Linear is not a projection of the tokens).
+_ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "gating")
+
+
+@dataclass(frozen=True)
+class BlockProjections:
+    """What a decoder block holds that pruning could touch.
+
+    names: the prunable projections (Linear-like, relative to the block) in registration order.
+    skipped: relative name -> why it is left out (MoE routers, expert weights, ...).
+    """
+
+    names: tuple[str, ...]
+    skipped: dict[str, str]
+
+
+def text_config(model: nn.Module) -> Any:
+    """The language model's config (the model's own config for text-only models)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _outside_decoder(name: str) -> bool:
+    return any(word in part for part in name.lower().split(".") for word in _NOT_DECODER)
+
+
+def _decoder_root(model: nn.Module) -> tuple[str, nn.Module]:
+    """(dotted name, module) of ``model.get_decoder()`` when it resolves, else the whole model."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        decoder = None
+    for name, module in model.named_modules():
+        if decoder is not None and module is decoder and decoder is not model:
+            return name, module
+    return "", model
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, list) of the language decoder's blocks, found by structure.
+
+    The blocks are the one ModuleList below ``model.get_decoder()`` (else anywhere outside the vision
+    tower, projector and resampler) whose every entry holds Linear-like projections and whose length
+    equals the text config's ``num_hidden_layers`` when the config gives one.
+    Raises UnsupportedModelError naming the candidates when there is not exactly one.
+    """
+    n_layers = getattr(text_config(model), "num_hidden_layers", None)
+    root_name, root = _decoder_root(model)
+    for scope_name, scope in ((root_name, root), ("", model)):
+        candidates = [
+            (_join(scope_name, name), module) for name, module in scope.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) > 0 and not _outside_decoder(name)
+            and (not isinstance(n_layers, int) or len(module) == n_layers)
+            and all(block_projections(block).names for block in module)
+        ]
+        if len(candidates) == 1:
+            candidates += _same_blocks_elsewhere(model, *candidates[0])
+            if len(candidates) == 1:
+                return candidates[0]
+        if candidates or scope is model:
+            break
+    found = [name for name, _ in candidates] or "none"
+    raise UnsupportedModelError(
+        f"cannot decide which module list holds the decoder layers of {type(model).__name__} "
+        f"(config.model_type={getattr(model.config, 'model_type', None)!r}, num_hidden_layers={n_layers}); "
+        f"candidates: {found}. Register an Adapter subclass for this family with @register_adapter.")
+
+
+def _same_blocks_elsewhere(model: nn.Module, chosen: str, layers: nn.ModuleList) -> list[tuple[str, nn.ModuleList]]:
+    """Other module lists (outside the vision parts) holding blocks of the chosen blocks' class: a second
+    decoder-like stack makes the choice ambiguous."""
+    kind = type(layers[0])
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) and module is not layers and name != chosen and len(module) > 0
+            and not _outside_decoder(name) and all(isinstance(block, kind) for block in module)]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def block_projections(block: nn.Module) -> BlockProjections:
+    """Every Linear-like module of ``block`` (a projection of the tokens), found by structure.
+
+    Left out, and named in ``skipped``: MoE routers and expert weights (3-D parameters or per-expert
+    Linears: their statistics need the router's dispatch, a later step) and convolutions of hybrid
+    token mixers. Norms and embeddings are not Linear-like and never listed. A Linear-like module is
+    a leaf: the probe's routed Linear counts as the Linear it wraps.
+    """
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    _walk(block, "", names, skipped)
+    return BlockProjections(tuple(names), skipped)
+
+
+def _walk(module: nn.Module, prefix: str, names: list[str], skipped: dict[str, str]) -> None:
+    is_moe = _holds_experts(module)
+    for child_name, child in module.named_children():
+        name = _join(prefix, child_name)
+        if is_moe and child_name == "experts":
+            skipped[name] = "MoE experts (statistics need the router's dispatch; not pruned yet)"
+        elif is_moe and child_name in _ROUTER_NAMES:
+            skipped[name] = "MoE router"
+        elif _is_linear_like(child):
+            names.append(name)
+        elif isinstance(child, nn.modules.conv._ConvNd):
+            skipped[name] = "convolution (a token mixer's conv, not a Linear)"
+        elif isinstance(child, nn.Embedding):
+            continue
+        else:
+            _walk(child, name, names, skipped)
+    for param_name, param in module.named_parameters(recurse=False):
+        if param.dim() == 3:
+            skipped[_join(prefix, param_name)] = "3-D expert weights (not pruned yet)"
+
+
+def _holds_experts(module: nn.Module) -> bool:
+    """An MoE block: it has an ``experts`` child (a ModuleList of experts or a module of 3-D weights)."""
+    return isinstance(getattr(module, "experts", None), nn.Module)
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -338,11 +564,6 @@ def _is_linear_like(module: nn.Module) -> bool:
         return True
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "in_features")
-
-
-def _is_decoder_block(block: nn.Module) -> bool:
-    names = dict(block.named_modules())
-    return all(isinstance(names.get(n), nn.Linear) for n in DECODER_PROJ)
 
 
 # A model may carry its own adapter under this attribute (the MoT probe attaches one that routes).
@@ -362,9 +583,27 @@ def get_adapter(model: nn.Module) -> Adapter:
     adapter = _REGISTRY.get(model_type)
     if adapter is not None:
         return adapter
+    check_in_scope(model)
     adapter = GenericAdapter()
     adapter.decoder_layers(model)  # raises a clear error when it cannot decide
     return adapter
+
+
+def check_in_scope(model: nn.Module) -> None:
+    """Raise UnsupportedModelError for models this toolkit cannot prune layer by layer: encoder-decoder
+    language models (their decoder reads encoder states the replay does not capture) and models without
+    a causal LM head."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) or getattr(text_config(model), "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} ({type(model).__name__}) has an encoder-decoder language model; "
+            "only decoder-only language models are supported")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} ({type(model).__name__}) has no causal LM head (get_output_embeddings() "
+            "is None); load it with AutoModelForImageTextToText (or AutoModelForCausalLM) to prune it")
 
 
 def supported_model_types() -> list[str]:

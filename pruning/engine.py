@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors
+from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors, tokens_align
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
 from .execution import ExecutionConfig
@@ -132,6 +132,9 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
     adapter = get_adapter(model)
     batches = list(calibration) if config.needs_calibration else []
     indices = _validate(model, adapter, config, batches)
+    experts = adapter.expert_weights(model)
+    if experts:
+        log.warning("MoE expert weights are left dense (their statistics need the router's dispatch): %s", experts)
     model.eval()
     masks: dict[str, torch.Tensor] = {}
     reports = []
@@ -334,7 +337,7 @@ class LayerPruner:
         samples = int(batch.hidden.shape[0])
         whole = bool(pool.all())  # every position pooled: the rows in order, without a gather copy
         for acc, x in _distinct_inputs(stats, acts):
-            acc.add(x.flatten(0, -2) if whole else x[pool], samples=samples)
+            acc.add(x.flatten(0, -2) if whole else _pooled_rows(x, pool), samples=samples)
         self._count(batch, pool)
 
     def _add_per_linear(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
@@ -394,6 +397,17 @@ class LayerPruner:
                 batch.hidden = out
             return
         propagate_(self.model, self.adapter, self.captured, [self.index])
+
+
+def _pooled_rows(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` (B, T, d) at ``pool`` (B, T); inputs with extra singleton token dimensions
+    (MLA's (B, 1, T, d) latents) are flattened to the same (B*T) order first."""
+    if x.shape[:-1] == pool.shape:
+        return x[pool]
+    if not tokens_align(pool.shape, x.shape[:-1]):
+        raise CalibrationError(f"a Linear's input of shape {tuple(x.shape)} does not line up with the "
+                               f"(B, T) = {tuple(pool.shape)} tokens; its statistics cannot be pooled by token")
+    return x.reshape(-1, x.shape[-1])[pool.reshape(-1)]
 
 
 def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from family_checks import replayed
 from pruning.adapters import GenericAdapter, get_adapter, supported_model_types
 from pruning.errors import UnsupportedModelError
 from tiny_models import BOI, EOI, FAMILIES, IMAGE, VEND, VIDEO, VSTART, build_tiny
@@ -23,12 +24,7 @@ def _final_hidden(model, inputs):
 
 def _replayed(model, adapter, inputs):
     """Layer-0 inputs captured once, then every decoder layer replayed in order: (B, T, C)."""
-    batch = adapter.capture(model, inputs)
-    h = batch.hidden
-    with torch.no_grad():
-        for i in range(len(adapter.decoder_layers(model))):
-            h = adapter.replay(model, i, h, batch)
-    return h
+    return replayed(model, inputs, adapter)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -116,7 +116,8 @@ def _vision_inputs(family: str, config, g: torch.Generator) -> dict[str, torch.T
 def _features_per_image(model, vision: dict[str, torch.Tensor]) -> int:
     with torch.no_grad():
         out = model.model.get_image_features(**vision)
-    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    features = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
+    features = getattr(features, "last_hidden_state", features)  # Fuyu: patch embeddings, no pooling
     if isinstance(features, torch.Tensor):
         return int(features.reshape(-1, features.shape[-1]).shape[0])
     return sum(int(f.reshape(-1, f.shape[-1]).shape[0]) for f in features)
