@@ -105,14 +105,14 @@ class RoutedLinear(nn.Module):
         """The Linear that serves path ``name`` (its own copy, or the shared base)."""
         return self.paths[name] if name in self.paths else self.base
 
-    def materialise(self, name: str) -> nn.Linear:
+    def materialise_(self, name: str) -> nn.Linear:
         """Give path ``name`` its own copy of the base weights (same device and dtype)."""
         check_path(name)
         if name not in self.paths:
             self.paths[name] = copy.deepcopy(self.base)
         return self.paths[name]
 
-    def reset(self, name: str | None = None) -> None:
+    def reset_(self, name: str | None = None) -> None:
         """Drop the copy of path ``name`` (both when None): that path is the dense base again."""
         for key in [name] if name else list(self.paths):
             if key in self.paths:

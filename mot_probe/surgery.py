@@ -156,7 +156,7 @@ class MoTProbe:
             if 0 <= i < len(self.routed):
                 names = self.routed[i] if tuple(config.targets) == DECODER_PROJ else config.targets
                 for name in names:
-                    self.routed[i][name].materialise(path)
+                    self.routed[i][name].materialise_(path)
                     self.routed[i][name].active = path
         try:
             return prune_(self.model, config, calibration, progress=progress, keep_masks=keep_masks)
@@ -181,7 +181,7 @@ class MoTProbe:
         if path is not None:
             check_path(path)
         for routed in self.routed_linears():
-            routed.reset(path)
+            routed.reset_(path)
 
     def unload(self, keep: str = "text") -> nn.Module:
         """Replace every routed Linear by path ``keep``'s Linear; remove hooks and the attached adapter.

@@ -66,7 +66,7 @@ def test_routed_linear_sends_each_token_through_its_own_copy():
     torch.manual_seed(0)
     router = ModalityRouter()
     routed = RoutedLinear(nn.Linear(4, 3), router)
-    routed.materialise("visual").weight.data.mul_(-2)  # the visual copy now differs
+    routed.materialise_("visual").weight.data.mul_(-2)  # the visual copy now differs
     x = torch.randn(2, 5, 4)
     visual = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]], dtype=torch.bool)
     with router.route(visual):
@@ -82,7 +82,7 @@ def test_sibling_projections_reuse_the_split_rows_but_see_in_place_changes():
     router = ModalityRouter()
     q, k = (RoutedLinear(nn.Linear(4, 3), router) for _ in range(2))
     for routed in (q, k):
-        routed.materialise("visual").weight.data.mul_(-2)
+        routed.materialise_("visual").weight.data.mul_(-2)
     x = torch.randn(1, 4, 4)
     visual = torch.tensor([[0, 1, 1, 0]], dtype=torch.bool)
     with router.route(visual):
@@ -102,7 +102,7 @@ def test_materialised_but_unpruned_paths_still_compute_the_original():
     original = copy.deepcopy(model)
     probe = attach_probe_(model)
     for routed in probe.routed_linears():
-        routed.materialise("text"), routed.materialise("visual")
+        routed.materialise_("text"), routed.materialise_("visual")
     assert torch.allclose(_logits(model, inputs), _logits(original, inputs), atol=1e-5)
 
 
