@@ -80,7 +80,7 @@ def build(cls: type, args: argparse.Namespace, **given: Any) -> Any:
 
 # -- recipes: every option of a command as a YAML key ------------------------------------------------
 RECIPE_COMMANDS = ("prune", "probe")
-_NOT_RECIPE = {"help", "recipe", "func", "command", "verbose", "out", "overwrite"}
+_NOT_RECIPE = {"help", "recipe", "func", "command", "verbose", "out", "overwrite", "push_to_hub", "private"}
 
 
 def _recipe_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

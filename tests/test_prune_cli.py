@@ -167,3 +167,32 @@ def test_pruned_folder_reloads_without_compressed_tensors(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "unstructured"
+
+
+def test_eval_appends_to_the_card_and_push_uploads_the_folder(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeApi:  # offline: the Hub calls are recorded, not made
+        def create_repo(self, repo, private, exist_ok, repo_type):
+            uploads.append(("create", repo, private))
+            return f"https://huggingface.co/{repo}"
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+            uploads.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(_checkpoint(tmp_path, "llava")), "--method", "magnitude", "--out", str(out),
+                 "--push-to-hub", "me/tiny-pruned", "--private"]) == 0, capsys.readouterr().err
+    assert uploads[0] == ("create", "me/tiny-pruned", True)
+    assert {"README.md", "recipe.yaml", "prune_report.json", "config.json", "model.safetensors"} <= set(uploads[1][2])
+    bench = str(Path(__file__).resolve().parent / "lmms_tasks" / "atv_tiny_choice.jsonl")
+    assert main(["eval", "--model", str(out), "--tasks", bench, "--out-card"]) == 0, capsys.readouterr().err
+    card = (out / "README.md").read_text()
+    assert "No evaluation recorded yet" not in card and "| atv_tiny_choice | choice score (%) |" in card
+    assert main(["eval", "--model", str(tmp_path / "llava-dense"), "--tasks", bench, "--out-card"]) == 2
+    assert "holds no README.md" in capsys.readouterr().err

@@ -45,6 +45,7 @@ from pruning.options import option
 
 from .cells import prune_summary
 from .records import RESULTS, SETUP, read_records
+from .share import CARD, append_results, results_section
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,8 @@ class EvalJob:
     lmms_defaults: bool = option(True, "index only --lmms-include tasks (faster)", flag="--no-lmms-defaults")
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     seed: int = option(0, "seed of the evaluation (and lmms-eval's samplers)")
+    out_card: bool = option(False, "append the results to the model card (README.md) of the --model folder that "
+                                   "atv prune wrote")
 
     def __post_init__(self) -> None:
         self.tasks = tuple(str(t) for t in self.tasks)
@@ -296,6 +299,9 @@ class EvalJob:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.model is None and self.probe_from is None:
             raise ConfigError("give --model DIR, or --probe-from RESULTS:pathway/pool/sparsity")
+        if self.out_card and (self.model is None or not (Path(self.model) / CARD).is_file()):
+            raise ConfigError(f"--out-card appends to the model card of a pruned folder; {self.model!r} holds no "
+                              f"{CARD} (prune it with atv prune, or drop --out-card)")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"--tasks names a task twice: {list(self.tasks)}")
 
@@ -412,7 +418,23 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     if job.out is not None:
         job.out.parent.mkdir(parents=True, exist_ok=True)
         job.out.write_text(result.to_json(), encoding="utf-8")
+    if job.out_card:
+        _append_to_card(Path(job.model), result, job.seed)
     return result
+
+
+def _append_to_card(folder: Path, result: EvalResult, seed: int) -> None:
+    """Append the scores (and retention) to the model card of a pruned folder, atomically."""
+    card = folder / CARD
+    kept = result.retention or {}
+    rows = [(t.name, t.metric, t.score, kept.get(t.name)) for t in result.tasks]
+    sources = ", ".join(sorted({t.source for t in result.tasks}))
+    title = f"atv eval: {sources}, seed {seed}" + ("" if result.mean_retention is None else
+                                                   f", mean retention {result.mean_retention:.2f}%")
+    text = append_results(card.read_text(encoding="utf-8"), results_section(title, rows))
+    tmp = card.with_name(f".{CARD}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(card)
 
 
 def _path_of(name: str, paths: list[str]) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, check_output_dir, load_model, save_pruned
 from pruning.options import option
 
-from .share import CARD, environment, model_card, sparsity_config
+from .share import CARD, environment, model_card, push_folder, sparsity_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +41,9 @@ class PruneJob:
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
     command: str | None = option(None, cli=False)  # the command line, for the model card
+    push_to_hub: str | None = option(None, "after saving, upload the folder to this Hub repository (org/name)",
+                                     metavar="REPO")
+    private: bool = option(False, "with --push-to-hub: create the repository as private")
 
 
 RECIPE = "recipe.yaml"  # the options a command ran with; `atv prune --recipe` reads it back
@@ -92,4 +98,6 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
     if job.recipe is not None:
         extra[RECIPE] = recipe_text(job.recipe)
     save_pruned(model, processor, record, job.out, job.overwrite, extra_files=extra)
+    if job.push_to_hub:
+        log.info("uploaded to %s", push_folder(job.out, job.push_to_hub, private=job.private))
     return report

@@ -11,6 +11,7 @@ import re
 import shlex
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from torch import nn
@@ -125,4 +126,25 @@ def append_results(card: str, results_markdown: str) -> str:
     return "\n".join(lines).rstrip("\n") + "\n\n" + results_markdown.strip("\n") + "\n"
 
 
-__all__ = ["CARD", "append_results", "command_line", "environment", "model_card", "sparsity_config"]
+def results_section(title: str, rows: Sequence[tuple[str, str, float, float | None]]) -> str:
+    """An evaluation section for the card: (task, metric, score, retention or None) rows."""
+    lines = [f"### {title}", "", "| task | metric | score | retention (% of dense) |", "|---|---|---:|---:|"]
+    for task, metric, score, kept in rows:
+        lines.append(f"| {task} | {metric} | {score:.2f} | {'-' if kept is None else f'{kept:.2f}'} |")
+    return "\n".join(lines)
+
+
+def push_folder(folder: str | Path, repo: str, *, private: bool = False) -> str:
+    """Upload a saved folder (weights, card, recipe, report) to a Hub model repository, creating it if
+    needed; returns the repository's URL. Needs a Hub token (``huggingface-cli login``)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
+                      commit_message="Upload a model pruned with atv-toolkit")
+    return str(url)
+
+
+__all__ = ["CARD", "append_results", "command_line", "environment", "model_card", "push_folder", "results_section",
+           "sparsity_config"]
