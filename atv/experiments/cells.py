@@ -25,6 +25,7 @@ from pruning.engine import PruneReport
 from pruning.errors import ConfigError, ToolkitError
 
 from .records import ResultLog
+from .share import environment
 
 REFERENCE = "fidelity_reference.pt"
 
@@ -72,13 +73,16 @@ def prune_summary(report: PruneReport) -> dict[str, Any]:
 
 
 def score_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None], score: Callable[[], EvalReport],
-               dense: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Run one cell: ``prune()`` (None for the dense cell), then ``score()``, into a record."""
+               dense: Mapping[str, Any] | None, model: nn.Module) -> dict[str, Any]:
+    """Run one cell: ``prune()`` (None for the dense cell), then ``score()``, into a record that also says
+    what it was computed with (library versions, device, dtype)."""
     start = time.perf_counter()
     report = prune()
     scores = score()
-    return cell_record(cell, scores, None if report is None else prune_summary(report), dense,
-                       time.perf_counter() - start)
+    record = cell_record(cell, scores, None if report is None else prune_summary(report), dense,
+                         time.perf_counter() - start)
+    record["environment"] = environment(model)
+    return record
 
 
 def cell_record(cell: Mapping[str, Any], scores: EvalReport | Mapping[str, float], prune: dict[str, Any] | None,

@@ -107,7 +107,7 @@ def run_method_comparison(make_model: Callable[[], nn.Module], processor, calibr
         return score_cell(cell, lambda: _prune(model, calibration, config, cell),
                           lambda: evaluate_all(model, processor, benches, reference=reference[0],
                                                batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                               progress=progress, seed=config.seed), dense)
+                                               progress=progress, seed=config.seed), dense, model)
 
     computed = run_cells(results, cells, compute, desc="method cells", progress=progress)
     records = results.ordered(cells)

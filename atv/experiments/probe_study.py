@@ -111,7 +111,7 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
                                   lambda: evaluate_all(model, processor, benches, reference=reference,
                                                        batch_size=config.batch_size,
                                                        max_new_tokens=config.max_new_tokens, progress=progress,
-                                                       seed=config.seed), dense)
+                                                       seed=config.seed), dense, model)
             finally:
                 probe.reset_()
 
@@ -157,10 +157,11 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     set_seed(job.config.seed)
     model, loaded = load_model(job.model, job.load, with_processor=processor is None)
     processor = processor if processor is not None else loaded
-    calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,
-                                              job.max_length)
+    calibration, calib_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
+                                                         job.config.seed, job.max_length)
     extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images), "nsamples": job.nsamples,
              "max_length": job.max_length, "calib_batch_size": 1, "dtype": dtype_name(model),
+             "calibration_ids": calib_report.ids,
              **({"revision": job.load.revision} if job.load.revision else {})}
     result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
                              progress=progress)
