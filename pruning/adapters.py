@@ -250,7 +250,7 @@ class Qwen3VLAdapter(Adapter):
     """Qwen3-VL: DeepStack adds visual features to the hidden states after the first layers."""
 
     name = "qwen3_vl"
-    model_types = ("qwen3_vl",)
+    model_types = ("qwen3_vl", "qwen3_vl_moe")  # MoE variant: same decoder; experts in pruning.experts
 
     @contextlib.contextmanager
     def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
@@ -269,6 +269,14 @@ class Qwen3VLAdapter(Adapter):
         if embeds is None or index >= len(embeds):
             return hidden
         return self.language_model(model)._deepstack_process(hidden, extras["visual_pos_masks"], embeds[index])
+
+
+@register_adapter
+class Glm4vMoeAdapter(Adapter):
+    """GLM-4.5V (glm4v_moe): fused experts + a shared expert in its MoE blocks (pruning.experts)."""
+
+    name = "glm4v_moe"
+    model_types = ("glm4v_moe",)
 
 
 @register_adapter
