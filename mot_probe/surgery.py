@@ -27,6 +27,7 @@ from pruning.adapters import ATTACHED_ADAPTER, ATTN_PROJ, DECODER_PROJ, MLP_PROJ
 from pruning.config import PruneConfig
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
+from pruning.experts import find_experts
 
 from .routing import ModalityRouter, RoutedLinear, check_path
 
@@ -88,6 +89,7 @@ class MoTProbe:
             raise ProbeError(f"{type(model).__name__} already carries a probe; unload() it first")
         self.model = model
         self.family = get_adapter(model)
+        _refuse_experts(model, self.family)
         self.names = ROUTED + (("self_attn.o_proj",) if include_o_proj else ())
         self.router = ModalityRouter()
         self.routed: list[dict[str, RoutedLinear]] = []
@@ -181,6 +183,17 @@ class MoTProbe:
         delattr(self.model, ATTACHED_ADAPTER)
         self.routed = []
         return self.model
+
+
+def _refuse_experts(model: nn.Module, family: Adapter) -> None:
+    """The probe routes nn.Linear projections only; fused MoE experts (3-D weights) cannot be routed yet."""
+    for i, layer in enumerate(family.decoder_layers(model)):
+        experts = find_experts(layer)
+        if experts:
+            raise ProbeError(
+                f"{type(model).__name__}: decoder layer {i} holds mixture-of-experts weights ({', '.join(experts)}: "
+                "3-D per-expert parameters, not nn.Linear projections); the MoT probe cannot route experts per "
+                "modality yet. Prune MoE models with pruning.prune_ (which does prune the experts)")
 
 
 def attach_probe_(model: nn.Module, include_o_proj: bool = False) -> MoTProbe:
