@@ -56,26 +56,20 @@ def _config(family: str):
                           spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1])
         return cls(text_config=_QWEN_TEXT, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                    vision_start_token_id=VSTART, vision_end_token_id=VEND)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         text = {**_QWEN_TEXT, "head_dim": 16,
                 "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
                                     "mrope_interleaved": True}}
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
-        return tf.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                                vision_start_token_id=VSTART, vision_end_token_id=VEND)
-    if family == "qwen3_vl_moe":
-        # 8 experts, top-2; layer 1 is a dense MLP (mlp_only_layers) so both kinds of block are exercised
-        text = {**_QWEN_TEXT, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                "decoder_sparse_step": 1, "mlp_only_layers": [1], "num_hidden_layers": 2,
-                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
-                                    "mrope_interleaved": True}}
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
-                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0, 1])
-        return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                                   vision_start_token_id=VSTART, vision_end_token_id=VEND)
+        cls = tf.Qwen3VLConfig
+        if family == "qwen3_vl_moe":  # 8 experts, top-2; layer 1 a dense MLP (mlp_only_layers): both kinds of block
+            text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                        mlp_only_layers=[1])
+            cls = tf.Qwen3VLMoeConfig
+        return cls(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                   vision_start_token_id=VSTART, vision_end_token_id=VEND)
     if family == "glm4v_moe":
         # layer 0 dense (first_k_dense_replace), layers 1-2 MoE with 8 routed experts (top-2) and a shared expert
         text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
