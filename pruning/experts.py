@@ -74,12 +74,18 @@ def check_layout(name: str, module: nn.Module) -> None:
 
 
 class ExpertMatrix:
-    """Expert ``index``'s (out, in) weight of a fused 3-D parameter, standing in for an nn.Linear:
-    ``weight`` is a writable view, so :func:`pruning.masks.apply_mask_` and ``weight.copy_`` act in place."""
+    """Expert ``index``'s (out, in) weight of the fused 3-D parameter ``module.<param>``, standing in for an
+    nn.Linear: ``weight`` is a writable view, so :func:`pruning.masks.apply_mask_` and ``weight.copy_`` act in
+    place. The parameter is looked up at each access, as a Linear's weight is (offload hooks swap it)."""
 
-    def __init__(self, param: nn.Parameter, index: int):
-        self.param, self.index = param, index
-        self.out_features, self.in_features = param.shape[1], param.shape[2]
+    def __init__(self, module: nn.Module, param: str, index: int):
+        self.module, self.name, self.index = module, param, index
+        shape = getattr(module, param).shape
+        self.out_features, self.in_features = shape[1], shape[2]
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -134,6 +140,17 @@ def routed_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.T
     return out
 
 
+def _routing_call(name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """(hidden, top_k_index, top_k_weights) of an ``experts(...)`` call; UnsupportedModelError for another call."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+    if len(values) != 3 or len(args) + len(kwargs) != 3 or not all(isinstance(v, torch.Tensor) for v in values):
+        raise UnsupportedModelError(
+            f"experts module {name} ({type(module).__name__}) was called with {len(args)} positional arguments and "
+            f"keywords {sorted(kwargs)}, not as experts(hidden_states, top_k_index, top_k_weights)")
+    return tuple(values)
+
+
 def _apply_gate(module: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return module.act_fn(gate) * up
@@ -166,7 +183,7 @@ class ExpertTargets:
         self.modules[name] = module
         weight = getattr(module, param)
         for e in range(weight.shape[0]):
-            self.matrices[f"{name}.{param}[{e}]"] = ExpertMatrix(weight, e)
+            self.matrices[f"{name}.{param}[{e}]"] = ExpertMatrix(module, param, e)
             self.owner[f"{name}.{param}[{e}]"] = (name, e)
         self.pooled.setdefault(name, [0] * weight.shape[0])
         self.routed.setdefault(name, [0] * weight.shape[0])
@@ -190,15 +207,18 @@ class ExpertTargets:
                     module.forward = saved[name]
 
     def _recorder(self, name: str, module: nn.Module, records: dict[str, dict[str, Any]]):
-        def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            call = _routing_call(name, module, args, kwargs)
             records[name] = {}
-            out = routed_forward(module, hidden, top_k_index, top_k_weights, records[name])
+            out = routed_forward(module, *call, records[name])
             if name not in self.verified:  # once per block: the loop must be the module's own, bit for bit
-                own = type(module).forward(module, hidden, top_k_index, top_k_weights)
+                own = type(module).forward(module, *args, **kwargs)
                 if not torch.equal(own, out):
+                    implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
                     raise UnsupportedModelError(
-                        f"experts module {name} ({type(module).__name__}) does not compute transformers' eager "
-                        "routing loop; its per-expert statistics cannot be recorded exactly")
+                        f"experts module {name} ({type(module).__name__}, experts implementation {implementation!r}) "
+                        "does not compute transformers' eager routing loop; its per-expert statistics cannot be "
+                        "recorded exactly")
                 self.verified.add(name)
             return out
         return forward

@@ -3,6 +3,8 @@ statistics from exactly the tokens the router sent to each expert within the poo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from mot_probe.surgery import ProbeError
 from pruning import PruneConfig, compute_masks, prune_
 from pruning.adapters import DECODER_PROJ, get_adapter
 from pruning.errors import ConfigError, UnsupportedModelError
+from pruning.execution import ExecutionConfig
 from pruning.experts import block_targets, check_layout, eager_experts, find_experts, routed_forward
 
 
@@ -194,3 +197,40 @@ def test_other_expert_layouts_refused():
     experts.is_transposed = True
     with pytest.raises(UnsupportedModelError, match="layout"):
         check_layout("mlp.experts", experts)
+
+
+@pytest.mark.parametrize("execution", [ExecutionConfig(offload=True), ExecutionConfig(schedule="three-pass")],
+                         ids=["offload", "three-pass"])
+def test_offload_and_schedules_give_the_same_expert_masks(execution):
+    model, inputs = _tiny("glm4v_moe")
+    plain, other = copy.deepcopy(model), copy.deepcopy(model)
+    reference = prune_(plain, PruneConfig("atv"), [inputs], keep_masks=True, progress=False)
+    report = prune_(other, PruneConfig("atv"), [inputs], execution=execution, keep_masks=True, progress=False)
+    assert report.masks.keys() == reference.masks.keys()
+    assert any("experts.down_proj[" in k for k in reference.masks)
+    assert all(torch.equal(report.masks[k], reference.masks[k]) for k in reference.masks)
+    assert [r.experts for r in report.layers] == [r.experts for r in reference.layers]
+    expected = dict(plain.named_parameters())
+    assert all(torch.equal(p, expected[n]) for n, p in other.named_parameters())  # pruned weights written back
+
+
+def test_an_experts_forward_that_is_not_the_eager_loop_is_refused():
+    model, inputs = _tiny("qwen3_vl_moe")
+    experts = get_adapter(model).decoder_layers(model)[0].mlp.experts
+    base = type(experts)
+    experts.__class__ = type("Doubled", (base,), {"forward": lambda self, h, i, w: 2 * base.forward(self, h, i, w)})
+    with pytest.raises(UnsupportedModelError, match="does not compute transformers' eager routing loop"):
+        compute_masks(model, PruneConfig("wanda"), [inputs], progress=False)
+
+
+def test_bf16_experts_record_exactly_and_prune_per_row():
+    model, inputs = build_tiny("qwen3_vl_moe", batch=2, padded=True, dtype=torch.bfloat16)
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    with torch.no_grad(), eager_experts(model, layers):
+        reference = model(**inputs).logits
+        with block_targets(adapter, model, 0, DECODER_PROJ)[1].recording():
+            assert torch.equal(model(**inputs).logits, reference)
+    prune_(model, PruneConfig("atv"), [inputs], progress=False)
+    gate_up = layers[0].mlp.experts.gate_up_proj
+    assert gate_up.dtype == torch.bfloat16 and bool(((gate_up == 0).sum(dim=2) == gate_up.shape[2] // 2).all())
