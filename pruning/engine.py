@@ -328,7 +328,7 @@ class LayerPruner:
         if self.execution.schedule != "auto":
             return self.execution.schedule
         tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
-        features = sum(l.in_features for l in self.linears.values())
+        features = sum(l.in_features for l in self.linears.values()) + self.experts.stash_features()  # MoE hook
         size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
         return "two-pass" if size_gb <= self.execution.stash_budget_gb else "three-pass"
 

@@ -179,6 +179,15 @@ class ExpertTargets:
         """The 3-D parameters the matrices are slices of (each once)."""
         return list({id(m.param): m.param for m in self.matrices.values()}.values())
 
+    def stash_features(self) -> int:
+        """Values stashed per token by the routing records (the input, and ``act(gate) * up`` of each of the
+        token's top-k experts; k from the module's config, else every expert): for the engine's memory estimate."""
+        total = 0
+        for module in self.modules.values():
+            top_k = getattr(getattr(module, "config", None), "num_experts_per_tok", module.gate_up_proj.shape[0])
+            total += module.gate_up_proj.shape[2] + top_k * module.down_proj.shape[2]
+        return total
+
     def add_matrices(self, name: str, module: nn.Module, param: str) -> None:
         self.modules[name] = module
         weight = getattr(module, param)
