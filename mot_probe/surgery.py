@@ -24,11 +24,20 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from pruning.adapters import (ATTACHED_ADAPTER, ATTN_PROJ, DECODER_PROJ, MLP_PROJ, Adapter, BlockProjections,
-                              CapturedBatch, get_adapter)
+from pruning.adapters import (
+    ATTACHED_ADAPTER,
+    ATTN_PROJ,
+    DECODER_PROJ,
+    MLP_PROJ,
+    Adapter,
+    BlockProjections,
+    CapturedBatch,
+    get_adapter,
+)
 from pruning.config import PruneConfig
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
+from pruning.experts import find_experts
 
 from .routing import ModalityRouter, RoutedLinear, check_path
 
@@ -56,6 +65,8 @@ def probe_pool(name: str) -> str:
 
 class ProbeAdapter(Adapter):
     """The family adapter of a probed model, with routing."""
+
+    prunes_experts = False  # experts are not routed: a path's pruning must leave them (shared) alone
 
     def __init__(self, inner: Adapter, probe: "MoTProbe"):
         self.inner, self.probe = inner, probe
@@ -97,7 +108,7 @@ class MoTProbe:
     projection unless ``include_o_proj``, MoE routers and experts).
     """
 
-    def __init__(self, model: nn.Module, include_o_proj: bool = False):
+    def __init__(self, model: nn.Module, include_o_proj: bool = False, allow_shared_experts: bool = False):
         if getattr(model, ATTACHED_ADAPTER, None) is not None:
             raise ProbeError(f"{type(model).__name__} already carries a probe; unload() it first")
         self.model = model
@@ -105,6 +116,8 @@ class MoTProbe:
         plan = routing_plan(model, self.family, include_o_proj)  # checks everything before any surgery
         self.names = tuple(dict.fromkeys(name for names, _ in plan for name in names))
         self.skipped = [skipped for _, skipped in plan]
+        if not allow_shared_experts:
+            _refuse_experts(model, self.family)
         self.router = ModalityRouter()
         self.routed: list[dict[str, RoutedLinear]] = []
         for layer, (names, _) in zip(self.family.decoder_layers(model), plan):
@@ -239,9 +252,25 @@ def routing_plan(model: nn.Module, family: Adapter,
     return plan
 
 
-def attach_probe_(model: nn.Module, include_o_proj: bool = False) -> MoTProbe:
-    """Route the decoder projections of ``model`` by modality, in place. Returns the probe handle."""
-    return MoTProbe(model, include_o_proj)
+def _refuse_experts(model: nn.Module, family: Adapter) -> None:
+    """The probe routes nn.Linear projections only; fused MoE experts (3-D weights) cannot be routed yet."""
+    for i, layer in enumerate(family.decoder_layers(model)):
+        experts = find_experts(layer)
+        if experts:
+            raise ProbeError(
+                f"{type(model).__name__}: decoder layer {i} holds mixture-of-experts weights ({', '.join(experts)}: "
+                "3-D per-expert parameters, not nn.Linear projections); the MoT probe cannot route experts per "
+                "modality yet. Prune MoE models with pruning.prune_ (which does prune the experts), or pass "
+                "allow_shared_experts=True to route only the other projections")
+
+
+def attach_probe_(model: nn.Module, include_o_proj: bool = False, allow_shared_experts: bool = False) -> MoTProbe:
+    """Route the decoder projections of ``model`` by modality, in place. Returns the probe handle.
+
+    A mixture-of-experts model is refused: its experts (3-D weights) cannot be routed per modality yet, so
+    a path would differ from the other only outside the experts. ``allow_shared_experts=True`` routes the
+    other projections anyway (attention, shared experts) and keeps the experts shared."""
+    return MoTProbe(model, include_o_proj, allow_shared_experts)
 
 
 def get_probe(model: nn.Module) -> MoTProbe:

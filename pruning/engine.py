@@ -31,6 +31,7 @@ from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors, tokens_a
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
 from .execution import ExecutionConfig
+from .experts import ROUTED, block_targets, check_config, eager_experts
 from .masks import apply_mask_, sparsity_of
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import drift
@@ -52,6 +53,8 @@ class LayerReport:
     k_per_sample: list[int] = field(default_factory=list)  # ATV / random-visual
     mean_drift: float | None = None   # mean visual-token drift at this layer
     seconds: float = 0.0
+    experts: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # MoE: experts module -> pooled_tokens,
+    #                                   routed_tokens (per expert) and unrouted (experts pruned by magnitude)
 
 
 @dataclass
@@ -105,7 +108,10 @@ def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[M
 def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: list[Mapping[str, Any]]) -> list[int]:
     n_layers = len(adapter.decoder_layers(model))
     indices = list(range(n_layers)) if config.layers is None else check_layers(config.layers, n_layers)
-    for name, linear in adapter.named_linears(model, indices[0] if indices else 0, config.targets).items():
+    linears, experts = block_targets(adapter, model, indices[0] if indices else 0, config.targets)  # MoE hook
+    needs_attention = config.pool is not None and get_pool(config.pool).needs_attention
+    check_config(adapter.decoder_layers(model), indices, needs_attention, getattr(model.config, "model_type", "?"))
+    for name, linear in {**linears, **experts.matrices}.items():
         if config.nm and linear.in_features % config.nm[1]:
             raise ConfigError(f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
                               f"not divisible by {config.nm[1]}")
@@ -140,7 +146,8 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
     reports = []
     layers = adapter.decoder_layers(model)
     needs_attention = config.pool is not None and get_pool(config.pool).needs_attention
-    with torch.no_grad(), _eager_attention(model, needs_attention), _offloading(layers, execution):
+    with torch.no_grad(), _eager_attention(model, needs_attention), eager_experts(model, layers), \
+            _offloading(layers, execution):
         captured = _capture_all(model, adapter, batches, execution.activations_device, progress)
         last = indices[-1] if indices else -1
         for i in tqdm(range(last + 1), desc="layers", disable=not progress):
@@ -213,7 +220,9 @@ class LayerPruner:
         self.execution = execution
         self.captured, self.apply = captured, apply
         self.layer = adapter.decoder_layers(model)[index]
-        self.linears = adapter.named_linears(model, index, config.targets)
+        # MoE hook: fused expert matrices (pruning.experts) are targets beside the Linears; none on dense blocks
+        self.linears, self.experts = block_targets(adapter, model, index, config.targets)
+        self.targets = {**self.linears, **self.experts.matrices}  # name -> module or ExpertMatrix with .weight
         self.device = execution_device(self.layer)
         self.report = LayerReport(index=index, sparsity={})
         self.generator = torch.Generator().manual_seed(config.seed * 100_003 + index)
@@ -225,11 +234,11 @@ class LayerPruner:
         with onloaded(self.layer) as hooked:  # an offloaded layer's weights stay on its device for the block
             self._run(masks_out)
             if self.apply:
-                write_back_(hooked, [l.weight for l in self.linears.values()])
+                write_back_(hooked, [lin.weight for lin in self.linears.values()] + self.experts.parameters())
         return self.report
 
     def _run(self, masks_out: dict[str, torch.Tensor] | None) -> None:
-        originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.linears.items()}
+        originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.targets.items()}
         stats, dense_outs = self._statistics() if self.scorer.needs is not None else ({}, None)
         masks, new_weights = self._masks(stats)
         self._apply(masks, new_weights)
@@ -239,7 +248,8 @@ class LayerPruner:
             prefix = self._prefix()
             masks_out.update({f"{prefix}.{n}": m.cpu() for n, m in masks.items()})
         for name, weight in originals.items():
-            self.linears[name].weight.copy_(weight)
+            self.targets[name].weight.copy_(weight)
+        self.report.experts = self.experts.report()
 
     def _prefix(self) -> str:
         for name, module in self.model.named_modules():
@@ -262,10 +272,14 @@ class LayerPruner:
         return stats
 
     def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
-        with record_inputs(self.linears) as acts, self._record_attention() as attention:
+        with record_inputs(self.linears) as acts, self._record_attention() as attention, \
+                self.experts.recording() as routed:
             step = next(replay_layers(self.model, self.adapter, [batch], [self.index], chain=False))
         self.attention = attention.get("probs")
-        return step.outputs, dict(acts), step.batch
+        acts = dict(acts)
+        if routed:
+            acts[ROUTED] = routed  # MoE hook: per-expert routing records, stashed and moved like the activations
+        return step.outputs, acts, step.batch
 
     @contextlib.contextmanager
     def _record_attention(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -317,7 +331,7 @@ class LayerPruner:
         if self.execution.schedule != "auto":
             return self.execution.schedule
         tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
-        features = sum(l.in_features for l in self.linears.values())
+        features = sum(l.in_features for l in self.linears.values()) + self.experts.stash_features()  # MoE hook
         size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
         return "two-pass" if size_gb <= self.execution.stash_budget_gb else "three-pass"
 
@@ -338,6 +352,8 @@ class LayerPruner:
         whole = bool(pool.all())  # every position pooled: the rows in order, without a gather copy
         for acc, x in _distinct_inputs(stats, acts):
             acc.add(x.flatten(0, -2) if whole else _pooled_rows(x, pool), samples=samples)
+        if self.experts:  # MoE hook: each expert's statistics from its routed tokens within the pool
+            self.experts.add(acts[ROUTED], pool, batch.valid, samples, self.scorer.needs, self.device)
         self._count(batch, pool)
 
     def _add_per_linear(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],
@@ -380,10 +396,16 @@ class LayerPruner:
                                                         blocksize=self.config.blocksize, percdamp=self.config.percdamp)
             if new_weight is not None:
                 new_weights[name] = new_weight
+        if self.experts:  # MoE hook: expert matrices, per row like any Linear (magnitude where no token was routed)
+            expert_masks, expert_weights = self.experts.masks(
+                self.scorer, self.config.sparsity, self.config.nm, blocksize=self.config.blocksize,
+                percdamp=self.config.percdamp)
+            masks.update(expert_masks)
+            new_weights.update(expert_weights)
         return masks, new_weights
 
     def _apply(self, masks: dict[str, torch.Tensor], new_weights: dict[str, torch.Tensor]) -> None:
-        for name, linear in self.linears.items():
+        for name, linear in self.targets.items():
             if name in new_weights:
                 linear.weight.copy_(new_weights[name])
             else:

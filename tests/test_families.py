@@ -118,15 +118,18 @@ def test_generic_capture_refuses_a_replay_that_drifts():
     GenericAdapter().capture(model, inputs)  # the real fallback passes its own check
 
 
-def test_moe_experts_are_reported_and_left_alone():
+def test_moe_experts_are_discovered_apart_and_pruned_per_expert_row():
     model, _ = _fresh("mistral4")
     moe = [i for i in range(2) if get_adapter(model).projections(model, i).skipped]
     assert moe == [1]
     skipped = get_adapter(model).projections(model, 1).skipped
     assert "expert" in skipped["mlp.experts"].lower() and skipped["mlp.gate"] == "MoE router"
-    experts = copy.deepcopy(model.model.layers[1].mlp.experts.state_dict())
+    router = copy.deepcopy(model.model.layers[1].mlp.gate.state_dict())
     prune_(model, PruneConfig("magnitude", sparsity=0.5), progress=False)
-    assert all(torch.equal(v, experts[k]) for k, v in model.model.layers[1].mlp.experts.state_dict().items())
+    experts = model.model.layers[1].mlp.experts
+    for weight in (experts.gate_up_proj, experts.down_proj):  # (E, out, in): every expert row half zero
+        assert bool(((weight == 0).sum(dim=-1) == weight.shape[-1] // 2).all())
+    assert all(torch.equal(v, router[k]) for k, v in model.model.layers[1].mlp.gate.state_dict().items())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

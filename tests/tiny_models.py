@@ -19,6 +19,9 @@ PAD = 0
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3",
             "idefics3", "smolvlm", "internvl", "mistral3")
+# Mixture-of-experts LVLMs (fused 3-D experts), kept apart from FAMILIES: only the MoE tests build them.
+MOE_FAMILIES = ("qwen3_vl_moe", "glm4v_moe")
+_QWEN_LIKE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v_moe")
 
 _LLAMA_TEXT = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD)
@@ -53,15 +56,31 @@ def _config(family: str):
                           spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1])
         return cls(text_config=_QWEN_TEXT, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                    vision_start_token_id=VSTART, vision_end_token_id=VEND)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         text = {**_QWEN_TEXT, "head_dim": 16,
                 "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
                                     "mrope_interleaved": True}}
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
                       deepstack_visual_indexes=[0, 1])
-        return tf.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                                vision_start_token_id=VSTART, vision_end_token_id=VEND)
+        cls = tf.Qwen3VLConfig
+        if family == "qwen3_vl_moe":  # 8 experts, top-2; layer 1 a dense MLP (mlp_only_layers): both kinds of block
+            text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                        mlp_only_layers=[1])
+            cls = tf.Qwen3VLMoeConfig
+        return cls(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                   vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    if family == "glm4v_moe":
+        # layer 0 dense (first_k_dense_replace), layers 1-2 MoE with 8 routed experts (top-2) and a shared expert
+        text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, pad_token_id=PAD, moe_intermediate_size=32, num_experts_per_tok=2,
+                    n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                    rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
+                                     "partial_rotary_factor": 0.5})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=64, image_size=8)
+        return tf.Glm4vMoeConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                                 image_start_token_id=VSTART, image_end_token_id=VEND)
     if family == "gemma3":
         text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention",
@@ -86,7 +105,7 @@ def _config(family: str):
                       num_hidden_layers=2, num_attention_heads=2, head_dim=8)
         return tf.Mistral3Config(text_config={**_LLAMA_TEXT, "model_type": "mistral"}, vision_config=vision,
                                  image_token_id=IMAGE, spatial_merge_size=2, vision_feature_layer=-1)
-    raise ValueError(f"no tiny config for family {family!r}; choose one of {FAMILIES}")
+    raise ValueError(f"no tiny config for family {family!r}; choose one of {FAMILIES + MOE_FAMILIES}")
 
 
 def _vision_inputs(family: str, config, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -97,7 +116,7 @@ def _vision_inputs(family: str, config, g: torch.Generator) -> dict[str, torch.T
     if family in ("llava_next", "llava_onevision"):
         # an 8x16 image: the base view plus two 8x8 tiles of the anyres grid
         return {"pixel_values": randn(1, 3, 3, 8, 8), "image_sizes": torch.tensor([[8, 16]])}
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in _QWEN_LIKE:
         vc = config.vision_config
         grid = torch.tensor([[1, 4, 4]])
         patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
@@ -127,7 +146,7 @@ def _row(family: str, n_image: int, g: torch.Generator, text_len: int) -> list[i
     """Text, then the image placeholder run (with the family's markers), then text."""
     text = lambda n: torch.randint(1, SPECIAL_BASE, (n,), generator=g).tolist()  # noqa: E731
     before, after = text(3), text(text_len)
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in _QWEN_LIKE:
         image = [VSTART] + [IMAGE] * n_image + [VEND]
     elif family == "gemma3":
         image = [BOI] + [IMAGE] * n_image + [EOI]
@@ -167,7 +186,7 @@ def build_tiny(family: str, seed: int = 0, batch: int = 1, padded: bool = False,
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **_stack(family, visions)}
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if family in _QWEN_LIKE:
         inputs["mm_token_type_ids"] = (input_ids == IMAGE).long()
     if family == "gemma3":
         inputs["token_type_ids"] = (input_ids == IMAGE).long()
