@@ -2,39 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .errors import OutputExistsError, ToolkitError, UnsupportedModelError
+from .errors import ToolkitError, UnsupportedModelError
+from .outputs import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
 
-_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse (before any work) an output folder that already holds a model, unless ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {str(out)!r} exists and is not a folder")
-    held = [name for name in _MODEL_FILES if (out / name).exists()]
-    if held and not overwrite:
-        raise OutputExistsError(f"output folder {str(out)!r} already holds a model ({', '.join(held)}); "
-                                "choose another --out or pass --overwrite")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {str(out)!r} is not empty; choose another --out or pass "
-                                "--overwrite (which replaces the whole folder)")
-    return out
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse (before any work) an output folder this run may not write (see :mod:`pruning.outputs`): one
+    that holds an input or the working folder, or a non-empty one without ``overwrite`` or not written by
+    this toolkit."""
+    return check_output_folder(out_dir, overwrite, inputs)
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None = None,
@@ -88,29 +77,12 @@ def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dic
     return {"device_map": device_map, "offload_folder": str(offload_folder)}
 
 
-@contextlib.contextmanager
-def atomic_folder(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out`` (renamed into
-    place), on any error it is removed, so a failed write leaves no half-written folder."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
     """save_pretrained (safetensors) + processor + ``prune_report.json``, written to a temporary
     sibling folder and moved into place only when complete."""
-    out = check_output_dir(out_dir, overwrite)  # an existing folder is empty, or overwrite was asked for
-    with atomic_folder(out) as tmp:
+    out = check_output_dir(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
+    with atomic_folder(out, "pruned-model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)

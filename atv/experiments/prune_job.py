@@ -31,14 +31,20 @@ class PruneJob:
     batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)")
     dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
     device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
-    overwrite: bool = option(False, "replace an existing output folder")
+    overwrite: bool = option(False, "replace an existing output folder (only one this toolkit wrote)")
+    allow_outside_paths: bool = option(False, "accept calibration image paths outside --images")
+
+    @property
+    def inputs(self) -> tuple[Path | None, ...]:
+        """What the run reads (an output may never hold one of these)."""
+        return self.model, self.calib, self.images
 
 
 def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:
     """Validate everything cheap first, then load, calibrate, prune and save atomically.
 
     ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
-    check_output_dir(job.out, job.overwrite)
+    check_output_dir(job.out, job.overwrite, job.inputs)
     if job.config.needs_calibration and (job.calib is None or job.images is None):
         raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
     set_seed(job.seed)  # python, numpy and torch
@@ -63,10 +69,11 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
     batches, data_report = [], None
     if job.config.needs_calibration:
         batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
-                                                        job.seed, job.max_length, job.batch_size)
+                                                        job.seed, job.max_length, job.batch_size,
+                                                        allow_outside=job.allow_outside_paths)
     report = prune_(model, job.config, batches, progress=progress)
     record = report.to_dict()
     record.update(model_dir=str(job.model), seed=job.seed, total_seconds=time.perf_counter() - start,
                   calibration=None if data_report is None else vars(data_report))
-    save_pruned(model, processor, record, job.out, job.overwrite)
+    save_pruned(model, processor, record, job.out, job.overwrite, job.inputs)
     return report
