@@ -40,6 +40,7 @@ from evaluation.install import INSTALL_HINT
 from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import DTYPES
+from pruning.outputs import check_output_file, write_text_atomic
 from pruning.options import option
 
 from .cells import prune_summary
@@ -186,7 +187,7 @@ class LoadedModel:
 def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, calib: Path | None = None,
                     images: Path | None = None, dtype: str | None = None, device: str | None = None,
                     reference_benchmarks: list[Benchmark] | None = None, progress: bool = False,
-                    processor=None) -> LoadedModel:
+                    processor=None, allow_outside: bool = False) -> LoadedModel:
     """A model folder, or (``cell``) the probe cell re-created in memory, with its processor.
 
     ``reference_benchmarks``: fidelity benchmarks whose dense reference is computed before the path is
@@ -214,7 +215,8 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     model, loaded = load_model(setup.model, dtype or setup.dtype, device, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed,
-                                              setup.max_length, batch_size=setup.calib_batch_size)
+                                              setup.max_length, batch_size=setup.calib_batch_size,
+                                              allow_outside=allow_outside)
     probe = attach_probe_(model)
     reference = (fidelity_reference(model, processor, reference_benchmarks, progress=progress)
                  if reference_benchmarks else None)
@@ -271,6 +273,8 @@ class EvalJob:
     dense_results: Path | None = option(None, "dense run to compare with: an `atv eval` JSON or a probe "
                                               "results.jsonl")
     out: Path | None = option(None, "write the result JSON here")
+    overwrite: bool = option(False, "replace an existing --out file")
+    allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
     batch_size: int = option(8, "items per forward")
     max_new_tokens: int = option(8, "harness open answers (lmms-eval tasks set their own)")
     limit: int | None = option(None, "lmms-eval: at most this many items per task (a smoke test)")
@@ -350,7 +354,10 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     start = time.perf_counter()
     harness_paths = [t for t in job.tasks if is_harness_task(t)]
     lmms_names = [t for t in job.tasks if not is_harness_task(t)]
-    benches = [load_benchmark(p) for p in harness_paths]  # bad files fail before any loading
+    if job.out is not None:  # a bad --out fails now, not after the evaluation
+        check_output_file(job.out, job.overwrite, [*harness_paths, job.model, job.calib, job.images, job.dense_model,
+                                                   job.dense_results])
+    benches = [load_benchmark(p, job.allow_outside_paths) for p in harness_paths]  # bad files fail before loading
     if lmms_names:
         require_lmms_eval(lmms_names)
     dense = read_dense_scores(job.dense_results) if job.dense_results else None
@@ -376,6 +383,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
         del dense_loaded
     loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, dtype=job.dtype,
                              device=job.device, progress=progress, processor=processor,
+                             allow_outside=job.allow_outside_paths,
                              reference_benchmarks=fidelity if job.probe_from is not None else None)
     reference = reference if reference is not None else loaded.reference
 
@@ -408,8 +416,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
             result.retention, result.mean_retention = kept.per_benchmark, kept.mean
     result.seconds = round(time.perf_counter() - start, 2)
     if job.out is not None:
-        job.out.parent.mkdir(parents=True, exist_ok=True)
-        job.out.write_text(result.to_json(), encoding="utf-8")
+        write_text_atomic(job.out, result.to_json())
     return result
 
 
