@@ -143,6 +143,14 @@ def encode_records(records: list[Mapping[str, Any]], images: list, processor) ->
         tokenizer.padding_side = side
 
 
+def check_calibration_paths(path: str | Path, image_dir: str | Path) -> None:
+    """Refuse a missing calibration file or image folder (before any model is loaded)."""
+    if not Path(path).is_file():
+        raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+    if not Path(image_dir).is_dir():
+        raise CalibrationError(f"image folder {str(image_dir)!r} does not exist")
+
+
 def load_llava_conversations(path: str | Path, image_dir: str | Path, processor, nsamples: int = 128,
                              seed: int = 0, max_length: int | None = None,
                              batch_size: int = 1, allow_outside: bool = False,
@@ -152,9 +160,8 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
     report)."""
     if nsamples < 1 or batch_size < 1:
         raise CalibrationError(f"nsamples and batch_size must be >= 1, got {nsamples} and {batch_size}")
+    check_calibration_paths(path, image_dir)
     image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise CalibrationError(f"image folder {str(image_dir)!r} does not exist")
     records = read_records(path)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)

@@ -95,16 +95,23 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of an append-only JSON Lines log (blank lines skipped); a torn last line, left by a run
     killed mid-write, is dropped with a warning, while a corrupt line before it is an error naming it."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ToolkitError(f"{path}: corrupt result log (not UTF-8 text); use a new --out") from None
+    lines = text.split("\n")
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number != len(lines):
-                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out") \
-                    from None
+            record = None
+        if not isinstance(record, dict):
+            if number != len(lines):  # a finished line (a kill tears only the unterminated last one)
+                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
             log.warning("%s: dropping an unfinished last record", path)
+            continue
+        records.append(record)
     return records

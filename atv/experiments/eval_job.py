@@ -44,7 +44,7 @@ from pruning.outputs import check_output_file, write_text_atomic
 from pruning.options import option
 
 from .cells import prune_summary
-from .records import RESULTS, SETUP, read_records
+from .records import RESULTS, SETUP, read_records, read_setup
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def read_study_setup(cell: ProbeCell, *, model: Path | None = None, calib: Path 
     if not setup_path.is_file():
         raise ConfigError(f"{str(setup_path)!r} is missing: the probe setup (method, seed, calibration) is pinned "
                           "there; re-creating a cell needs it")
-    setup = json.loads(setup_path.read_text(encoding="utf-8"))
+    setup = read_setup(study_dir)
     config = setup.get("config", {})
     records = read_records(cell.results)
     record = next((r for r in records if r.get("cell") == cell.cell), None)

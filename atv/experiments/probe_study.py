@@ -23,13 +23,15 @@ from evaluation import Benchmark, load_benchmark
 from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
 from pruning.config import METHODS, PruneConfig
+from pruning.data import check_calibration_paths
 from pruning.engine import PruneReport
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, UnsupportedModelError
 from pruning.io import DTYPES
+from pruning.outputs import check_output_path
 from pruning.options import option
 
 from .cells import (
-    REFERENCE,
+    benchmark_inputs,
     check_choices,
     evaluate_all,
     load_reference,
@@ -38,6 +40,7 @@ from .cells import (
     run_cells,
     score_cell,
 )
+from .records import check_inputs, file_digest, model_inputs, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ class StudyConfig:
         bad_s = [s for s in self.sparsities if not 0.0 < s < 1.0]
         if bad_s or not self.sparsities:
             raise ConfigError(f"sparsities must be in (0, 1), got {list(self.sparsities)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
+                              f"{self.max_new_tokens}")
         if self.method not in METHODS or self.method in ("magnitude", "atv", "tamp"):
             raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', got {self.method!r}")
 
@@ -98,11 +104,17 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
     """
     config = config or StudyConfig()
     benches = open_benchmarks(benchmarks)
+    with study_lock(out_dir):
+        return _run_study(model, processor, calibration, benches, out_dir, config, setup_extra, progress, on_cell)
+
+
+def _run_study(model, processor, calibration, benches, out_dir, config: StudyConfig, setup_extra, progress: bool,
+               on_cell) -> StudyResult:
     results = open_log(out_dir, config, benches, calibration, setup_extra)
     cells = config.cells()
     probe = attach_probe_(model)
     try:
-        reference = load_reference(results.out_dir / REFERENCE, model, processor, benches, progress)
+        reference = load_reference(results, model, processor, benches, progress)
 
         def compute(cell: dict[str, Any], dense: dict[str, Any] | None) -> dict[str, Any]:
             try:
@@ -143,6 +155,12 @@ class ProbeJob:
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
     dtype: str = option("float32", "dtype the model is loaded in", choices=tuple(DTYPES))
     device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
+    allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """What the study reads (its folder may never hold one of these)."""
+        return (self.model, self.calib, self.images, *self.benchmarks)
 
 
 def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:
@@ -152,13 +170,22 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
-    benches = [load_benchmark(path) for path in job.benchmarks]  # bad benchmark files fail before any loading
-    set_seed(job.config.seed)
-    model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
-    processor = processor if processor is not None else loaded
-    calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,
-                                              job.max_length)
-    extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images), "nsamples": job.nsamples,
-             "max_length": job.max_length, "calib_batch_size": 1, "dtype": job.dtype}
-    return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
-                           progress=progress)
+    # every check that needs no model first: benchmark files, paths, the inputs of a study being resumed
+    benches = [load_benchmark(path, job.allow_outside_paths) for path in job.benchmarks]
+    check_output_path(job.out, job.inputs)
+    check_calibration_paths(job.calib, job.images)
+    if not Path(job.model, "config.json").is_file():
+        raise UnsupportedModelError(f"{str(job.model)!r} is not a model folder (no config.json)")
+    inputs = {**model_inputs(job.model), "calibration file": file_digest(job.calib), **benchmark_inputs(benches)}
+    check_inputs(job.out, inputs)
+    with study_lock(job.out):
+        set_seed(job.config.seed)
+        model, loaded = load_model(job.model, job.dtype, job.device, with_processor=processor is None)
+        processor = processor if processor is not None else loaded
+        calibration, _ = load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.config.seed,
+                                                  job.max_length, allow_outside=job.allow_outside_paths)
+        extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images),
+                 "nsamples": job.nsamples, "max_length": job.max_length, "calib_batch_size": 1, "dtype": job.dtype,
+                 "inputs": inputs}
+        return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
+                               progress=progress)
