@@ -119,6 +119,7 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
     formats = check_formats(formats)
     if not results.is_dir():
         raise ToolkitError(f"results folder {results} does not exist")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     maker = _Maker(results, out, formats, FiguresReport())
     _probe(maker)
@@ -126,6 +127,8 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
     _tsne(maker, seed)
     _masks(maker)
     _drift(maker)
+    if created and not any(out.iterdir()):
+        out.rmdir()  # nothing made: leave no empty folder behind
     log.info("figures: %d files made, %d skipped", len(maker.report.made), len(maker.report.skipped))
     return maker.report
 

@@ -94,6 +94,9 @@ class PruneConfig:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if self.visual_ratio is not None and not 0.0 <= self.visual_ratio <= 1.0:
             raise ConfigError(f"visual_ratio must be in [0, 1], got {self.visual_ratio}")
+        if self.visual_ratio is not None and self.pool not in ("atv", "random-visual"):
+            raise ConfigError(f"visual_ratio is used only by the 'atv' and 'random-visual' pools, not {self.pool!r}; "
+                              "drop visual_ratio or choose one of those")
         if self.propagate not in ("pruned", "dense"):
             raise ConfigError(f"propagate must be 'pruned' or 'dense', got {self.propagate!r}")
         if self.schedule not in SCHEDULES:

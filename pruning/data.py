@@ -112,7 +112,7 @@ def image_file(record: Mapping[str, Any], image_dir: Path, allow_outside: bool =
     value, where = record["image"], f"record {record.get('id', '?')!r}"
     if not isinstance(value, str):
         raise CalibrationError(f"{where}: 'image' must be one path string, got {type(value).__name__} {value!r}")
-    if not any(IMAGE_TAG in str(t.get("value", "")) for t in record.get("conversations") or [] if isinstance(t, dict)):
+    if not any(part["type"] == "image" for message in to_messages(record) for part in message["content"]):
         raise CalibrationError(f"{where} has an image but no {IMAGE_TAG} tag in its turns; put {IMAGE_TAG} where "
                                "the image goes (e.g. at the start of the first human turn)")
     path = image_dir / value

@@ -35,19 +35,29 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None
     and the other modules load on ``device`` (default CPU)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from safetensors import SafetensorError
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UnsupportedModelError(f"{str(model_dir)!r} is not a model folder (no config.json)")
     if dtype not in DTYPES:
         raise UnsupportedModelError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    config = AutoConfig.from_pretrained(model_dir)
+    check_device(device)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise UnsupportedModelError(f"cannot read the config.json of {str(model_dir)!r}: {_one_line(err)}; fix it or "
+                                    "re-save the model with save_pretrained") from None
     placement = {} if offload_folder is None else _disk_offload(config, device, offload_folder)
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=DTYPES[dtype], **placement)
     except ValueError as err:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} in {str(model_dir)!r} is not an image-text-to-text "
-            f"architecture transformers knows ({err})") from None
+            f"architecture transformers knows ({_one_line(err)})") from None
+    except (OSError, SafetensorError) as err:
+        raise UnsupportedModelError(f"cannot read the weights in {str(model_dir)!r} (missing, truncated or corrupt: "
+                                    f"{_one_line(err)}); re-save or re-download the model") from None
     get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
     if device is not None and offload_folder is None:
         model.to(device)
@@ -61,6 +71,29 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None
             "processors (e.g. Qwen2-VL's video processor) need torchvision: install the torchvision build that "
             "matches your torch") from None
     return model.eval(), processor
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_device(device: str | None) -> None:
+    """Refuse (before loading) a device string torch cannot parse or this machine does not have."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UnsupportedModelError(f"device {device!r} is not a torch device ({_one_line(err)}); e.g. cpu or "
+                                    "cuda:0") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise UnsupportedModelError(f"device {device!r} is not available: this torch sees "
+                                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
+                                    "device(s); pass --device cpu or a present GPU")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UnsupportedModelError(f"device {device!r} is not available on this machine; pass --device cpu")
 
 
 def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dict[str, Any]:

@@ -294,6 +294,8 @@ class EvalJob:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
                               f"{self.max_new_tokens}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.model is None and self.probe_from is None:

@@ -70,6 +70,8 @@ class StudyConfig:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
                               f"{self.max_new_tokens}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.method not in METHODS or self.method in ("magnitude", "atv", "tamp"):
             raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', got {self.method!r}")
 

@@ -13,7 +13,7 @@ from transformers import set_seed
 from pruning.config import PruneConfig
 from pruning.data import load_llava_conversations
 from pruning.engine import PruneReport, prune_
-from pruning.errors import CalibrationError
+from pruning.errors import CalibrationError, ConfigError
 from pruning.io import DTYPES, check_output_dir, load_model, save_pruned
 from pruning.options import option
 
@@ -33,6 +33,12 @@ class PruneJob:
     device: str | None = option(None, "device to run on, e.g. cpu or cuda:0 (default: where the model loads)")
     overwrite: bool = option(False, "replace an existing output folder (only one this toolkit wrote)")
     allow_outside_paths: bool = option(False, "accept calibration image paths outside --images")
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.batch_size < 1:
+            raise ConfigError(f"nsamples and batch_size must be >= 1, got {self.nsamples} and {self.batch_size}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
     @property
     def inputs(self) -> tuple[Path | None, ...]:

@@ -156,6 +156,8 @@ def study_lock(out_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         del _held[out]
+        handle.seek(0)
+        handle.truncate()  # a free lock names nobody (and a failed run leaves the file as it found it)
         if created and [p.name for p in out.iterdir()] == [LOCK]:
             shutil.rmtree(out, ignore_errors=True)
         handle.close()
