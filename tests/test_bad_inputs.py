@@ -26,13 +26,14 @@ PRUNE = ["prune", "--model", "model", "--method", "magnitude"]
 CALIB = ["--calib", "calib/calib.json", "--images", "calib/images"]
 
 
-def batch(cases: list[dict], scratch: Path) -> list[dict]:
-    """Run ``cases`` (argv, cwd, watch, kill_at_rename) through tests/cli_batch.py."""
+def batch(cases: list[dict], scratch: Path, warm: Path) -> list[dict]:
+    """Run ``cases`` (argv, cwd, watch, kill_at_rename) through tests/cli_batch.py (``warm``: the model folder
+    whose modules are imported before the forks)."""
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([sys.executable, str(ROOT / "tests" / "cli_batch.py"), str(scratch / "cases.json"),
-                    str(scratch / "results.json")], cwd=ROOT, env=env, check=True, timeout=600)
+                    str(scratch / "results.json"), str(warm)], cwd=ROOT, env=env, check=True, timeout=600)
     return json.loads((scratch / "results.json").read_text())
 
 
@@ -96,6 +97,8 @@ def _make_base(base: Path) -> None:
     _jsonl(base / "look_notimage.jsonl", _look("broken/text.png"))
     (base / "look_latin1.jsonl").write_bytes(json.dumps(_look()[0], ensure_ascii=False).replace(
         "what", "qu\u00e9").encode("latin-1") + b"\n")
+    (base / "figs" / "probe").mkdir(parents=True)
+    (base / "figs" / "probe" / "results.jsonl").write_text('{"cell": {"pathway"\n{"cell": {}}\n')
     _model_variants(base)
 
 
@@ -177,6 +180,7 @@ CASES = {
     "visual-ratio-ignored": (PRUNE[:-2] + ["--method", "wanda", *CALIB, "--visual-ratio", "0.3", "--out", "new"],
                              "visual_ratio"),
     "figures-from-nothing": (["figures", "--results", "userdata", "--out", "new"], "no figure"),
+    "figures-from-corrupt-records": (["figures", "--results", "figs", "--out", "new"], "corrupt result record"),
 }
 
 # a copy of the base folder with a finished study, changed as named, then resumed: refused naming the change
@@ -214,15 +218,21 @@ def _corrupt_first_record(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The base folder plus a finished study, a pruned model and a suite written by the toolkit."""
+    """The base folder plus a finished study, a pruned model and a suite written by the toolkit (in this
+    process: only the cases need processes of their own)."""
+    from atv.cli import main
+
     tmp = tmp_path_factory.mktemp("bad_inputs")
     base = tmp / "base"
     _make_base(base)
-    made = batch([{"argv": ["probe", "--model", "model", *STUDY, "--out", "study"], "cwd": str(base)},
-                  {"argv": PRUNE + ["--out", "pruned"], "cwd": str(base)},
-                  {"argv": ["suite", "--out", "suite", "--quick", "--n-calib", "2", "--n-eval", "2"],
-                   "cwd": str(base)}], tmp / "setup")
-    assert [r["code"] for r in made] == [0, 0, 0], [r["stderr"][-2000:] for r in made]
+    here = Path.cwd()
+    os.chdir(base)
+    try:
+        codes = [main(["probe", "--model", "model", *STUDY, "--out", "study"]), main(PRUNE + ["--out", "pruned"]),
+                 main(["suite", "--out", "suite", "--quick", "--n-calib", "2", "--n-eval", "2"])]
+    finally:
+        os.chdir(here)
+    assert codes == [0, 0, 0]
     return tmp, base
 
 
@@ -250,8 +260,29 @@ def outcomes(world):
             cases.append({"argv": argv, "cwd": str(root), "kill_at_rename": at})
             names.append(f"kill-{what}-{at}")
     with study_lock(tmp / "study-in-use" / "study"):
-        results = batch(cases, tmp / "run")
+        results = batch(cases, tmp / "run", base / "model")
     return dict(zip(names, results))
+
+
+KILLED = {"prune": ("pruned", PRUNE + ["--out", "pruned"]),
+          "suite": ("suite", ["suite", "--out", "suite", "--quick", "--n-calib", "2", "--n-eval", "2"])}
+
+
+@pytest.fixture(scope="module")
+def next_runs(world, outcomes):
+    """After the kills: an --overwrite run where the kill left a partial folder, a plain run where it left the
+    old folder set aside (one batch for both commands)."""
+    from cli_batch import tree
+
+    tmp, base = world
+    cases, left = [], {}
+    for what, (name, argv) in KILLED.items():
+        first, second = tmp / f"kill-{what}-1" / name, tmp / f"kill-{what}-2" / name
+        left[what] = {"first": tree(first), "first_hidden": _hidden(first), "second_exists": second.exists(),
+                      "second_hidden": _hidden(second)}
+        cases += [{"argv": argv + ["--overwrite"], "cwd": str(first.parent)}, {"argv": argv, "cwd": str(second.parent)}]
+    results = batch(cases, tmp / "again", base / "model")
+    return {what: (left[what], results[2 * i: 2 * i + 2]) for i, what in enumerate(KILLED)}
 
 
 def _assert_refused(result: dict, culprit: str) -> None:
@@ -285,28 +316,24 @@ def _hidden(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("what", ["prune", "suite"])
-def test_killed_overwrite_loses_nothing_and_the_next_run_cleans_up(world, outcomes, what):
+def test_killed_overwrite_loses_nothing_and_the_next_run_cleans_up(world, outcomes, next_runs, what):
     from cli_batch import tree
 
     tmp, base = world
-    name = {"prune": "pruned", "suite": "suite"}[what]
+    name = KILLED[what][0]
     original = tree(base / name)
     assert ".atv-toolkit" in original
     first, second = tmp / f"kill-{what}-1", tmp / f"kill-{what}-2"
     assert outcomes[f"kill-{what}-1"]["code"] == outcomes[f"kill-{what}-2"]["code"] == -9
+    left, again = next_runs[what]
     # killed before the swap: the old folder intact, a complete partial one beside it
-    assert tree(first / name) == original and [h.split("-")[0] for h in _hidden(first / name)] == [f".{name}.partial"]
+    assert left["first"] == original and [h.split("-")[0] for h in left["first_hidden"]] == [f".{name}.partial"]
     # killed between the two renames: no folder at --out, the old one set aside, the new one complete beside it
-    assert not (second / name).exists()
-    assert [h.split("-")[0] for h in _hidden(second / name)] == [f".{name}.old", f".{name}.partial"]
-    argv = {"prune": PRUNE + ["--out", "pruned"],
-            "suite": ["suite", "--out", "suite", "--quick", "--n-calib", "2", "--n-eval", "2"]}[what]
-    again = batch([{"argv": argv + ["--overwrite"], "cwd": str(first)},  # replaces, removes the dead run's partial
-                   {"argv": argv, "cwd": str(second)}],                   # puts the old folder back, then refuses
-                  tmp / f"again-{what}")
-    assert again[0]["code"] == 0, again[0]["stderr"][-2000:]
+    assert not left["second_exists"]
+    assert [h.split("-")[0] for h in left["second_hidden"]] == [f".{name}.old", f".{name}.partial"]
+    assert again[0]["code"] == 0, again[0]["stderr"][-2000:]  # replaced, and the dead run's partial removed
     assert _hidden(first / name) == [] and ".atv-toolkit" in tree(first / name)
-    assert again[1]["code"] == 2 and "is not empty" in again[1]["stderr"]
+    assert again[1]["code"] == 2 and "is not empty" in again[1]["stderr"]  # the old folder put back, kept
     assert tree(second / name) == original and _hidden(second / name) == []
 
 
@@ -316,3 +343,61 @@ def test_output_folders_follow_the_umask(world):
     os.umask(mask)
     for name in ("pruned", "suite"):
         assert (base / name).stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_hostile_benchmark_file_name_runs_nothing(tmp_path, monkeypatch):
+    """A file name holding Python (a triple quote, then __import__) never reaches generated source."""
+    pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval is not installed (the lmms extra)")
+    from lmms_eval.tasks import get_task_dict
+
+    from evaluation.lmms_bridge import task_manager, write_lmms_task
+    from pruning.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    write_calibration(data, n=2)
+    stem = 'q""";__import__("os").system("touch PWNED");\'\'\';__import__("os").system("touch PWNED2")#'
+    bench = data / f"{stem}.jsonl"
+    _jsonl(bench, _look("images/{i}.png"))
+    with pytest.raises(ConfigError, match="only letters, digits"):  # the default name is atv_<stem>
+        write_lmms_task(bench, tmp_path / "tasks")
+    with pytest.raises(ConfigError, match="only letters, digits"):
+        write_lmms_task(bench, tmp_path / "tasks", name='x"; import os')
+    name = write_lmms_task(bench, tmp_path / "tasks", name="hostile")
+    source = (tmp_path / "tasks" / "hostile_utils.py").read_text()
+    assert "__import__" not in source and "PWNED" not in source
+    task = get_task_dict([name], task_manager([tmp_path / "tasks"], include_defaults=False))[name]
+    docs = list(task.test_docs())
+    assert len(docs) == 2 and len(task.config.doc_to_visual(docs[0])) == 1  # the task reads its data and images
+    assert not any(tmp_path.rglob("PWNED*"))
+
+
+def test_a_dead_runs_lock_is_taken_over_and_a_live_runs_partial_kept(tmp_path):
+    from pruning.outputs import recover_folder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / ".atv-lock").write_text(json.dumps({"pid": dead.pid, "host": "here"}))
+    with study_lock(study), study_lock(study):  # taken over (the OS lock died with its process); re-entrant
+        assert json.loads((study / ".atv-lock").read_text())["pid"] == os.getpid()
+    live = tmp_path / f".out.partial-{os.getpid()}-abc"
+    stale = tmp_path / f".out.partial-{dead.pid}-abc"
+    live.mkdir()
+    stale.mkdir()
+    recover_folder(tmp_path / "out")
+    assert live.exists() and not stale.exists()
+
+
+def test_eval_out_is_replaced_whole_or_not_at_all(tmp_path):
+    from pruning.errors import OutputExistsError
+    from pruning.outputs import check_output_file, write_text_atomic
+
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    with pytest.raises(OutputExistsError, match="exists"):
+        check_output_file(out)
+    check_output_file(out, overwrite=True)
+    write_text_atomic(out, "new")
+    assert out.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
