@@ -110,8 +110,9 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
                  seed: int = 0) -> FiguresReport:
     """Make every figure and table the results folder has data for (layout in the module docstring).
 
-    Returns a report listing the written files and, per figure/table not made, the reason. Raises
-    ToolkitError only when ``results_dir`` does not exist or ``formats`` is bad.
+    Returns a report listing the written files and, per figure/table not made, the reason (an ``out_dir``
+    this call created stays only when something was made). Raises ToolkitError only when ``results_dir``
+    does not exist, ``out_dir`` cannot be created, or ``formats`` is bad.
     """
     from .style import check_formats
 
@@ -120,7 +121,11 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
     if not results.is_dir():
         raise ToolkitError(f"results folder {results} does not exist")
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ToolkitError(f"output folder {out} cannot be created: it, or a folder above it, is a file; choose "
+                           "another --out") from None
     maker = _Maker(results, out, formats, FiguresReport())
     _probe(maker)
     _methods(maker)

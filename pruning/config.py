@@ -17,6 +17,7 @@ Any scorer that uses activations accepts any pool, e.g. ``PruneConfig("sparsegpt
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,6 +74,9 @@ class PruneConfig:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         self.scorer, default_pool = METHODS[self.method]
+        bad = {k: v for k, v in vars(self).items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            raise ConfigError(f"numbers must be finite, got {bad}")
         if self.pool is None:
             self.pool = default_pool
         elif self.scorer == "magnitude":

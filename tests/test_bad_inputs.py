@@ -180,6 +180,7 @@ CASES = {
     "visual-ratio-ignored": (PRUNE[:-2] + ["--method", "wanda", *CALIB, "--visual-ratio", "0.3", "--out", "new"],
                              "visual_ratio"),
     "figures-from-nothing": (["figures", "--results", "userdata", "--out", "new"], "no figure"),
+    "figures-out-under-a-file": (["figures", "--results", "figs", "--out", "afile/figures"], "is a file"),
     "figures-from-corrupt-records": (["figures", "--results", "figs", "--out", "new"], "corrupt result record"),
 }
 
@@ -401,3 +402,16 @@ def test_eval_out_is_replaced_whole_or_not_at_all(tmp_path):
     check_output_file(out, overwrite=True)
     write_text_atomic(out, "new")
     assert out.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": float("nan")}, "finite"),
+    ({"method": "sparsegpt", "percdamp": float("inf")}, "finite"),
+    ({"method": "wanda", "visual_ratio": 0.3}, "visual_ratio is used only"),
+])
+def test_prune_config_refuses_nonsense_from_python_too(kwargs, message):
+    from pruning.config import PruneConfig
+    from pruning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(**kwargs)
