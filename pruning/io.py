@@ -33,9 +33,8 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str | None
     With ``offload_folder``, the decoder layers stay on disk (read memory-mapped from the checkpoint's
     safetensors by accelerate's hooks, one layer at a time; pruned weights are written to the folder)
     and the other modules load on ``device`` (default CPU)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
     from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from atv.experiments.records import study_lock
 from tiny_models import build_tiny
 from tiny_processors import save_model_dir, write_calibration
 
+from atv.experiments.records import study_lock
+
 ROOT = Path(__file__).resolve().parents[1]
-STUDY = ["--calib", "calib/calib.json", "--images", "calib/images", "--bench", "look.jsonl", "text.jsonl", "--nsamples", "2", "--pathways", "text", "--pools", "text", "--sparsities", "0.5",
-         "--batch-size", "2"]
+STUDY = ["--calib", "calib/calib.json", "--images", "calib/images", "--bench", "look.jsonl", "text.jsonl",
+         "--nsamples", "2", "--pathways", "text", "--pools", "text", "--sparsities", "0.5", "--batch-size", "2"]
 PRUNE = ["prune", "--model", "model", "--method", "magnitude"]
 CALIB = ["--calib", "calib/calib.json", "--images", "calib/images"]
 
@@ -262,7 +262,7 @@ def outcomes(world):
             names.append(f"kill-{what}-{at}")
     with study_lock(tmp / "study-in-use" / "study"):
         results = batch(cases, tmp / "run", base / "model")
-    return dict(zip(names, results))
+    return dict(zip(names, results, strict=True))
 
 
 KILLED = {"prune": ("pruned", PRUNE + ["--out", "pruned"]),
@@ -415,3 +415,25 @@ def test_prune_config_refuses_nonsense_from_python_too(kwargs, message):
 
     with pytest.raises(ConfigError, match=message):
         PruneConfig(**kwargs)
+
+
+def test_a_failed_write_leaves_the_old_folder_and_nothing_hidden(tmp_path):
+    from pruning.outputs import MARKER, atomic_folder
+
+    out = tmp_path / "out"
+    with atomic_folder(out, "test") as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError), atomic_folder(out, "test") as tmp:
+        (tmp / "a.txt").write_text("second")
+        raise RuntimeError("the run failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "a.txt").read_text() == "first" and (out / MARKER).is_file()
+
+
+def test_allow_outside_paths_accepts_what_the_default_refuses(world):
+    from evaluation.benchmarks import BenchmarkError, load_benchmark
+
+    _, base = world
+    with pytest.raises(BenchmarkError, match="outside the benchmark"):
+        load_benchmark(base / "look_absolute.jsonl")
+    assert len(load_benchmark(base / "look_absolute.jsonl", allow_outside=True)) == 2

@@ -40,8 +40,8 @@ from evaluation.install import INSTALL_HINT
 from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import DTYPES
-from pruning.outputs import check_output_file, write_text_atomic
 from pruning.options import option
+from pruning.outputs import check_output_file, write_text_atomic
 
 from .cells import prune_summary
 from .records import RESULTS, SETUP, read_records, read_setup

@@ -27,8 +27,8 @@ from pruning.data import check_calibration_paths
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError, UnsupportedModelError
 from pruning.io import DTYPES
-from pruning.outputs import check_output_path
 from pruning.options import option
+from pruning.outputs import check_output_path
 
 from .cells import (
     benchmark_inputs,
