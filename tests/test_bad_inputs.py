@@ -197,7 +197,7 @@ STUDY_CASES = {
     "corrupt-reference": ("fidelity_reference.pt", lambda root: (root / "study" / "fidelity_reference.pt")
                           .write_bytes(b"not a tensor file")),
     "corrupt-first-record": ("results.jsonl:1", lambda root: _corrupt_first_record(root / "study" / "results.jsonl")),
-    "study-in-use": ("in use by", lambda root: None),
+    "study-in-use": (f"in use by pid {os.getpid()}", lambda root: None),
 }
 
 

@@ -120,21 +120,25 @@ def check_inputs(out_dir: str | Path, inputs: Mapping[str, str]) -> None:
 
 # -- the study lock -------------------------------------------------------------------------------------
 LOCK = ".atv-lock"
-_held: dict[Path, list] = {}  # study folder -> [open lock file, depth]: the lock is re-entrant in a process
+_held: dict[Path, Any] = {}  # study folder -> its open lock file: the lock is re-entrant within a process
+
+
+def _holder(text: str) -> str:
+    try:
+        who = json.loads(text)
+        return f"pid {who['pid']} on host {who['host']}"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
 
 
 @contextlib.contextmanager
 def study_lock(out_dir: str | Path) -> Iterator[None]:
     """Hold the study folder exclusively (an OS lock on ``OUT/.atv-lock``, released by the OS when the process
-    dies, so a dead run's lock is simply taken over). A folder this call created and that holds only the
-    lock when it is released is removed again."""
+    dies, so a dead run's lock is simply taken over); the file names the holder while it is held. A folder
+    this call created and that holds only the lock when it is released is removed again."""
     out = Path(out_dir).resolve()
     if out in _held:
-        _held[out][1] += 1
-        try:
-            yield
-        finally:
-            _held[out][1] -= 1
+        yield
         return
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,7 @@ def study_lock(out_dir: str | Path) -> Iterator[None]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = _holder(handle.read())
         handle.close()
         raise ToolkitError(f"the study folder {out_dir} is in use by {holder}; wait for that run to finish or choose "
                            "another --out") from None
@@ -151,7 +155,7 @@ def study_lock(out_dir: str | Path) -> Iterator[None]:
     handle.truncate()
     handle.write(json.dumps(owner()))
     handle.flush()
-    _held[out] = [handle, 1]
+    _held[out] = handle
     try:
         yield
     finally:
