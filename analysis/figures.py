@@ -110,8 +110,9 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
                  seed: int = 0) -> FiguresReport:
     """Make every figure and table the results folder has data for (layout in the module docstring).
 
-    Returns a report listing the written files and, per figure/table not made, the reason. Raises
-    ToolkitError only when ``results_dir`` does not exist or ``formats`` is bad.
+    Returns a report listing the written files and, per figure/table not made, the reason (an ``out_dir``
+    this call created stays only when something was made). Raises ToolkitError only when ``results_dir``
+    does not exist, ``out_dir`` cannot be created, or ``formats`` is bad.
     """
     from .style import check_formats
 
@@ -119,13 +120,20 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
     formats = check_formats(formats)
     if not results.is_dir():
         raise ToolkitError(f"results folder {results} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ToolkitError(f"output folder {out} cannot be created: it, or a folder above it, is a file; choose "
+                           "another --out") from None
     maker = _Maker(results, out, formats, FiguresReport())
     _probe(maker)
     _methods(maker)
     _tsne(maker, seed)
     _masks(maker)
     _drift(maker)
+    if created and not any(out.iterdir()):
+        out.rmdir()  # nothing made: leave no empty folder behind
     log.info("figures: %d files made, %d skipped", len(maker.report.made), len(maker.report.skipped))
     return maker.report
 

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import shlex
 import sys
 import types
@@ -75,6 +76,10 @@ def build(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
               if f.metadata.get("cli") and hasattr(args, f.name)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # nargs="+" gives lists
+    for name, value in values.items():
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     return cls(**values, **given)
 
 
@@ -290,7 +295,11 @@ def _add_figures(sub: argparse._SubParsersAction) -> None:
 def _figures(args: argparse.Namespace) -> int:
     from analysis.figures import make_figures
 
-    print(make_figures(args.results, args.out, tuple(args.formats), seed=args.seed).summary())
+    report = make_figures(args.results, args.out, tuple(args.formats), seed=args.seed)
+    if not report.made:
+        reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped.items())
+        raise ToolkitError(f"no figure made from {args.results} ({' '.join(reasons.split())})")
+    print(report.summary())
     return 0
 
 

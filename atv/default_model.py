@@ -37,7 +37,7 @@ from torch import nn
 
 from evaluation.model_io import build_prompt, encode
 from pruning.errors import ConfigError, OutputExistsError, ToolkitError
-from pruning.io import atomic_folder
+from pruning.outputs import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def write_model_dir(out: str | Path, model: nn.Module, processor, record: Path |
     """save_pretrained (safetensors) + processor (+ the training record) into a temporary sibling of
     ``out``, renamed to ``out`` only when complete (an existing ``out`` is replaced)."""
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, "default-model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         if record is not None and record.is_file():

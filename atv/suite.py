@@ -32,8 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 from evaluation.benchmarks import CHOICE, FIDELITY, OPEN
-from pruning.errors import ConfigError, OutputExistsError
-from pruning.io import atomic_folder
+from pruning.errors import ConfigError
+from pruning.outputs import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -475,10 +475,8 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_eval: int | None = None, n
     a temporary sibling and renamed when complete. Returns the folder.
     """
     config = SuiteConfig(seed=seed, n_eval=n_eval if n_eval is not None else (QUICK_N_EVAL if quick else 40), n_calib=n_calib)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"suite folder {str(out)!r} is not empty; choose another folder or pass overwrite")
-    with atomic_folder(out) as tmp:
+    out = check_output_folder(out_dir, overwrite)  # replaces only a folder this toolkit wrote
+    with atomic_folder(out, "suite") as tmp:
         (tmp / "images").mkdir()
         summary = {"seed": seed, "n_eval": config.n_eval, "n_calib": n_calib, "benchmarks": {}}
         for name in config.benchmarks:

@@ -8,8 +8,9 @@ Three kinds of item, told apart by their fields::
     {"id": "wiki-3", "text": "A natural-language passage ..."}                          # fidelity
 
 One kind per file (a benchmark reports one score); a file that mixes kinds is refused with the line
-of the first item of another kind. ``image`` is relative to the file's folder (absolute paths are
-kept), or null/absent for text-only choice and open items; fidelity items are text-only. Extra
+of the first item of another kind. ``image`` is relative to the file's folder and must stay inside it
+(unless ``allow_outside``: then absolute paths and '..' are accepted), or null/absent for text-only
+choice and open items; every image is decoded in full while the file is validated; fidelity items are text-only. Extra
 fields (e.g. "category") are ignored. The benchmark's name is the file's stem.
 
 Every problem is a :class:`BenchmarkError` that names the file and the line.
@@ -24,6 +25,7 @@ from typing import Any, Union
 
 from PIL import Image
 
+from pruning.data import inside
 from pruning.errors import ToolkitError
 
 CHOICE, OPEN, FIDELITY = "choice", "open", "fidelity"
@@ -138,20 +140,24 @@ def item_kind(record: dict[str, Any]) -> str:
                      f"(open answer) or 'text' (text fidelity); got fields {sorted(record)}")
 
 
-def _image_path(record: dict[str, Any], folder: Path) -> Path | None:
+def _image_path(record: dict[str, Any], folder: Path, allow_outside: bool = False) -> Path | None:
     value = record.get("image")
     if value is None:
         return None
     if not _non_blank(value):
         raise ValueError(f"'image' must be a path string or null, got {value!r}")
-    path = Path(value) if Path(value).is_absolute() else folder / value
+    path = folder / value  # an absolute value stays absolute
+    if not allow_outside and not inside(path, folder):
+        raise ValueError(f"image {value!r} is outside the benchmark's folder {str(folder)!r}; fix the path or "
+                         "pass --allow-outside-paths")
     if not path.is_file():
         raise ValueError(f"image {str(path)!r} does not exist")
-    try:  # reads the header only: a corrupt file is caught here, not halfway through an evaluation
-        with Image.open(path):
-            pass
-    except OSError as err:
-        raise ValueError(f"image {str(path)!r} is not a readable image ({err})") from None
+    try:  # decoded in full: a corrupt file is caught here, not halfway through an evaluation
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"image {str(path)!r} is not a readable image ({err}); replace it or drop the item") \
+            from None
     return path
 
 
@@ -168,8 +174,9 @@ def _required(record: dict[str, Any], key: str, kind: str) -> Any:
     return record[key]
 
 
-def parse_item(record: Any, folder: Path) -> Item:
-    """One raw JSON record -> a validated item (images resolved against ``folder``).
+def parse_item(record: Any, folder: Path, allow_outside: bool = False) -> Item:
+    """One raw JSON record -> a validated item (images resolved against ``folder``, inside it unless
+    ``allow_outside``).
 
     Raises ValueError naming the bad field; :func:`load_benchmark` adds the file and line.
     """
@@ -185,7 +192,7 @@ def parse_item(record: Any, folder: Path) -> Item:
             raise ValueError(f"item {item_id!r}: fidelity items are text-only; drop 'image' or use a question item")
         return TextItem(item_id, _required(record, "text", kind))
     question = _required(record, "question", kind)
-    image = _image_path(record, folder)
+    image = _image_path(record, folder, allow_outside)
     if kind == CHOICE:
         if not record.get("options"):
             raise ValueError(f"item {item_id!r}: a multiple-choice item needs a non-empty 'options' list")
@@ -193,8 +200,9 @@ def parse_item(record: Any, folder: Path) -> Item:
     return OpenItem(item_id, question, _strings(record, "answers"), image)
 
 
-def load_benchmark(path: str | Path) -> Benchmark:
-    """Read and validate a JSONL benchmark; its name is the file stem.
+def load_benchmark(path: str | Path, allow_outside: bool = False) -> Benchmark:
+    """Read and validate a JSONL benchmark; its name is the file stem. Images must lie in the file's folder
+    unless ``allow_outside``.
 
     Example::
 
@@ -206,29 +214,33 @@ def load_benchmark(path: str | Path) -> Benchmark:
     items: list[Item] = []
     first: tuple[str, int] | None = None  # (kind, line) of the first item
     seen: dict[str, int] = {}  # id -> line
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BenchmarkError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            try:
-                item = parse_item(record, path.parent)
-            except ValueError as err:
-                raise BenchmarkError(f"{where}: {err}") from None
-            kind = item_kind(record)
-            if first is None:
-                first = (kind, number)
-            elif kind != first[0]:
-                raise BenchmarkError(f"{where}: a {kind} item in a file of {first[0]} items (line {first[1]}); "
-                                     "put each kind of item in its own file")
-            if item.id in seen:
-                raise BenchmarkError(f"{where}: item id {item.id!r} already used on line {seen[item.id]}")
-            seen[item.id] = number
-            items.append(item)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BenchmarkError(f"benchmark file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as "
+                             "UTF-8 JSON Lines") from None
+    for number, line in enumerate(text.split("\n"), 1):  # as a file reads lines (not str.splitlines)
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BenchmarkError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        try:
+            item = parse_item(record, path.parent, allow_outside)
+        except ValueError as err:
+            raise BenchmarkError(f"{where}: {err}") from None
+        kind = item_kind(record)
+        if first is None:
+            first = (kind, number)
+        elif kind != first[0]:
+            raise BenchmarkError(f"{where}: a {kind} item in a file of {first[0]} items (line {first[1]}); "
+                                 "put each kind of item in its own file")
+        if item.id in seen:
+            raise BenchmarkError(f"{where}: item id {item.id!r} already used on line {seen[item.id]}")
+        seen[item.id] = number
+        items.append(item)
     if first is None:
         raise BenchmarkError(f"benchmark file {str(path)!r} holds no items")
     return Benchmark(name=path.stem, kind=first[0], items=items, path=path)

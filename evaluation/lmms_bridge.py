@@ -31,8 +31,10 @@ Only this module (and code that calls it) needs lmms-eval; importing it without 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -491,18 +493,24 @@ def harness_task_functions(folder: str | Path) -> SimpleNamespace:
                            open_results=open_results)
 
 
-_UTILS = '''"""Task functions of {name}: harness records read from {folder!r}."""
+# The generated task module is this constant text: the records' folder (untrusted: it comes from a file
+# name) reaches it as data, from the JSON file written beside it, never as source.
+_UTILS = '''"""lmms-eval task functions over harness records (their folder: the JSON file beside this one)."""
+import json
+from pathlib import Path
+
 from evaluation.lmms_bridge import harness_task_functions
 
-_functions = harness_task_functions({folder!r})
+_functions = harness_task_functions(json.loads(Path(__file__).with_suffix(".json").read_text(encoding="utf-8"))["folder"])
 doc_to_visual, doc_to_text = _functions.doc_to_visual, _functions.doc_to_text
 choice_target, open_results = _functions.choice_target, _functions.open_results
 '''
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 _COMMON = """task: {name}
 dataset_path: json
 dataset_kwargs:
-  data_files: {data!r}
+  data_files: {data}
 test_split: train
 doc_to_visual: !function {utils}.doc_to_visual
 doc_to_text: !function {utils}.doc_to_text
@@ -535,19 +543,25 @@ def write_lmms_task(benchmark: Benchmark | str | Path, out_dir: str | Path, *, n
     """Write an lmms-eval task (``<name>.yaml`` + ``<name>_utils.py`` in ``out_dir``) over a harness
     choice or open JSONL file, scored as the harness scores it (acc / VQA accuracy, in [0, 1]).
 
-    Returns the task name (default ``atv_<benchmark name>``); pass ``out_dir`` as an include path.
+    Returns the task name (default ``atv_<benchmark name>``; letters, digits, '_' and '-' only); pass
+    ``out_dir`` as an include path. The benchmark's file and folder reach the task as data: a quoted
+    YAML string and ``<name>_utils.json``, never inside the generated ``<name>_utils.py``.
     """
     bench = benchmark if isinstance(benchmark, Benchmark) else load_benchmark(benchmark)
     if bench.path is None or bench.kind not in (CHOICE, OPEN):
         raise ConfigError(f"benchmark {bench.name!r} ({bench.kind}) cannot become an lmms-eval task: it needs a "
                           "choice or open JSONL file")
     name = name or f"atv_{bench.name}"
+    if not TASK_NAME.fullmatch(name):
+        raise ConfigError(f"lmms-eval task name {name!r} may hold only letters, digits, '_' and '-'; pass "
+                          "name='...' (the default is atv_<file stem>)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     utils = f"{name}_utils"
-    data = str(bench.path.resolve())
-    (out_dir / f"{utils}.py").write_text(_UTILS.format(name=name, folder=str(bench.path.resolve().parent)),
-                                         encoding="utf-8")
+    (out_dir / f"{utils}.json").write_text(json.dumps({"folder": str(bench.path.resolve().parent)}),
+                                           encoding="utf-8")
+    (out_dir / f"{utils}.py").write_text(_UTILS, encoding="utf-8")
+    data = json.dumps(str(bench.path.resolve()))  # a JSON string is a double-quoted YAML scalar: data only
     body = _COMMON.format(name=name, data=data, utils=utils)
     body += _CHOICE.format(utils=utils) if bench.kind == CHOICE else _OPEN.format(utils=utils,
                                                                                    max_new_tokens=max_new_tokens)

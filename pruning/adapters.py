@@ -135,7 +135,12 @@ class Adapter:
             names = self.projections(model, index).names
         found = {}
         for name in names:
-            module = layer.get_submodule(name)
+            try:
+                module = layer.get_submodule(name)
+            except AttributeError:
+                valid = [n for n, m in layer.named_modules() if n and _is_linear_like(m)]
+                raise UnsupportedModelError(f"target {name!r} is not a module of decoder layer {index}; valid "
+                                            f"targets: {valid}") from None
             if not _is_linear_like(module):
                 raise UnsupportedModelError(f"{name} of decoder layer {index} is a {type(module).__name__}, not nn.Linear")
             found[name] = module

@@ -20,6 +20,7 @@ How to run (offloading, pass schedule) is :class:`pruning.execution.ExecutionCon
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,6 +73,9 @@ class PruneConfig:
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:
+        bad = {k: v for k, v in vars(self).items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            raise ConfigError(f"numbers must be finite, got {bad}")
         self._resolve_method()
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
@@ -88,6 +92,9 @@ class PruneConfig:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if self.visual_ratio is not None and not 0.0 <= self.visual_ratio <= 1.0:
             raise ConfigError(f"visual_ratio must be in [0, 1], got {self.visual_ratio}")
+        if self.visual_ratio is not None and self.pool not in ("atv", "random-visual"):
+            raise ConfigError(f"visual_ratio is used only by the 'atv' and 'random-visual' pools, not {self.pool!r}; "
+                              "drop visual_ratio or choose one of those")
         if self.propagate not in ("pruned", "dense"):
             raise ConfigError(f"propagate must be 'pruned' or 'dense', got {self.propagate!r}")
         if not self.targets:

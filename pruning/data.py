@@ -8,9 +8,12 @@ The LLaVA conversation format::
                         {"from": "gpt", "value": "A cat."}]}, ...]
 
 Policy for unusable records (reported, never silent): a record without an image, whose image file
-is missing or unreadable, or whose tokenised text is longer than ``max_length`` is *skipped* and
-counted in the returned :class:`CalibrationReport`; too few usable records to reach ``nsamples`` is
-an error, as is a malformed record (missing ``conversations``).
+is missing or unreadable (corrupt, truncated, not an image), or whose tokenised text is longer than
+``max_length`` is *skipped* and counted in the returned :class:`CalibrationReport`; too few usable
+records to reach ``nsamples`` is an error, as is a malformed record (not an object, missing
+``conversations``, a turn that is not an object, an ``image`` that is not one path string, an image
+without an ``<image>`` tag in its turns) and an image path that leads outside the image folder
+(unless ``allow_outside``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 class CalibrationReport:
     requested: int
     used: int = 0
-    skipped: dict[str, int] = field(default_factory=lambda: {"no_image": 0, "missing_image": 0, "too_long": 0})
+    skipped: dict[str, int] = field(default_factory=lambda: {"no_image": 0, "missing_image": 0,
+                                                             "unreadable_image": 0, "too_long": 0})
     ids: list[str] = field(default_factory=list)
 
 
@@ -45,19 +49,26 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationError(f"calibration file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as "
+                               "UTF-8 JSON") from None
     try:
         data = json.loads(text)
-        return data if isinstance(data, list) else [data]
+        records = data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
-        pass
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise CalibrationError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise CalibrationError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise CalibrationError(f"{path}: record {bad} is a {type(records[bad]).__name__}, not an object with "
+                               "'image' and 'conversations'")
     return records
 
 
@@ -68,6 +79,9 @@ def to_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise CalibrationError(f"record {record.get('id', '?')!r} has no 'conversations' list")
     messages = []
     for turn in turns:
+        if not isinstance(turn, dict):
+            raise CalibrationError(f"record {record.get('id', '?')!r}: a turn is a {type(turn).__name__}, not an "
+                                   "object with 'from' and 'value'")
         role = _ROLES.get(turn.get("from"))
         if role is None:
             raise CalibrationError(f"record {record.get('id', '?')!r}: unknown speaker {turn.get('from')!r}")
@@ -93,6 +107,27 @@ def open_image(path: str | Path):
         return image.convert("RGB")
 
 
+def image_file(record: Mapping[str, Any], image_dir: Path, allow_outside: bool = False) -> Path:
+    """The image file a record names, inside ``image_dir`` unless ``allow_outside`` (raises naming the record)."""
+    value, where = record["image"], f"record {record.get('id', '?')!r}"
+    if not isinstance(value, str):
+        raise CalibrationError(f"{where}: 'image' must be one path string, got {type(value).__name__} {value!r}")
+    if not any(part["type"] == "image" for message in to_messages(record) for part in message["content"]):
+        raise CalibrationError(f"{where} has an image but no {IMAGE_TAG} tag in its turns; put {IMAGE_TAG} where "
+                               "the image goes (e.g. at the start of the first human turn)")
+    path = image_dir / value
+    if not allow_outside and not inside(path, image_dir):
+        raise CalibrationError(f"{where}: image {value!r} is outside the image folder {str(image_dir)!r}; fix the "
+                               "path or pass --allow-outside-paths")
+    return path
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (links and '..' resolved) lies in ``folder``."""
+    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    return resolved == root or root in resolved.parents
+
+
 def encode_records(records: list[Mapping[str, Any]], images: list, processor) -> dict[str, torch.Tensor]:
     """Records -> one batch of model inputs via the processor's chat template. Several records are
     right-padded (padding never shifts the real tokens' positions; the engine masks it out)."""
@@ -108,16 +143,25 @@ def encode_records(records: list[Mapping[str, Any]], images: list, processor) ->
         tokenizer.padding_side = side
 
 
+def check_calibration_paths(path: str | Path, image_dir: str | Path) -> None:
+    """Refuse a missing calibration file or image folder (before any model is loaded)."""
+    if not Path(path).is_file():
+        raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+    if not Path(image_dir).is_dir():
+        raise CalibrationError(f"image folder {str(image_dir)!r} does not exist")
+
+
 def load_llava_conversations(path: str | Path, image_dir: str | Path, processor, nsamples: int = 128,
                              seed: int = 0, max_length: int | None = None,
-                             batch_size: int = 1) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
+                             batch_size: int = 1, allow_outside: bool = False,
+                             ) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
     """Sample ``nsamples`` usable records (seeded order) and encode them in batches of ``batch_size``.
-    Returns (batches of model inputs, report)."""
+    Image paths must stay inside ``image_dir`` unless ``allow_outside``. Returns (batches of model inputs,
+    report)."""
     if nsamples < 1 or batch_size < 1:
         raise CalibrationError(f"nsamples and batch_size must be >= 1, got {nsamples} and {batch_size}")
+    check_calibration_paths(path, image_dir)
     image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise CalibrationError(f"image folder {str(image_dir)!r} does not exist")
     records = read_records(path)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -129,11 +173,16 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
         if not record.get("image"):
             report.skipped["no_image"] += 1
             continue
-        image_path = image_dir / str(record["image"])
+        image_path = image_file(record, image_dir, allow_outside)
         if not image_path.is_file():
             report.skipped["missing_image"] += 1
             continue
-        image = open_image(image_path)
+        try:
+            image = open_image(image_path)
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for corrupt or truncated files
+            log.debug("calibration: %s is unreadable (%s)", image_path, err)
+            report.skipped["unreadable_image"] += 1
+            continue
         inputs = encode_records([record], [image], processor)
         if max_length is not None and inputs["input_ids"].shape[1] > max_length:
             report.skipped["too_long"] += 1

@@ -2,45 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .errors import ConfigError, OutputExistsError, ToolkitError, UnsupportedModelError
+from .errors import ConfigError, ToolkitError, UnsupportedModelError
 from .options import option
+from .outputs import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
 
-_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse (before any work) an output folder that already holds a model, unless ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {str(out)!r} exists and is not a folder")
-    held = [name for name in _MODEL_FILES if (out / name).exists()]
-    if held and not overwrite:
-        raise OutputExistsError(f"output folder {str(out)!r} already holds a model ({', '.join(held)}); "
-                                "choose another --out or pass --overwrite")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {str(out)!r} is not empty; choose another --out or pass "
-                                "--overwrite (which replaces the whole folder)")
-    return out
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse (before any work) an output folder this run may not write (see :mod:`pruning.outputs`): one
+    that holds an input or the working folder, or a non-empty one without ``overwrite`` or not written by
+    this toolkit."""
+    return check_output_folder(out_dir, overwrite, inputs)
 
 
 @dataclass
@@ -113,9 +102,11 @@ def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str
     With ``offload_folder``, the decoder layers stay on disk (read memory-mapped from the checkpoint's
     safetensors by accelerate's hooks, one layer at a time; pruned weights are written to the folder)
     and the other modules load on ``device`` (default CPU)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
 
     options = dtype if isinstance(dtype, LoadOptions) else LoadOptions(dtype=dtype, device=device)
+    check_device(options.device)
     source = resolve_model(model)
     hub = {"revision": options.revision, "trust_remote_code": options.trust_remote_code}
     config = _load_config(source, hub)
@@ -129,7 +120,10 @@ def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str
     except ValueError as err:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} in {source!r} is not an image-text-to-text "
-            f"architecture transformers knows ({err})") from None
+            f"architecture transformers knows ({_one_line(err)})") from None
+    except (OSError, SafetensorError) as err:
+        raise UnsupportedModelError(f"cannot read the weights of {source!r} (missing, truncated or corrupt: "
+                                    f"{_one_line(err)}); re-save or re-download the model") from None
     get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
     if options.device is not None and offload_folder is None:
         model.to(options.device)
@@ -148,8 +142,11 @@ def _load_config(source: str, hub: dict[str, Any]):
 
     try:
         return AutoConfig.from_pretrained(source, **hub)
-    except OSError as err:  # not in the local cache (offline), unknown id or revision, no access
-        raise UnsupportedModelError(f"cannot load model {source!r}{_revision(hub)}: {_first_line(err)}") from None
+    except (OSError, ValueError, KeyError) as err:  # offline and not cached, unknown id or revision, bad config
+        if Path(source).is_dir():
+            raise UnsupportedModelError(f"cannot read the config.json of {source!r}: {_one_line(err)}; fix it or "
+                                        "re-save the model with save_pretrained") from None
+        raise UnsupportedModelError(f"cannot load model {source!r}{_revision(hub)}: {_one_line(err)}") from None
 
 
 def _load_processor(source: str, hub: dict[str, Any]):
@@ -159,7 +156,7 @@ def _load_processor(source: str, hub: dict[str, Any]):
         return AutoProcessor.from_pretrained(source, **hub)
     except (AttributeError, ImportError, ValueError, OSError) as err:
         raise UnsupportedModelError(
-            f"cannot load the processor of {source!r} ({type(err).__name__}: {_first_line(err)}). Some "
+            f"cannot load the processor of {source!r} ({type(err).__name__}: {_one_line(err)}). Some "
             "transformers processors (e.g. Qwen2-VL's video processor) need torchvision: install the torchvision "
             "build that matches your torch") from None
 
@@ -168,8 +165,27 @@ def _revision(hub: dict[str, Any]) -> str:
     return f" at revision {hub['revision']!r}" if hub.get("revision") else ""
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_device(device: str | None) -> None:
+    """Refuse (before loading) a device string torch cannot parse or this machine does not have."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UnsupportedModelError(f"device {device!r} is not a torch device ({_one_line(err)}); e.g. cpu or "
+                                    "cuda:0") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise UnsupportedModelError(f"device {device!r} is not available: this torch sees "
+                                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
+                                    "device(s); pass --device cpu or a present GPU")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UnsupportedModelError(f"device {device!r} is not available on this machine; pass --device cpu")
 
 
 def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dict[str, Any]:
@@ -186,29 +202,13 @@ def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dic
     return {"device_map": device_map, "offload_folder": str(offload_folder)}
 
 
-@contextlib.contextmanager
-def atomic_folder(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out`` (renamed into
-    place), on any error it is removed, so a failed write leaves no half-written folder."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
-                overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> Path:
+                overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                extra_files: Mapping[str, str] | None = None) -> Path:
     """save_pretrained (safetensors) + processor + ``prune_report.json`` (+ ``extra_files``: name -> text),
     written to a temporary sibling folder and moved into place only when complete."""
-    out = check_output_dir(out_dir, overwrite)  # an existing folder is empty, or overwrite was asked for
-    with atomic_folder(out) as tmp:
+    out = check_output_dir(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
+    with atomic_folder(out, "pruned-model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
@@ -223,16 +223,23 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of an append-only JSON Lines log (blank lines skipped); a torn last line, left by a run
     killed mid-write, is dropped with a warning, while a corrupt line before it is an error naming it."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ToolkitError(f"{path}: corrupt result log (not UTF-8 text); use a new --out") from None
+    lines = text.split("\n")
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number != len(lines):
-                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out") \
-                    from None
+            record = None
+        if not isinstance(record, dict):
+            if number != len(lines):  # a finished line (a kill tears only the unterminated last one)
+                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
             log.warning("%s: dropping an unfinished last record", path)
+            continue
+        records.append(record)
     return records

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from family_checks import replayed
+from tiny_models import BOI, EOI, FAMILIES, IMAGE, VEND, VIDEO, VSTART, build_tiny
+
 from pruning.adapters import GenericAdapter, get_adapter, supported_model_types
 from pruning.errors import UnsupportedModelError
-from tiny_models import BOI, EOI, FAMILIES, IMAGE, VEND, VIDEO, VSTART, build_tiny
 
 
 def _final_hidden(model, inputs):

@@ -5,18 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import IMAGE, build_tiny
 
 from analysis.drift import collect_drift, grid_side, load_drift, overlay_layout, save_drift
 from analysis.figures import make_figures
-from analysis.masks import (collect_pool_masks, iou_table, load_pool_masks, mask_iou, pack_mask, save_pool_masks,
-                            split_name, unpack_mask)
+from analysis.masks import (
+    collect_pool_masks,
+    iou_table,
+    load_pool_masks,
+    mask_iou,
+    pack_mask,
+    save_pool_masks,
+    split_name,
+    unpack_mask,
+)
 from analysis.sensitivity import method_comparison, sensitivity_curves, write_records
-from atv.experiments.cells import cell_record
 from analysis.tables import method_table, to_latex, to_markdown
 from analysis.tsne import collect_hidden_states, save_hidden_states, tsne_embed
+from atv.experiments.cells import cell_record
 from pruning.errors import CalibrationError, ConfigError, ToolkitError
 from pruning.pools import alpha_rule_k
-from tiny_models import IMAGE, build_tiny
 
 BENCHES = ("vqa", "pope")
 

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import build_tiny
+from tiny_processors import make_processor
 
 from atv.experiments.compare import CompareConfig, run_method_comparison, setting_config
 from pruning.errors import ConfigError
-from tiny_models import build_tiny
-from tiny_processors import make_processor
 
 
 def test_settings_parse_to_prune_configs():

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir
 
 from atv.cli import main
 from atv.experiments.demo import DemoConfig, run_demo
 from pruning.errors import ConfigError
-from tiny_models import build_tiny
-from tiny_processors import save_model_dir
 
 
 @pytest.fixture(scope="module")

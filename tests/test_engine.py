@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build_tiny
 from torch import nn
 
 from pruning.adapters import get_adapter
@@ -15,7 +16,6 @@ from pruning.execution import ExecutionConfig
 from pruning.masks import row_mask
 from pruning.pools import text_pool, visual_pool
 from pruning.scores import wanda_scores
-from tiny_models import build_tiny
 
 
 def _batches(family="llava", n=3):

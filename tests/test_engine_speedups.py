@@ -6,15 +6,14 @@ import hashlib
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
-from pruning import engine
+from pruning import engine, masks
 from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
-from pruning import masks
 from pruning.masks import row_mask, row_mask_by_sort
 from pruning.scores import STATS_DTYPE, wanda_scores
-from tiny_models import build_tiny
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.6, 0.99])

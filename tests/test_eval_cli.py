@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from atv.cli import main
-from evaluation import evaluate
-from atv.experiments.eval_job import EvalJob, ProbeCell, read_dense_scores, run_eval_job
-from pruning.errors import ConfigError
-from pruning.io import load_model
 from tiny_models import build_tiny
 from tiny_processors import save_model_dir, write_calibration
+
+from atv.cli import main
+from atv.experiments.eval_job import EvalJob, ProbeCell, read_dense_scores, run_eval_job
+from evaluation import evaluate
+from pruning.errors import ConfigError
+from pruning.io import load_model
 
 TASKS = Path(__file__).resolve().parent / "lmms_tasks"
 CHOICE, OPEN = str(TASKS / "atv_tiny_choice.jsonl"), str(TASKS / "atv_tiny_open.jsonl")

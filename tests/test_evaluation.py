@@ -14,9 +14,27 @@ from PIL import Image
 from tiny_models import build_tiny
 from tiny_processors import WORDS, make_processor
 
-from evaluation import (Benchmark, BenchmarkError, BenchmarkResult, ChoiceItem, EvalReport, FidelityReference,
-                        ItemResult, TextItem, build_prompt, evaluate, fidelity_reference, load_benchmark, metrics,
-                        normalize_answer, retention, score_choice, score_fidelity, score_open, vqa_accuracy)
+from evaluation import (
+    Benchmark,
+    BenchmarkError,
+    BenchmarkResult,
+    ChoiceItem,
+    EvalReport,
+    FidelityReference,
+    ItemResult,
+    TextItem,
+    build_prompt,
+    evaluate,
+    fidelity_reference,
+    load_benchmark,
+    metrics,
+    normalize_answer,
+    retention,
+    score_choice,
+    score_fidelity,
+    score_open,
+    vqa_accuracy,
+)
 
 TOL = 1e-5  # different batch shapes change float summation order, not the result beyond this
 

@@ -7,17 +7,25 @@ import functools
 
 import pytest
 import torch
+from family_checks import (
+    check_discovery,
+    check_probe,
+    check_prune,
+    check_replay,
+    check_save,
+    input_groups,
+    last_layer_output,
+    replayed,
+)
+from tiny_families import IMAGE, TESTED, FamilyUnavailable, build_family
+from tiny_models import FAMILIES, build_tiny
 
-from family_checks import (check_discovery, check_probe, check_prune, check_replay, check_save, input_groups,
-                           last_layer_output, replayed)
 from mot_probe import RoutedLinear, attach_probe_
 from mot_probe.surgery import ProbeError
 from pruning.adapters import DECODER_PROJ, Adapter, GenericAdapter, block_projections, find_decoder_layers, get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import prune_
 from pruning.errors import UnsupportedModelError
-from tiny_families import IMAGE, TESTED, FamilyUnavailable, build_family
-from tiny_models import FAMILIES, build_tiny
 
 # Hybrid decoders: some layers mix tokens by linear attention, convolution or a state-space model.
 HYBRID = ("qwen3_5", "lfm2_vl", "bamba")

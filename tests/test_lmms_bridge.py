@@ -16,18 +16,27 @@ import torch
 pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval is not installed (the lmms extra)")
 
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
+from tiny_models import build_tiny  # noqa: E402
+from tiny_processors import make_processor, save_model_dir, write_calibration  # noqa: E402
 
 from atv.cli import main  # noqa: E402
-from evaluation import evaluate  # noqa: E402
-from evaluation.lmms_bridge import (ATVModel, LmmsTask, _StopSequences, bridge_prompt, cut_at_stop,  # noqa: E402
-                                    manifest, register, task_manager, write_lmms_task)
-from mot_probe import attach_probe_, probe_pool  # noqa: E402
 from atv.experiments.probe_study import StudyConfig, run_probe_study  # noqa: E402
+from evaluation import evaluate  # noqa: E402
+from evaluation.lmms_bridge import (  # noqa: E402
+    ATVModel,
+    LmmsTask,
+    _StopSequences,
+    bridge_prompt,
+    cut_at_stop,
+    manifest,
+    register,
+    task_manager,
+    write_lmms_task,
+)
+from mot_probe import attach_probe_, probe_pool  # noqa: E402
 from pruning.config import PruneConfig  # noqa: E402
 from pruning.data import load_llava_conversations  # noqa: E402
 from pruning.errors import ConfigError  # noqa: E402
-from tiny_models import build_tiny  # noqa: E402
-from tiny_processors import make_processor, save_model_dir, write_calibration  # noqa: E402
 
 TASKS = Path(__file__).resolve().parent / "lmms_tasks"
 NAMES = ("atv_tiny_choice", "atv_tiny_open")

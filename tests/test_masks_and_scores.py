@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from pruning.errors import NumericalError
 from pruning.masks import apply_mask_, matrix_mask, nm_mask, row_mask, sparsity_of
 from pruning.scores import magnitude_scores, wanda_scores
 from pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from pruning.errors import NumericalError
 from pruning.stats import Hessian, SquaredNorms
 
 

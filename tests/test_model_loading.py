@@ -1,7 +1,6 @@
 """Model loading shared by `atv prune`, `atv probe` and `atv eval`: a Hub id from a local hub cache
 (offline), revisions, the checkpoint's own dtype by default, accelerate device maps, and clear refusals."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir
 
 from atv.experiments.prune_job import PruneJob, run_prune_job
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
 from pruning.errors import ConfigError, UnsupportedModelError
 from pruning.io import LoadOptions, load_model, resolve_model
-from tiny_models import build_tiny
-from tiny_processors import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import FAMILIES, IMAGE, build_tiny
 from torch import nn
 
 from mot_probe import PATHS, RoutedLinear, attach_probe_, get_probe, probe_pool
@@ -13,7 +14,6 @@ from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
 from pruning.errors import ConfigError
-from tiny_models import FAMILIES, IMAGE, build_tiny
 
 
 def _logits(model, inputs):

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
@@ -13,7 +14,6 @@ from pruning.engine import compute_masks, prune_
 from pruning.execution import ExecutionConfig
 from pruning.io import load_model
 from pruning.offload import offload_device_map, offloaded_modules, onloaded
-from tiny_models import build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,9 @@ def test_load_model_with_offload_folder_keeps_layers_on_disk(tmp_path, llava):
 
 def test_cli_offload_saves_the_same_pruned_model(tmp_path):
     from safetensors.torch import load_file
+    from tiny_processors import save_model_dir, write_calibration
 
     from atv.cli import main
-    from tiny_processors import save_model_dir, write_calibration
 
     model, _ = build_tiny("llava_next")
     model_dir = save_model_dir("llava_next", model, tmp_path / "dense")

@@ -1,9 +1,17 @@
 """Calibration pools: ATV's k rule and top-k drift selection, by hand."""
 
-import pytest
 import torch
 
-from pruning.pools import alpha_rule_k, atv_pool, drift, random_visual, ratio_rule_k, text_pool, top_drift_visual, visual_pool
+from pruning.pools import (
+    alpha_rule_k,
+    atv_pool,
+    drift,
+    random_visual,
+    ratio_rule_k,
+    text_pool,
+    top_drift_visual,
+    visual_pool,
+)
 
 # One sample: positions 0-1 text, 2-7 visual, 8-9 text, 10 padding.
 VISUAL = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)

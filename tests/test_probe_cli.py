@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from atv.cli import main
 from tiny_models import build_tiny
 from tiny_processors import save_model_dir, write_calibration
+
+from atv.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
-from analysis.tables import probe_table, to_csv, to_latex, to_markdown
-from atv.experiments.records import RESULTS, read_records
-from atv.experiments.probe_study import StudyConfig, run_probe_study
-from pruning.errors import ConfigError, ToolkitError
 from tiny_models import build_tiny
 from tiny_processors import make_processor
+
+from analysis.tables import probe_table, to_csv, to_latex, to_markdown
+from atv.experiments.probe_study import StudyConfig, run_probe_study
+from atv.experiments.records import RESULTS, read_records
+from pruning.errors import ConfigError, ToolkitError
 
 
 class Interrupted(Exception):

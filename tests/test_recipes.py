@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir, write_calibration
 
 from atv.cli import build_parser, main, read_recipe
 from pruning.errors import ConfigError
-from tiny_models import build_tiny
-from tiny_processors import save_model_dir, write_calibration
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 from pruning import config as config_module
 from pruning.adapters import get_adapter
@@ -12,7 +13,6 @@ from pruning.engine import compute_masks, prune_
 from pruning.errors import ConfigError
 from pruning.registry import POOLS, SCORERS, get_pool, get_scorer, register_pool, register_scorer
 from pruning.scores import wanda_scores
-from tiny_models import build_tiny
 
 
 @pytest.fixture

@@ -8,8 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from atv.suite import (BENCHMARKS, DIGIT_SLICES, IMAGE_BENCHMARKS, SPLITS, Item, chance_level, digit_indices, item_seed,
-                       make_items, write_suite)
+from atv.suite import (
+    BENCHMARKS,
+    DIGIT_SLICES,
+    IMAGE_BENCHMARKS,
+    SPLITS,
+    Item,
+    chance_level,
+    digit_indices,
+    item_seed,
+    make_items,
+    write_suite,
+)
 from evaluation.benchmarks import CHOICE, FIDELITY
 from pruning.data import read_records, to_messages
 from pruning.errors import ConfigError, OutputExistsError

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-
 from tiny_models import _features_per_image  # one reading of the image-token count
 
 VOCAB = 256

@@ -57,7 +57,7 @@ def make_processor(family: str, model):
                    vision_feature_select_strategy=cfg.vision_feature_select_strategy, num_additional_image_tokens=1,
                    chat_template=CHAT_TEMPLATE.replace("{IMAGE}", "<image>"))
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+        from transformers import Qwen2VLImageProcessor
 
         vc = cfg.vision_config
         specials = {"<|image_pad|>": cfg.image_token_id, "<|video_pad|>": cfg.video_token_id,

@@ -11,6 +11,8 @@ Retention is against the grid's dense cell, over the benchmarks the dense model 
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +26,7 @@ from evaluation.harness import FidelityReference, fidelity_reference
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError, ToolkitError
 
-from .records import ResultLog
+from .records import ResultLog, file_digest
 from .share import environment
 
 REFERENCE = "fidelity_reference.pt"
@@ -43,12 +45,28 @@ def open_benchmarks(benchmarks: Iterable[Benchmark | str | Path]) -> list[Benchm
     return [b if isinstance(b, Benchmark) or hasattr(b, "evaluate") else load_benchmark(b) for b in benchmarks]
 
 
+def benchmark_inputs(benches: Sequence[Any]) -> dict[str, str]:
+    """Fingerprints of the benchmark files and of each one's images (benchmarks without a file: none)."""
+    inputs = {}
+    for bench in benches:
+        path = getattr(bench, "path", None)
+        if isinstance(bench, Benchmark) and path is not None:
+            inputs[f"benchmark {path}"] = file_digest(path)
+            images = sorted({str(item.image) for item in bench.items if item.image is not None})
+            inputs[f"images of benchmark {path}"] = hashlib.sha256(
+                "".join(f"{image}:{file_digest(image)};" for image in images).encode()).hexdigest()
+    return inputs
+
+
 def open_log(out_dir: str | Path, config: Any, benches: Sequence[Benchmark], calibration: Sequence[Any],
              extra: Mapping[str, Any] | None) -> ResultLog:
-    """The study folder's result log, its setup pinned: the grid config, the benchmarks, the calibration
-    batches and ``extra`` (model folder, calibration file, ...)."""
+    """The study folder's result log, its setup checked: the grid config, the benchmarks, the calibration
+    batches and ``extra`` (model folder, calibration file, ...); ``inputs`` holds the benchmarks'
+    fingerprints and those in ``extra["inputs"]`` (model, calibration file)."""
+    extra = dict(extra or {})
+    inputs = {**benchmark_inputs(benches), **extra.pop("inputs", {})}
     setup = {"config": asdict(config), "benchmarks": [b.name for b in benches],
-             "calibration_batches": len(calibration), **dict(extra or {})}
+             "calibration_batches": len(calibration), **extra, "inputs": inputs}
     return ResultLog(out_dir, setup)
 
 
@@ -109,15 +127,22 @@ def evaluate_all(model: nn.Module, processor, benches: Sequence[Any], **kwargs) 
     return EvalReport(results, seed=kwargs.get("seed", 0))
 
 
-def load_reference(path: Path, model: nn.Module, processor, benches: Sequence[Any],
+def load_reference(results: ResultLog, model: nn.Module, processor, benches: Sequence[Any],
                    progress: bool) -> FidelityReference | None:
-    """The dense model's fidelity reference, computed once and kept at ``path``."""
+    """The dense model's fidelity reference, computed once and kept in the study folder (the setup is pinned
+    before it is written)."""
     fidelity = [b for b in benches if getattr(b, "kind", None) == "fidelity"]
     if not fidelity:
         return None
+    path = results.out_dir / REFERENCE
     if path.is_file():
-        return FidelityReference.load(path)
+        try:
+            return FidelityReference.load(path)
+        except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+            raise ToolkitError(f"{path} is corrupt ({type(err).__name__}); delete it to recompute the dense "
+                               "reference, or choose another --out") from None
     reference = fidelity_reference(model, processor, fidelity, progress=progress)
+    results.pin()
     tmp = path.with_suffix(".partial")
     reference.save(tmp)
     tmp.replace(path)

@@ -25,7 +25,6 @@ from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError
 
 from .cells import (
-    REFERENCE,
     check_choices,
     evaluate_all,
     load_reference,
@@ -34,6 +33,7 @@ from .cells import (
     run_cells,
     score_cell,
 )
+from .records import study_lock
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,13 @@ def run_method_comparison(make_model: Callable[[], nn.Module], processor, calibr
     study's dense cell), reused instead of evaluating the dense model again."""
     config = config or CompareConfig()
     benches = open_benchmarks(benchmarks)
+    with study_lock(out_dir):
+        return _run_comparison(make_model, processor, calibration, benches, out_dir, config, setup_extra, progress,
+                               dense_record)
+
+
+def _run_comparison(make_model, processor, calibration, benches, out_dir, config: CompareConfig, setup_extra,
+                    progress: bool, dense_record) -> CompareResult:
     results = open_log(out_dir, config, benches, calibration, setup_extra)
     cells = config.cells()
     if dense_record is not None and not results.done(cells[0]):
@@ -103,7 +110,7 @@ def run_method_comparison(make_model: Callable[[], nn.Module], processor, calibr
     def compute(cell: dict[str, str], dense: dict[str, Any] | None) -> dict[str, Any]:
         model = make_model()
         if not reference:
-            reference.append(load_reference(results.out_dir / REFERENCE, model, processor, benches, progress))
+            reference.append(load_reference(results, model, processor, benches, progress))
         return score_cell(cell, lambda: _prune(model, calibration, config, cell),
                           lambda: evaluate_all(model, processor, benches, reference=reference[0],
                                                batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,

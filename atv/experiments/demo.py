@@ -99,6 +99,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     from atv.default_model import build_default_model
     from atv.experiments.compare import CompareConfig, run_method_comparison
     from atv.experiments.probe_study import StudyConfig, run_probe_study
+    from atv.experiments.records import file_digest, model_inputs
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
@@ -121,7 +122,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
                                                         config.seed, batch_size=config.calib_batch_size)
     lap("setup")
     extra = {"model": str(model_dir), "calib": str(suite / "calib.json"), "images": str(suite),
-             "nsamples": config.nsamples, "calib_batch_size": config.calib_batch_size, "n_eval": config.n_eval}
+             "nsamples": config.nsamples, "calib_batch_size": config.calib_batch_size, "n_eval": config.n_eval,
+             "inputs": {**model_inputs(model_dir), "calibration file": file_digest(suite / "calib.json")}}
     probe = run_probe_study(model, processor, calibration, benches, config.out / "probe",
                             StudyConfig(sparsities=config.probe_sparsities, seed=config.seed,
                                         batch_size=config.batch_size),

@@ -42,9 +42,10 @@ from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions, load_model
 from pruning.options import option
+from pruning.outputs import check_output_file, write_text_atomic
 
 from .cells import prune_summary
-from .records import RESULTS, SETUP, read_records
+from .records import RESULTS, SETUP, read_records, read_setup
 from .share import CARD, append_results, results_section
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def read_study_setup(cell: ProbeCell, *, model: Path | None = None, calib: Path 
     if not setup_path.is_file():
         raise ConfigError(f"{str(setup_path)!r} is missing: the probe setup (method, seed, calibration) is pinned "
                           "there; re-creating a cell needs it")
-    setup = json.loads(setup_path.read_text(encoding="utf-8"))
+    setup = read_setup(study_dir)
     config = setup.get("config", {})
     records = read_records(cell.results)
     record = next((r for r in records if r.get("cell") == cell.cell), None)
@@ -188,7 +189,7 @@ class LoadedModel:
 def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, calib: Path | None = None,
                     images: Path | None = None, load: LoadOptions | None = None,
                     reference_benchmarks: list[Benchmark] | None = None, progress: bool = False,
-                    processor=None) -> LoadedModel:
+                    processor=None, allow_outside: bool = False) -> LoadedModel:
     """A model folder, or (``cell``) the probe cell re-created in memory, with its processor.
 
     ``load``: revision, dtype, device and device map (a probe cell's dtype 'auto' is the study's).
@@ -219,7 +220,8 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     model, loaded = load_model(setup.model, load, with_processor=processor is None)
     processor = processor if processor is not None else loaded
     calibration, _ = load_llava_conversations(setup.calib, setup.images, processor, setup.nsamples, setup.seed,
-                                              setup.max_length, batch_size=setup.calib_batch_size)
+                                              setup.max_length, batch_size=setup.calib_batch_size,
+                                              allow_outside=allow_outside)
     probe = attach_probe_(model)
     reference = (fidelity_reference(model, processor, reference_benchmarks, progress=progress)
                  if reference_benchmarks else None)
@@ -276,6 +278,8 @@ class EvalJob:
     dense_results: Path | None = option(None, "dense run to compare with: an `atv eval` JSON or a probe "
                                               "results.jsonl")
     out: Path | None = option(None, "write the result JSON here")
+    overwrite: bool = option(False, "replace an existing --out file")
+    allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
     batch_size: int = option(8, "items per forward")
     max_new_tokens: int = option(8, "harness open answers (lmms-eval tasks set their own)")
     limit: int | None = option(None, "lmms-eval: at most this many items per task (a smoke test)")
@@ -295,6 +299,8 @@ class EvalJob:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
                               f"{self.max_new_tokens}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.model is None and self.probe_from is None:
@@ -358,7 +364,10 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     start = time.perf_counter()
     harness_paths = [t for t in job.tasks if is_harness_task(t)]
     lmms_names = [t for t in job.tasks if not is_harness_task(t)]
-    benches = [load_benchmark(p) for p in harness_paths]  # bad files fail before any loading
+    if job.out is not None:  # a bad --out fails now, not after the evaluation
+        check_output_file(job.out, job.overwrite, [*harness_paths, job.model, job.calib, job.images, job.dense_model,
+                                                   job.dense_results])
+    benches = [load_benchmark(p, job.allow_outside_paths) for p in harness_paths]  # bad files fail before loading
     if lmms_names:
         require_lmms_eval(lmms_names)
     dense = read_dense_scores(job.dense_results) if job.dense_results else None
@@ -383,7 +392,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
         reference = dense_loaded.reference
         del dense_loaded
     loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, load=job.load,
-                             progress=progress, processor=processor,
+                             progress=progress, processor=processor, allow_outside=job.allow_outside_paths,
                              reference_benchmarks=fidelity if job.probe_from is not None else None)
     reference = reference if reference is not None else loaded.reference
 
@@ -416,8 +425,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
             result.retention, result.mean_retention = kept.per_benchmark, kept.mean
     result.seconds = round(time.perf_counter() - start, 2)
     if job.out is not None:
-        job.out.parent.mkdir(parents=True, exist_ok=True)
-        job.out.write_text(result.to_json(), encoding="utf-8")
+        write_text_atomic(job.out, result.to_json())
     if job.out_card:
         _append_to_card(Path(job.model), result, job.seed)
     return result

@@ -23,13 +23,15 @@ from evaluation import Benchmark, load_benchmark
 from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
 from pruning.config import METHODS, PruneConfig
+from pruning.data import check_calibration_paths
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError
-from pruning.io import LoadOptions, dtype_name
+from pruning.io import LoadOptions, dtype_name, resolve_model
 from pruning.options import option
+from pruning.outputs import check_output_path
 
 from .cells import (
-    REFERENCE,
+    benchmark_inputs,
     check_choices,
     evaluate_all,
     load_reference,
@@ -39,6 +41,7 @@ from .cells import (
     score_cell,
 )
 from .prune_job import RECIPE, recipe_text
+from .records import check_inputs, file_digest, model_inputs, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,11 @@ class StudyConfig:
         bad_s = [s for s in self.sparsities if not 0.0 < s < 1.0]
         if bad_s or not self.sparsities:
             raise ConfigError(f"sparsities must be in (0, 1), got {list(self.sparsities)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
+                              f"{self.max_new_tokens}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.method not in METHODS or self.method in ("magnitude", "atv", "tamp"):
             raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', got {self.method!r}")
 
@@ -99,11 +107,17 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
     """
     config = config or StudyConfig()
     benches = open_benchmarks(benchmarks)
+    with study_lock(out_dir):
+        return _run_study(model, processor, calibration, benches, out_dir, config, setup_extra, progress, on_cell)
+
+
+def _run_study(model, processor, calibration, benches, out_dir, config: StudyConfig, setup_extra, progress: bool,
+               on_cell) -> StudyResult:
     results = open_log(out_dir, config, benches, calibration, setup_extra)
     cells = config.cells()
     probe = attach_probe_(model)
     try:
-        reference = load_reference(results.out_dir / REFERENCE, model, processor, benches, progress)
+        reference = load_reference(results, model, processor, benches, progress)
 
         def compute(cell: dict[str, Any], dense: dict[str, Any] | None) -> dict[str, Any]:
             try:
@@ -144,6 +158,12 @@ class ProbeJob:
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
+    allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """What the study reads (its folder may never hold one of these)."""
+        return (self.model, self.calib, self.images, *self.benchmarks)
 
 
 def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:
@@ -153,18 +173,27 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
-    benches = [load_benchmark(path) for path in job.benchmarks]  # bad benchmark files fail before any loading
-    set_seed(job.config.seed)
-    model, loaded = load_model(job.model, job.load, with_processor=processor is None)
-    processor = processor if processor is not None else loaded
-    calibration, calib_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
-                                                         job.config.seed, job.max_length)
-    extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images), "nsamples": job.nsamples,
-             "max_length": job.max_length, "calib_batch_size": 1, "dtype": dtype_name(model),
-             "calibration_ids": calib_report.ids,
-             **({"revision": job.load.revision} if job.load.revision else {})}
-    result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
-                             progress=progress)
+    # every check that needs no model first: benchmark files, paths, the inputs of a study being resumed
+    benches = [load_benchmark(path, job.allow_outside_paths) for path in job.benchmarks]
+    check_output_path(job.out, job.inputs)
+    check_calibration_paths(job.calib, job.images)
+    source = resolve_model(job.model)  # a folder with config.json, or a Hub id
+    model_print = model_inputs(source) if Path(source).is_dir() else {"model": f"{source}@{job.load.revision or 'main'}"}
+    inputs = {**model_print, "calibration file": file_digest(job.calib), **benchmark_inputs(benches)}
+    check_inputs(job.out, inputs)
+    with study_lock(job.out):
+        set_seed(job.config.seed)
+        model, loaded = load_model(job.model, job.load, with_processor=processor is None)
+        processor = processor if processor is not None else loaded
+        calibration, calib_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
+                                                             job.config.seed, job.max_length,
+                                                             allow_outside=job.allow_outside_paths)
+        extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images),
+                 "nsamples": job.nsamples, "max_length": job.max_length, "calib_batch_size": 1,
+                 "dtype": dtype_name(model), "calibration_ids": calib_report.ids, "inputs": inputs,
+                 **({"revision": job.load.revision} if job.load.revision else {})}
+        result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
+                                 progress=progress)
     if job.recipe is not None:
         tmp = result.out_dir / f".{RECIPE}.partial"
         tmp.write_text(recipe_text(job.recipe), encoding="utf-8")

@@ -15,7 +15,7 @@ from transformers import set_seed
 from pruning.config import PruneConfig
 from pruning.data import load_llava_conversations
 from pruning.engine import PruneReport, prune_
-from pruning.errors import CalibrationError
+from pruning.errors import CalibrationError, ConfigError
 from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, check_output_dir, load_model, save_pruned
 from pruning.options import option
@@ -36,7 +36,9 @@ class PruneJob:
     seed: int = option(0, "seed of the calibration sampling (and of the pruner's random choices)")
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
     batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)")
-    overwrite: bool = option(False, "replace an existing output folder")
+    overwrite: bool = option(False, "replace an existing output folder (only one this toolkit wrote)")
+    allow_outside_paths: bool = option(False, "accept calibration image paths outside --images")
+
     execution: ExecutionConfig = option(default_factory=ExecutionConfig, cli=False)  # offloading, pass schedule
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
@@ -44,6 +46,18 @@ class PruneJob:
     push_to_hub: str | None = option(None, "after saving, upload the folder to this Hub repository (org/name)",
                                      metavar="REPO")
     private: bool = option(False, "with --push-to-hub: create the repository as private")
+
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.batch_size < 1:
+            raise ConfigError(f"nsamples and batch_size must be >= 1, got {self.nsamples} and {self.batch_size}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def inputs(self) -> tuple[Path | None, ...]:
+        """What the run reads (an output may never hold one of these)."""
+        return self.model, self.calib, self.images
 
 
 RECIPE = "recipe.yaml"  # the options a command ran with; `atv prune --recipe` reads it back
@@ -61,7 +75,7 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     """Validate everything cheap first, then load, calibrate, prune and save atomically.
 
     ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
-    check_output_dir(job.out, job.overwrite)
+    check_output_dir(job.out, job.overwrite, job.inputs)
     if job.config.needs_calibration and (job.calib is None or job.images is None):
         raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
     set_seed(job.seed)  # python, numpy and torch
@@ -86,7 +100,8 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
     batches, data_report = [], None
     if job.config.needs_calibration:
         batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
-                                                        job.seed, job.max_length, job.batch_size)
+                                                        job.seed, job.max_length, job.batch_size,
+                                                        allow_outside=job.allow_outside_paths)
     report = prune_(model, job.config, batches, execution=job.execution, progress=progress)
     calibration = None if data_report is None else {"source": str(job.calib), **vars(data_report)}
     record = report.to_dict()
@@ -97,7 +112,7 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
                               command=job.command or "(run from Python)")}
     if job.recipe is not None:
         extra[RECIPE] = recipe_text(job.recipe)
-    save_pruned(model, processor, record, job.out, job.overwrite, extra_files=extra)
+    save_pruned(model, processor, record, job.out, job.overwrite, job.inputs, extra_files=extra)
     if job.push_to_hub:
         log.info("uploaded to %s", push_folder(job.out, job.push_to_hub, private=job.private))
     return report

@@ -1,20 +1,28 @@
 """Resumable result logs: one JSON record per finished grid cell, appended and fsynced.
 
-A study folder holds ``results.jsonl`` (the records) and ``study.json`` (the pinned setup). Opening a
-log on a folder with another setup is refused; a record torn by a kill (the last line) is dropped,
-so re-running the same command computes only the missing cells.
+A study folder holds ``results.jsonl`` (the records) and ``study.json`` (the pinned setup, with content
+fingerprints of the inputs: model config and weights, calibration file, benchmark files and their
+images). Opening a log on a folder with another setup, or whose inputs changed, is refused naming what
+changed; a record torn by a kill (the last line) is dropped, so re-running the same command computes only
+the missing cells. One run at a time holds a study folder (:func:`study_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import shutil
+import struct
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from pruning.errors import ToolkitError
 from pruning.io import read_log
+from pruning.outputs import owner, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -27,33 +35,182 @@ def cell_key(cell: Mapping[str, Any]) -> str:
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Finished cells of a results file (none when it does not exist yet); see :func:`pruning.io.read_log`."""
-    return read_log(path) if Path(path).is_file() else []
+    records = read_log(path) if Path(path).is_file() else []
+    bad = next((i for i, r in enumerate(records, 1) if not isinstance(r.get("cell"), dict)), None)
+    if bad is not None:
+        raise ToolkitError(f"{path}: record {bad} has no 'cell'; it is not a result record: use a new --out")
+    return records
 
 
+# -- fingerprints of the inputs ------------------------------------------------------------------------
+_WHOLE_FILE = 64 << 20  # files up to this size are hashed whole; larger ones by header, size and samples
+_SAMPLES, _SAMPLE = 32, 1 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(path: str | Path) -> str:
+    """A weights file's fingerprint: whole-file sha256 up to 64 MiB; beyond, its size, its safetensors header
+    (names, dtypes, shapes, offsets) and 32 evenly spaced 1 MiB samples (a full hash of a large checkpoint
+    would cost minutes on every resume)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size <= _WHOLE_FILE:
+        return file_digest(path)
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        if path.suffix == ".safetensors":
+            length = struct.unpack("<Q", f.read(8))[0]
+            digest.update(f.read(min(length, size)))
+        for i in range(_SAMPLES):
+            f.seek((size - _SAMPLE) * i // (_SAMPLES - 1))
+            digest.update(f.read(_SAMPLE))
+    return "sampled:" + digest.hexdigest()
+
+
+def model_inputs(model_dir: str | Path) -> dict[str, str]:
+    """Fingerprints of a model folder: its config.json and its weight files."""
+    model_dir = Path(model_dir)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(f"{path.name}:{weights_digest(path)};".encode())
+    config = model_dir / "config.json"
+    return {"model config.json": file_digest(config) if config.is_file() else "missing",
+            "model weights": digest.hexdigest() if weights else "missing"}
+
+
+def changed_inputs(saved: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    """The inputs whose fingerprint differs (or that one side lacks)."""
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def read_setup(out_dir: str | Path) -> dict[str, Any] | None:
+    """A study folder's pinned setup (None when there is none); a corrupt file is an error naming it."""
+    path = Path(out_dir) / SETUP
+    if not path.is_file():
+        return None
+    try:
+        setup = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ToolkitError(f"{path} is corrupt ({err}); this study folder cannot be resumed: choose another --out") \
+            from None
+    if not isinstance(setup, dict):
+        raise ToolkitError(f"{path} is corrupt (not a JSON object); this study folder cannot be resumed: choose "
+                           "another --out")
+    return setup
+
+
+def check_inputs(out_dir: str | Path, inputs: Mapping[str, str]) -> None:
+    """Refuse to resume a study whose inputs (fingerprinted) changed since its records were computed."""
+    saved = read_setup(out_dir)
+    changed = changed_inputs(saved["inputs"], inputs) if saved is not None and "inputs" in saved else []
+    if changed:
+        raise ToolkitError(f"input changed since the study in {out_dir} started: {', '.join(changed)}; its records "
+                           "were computed on the old input(s). Restore them to resume, or pass a new --out to start "
+                           "a new study")
+
+
+# -- the study lock -------------------------------------------------------------------------------------
+LOCK = ".atv-lock"
+_held: dict[Path, Any] = {}  # study folder -> its open lock file: the lock is re-entrant within a process
+
+
+def _holder(text: str) -> str:
+    try:
+        who = json.loads(text)
+        return f"pid {who['pid']} on host {who['host']}"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def study_lock(out_dir: str | Path) -> Iterator[None]:
+    """Hold the study folder exclusively (an OS lock on ``OUT/.atv-lock``, released by the OS when the process
+    dies, so a dead run's lock is simply taken over); the file names the holder while it is held. A folder
+    this call created and that holds only the lock when it is released is removed again."""
+    out = Path(out_dir).resolve()
+    if out in _held:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / LOCK).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = _holder(handle.read())
+        handle.close()
+        raise ToolkitError(f"the study folder {out_dir} is in use by {holder}; wait for that run to finish or choose "
+                           "another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps(owner()))
+    handle.flush()
+    _held[out] = handle
+    try:
+        yield
+    finally:
+        del _held[out]
+        handle.seek(0)
+        handle.truncate()  # a free lock names nobody (and a failed run leaves the file as it found it)
+        if created and [p.name for p in out.iterdir()] == [LOCK]:
+            shutil.rmtree(out, ignore_errors=True)
+        handle.close()
+
+
+# -- the log --------------------------------------------------------------------------------------------
 class ResultLog:
-    """The records of one study folder. ``setup`` must be JSON-serialisable."""
+    """The records of one study folder. ``setup`` must be JSON-serialisable; its ``inputs`` entry (label ->
+    fingerprint) names what the records were computed on.
+
+    The setup is checked at once but written (``study.json``) only when the first result is: a run that
+    fails before computing anything pins nothing, so the corrected command is not refused."""
 
     def __init__(self, out_dir: str | Path, setup: Mapping[str, Any]):
         self.out_dir = Path(out_dir)
         self.setup = json.loads(json.dumps(dict(setup), default=str))
-        self._pin_setup()
         self.path = self.out_dir / RESULTS
         self.records = read_records(self.path)
+        self._pinned = self._check_setup()
         self._drop_torn_tail()
 
-    def _pin_setup(self) -> None:
-        path = self.out_dir / SETUP
-        if path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved != self.setup:
-                changed = sorted(k for k in set(saved) | set(self.setup) if saved.get(k) != self.setup.get(k))
-                raise ToolkitError(f"{self.out_dir} holds a study with a different setup (differs in {changed}); "
-                                   "re-run with the same arguments to resume, or choose another --out")
-            return
-        if (self.out_dir / RESULTS).exists():
-            raise ToolkitError(f"{self.out_dir / RESULTS} exists without {SETUP}; choose another --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.setup, indent=2), encoding="utf-8")
+    def _computed(self) -> bool:
+        return bool(self.records) or any(self.out_dir.glob("*.pt"))
+
+    def _check_setup(self) -> bool:
+        """Whether the folder's pinned setup is this one (raises when it differs and results exist)."""
+        saved = read_setup(self.out_dir)
+        if saved is None:
+            if self.records:
+                raise ToolkitError(f"{self.path} exists without {SETUP}; choose another --out")
+            return False
+        if saved == self.setup:
+            return True
+        if not self._computed():
+            return False  # nothing was computed under the old setup: this one replaces it
+        check_inputs(self.out_dir, self.setup.get("inputs", {}))
+        differs = sorted(k for k in set(saved) | set(self.setup)
+                         if k != "inputs" and saved.get(k) != self.setup.get(k))
+        if differs:
+            raise ToolkitError(f"{self.out_dir} holds a study with a different setup (differs in {differs}); "
+                               "re-run with the same arguments to resume, or choose another --out")
+        return True  # a study pinned before inputs were fingerprinted
+
+    def pin(self) -> None:
+        """Write ``study.json`` (once), before the first result this setup produces."""
+        if not self._pinned:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out_dir / SETUP, json.dumps(self.setup, indent=2))
+            self._pinned = True
 
     def _drop_torn_tail(self) -> None:
         """Cut the file back to its last complete line, so new records start on a line of their own."""
@@ -72,6 +229,7 @@ class ResultLog:
         return next((r for r in self.records if cell_key(r["cell"]) == key), None)
 
     def append(self, record: dict[str, Any]) -> None:
+        self.pin()
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

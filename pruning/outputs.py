@@ -1,0 +1,201 @@
+"""Safe outputs: nothing a user owns is ever lost.
+
+Rules, enforced before any work:
+
+* an output folder is never the working folder, one of its ancestors, nor a folder that holds (or is) an
+  input of the run;
+* an existing, non-empty output folder is replaced (``overwrite``) only when this toolkit wrote it: every
+  folder written through :func:`atomic_folder` carries a marker file, :data:`MARKER`;
+* a folder is written beside its target (``.NAME.partial-PID-xxxx``) and swapped in by renames (the old
+  one set aside as ``.NAME.old-PID-xxxx`` and deleted last). A run killed midway leaves such a sibling;
+  the next run on the same target removes it, or, when the kill fell between the two renames (target
+  missing, old copy present), puts the old folder back;
+* an output file is written to a temporary sibling and renamed over the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .errors import OutputExistsError
+
+MARKER = ".atv-toolkit"  # JSON {"written_by": "atv-toolkit", "kind": ...}: this toolkit wrote the folder
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<role>partial|old)-(?P<pid>\d+)-")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def owner() -> dict[str, Any]:
+    """Who is writing: this process's id and host (for lock files and messages)."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), what: str = "--out") -> Path:
+    """Refuse an output path that is the working folder or an ancestor of it, whose parent is a file, or
+    that contains or equals an input. Returns ``out``."""
+    out = _check_place(out, what)
+    _check_inputs(out, inputs, what)
+    return out
+
+
+def _check_place(out: str | Path, what: str) -> Path:
+    out = Path(out)
+    resolved = out.resolve()
+    if _contains(resolved, Path.cwd().resolve()):
+        raise OutputExistsError(f"{what} {str(out)!r} is the working folder or one of its parents; "
+                                "choose a new folder for the output")
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputExistsError(f"{what} {str(out)!r} cannot be created: {str(parent)!r} is a file, "
+                                        "not a folder")
+            break
+    return out
+
+
+def _check_inputs(out: Path, inputs: Iterable[str | Path | None], what: str) -> None:
+    resolved = out.resolve()
+    for given in inputs:
+        if given is not None and _contains(resolved, Path(given).resolve()):
+            raise OutputExistsError(f"{what} {str(out)!r} holds the input {str(given)!r}; writing there could "
+                                    "destroy it: choose another output")
+
+
+def written_by_toolkit(folder: str | Path) -> bool:
+    """Whether ``folder`` carries the marker :func:`atomic_folder` writes."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8")).get("written_by") == "atv-toolkit"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_folder(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                        what: str = "--out") -> Path:
+    """Refuse (before any work) an output folder this run may not write: see the module rules. An empty or
+    missing folder is fine; a non-empty one needs ``overwrite`` and the toolkit's marker. Leftovers of a
+    killed run are cleaned up first."""
+    out = _check_place(out, what)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{what} {str(out)!r} exists and is not a folder")
+    held = [name for name in _MODEL_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise OutputExistsError(f"{what} {str(out)!r} already holds a model ({', '.join(held)}); choose another "
+                                f"{what} or pass --overwrite")
+    _check_inputs(out, inputs, what)
+    recover_folder(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{what} {str(out)!r} is not empty; choose another {what} or pass --overwrite "
+                                    "(which replaces the whole folder)")
+        if not written_by_toolkit(out):
+            raise OutputExistsError(f"{what} {str(out)!r} was not written by atv-toolkit (no {MARKER} file in it), "
+                                    "so --overwrite will not delete it; remove it yourself or choose another "
+                                    f"{what}")
+    return out
+
+
+def recover_folder(out: str | Path) -> None:
+    """Clean up what killed runs left beside ``out``: partial folders are removed; an old folder set aside
+    is put back when ``out`` is missing (the kill fell between the two renames), else removed. Siblings
+    of live processes are left alone."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for sibling in sorted(out.parent.iterdir()):
+        match = _SIBLING.match(sibling.name)
+        if not match or match["name"] != out.name or not sibling.is_dir() or pid_alive(int(match["pid"])):
+            continue
+        if match["role"] == "old" and not out.exists():
+            sibling.rename(out)
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _sibling(out: Path, role: str) -> Path:
+    """A new, empty hidden folder beside ``out``, with the user's usual permissions (umask)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.{role}-{os.getpid()}-", dir=out.parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, kind: str = "folder") -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to write into; on success it gets the toolkit's marker (``kind``
+    says what it holds) and replaces ``out``: old set aside, new renamed in, old deleted. On any error the
+    partial folder is removed and ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(out)
+    tmp = _sibling(out, "partial")
+    old: Path | None = None
+    try:
+        yield tmp
+        (tmp / MARKER).write_text(json.dumps({"written_by": "atv-toolkit", "kind": kind}), encoding="utf-8")
+        if out.exists():
+            old = _sibling(out, "old")
+            old.rmdir()
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                      what: str = "--out") -> Path:
+    """Refuse (before any work) an output file that is a folder, equals an input, sits under a file, or
+    exists without ``overwrite``."""
+    out = check_output_path(out, inputs, what)
+    if out.is_dir():
+        raise OutputExistsError(f"{what} {str(out)!r} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{what} {str(out)!r} exists; choose another {what} or pass --overwrite")
+    return out
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary sibling of ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
