@@ -187,7 +187,8 @@ def drift_figure(data: Mapping[str, Any]):
     """-> (DriftSummary, Figure): visual drift distribution per layer (box plot) and ATV's k per layer."""
     summary = drift_summary(data)
     layers = summary.layers
-    rule = (f"fixed ratio {data['ratio']:g}" if data.get("ratio") is not None else f"alpha rule, alpha={data['alpha']:g}")
+    rule = (f"fixed ratio {data['ratio']:g}" if data.get("ratio") is not None
+            else f"alpha rule, alpha={data['alpha']:g}")
     step = max(1, len(layers) // 16)
     with style_context():
         fig = new_figure(max(7.0, 0.28 * len(layers) + 2.5), 6.5)

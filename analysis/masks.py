@@ -189,7 +189,7 @@ def iou_figure(tables: Mapping[str, Sequence[IouRow]], sparsity: float | None = 
             image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=vmin, vmax=1.0, interpolation="nearest")
             ax.set_xticks(range(len(projections)), projections, rotation=45, ha="right")
             step = max(1, len(layers) // 16)
-            ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+            ax.set_yticks(range(0, len(layers), step), [str(index) for index in layers[::step]])
             ax.set_xlabel("projection")
             ax.set_ylabel("decoder layer")
             ax.set_title(label)

@@ -429,12 +429,14 @@ def freeze_language_model_(model: nn.Module) -> None:
         p.requires_grad_(id(p) in trained)
 
 
-def train_default_model(config: TrainConfig = TrainConfig(), out_dir: str | Path = ASSETS_DIR,
+def train_default_model(config: TrainConfig | None = None, out_dir: str | Path = ASSETS_DIR,
                         cache_dir: str | Path | None = None, gguf_path: str | Path | None = None,
                         progress: bool = True, overwrite: bool = False) -> TrainRecord:
     """Train the vision tower and projector of smol-llava (seeded) and write ``PARTS_FILE`` and
     ``RECORD_FILE`` into ``out_dir``. The LM stays frozen and is checked unchanged at the end."""
     from safetensors.torch import save_file
+
+    config = config or TrainConfig()
 
     from atv.suite import IMAGE_BENCHMARKS, chance_level, make_items
 

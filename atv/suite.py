@@ -474,7 +474,8 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_eval: int | None = None, n
     ``n_eval`` defaults to 40 items per benchmark (12 with ``quick=True``). The folder is written to
     a temporary sibling and renamed when complete. Returns the folder.
     """
-    config = SuiteConfig(seed=seed, n_eval=n_eval if n_eval is not None else (QUICK_N_EVAL if quick else 40), n_calib=n_calib)
+    n_eval = n_eval if n_eval is not None else (QUICK_N_EVAL if quick else 40)
+    config = SuiteConfig(seed=seed, n_eval=n_eval, n_calib=n_calib)
     out = check_output_folder(out_dir, overwrite)  # replaces only a folder this toolkit wrote
     with atomic_folder(out, "suite") as tmp:
         (tmp / "images").mkdir()

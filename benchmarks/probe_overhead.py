@@ -22,7 +22,6 @@ import statistics
 from pathlib import Path
 
 import torch
-
 from prune_speed import forward_time, load_inputs
 
 
@@ -80,7 +79,8 @@ def main() -> None:
         print(f"batch size {size} (visual tokens: {100 * record['visual_fraction']:.0f}%): forward time ratio "
               f"unpruned probe / original {record['ratio_probe']:.3f}, "
               f"text-pruned probe / original {record['ratio_probe_text_pruned']:.3f}")
-    print(f"extra weights: {record['extra_weights']:,} = {record['extra_over_one_path']:.2f} x one path's routed Linears")
+    print(f"extra weights: {record['extra_weights']:,} = {record['extra_over_one_path']:.2f} x one path's "
+          "routed Linears")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         setup = {k: str(v) for k, v in vars(args).items()}

@@ -147,7 +147,8 @@ def _setup(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", choices=["qwen2_vl"], help="a random model built in memory")
-    parser.add_argument("--default-model", action="store_true", help="the embedded smol-llava and the suite's calib.json")
+    parser.add_argument("--default-model", action="store_true",
+                        help="the embedded smol-llava and the suite's calib.json")
     parser.add_argument("--cache", type=Path, default=None, help="cache folder of the default model ($ATV_CACHE)")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--calib", type=Path)

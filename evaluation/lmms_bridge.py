@@ -501,7 +501,8 @@ from pathlib import Path
 
 from evaluation.lmms_bridge import harness_task_functions
 
-_functions = harness_task_functions(json.loads(Path(__file__).with_suffix(".json").read_text(encoding="utf-8"))["folder"])
+_sidecar = json.loads(Path(__file__).with_suffix(".json").read_text(encoding="utf-8"))
+_functions = harness_task_functions(_sidecar["folder"])
 doc_to_visual, doc_to_text = _functions.doc_to_visual, _functions.doc_to_text
 choice_target, open_results = _functions.choice_target, _functions.open_results
 '''

@@ -127,7 +127,8 @@ class Adapter:
         return [f"{i}.{name}" for i in range(len(self.decoder_layers(model)))
                 for name, why in self.projections(model, i).skipped.items() if "expert" in why.lower()]
 
-    def named_linears(self, model: nn.Module, index: int, names: tuple[str, ...] = DECODER_PROJ) -> dict[str, nn.Linear]:
+    def named_linears(self, model: nn.Module, index: int,
+                      names: tuple[str, ...] = DECODER_PROJ) -> dict[str, nn.Linear]:
         """The Linears ``names`` (relative to the block) of decoder layer ``index``; the default
         (DECODER_PROJ) stands for every prunable projection of the block, in discovery order."""
         layer = self.decoder_layers(model)[index]
@@ -142,7 +143,8 @@ class Adapter:
                 raise UnsupportedModelError(f"target {name!r} is not a module of decoder layer {index}; valid "
                                             f"targets: {valid}") from None
             if not _is_linear_like(module):
-                raise UnsupportedModelError(f"{name} of decoder layer {index} is a {type(module).__name__}, not nn.Linear")
+                raise UnsupportedModelError(f"{name} of decoder layer {index} is a {type(module).__name__}, "
+                                            "not nn.Linear")
             found[name] = module
         return found
 

@@ -238,7 +238,7 @@ class LayerPruner:
         return self.report
 
     def _run(self, masks_out: dict[str, torch.Tensor] | None) -> None:
-        originals = {} if self.apply else {n: l.weight.detach().clone() for n, l in self.targets.items()}
+        originals = {} if self.apply else {n: t.weight.detach().clone() for n, t in self.targets.items()}
         stats, dense_outs = self._statistics() if self.scorer.needs is not None else ({}, None)
         masks, new_weights = self._masks(stats)
         self._apply(masks, new_weights)
@@ -331,7 +331,7 @@ class LayerPruner:
         if self.execution.schedule != "auto":
             return self.execution.schedule
         tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
-        features = sum(l.in_features for l in self.linears.values()) + self.experts.stash_features()  # MoE hook
+        features = sum(lin.in_features for lin in self.linears.values()) + self.experts.stash_features()  # MoE hook
         size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
         return "two-pass" if size_gb <= self.execution.stash_budget_gb else "three-pass"
 
@@ -388,7 +388,8 @@ class LayerPruner:
         self.report.visual_selected += int((pool & visual).sum())
 
     # -- masks -----------------------------------------------------------------------------
-    def _masks(self, stats: dict[str, SquaredNorms | Hessian]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _masks(self, stats: dict[str, SquaredNorms | Hessian]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         masks, new_weights = {}, {}
         for name, linear in self.linears.items():
             statistic = stats[name].result() if stats else None

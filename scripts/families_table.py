@@ -82,9 +82,8 @@ def sweep_row(model_type: str) -> str:
     (structure without weights: no memory, and a config left large by shrinking costs nothing)."""
     import torch
     import transformers as tf
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     from tiny_families import shrink
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
         config = shrink(CONFIG_MAPPING[model_type]())
@@ -106,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import transformers as tf
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
     from tiny_families import TESTED
     from tiny_models import FAMILIES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     start = time.perf_counter()
     rows = [tested_row(f) for f in TESTED]

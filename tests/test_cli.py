@@ -18,7 +18,8 @@ from pruning.io import LoadOptions
 REQUIRED = {"prune": ["--model", "m", "--out", "o"],
             "probe": ["--model", "m", "--calib", "c.json", "--images", "i", "--bench", "b.jsonl", "--out", "o"],
             "demo": [], "eval": ["--tasks", "t.jsonl", "--model", "m"]}
-CLASSES = {"prune": (PruneJob, LoadOptions, PruneConfig, ExecutionConfig), "probe": (ProbeJob, LoadOptions, StudyConfig),
+CLASSES = {"prune": (PruneJob, LoadOptions, PruneConfig, ExecutionConfig),
+           "probe": (ProbeJob, LoadOptions, StudyConfig),
            "demo": (DemoConfig,), "eval": (EvalJob, LoadOptions)}
 
 
@@ -54,7 +55,8 @@ def test_options_are_typed_and_feed_the_dataclasses():
     assert job.model == "m" and job.seed == 3 and job.config.seed == 3  # one --seed feeds both
     assert job.config.sparsity == 0.6 and job.config.targets == ("mlp.up_proj",) and job.config.layers == (0, 2)
     assert job.execution.offload is True
-    args = build_parser().parse_args(["eval", "--tasks", "a.jsonl", "--probe-from", "runs/p/results.jsonl:text/text/0.5",
+    args = build_parser().parse_args(["eval", "--tasks", "a.jsonl",
+                                      "--probe-from", "runs/p/results.jsonl:text/text/0.5",
                                       "--no-lmms-defaults"])
     job = build(EvalJob, args, load=build(LoadOptions, args))
     assert job.probe_from == ProbeCell(Path("runs/p/results.jsonl"), "text", "text", 0.5)

@@ -74,7 +74,8 @@ def test_a_given_dense_record_is_reused_not_recomputed(tmp_path):
     out = run_method_comparison(make_model, processor, calibration, [tmp_path / "fid.jsonl"], tmp_path / "c", config,
                                 progress=False, dense_record=given)
     assert len(made) == 1 and out.computed == 1
-    assert out.records[0]["cell"] == {"method": "dense", "setting": "dense"} and out.records[0]["scores"] == {"fid": 100.0}
+    assert out.records[0]["cell"] == {"method": "dense", "setting": "dense"}
+    assert out.records[0]["scores"] == {"fid": 100.0}
     with pytest.raises(ConfigError, match="not these benchmarks"):
         run_method_comparison(make_model, processor, calibration, [tmp_path / "fid.jsonl"], tmp_path / "d", config,
                               progress=False, dense_record={**given, "scores": {"other": 1.0}})

@@ -47,7 +47,7 @@ def _one_per_linear(self, acts):
     from pruning.stats import Hessian, SquaredNorms
 
     kind = Hessian if self.config.scorer == "sparsegpt" else SquaredNorms
-    return {n: kind(l.in_features, device=self.device) for n, l in self.linears.items()}
+    return {n: kind(lin.in_features, device=self.device) for n, lin in self.linears.items()}
 
 
 def _calibration(family):

@@ -75,7 +75,8 @@ def test_study_folder_spec_and_dense_json_give_retention(study, capsys):
     result = run_eval_job(EvalJob(tasks=(CHOICE,), probe_from=ProbeCell.parse(f"{out_dir}:text/visual/0.5"),
                                   dense_results=dense, batch_size=2), progress=False)
     dense_score = read_dense_scores(dense)["atv_tiny_choice"]
-    assert result.retention == {"atv_tiny_choice": pytest.approx(100 * result.scores()["atv_tiny_choice"] / dense_score)}
+    kept = 100 * result.scores()["atv_tiny_choice"] / dense_score
+    assert result.retention == {"atv_tiny_choice": pytest.approx(kept)}
 
 
 @pytest.mark.parametrize("spec, message", [

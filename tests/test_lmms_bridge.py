@@ -267,7 +267,8 @@ def _default_model_ready() -> bool:
     from atv import default_model as dm
 
     built = (dm.cache_root() / dm.MODEL_NAME / "config.json").is_file()
-    return built or ((dm.cache_root() / "smollm2" / dm.GGUF_NAME).is_file() and (dm.ASSETS_DIR / dm.PARTS_FILE).is_file())
+    parts = (dm.ASSETS_DIR / dm.PARTS_FILE).is_file()
+    return built or ((dm.cache_root() / "smollm2" / dm.GGUF_NAME).is_file() and parts)
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ def llava():
 
 def _decoder_weights(model):
     adapter = get_adapter(model)
-    return {f"{i}.{n}": l.weight.detach().clone() for i in range(len(adapter.decoder_layers(model)))
-            for n, l in adapter.named_linears(model, i).items()}
+    return {f"{i}.{n}": lin.weight.detach().clone() for i in range(len(adapter.decoder_layers(model)))
+            for n, lin in adapter.named_linears(model, i).items()}
 
 
 def _offloaded_weights(model):
@@ -35,7 +35,7 @@ def _offloaded_weights(model):
     out = {}
     for i, layer in enumerate(adapter.decoder_layers(model)):
         with onloaded(layer):
-            out.update({f"{i}.{n}": l.weight.detach().clone() for n, l in adapter.named_linears(model, i).items()})
+            out.update({f"{i}.{n}": lin.weight.detach().clone() for n, lin in adapter.named_linears(model, i).items()})
     return out
 
 

@@ -117,7 +117,8 @@ def test_chance_level():
              Item(id="c", question="q", answers=["z"])]
     assert chance_level(items) == pytest.approx((0.5 + 0.25 + 0.0) / 3)
     assert chance_level(make_items("digit", "eval", 7)) == pytest.approx(0.1)
-    assert chance_level([{"id": "d", "question": "q", "options": ["a", "b", "c"], "answer": "a"}]) == pytest.approx(1 / 3)
+    item = {"id": "d", "question": "q", "options": ["a", "b", "c"], "answer": "a"}
+    assert chance_level([item]) == pytest.approx(1 / 3)
 
 
 def test_bad_input_raises(suite, tmp_path):

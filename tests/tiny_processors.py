@@ -45,7 +45,8 @@ def make_processor(family: str, model):
         size = cfg.vision_config.image_size
         tokenizer = make_tokenizer(vocab, {"<image>": cfg.image_token_id})
         if family == "llava":
-            image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+            image_processor = CLIPImageProcessor(size={"shortest_edge": size},
+                                                 crop_size={"height": size, "width": size})
             cls = LlavaProcessor
         else:
             image_processor = LlavaNextImageProcessor(
@@ -116,7 +117,8 @@ def write_calibration(folder: Path, n: int = 4, seed: int = 0, with_bad: bool = 
             {"from": "gpt", "value": "a red cat" if i % 2 else "two blue dog"}]})
     if with_bad:
         records.append({"id": "text-only", "conversations": [{"from": "human", "value": "what is a cat"}]})
-        records.append({"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nwhat"}]})
+        turns = [{"from": "human", "value": "<image>\nwhat"}]
+        records.append({"id": "missing", "image": "nope.png", "conversations": turns})
     path = Path(folder) / "calib.json"
     path.write_text(json.dumps(records), encoding="utf-8")
     return path, images

@@ -47,7 +47,8 @@ def setting_config(method: str, setting: str, seed: int = 0) -> PruneConfig:
     try:
         value = float(setting.rstrip("%")) / (100 if setting.endswith("%") else 1)
     except ValueError:
-        raise ConfigError(f"setting must be a sparsity like '50%' / '0.5' or a pattern like '2:4', got {setting!r}") from None
+        raise ConfigError(f"setting must be a sparsity like '50%' / '0.5' or a pattern like '2:4', "
+                          f"got {setting!r}") from None
     return PruneConfig(method, sparsity=value, seed=seed)
 
 

@@ -184,7 +184,8 @@ def _analysis(model, calibration, calib_ids: list[str], suite: Path, config: Dem
     if not (folder / "drift.pt").is_file():
         records = {str(r.get("id")): r for r in json.loads((suite / "calib.json").read_text(encoding="utf-8"))}
         with Image.open(suite / records[calib_ids[0]]["image"]) as image:
-            save_drift(collect_drift(model, calibration), folder / "drift.pt", image=image.convert("RGB"), image_sample=0)
+            save_drift(collect_drift(model, calibration), folder / "drift.pt", image=image.convert("RGB"),
+                       image_sample=0)
     formats = ("png",) if config.quick else ("png", "pdf")
     report = make_figures(config.out, config.out / "figures", formats=formats)
     return [str(p) for p in report.made], dict(report.skipped)

@@ -451,5 +451,6 @@ def _path_of(name: str, paths: list[str]) -> str | None:
 
 
 __all__ = ["EvalJob", "EvalResult", "LoadedModel", "ProbeCell", "StudySetup", "TaskScore", "is_harness_task",
-           "load_cell_for_bridge", "load_eval_model", "lmms_manifest", "read_dense_scores", "read_study_setup", "require_lmms_eval",
+           "load_cell_for_bridge", "load_eval_model", "lmms_manifest", "read_dense_scores", "read_study_setup",
+           "require_lmms_eval",
            "run_eval_job"]

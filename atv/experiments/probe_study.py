@@ -74,7 +74,8 @@ class StudyConfig:
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.method not in METHODS or self.method in ("magnitude", "atv", "tamp"):
-            raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', got {self.method!r}")
+            raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', "
+                              f"got {self.method!r}")
 
     def cells(self) -> list[dict[str, Any]]:
         """The dense baseline first, then the grid in a fixed order."""
@@ -178,7 +179,8 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     check_output_path(job.out, job.inputs)
     check_calibration_paths(job.calib, job.images)
     source = resolve_model(job.model)  # a folder with config.json, or a Hub id
-    model_print = model_inputs(source) if Path(source).is_dir() else {"model": f"{source}@{job.load.revision or 'main'}"}
+    revision = job.load.revision or "main"
+    model_print = model_inputs(source) if Path(source).is_dir() else {"model": f"{source}@{revision}"}
     inputs = {**model_print, "calibration file": file_digest(job.calib), **benchmark_inputs(benches)}
     check_inputs(job.out, inputs)
     with study_lock(job.out):
