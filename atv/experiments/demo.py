@@ -123,6 +123,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     lap("setup")
     extra = {"model": str(model_dir), "calib": str(suite / "calib.json"), "images": str(suite),
              "nsamples": config.nsamples, "calib_batch_size": config.calib_batch_size, "n_eval": config.n_eval,
+             "calibration_ids": data_report.ids,
              "inputs": {**model_inputs(model_dir), "calibration file": file_digest(suite / "calib.json")}}
     probe = run_probe_study(model, processor, calibration, benches, config.out / "probe",
                             StudyConfig(sparsities=config.probe_sparsities, seed=config.seed,

@@ -46,7 +46,7 @@ from pruning.outputs import check_output_file, write_text_atomic
 
 from .cells import prune_summary
 from .records import RESULTS, SETUP, read_records, read_setup
-from .share import CARD, append_results, results_section
+from .share import CARD, append_results, environment, results_section
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,8 @@ class EvalResult:
     retention: dict[str, float] | None = None  # task -> % of the dense score (where the dense score is > 0)
     mean_retention: float | None = None
     seconds: float = 0.0
+    environment: dict[str, Any] = field(default_factory=dict)  # library versions, device, dtype
+    seed: int = 0
 
     def scores(self) -> dict[str, float]:
         return {t.name: t.score for t in self.tasks}
@@ -418,7 +420,8 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
                  "seed": setup.seed, "calib": str(setup.calib), "images": str(setup.images),
                  "nsamples": setup.nsamples, "prune": loaded.prune,
                  "recorded_scores": setup.record["scores"] if setup.record else None}
-    result = EvalResult(str(loaded.setup.model if loaded.setup else job.model), probe, tasks)
+    result = EvalResult(str(loaded.setup.model if loaded.setup else job.model), probe, tasks,
+                        environment=environment(loaded.model), seed=job.seed)
     if dense is not None:
         kept = defined_retention(result.scores(), dense)
         if kept is not None:
