@@ -32,6 +32,7 @@ from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
 from .execution import ExecutionConfig
 from .masks import apply_mask_, sparsity_of
+from .memory import stash_fits
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import drift
 from .registry import PoolParams, get_pool, get_scorer
@@ -315,8 +316,8 @@ class LayerPruner:
             return self.execution.schedule
         tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
         features = sum(l.in_features for l in self.linears.values())
-        size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
-        return "two-pass" if size_gb <= self.execution.stash_budget_gb else "three-pass"
+        fits = stash_fits(tokens, features, self.captured[0].hidden.element_size(), self.execution.stash_budget_gb)
+        return "two-pass" if fits else "three-pass"
 
     def _mean_drift(self) -> float:
         """Drift-only pass (the reference's first pass)."""

@@ -143,6 +143,13 @@ def dtype_name(model: nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
+def load_config(model: str | Path, options: LoadOptions | None = None):
+    """The transformers config of a model folder or Hub id (no weights read), e.g. for a memory plan."""
+    options = options or LoadOptions()
+    return _load_config(resolve_model(model), {"revision": options.revision,
+                                               "trust_remote_code": options.trust_remote_code})
+
+
 def _load_config(source: str, hub: dict[str, Any]):
     from transformers import AutoConfig
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -15,8 +16,12 @@ from pruning.data import load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError
 from pruning.execution import ExecutionConfig
-from pruning.io import LoadOptions, check_output_dir, load_model, save_pruned
+from pruning.io import LoadOptions, check_output_dir, load_config, load_model, save_pruned
+from pruning.memory import MemoryPlan, check_memory, plan_memory
 from pruning.options import option
+
+log = logging.getLogger(__name__)
+PLAN_TOKENS = 2048  # tokens per calibration sample assumed by the memory plan when --max-length is not given
 
 
 @dataclass
@@ -31,6 +36,8 @@ class PruneJob:
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
     batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)")
     overwrite: bool = option(False, "replace an existing output folder")
+    memory_check: bool = option(True, "skip the memory plan's check (run even when it predicts too little free "
+                                      "memory)", flag="--no-memory-check")
     execution: ExecutionConfig = option(default_factory=ExecutionConfig, cli=False)  # offloading, pass schedule
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
 
@@ -42,10 +49,23 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     check_output_dir(job.out, job.overwrite)
     if job.config.needs_calibration and (job.calib is None or job.images is None):
         raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
+    plan = memory_plan(job)
+    log.info("%s", plan.summary())
+    if job.memory_check:
+        check_memory(plan)
     set_seed(job.seed)  # python, numpy and torch
     start = time.perf_counter()
     with _offload_folder(job) as folder:
         return _load_prune_save(job, start, progress, processor, folder)
+
+
+def memory_plan(job: PruneJob) -> MemoryPlan:
+    """The run's memory plan from the model's config alone (samples assumed --max-length tokens long,
+    else PLAN_TOKENS)."""
+    dispatched = job.load.device_map not in (None, "cpu")
+    return plan_memory(job.config, job.execution, load_config(job.model, job.load), job.nsamples,
+                       job.max_length or PLAN_TOKENS, job.batch_size, job.load.dtype, device=job.load.device,
+                       dispatched=dispatched)
 
 
 def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
