@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import ConfigError, OutputExistsError, ToolkitError, UnsupportedModelError
+from .offload import save_shard_size
 from .options import option
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,8 @@ def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_di
     sibling folder and moved into place only when complete."""
     out = check_output_dir(out_dir, overwrite)  # an existing folder is empty, or overwrite was asked for
     with atomic_folder(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        shard = save_shard_size(model)  # offloaded weights are materialised one shard at a time
+        model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
