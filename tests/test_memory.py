@@ -124,25 +124,35 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 
+def llava(hidden, intermediate, layers, heads):
+    return LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=2048, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads),
+        vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=4, hidden_size=64,
+                           intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, projection_dim=64),
+        image_token_id=2000, vision_feature_layer=-1, vision_feature_select_strategy="default")
+
+def calibration(n, text):
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        ids = torch.cat([torch.randint(1, 1999, (8,), generator=g), torch.full((64,), 2000),
+                         torch.randint(1, 1999, (text - 8,), generator=g)]).unsqueeze(0)
+        batches.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            pixel_values=torch.randn(1, 3, 32, 32, generator=g)))
+    return batches
+
 torch.set_num_threads(1)
+prune_config, execution = PruneConfig("atv"), ExecutionConfig(schedule="two-pass")
+# warm-up on a toy of the same architecture: lazy imports and one-time kernel set-up happen before the baseline
+prune_(LlavaForConditionalGeneration(llava(64, 128, 1, 4)).eval(), prune_config, calibration(1, 16),
+       execution=execution, progress=False)
 baseline = rss()
-config = LlavaConfig(
-    text_config=dict(model_type="llama", vocab_size=2048, hidden_size=768, intermediate_size=2048,
-                     num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=12),
-    vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=4, hidden_size=64,
-                       intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, projection_dim=64),
-    image_token_id=2000, vision_feature_layer=-1, vision_feature_select_strategy="default")
+config = llava(768, 2048, 4, 12)
 torch.manual_seed(0)
 model = LlavaForConditionalGeneration(config).eval()
-g = torch.Generator().manual_seed(0)
 n, text = 8, 192
-batches = []
-for _ in range(n):
-    ids = torch.cat([torch.randint(1, 1999, (8,), generator=g), torch.full((64,), 2000),
-                     torch.randint(1, 1999, (text - 8,), generator=g)]).unsqueeze(0)
-    batches.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                        pixel_values=torch.randn(1, 3, 32, 32, generator=g)))
-prune_config, execution = PruneConfig("atv"), ExecutionConfig(schedule="two-pass")
+batches = calibration(n, text)
 plan = plan_memory(prune_config, execution, config, n, text + 64, 1, "float32")
 prune_(model, prune_config, batches, execution=execution, progress=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
@@ -153,7 +163,9 @@ print(json.dumps({"peak": peak, "plan": plan.peak(), "parts": plan.to_dict()}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_plan_within_25_percent_of_measured_peak_rss():
     done = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                               # a fixed glibc mmap threshold: freed tensors leave the RSS, so it tracks live memory
+                               "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["plan"] == pytest.approx(result["peak"], rel=0.25), result
