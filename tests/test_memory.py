@@ -113,15 +113,15 @@ def test_cli_refuses_a_run_that_will_not_fit(tmp_path, capsys, monkeypatch):
 
 
 RSS_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from pathlib import Path
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 from pruning import ExecutionConfig, PruneConfig, prune_
 from pruning.memory import plan_memory
 
-def rss():
+def rss(field="VmRSS"):
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
 def llava(hidden, intermediate, layers, heads):
@@ -155,7 +155,8 @@ n, text = 8, 192
 batches = calibration(n, text)
 plan = plan_memory(prune_config, execution, config, n, text + 64, 1, "float32")
 prune_(model, prune_config, batches, execution=execution, progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+# VmHWM, this process's own peak: ru_maxrss starts from the parent's peak when spawned by (v)fork + exec
+peak = rss("VmHWM") - baseline
 print(json.dumps({"peak": peak, "plan": plan.peak(), "parts": plan.to_dict()}))
 """
 
