@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from prune_speed import forward_time, load_inputs
+from prune_speed import forward_time, load_inputs, portable
 
 
 def measure(model, batches, repeats: int) -> dict:
@@ -83,7 +83,7 @@ def main() -> None:
           "routed Linears")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        setup = {k: str(v) for k, v in vars(args).items()}
+        setup = {k: portable(v) for k, v in vars(args).items()}
         args.out.write_text(json.dumps({"setup": setup, "by_batch_size": records}, indent=2))
 
 

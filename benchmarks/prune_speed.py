@@ -34,16 +34,25 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("magnitude", "wanda", "atv", "sparsegpt", "tamp")
 
 
-def synthetic_qwen2_vl(seed: int = 0, samples: int = 8, hidden: int = 256, layers: int = 4, batch_size: int = 1):
+WIDTHS = {  # --width: the decoder's (hidden, intermediate, heads, key/value heads)
+    "small": (256, 1024, 8, 4),
+    "7b": (3584, 18944, 28, 4),  # Qwen2-VL-7B's text width
+}
+
+
+def synthetic_qwen2_vl(seed: int = 0, samples: int = 8, hidden: int = 256, layers: int = 4, batch_size: int = 1,
+                       intermediate: int | None = None, heads: int = 8, kv_heads: int = 4):
     """A random Qwen2-VL of moderate size and calibration batches of ``batch_size`` samples with ~200
     visual tokens each (all samples have the same length, so no padding)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
+    half = hidden // heads // 2  # mrope splits half a head's dimensions 2:3:3 over (time, height, width)
+    mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=1000, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=4,
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}),
+        text_config=dict(vocab_size=1000, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0}),
         vision_config=dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=4, patch_size=4, spatial_merge_size=2,
                            temporal_patch_size=2, in_channels=3),
         image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
@@ -78,7 +87,13 @@ def default_model_inputs(cache: Path | None) -> tuple[Path, Path, Path]:
 
 def load_inputs(args: argparse.Namespace, offload_folder: str | None = None):
     if args.synthetic:
-        return synthetic_qwen2_vl(samples=args.nsamples, batch_size=getattr(args, "batch_size", 1))
+        hidden, intermediate, heads, kv_heads = WIDTHS[getattr(args, "width", "small")]
+        model, batches = synthetic_qwen2_vl(samples=args.nsamples, batch_size=getattr(args, "batch_size", 1),
+                                            hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads,
+                                            layers=getattr(args, "layers", 4))
+        device, dtype = torch.device(getattr(args, "device", "cpu")), getattr(torch, getattr(args, "dtype", "float32"))
+        move = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+        return model.to(device, dtype), [{k: move(v) for k, v in b.items()} for b in batches]
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
@@ -88,11 +103,21 @@ def load_inputs(args: argparse.Namespace, offload_folder: str | None = None):
     return model, batches
 
 
+def synchronize(model) -> None:
+    """Wait for the model's device (asynchronous backends such as CUDA) before reading a clock."""
+    device = next(model.parameters()).device
+    sync = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if device.type != "cpu" and sync is not None:
+        sync(device)
+
+
 def forward_time(model, batches) -> float:
+    synchronize(model)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
             model(**batch, use_cache=False)
+    synchronize(model)
     return time.perf_counter() - start
 
 
@@ -109,10 +134,14 @@ def run_one(args: argparse.Namespace) -> dict:
         report = prune_(model, PruneConfig(args.method, sparsity=0.5), batches,
                         execution=ExecutionConfig(offload=args.offload, **extra), progress=False)
         after = forward_time(model, batches)
+        device = next(model.parameters()).device
+        backend = getattr(torch, device.type, None)
+        device_peak = backend.max_memory_allocated(device) / 2**20 if device.type != "cpu" else None
     t_fwd = (before + after) / 2
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"method": args.method, "offload": args.offload, "t_fwd": t_fwd, "t_fwd_before": before,
             "t_fwd_after": after, "t_prune": report.seconds, "ratio": report.seconds / t_fwd, "peak_rss_mb": peak_mb,
+            "device": str(device), "peak_device_mb": device_peak,
             "samples": report.samples, "tokens": sum(int(b["input_ids"].numel()) for b in batches),
             "sparsity": report.sparsity}
 
@@ -125,7 +154,8 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, bool]]:
 def _child(args: argparse.Namespace, method: str, offload: bool) -> dict:
     command = [sys.executable, __file__, "--child-method", method, "--nsamples", str(args.nsamples),
                "--seed", str(args.seed), "--threads", str(args.threads), "--schedule", args.schedule,
-               "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+               "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--device", args.device,
+               "--width", args.width, "--layers", str(args.layers)]
     command += ["--synthetic", args.synthetic] if args.synthetic else [
         "--model", str(args.model), "--calib", str(args.calib), "--images", str(args.images)]
     command += ["--offload"] if offload else []
@@ -135,10 +165,19 @@ def _child(args: argparse.Namespace, method: str, offload: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def portable(value) -> str:
+    """An option's value for a results file: paths relative to the repository, or just their name when
+    outside it (results never record a machine's folders)."""
+    if not isinstance(value, Path):
+        return str(value)
+    path = value.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def _setup(args: argparse.Namespace) -> dict:
     import transformers
 
-    return {**{k: str(v) for k, v in vars(args).items() if k not in ("child_method",)},
+    return {**{k: portable(v) for k, v in vars(args).items() if k not in ("child_method",)},
             "torch": torch.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
             "load_average_at_start": os.getloadavg(), "machine": platform.machine(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -157,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="--synthetic: where the model runs (e.g. cuda:0)")
+    parser.add_argument("--width", default="small", choices=list(WIDTHS), help="--synthetic: decoder width")
+    parser.add_argument("--layers", type=int, default=4, help="--synthetic: decoder layers")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the steadiest on a shared machine)")
     parser.add_argument("--schedule", default="auto")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -189,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
               f"peak RSS {record['peak_rss_mb']:6.0f} MB", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"setup": setup, "results": records}, indent=2))  # partial results survive
-    print(f"written to {out}")
+    print(f"written to {portable(out)}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .errors import CalibrationError, ConfigError
 from .execution import ExecutionConfig
 from .experts import ROUTED, block_targets, check_config, eager_experts
 from .masks import apply_mask_, sparsity_of
+from .memory import stash_fits
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import drift
 from .registry import PoolParams, get_pool, get_scorer
@@ -332,8 +333,8 @@ class LayerPruner:
             return self.execution.schedule
         tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.captured)
         features = sum(lin.in_features for lin in self.linears.values()) + self.experts.stash_features()  # MoE hook
-        size_gb = tokens * features * self.captured[0].hidden.element_size() / 2**30
-        return "two-pass" if size_gb <= self.execution.stash_budget_gb else "three-pass"
+        fits = stash_fits(tokens, features, self.captured[0].hidden.element_size(), self.execution.stash_budget_gb)
+        return "two-pass" if fits else "three-pass"
 
     def _mean_drift(self) -> float:
         """Drift-only pass (the reference's first pass)."""

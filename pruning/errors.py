@@ -26,3 +26,7 @@ class NumericalError(ToolkitError):
 
 class OutputExistsError(ToolkitError):
     """The output directory already holds a model and overwriting was not asked for."""
+
+
+class InsufficientMemoryError(ToolkitError):
+    """The memory plan of a run exceeds the memory available on a device."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import ConfigError, ToolkitError, UnsupportedModelError
+from .offload import save_shard_size
 from .options import option
 from .outputs import atomic_folder, check_output_folder
 
@@ -137,6 +138,13 @@ def dtype_name(model: nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
+def load_config(model: str | Path, options: LoadOptions | None = None):
+    """The transformers config of a model folder or Hub id (no weights read), e.g. for a memory plan."""
+    options = options or LoadOptions()
+    return _load_config(resolve_model(model), {"revision": options.revision,
+                                               "trust_remote_code": options.trust_remote_code})
+
+
 def _load_config(source: str, hub: dict[str, Any]):
     from transformers import AutoConfig
 
@@ -209,7 +217,8 @@ def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_di
     written to a temporary sibling folder and moved into place only when complete."""
     out = check_output_dir(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
     with atomic_folder(out, "pruned-model") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        shard = save_shard_size(model)  # offloaded weights are materialised one shard at a time
+        model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")

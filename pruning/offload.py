@@ -17,7 +17,9 @@ and must write the pruned weights back where the hook will find them. This modul
 * :func:`cpu_offloaded`: for a model held in memory, ``accelerate.cpu_offload`` on every decoder layer
   for the duration of a run (the weights are put back and the hooks removed afterwards);
 * :func:`offload_device_map`: the ``device_map`` that keeps decoder layers on disk and everything
-  else on one device, for loading a checkpoint memory-mapped.
+  else on one device, for loading a checkpoint memory-mapped;
+* :func:`save_shard_size`: ``save_pretrained``'s shard size for such a model (transformers materialises
+  each shard's offloaded weights at once, so the shard bounds the memory of saving).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from torch import nn
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+MIN_SHARD_BYTES = 2**30  # offloaded models save in shards of at least 1 GiB (a small model stays one file)
 
 
 def _hook(module: nn.Module):
@@ -189,3 +193,11 @@ def offload_device_map(model: nn.Module, layers: nn.ModuleList, device: str | to
 
     visit(model, "")
     return device_map
+
+
+def save_shard_size(model: nn.Module) -> int | None:
+    """``max_shard_size`` for ``model.save_pretrained`` when weights are offloaded: the largest offloaded
+    module (accelerate hooks each Linear), at least :data:`MIN_SHARD_BYTES`, so saving holds one shard in
+    memory instead of every offloaded weight of a default 50 GB shard. None when nothing is offloaded."""
+    sizes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in offloaded_modules(model)]
+    return max(MIN_SHARD_BYTES, *sizes) if sizes else None

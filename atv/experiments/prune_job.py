@@ -17,12 +17,14 @@ from pruning.data import load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError, ConfigError
 from pruning.execution import ExecutionConfig
-from pruning.io import LoadOptions, check_output_dir, load_model, save_pruned
+from pruning.io import LoadOptions, check_output_dir, load_config, load_model, save_pruned
+from pruning.memory import MemoryPlan, check_memory, plan_memory
 from pruning.options import option
 
 from .share import CARD, environment, model_card, push_folder, sparsity_config
 
 log = logging.getLogger(__name__)
+PLAN_TOKENS = 2048  # tokens per calibration sample assumed by the memory plan when --max-length is not given
 
 
 @dataclass
@@ -38,7 +40,8 @@ class PruneJob:
     batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)")
     overwrite: bool = option(False, "replace an existing output folder (only one this toolkit wrote)")
     allow_outside_paths: bool = option(False, "accept calibration image paths outside --images")
-
+    memory_check: bool = option(True, "skip the memory plan's check (run even when it predicts too little free "
+                                      "memory)", flag="--no-memory-check")
     execution: ExecutionConfig = option(default_factory=ExecutionConfig, cli=False)  # offloading, pass schedule
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
@@ -46,7 +49,6 @@ class PruneJob:
     push_to_hub: str | None = option(None, "after saving, upload the folder to this Hub repository (org/name)",
                                      metavar="REPO")
     private: bool = option(False, "with --push-to-hub: create the repository as private")
-
 
     def __post_init__(self) -> None:
         if self.nsamples < 1 or self.batch_size < 1:
@@ -78,10 +80,23 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     check_output_dir(job.out, job.overwrite, job.inputs)
     if job.config.needs_calibration and (job.calib is None or job.images is None):
         raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
+    plan = memory_plan(job)
+    log.info("%s", plan.summary())
+    if job.memory_check:
+        check_memory(plan)
     set_seed(job.seed)  # python, numpy and torch
     start = time.perf_counter()
     with _offload_folder(job) as folder:
         return _load_prune_save(job, start, progress, processor, folder)
+
+
+def memory_plan(job: PruneJob) -> MemoryPlan:
+    """The run's memory plan from the model's config alone (samples assumed --max-length tokens long,
+    else PLAN_TOKENS)."""
+    dispatched = job.load.device_map not in (None, "cpu")
+    return plan_memory(job.config, job.execution, load_config(job.model, job.load), job.nsamples,
+                       job.max_length or PLAN_TOKENS, job.batch_size, job.load.dtype, device=job.load.device,
+                       dispatched=dispatched)
 
 
 def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
