@@ -1,6 +1,7 @@
 """`atv demo` end to end on a stand-in: a tiny LLaVA checkpoint in place of smol-llava, the real suite."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import build_tiny
@@ -58,6 +59,7 @@ def test_a_demo_probe_cell_is_recreated_by_atv_eval_with_its_recorded_scores(dem
     out, _ = demo_run
     setup = json.loads((out / "probe" / "study.json").read_text())
     assert setup["calib_batch_size"] == 2 and setup["images"] == str(out / "suite")
+    assert not Path(setup["model"]).is_absolute()  # relative to the output: no machine path
     digit = out / "suite" / "digit.jsonl"
     capsys.readouterr()
     assert main(["eval", "--probe-from", f"{out / 'probe'}:text/visual/0.6", "--tasks", str(digit),

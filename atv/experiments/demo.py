@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,7 +122,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     calibration, data_report = load_llava_conversations(suite / "calib.json", suite, processor, config.nsamples,
                                                         config.seed, batch_size=config.calib_batch_size)
     lap("setup")
-    extra = {"model": str(model_dir), "calib": str(suite / "calib.json"), "images": str(suite),
+    # the model folder relative to the output (no machine path; atv eval --probe-from resolves it from there)
+    extra = {"model": os.path.relpath(model_dir, config.out), "calib": str(suite / "calib.json"), "images": str(suite),
              "nsamples": config.nsamples, "calib_batch_size": config.calib_batch_size, "n_eval": config.n_eval,
              "calibration_ids": data_report.ids,
              "inputs": {**model_inputs(model_dir), "calibration file": file_digest(suite / "calib.json")}}
