@@ -65,6 +65,7 @@ def test_probe_cell_is_recreated_with_the_recorded_scores(study, capsys):
     assert {t["name"]: t["score"] for t in printed["tasks"]} == cell["scores"]
     assert printed["retention"] == pytest.approx(cell["retention"])
     assert printed["probe"]["method"] == "wanda" and printed["probe"]["nsamples"] == 3
+    assert len(printed["probe"]["calibration_ids"]) == 3 and printed["environment"]["versions"]["atv-toolkit"]
     assert printed["probe"]["prune"]["mean_sparsity"] == pytest.approx(cell["prune"]["mean_sparsity"])
 
 

@@ -115,6 +115,7 @@ class StudySetup:
     record: dict[str, Any] | None  # the study's record of the cell (None if it was never computed)
     max_length: int | None = None  # calibration records longer than this were skipped
     calib_batch_size: int = 1      # calibration samples per forward
+    calibration_ids: list[str] | None = None  # the samples the study pinned (None: a study of an older version)
 
 
 def _locate(value: str | Path, study_dir: Path) -> Path:
@@ -171,7 +172,7 @@ def read_study_setup(cell: ProbeCell, *, model: Path | None = None, calib: Path 
                           "atv probe --images was given)")
     return StudySetup(model_dir, calib_path, image_dir, config["method"], int(config["seed"]), int(setup["nsamples"]),
                       setup.get("dtype", "float32"), record, setup.get("max_length"),
-                      int(setup.get("calib_batch_size", 1)))
+                      int(setup.get("calib_batch_size", 1)), setup.get("calibration_ids"))
 
 
 # -- loading ------------------------------------------------------------------------------------------
@@ -418,7 +419,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
         setup = loaded.setup
         probe = {**job.probe_from.cell, "results": str(job.probe_from.results), "method": setup.method,
                  "seed": setup.seed, "calib": str(setup.calib), "images": str(setup.images),
-                 "nsamples": setup.nsamples, "prune": loaded.prune,
+                 "nsamples": setup.nsamples, "calibration_ids": setup.calibration_ids, "prune": loaded.prune,
                  "recorded_scores": setup.record["scores"] if setup.record else None}
     result = EvalResult(str(loaded.setup.model if loaded.setup else job.model), probe, tasks,
                         environment=environment(loaded.model), seed=job.seed)
