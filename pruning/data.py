@@ -23,7 +23,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -165,23 +165,89 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
     records = read_records(path)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
+
+    def image_of(record: Mapping[str, Any]):
+        image_path = image_file(record, image_dir, allow_outside)
+        return open_image(image_path) if image_path.is_file() else None
+
+    candidates = ((str(records[i].get("id", i)), records[i]) for i in order)
+    return _sample(candidates, image_of, processor, nsamples, max_length, batch_size, repr(str(path)))
+
+
+def load_calibration_dataset(source: str | Path, processor, nsamples: int = 128, seed: int = 0, *,
+                             split: str = "train", filters: Mapping[str, str] | None = None,
+                             image_dir: str | Path | None = None, max_length: int | None = None,
+                             batch_size: int = 1, allow_outside: bool = False,
+                             ) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
+    """Calibration records in the LLaVA conversation format from the ``datasets`` library: a Hub dataset
+    name (streamed, shuffled in a seeded buffer) or a local parquet/arrow/json file or folder (shuffled
+    whole, seeded). ``filters`` keep records whose fields equal the given strings; an ``image`` field is
+    an image (decoded by ``datasets``) or a path inside ``image_dir``. Same sampling report and skip
+    accounting as :func:`load_llava_conversations`."""
+    if nsamples < 1 or batch_size < 1:
+        raise CalibrationError(f"nsamples and batch_size must be >= 1, got {nsamples} and {batch_size}")
+    dataset = _open_dataset(source, split)
+    if isinstance(dataset, list):
+        random.Random(seed).shuffle(dataset)
+    else:
+        dataset = dataset.shuffle(seed=seed, buffer_size=10_000)
+    wanted = dict(filters or {})
+
+    def image_of(record: Mapping[str, Any]):
+        value = record.get("image")
+        if hasattr(value, "convert"):  # a decoded PIL image
+            return value.convert("RGB")
+        if image_dir is None:
+            raise CalibrationError(f"record {record.get('id', '?')!r} of {str(source)!r} names its image by path "
+                                   f"({value!r}); pass --images, the folder those paths are relative to")
+        image_path = image_file(record, Path(image_dir), allow_outside)
+        return open_image(image_path) if image_path.is_file() else None
+
+    candidates = ((str(r.get("id", i)), r) for i, r in enumerate(dataset)
+                  if all(str(r.get(k)) == v for k, v in wanted.items()))
+    return _sample(candidates, image_of, processor, nsamples, max_length, batch_size, repr(str(source)))
+
+
+def _open_dataset(source: str | Path, split: str):
+    """A local dataset as a list of records, or a streamed Hub dataset."""
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError("--calib-dataset needs the datasets library: pip install datasets") from None
+    path = Path(source)
+    try:
+        if path.is_file():
+            kind = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}.get(path.suffix)
+            if kind is None:
+                raise CalibrationError(f"{str(source)!r}: a calibration dataset file is .parquet, .arrow or .json(l)")
+            return list(datasets.load_dataset(kind, data_files=str(path), split=split))
+        if path.is_dir():
+            return list(datasets.load_dataset(str(path), split=split))
+        return datasets.load_dataset(str(source), split=split, streaming=True)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise CalibrationError(f"cannot open calibration dataset {str(source)!r} (split {split!r}): "
+                               f"{' '.join(str(err).split())[:300]}") from None
+
+
+def _sample(candidates: Iterable[tuple[str, Mapping[str, Any]]], image_of: Callable[[Mapping[str, Any]], Any],
+            processor, nsamples: int, max_length: int | None, batch_size: int,
+            source: str) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
+    """The first ``nsamples`` usable records of ``candidates`` (in their order), encoded; every skip counted."""
     report, samples, usable = CalibrationReport(requested=nsamples), [], []
-    for index in order:
+    for record_id, record in candidates:
         if len(samples) == nsamples:
             break
-        record = records[index]
         if not record.get("image"):
             report.skipped["no_image"] += 1
             continue
-        image_path = image_file(record, image_dir, allow_outside)
-        if not image_path.is_file():
-            report.skipped["missing_image"] += 1
-            continue
         try:
-            image = open_image(image_path)
+            image = image_of(record)
         except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for corrupt or truncated files
-            log.debug("calibration: %s is unreadable (%s)", image_path, err)
+            log.debug("calibration: the image of %s is unreadable (%s)", record_id, err)
             report.skipped["unreadable_image"] += 1
+            continue
+        if image is None:
+            report.skipped["missing_image"] += 1
             continue
         inputs = encode_records([record], [image], processor)
         if max_length is not None and inputs["input_ids"].shape[1] > max_length:
@@ -189,13 +255,13 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
             continue
         samples.append(inputs)
         usable.append((record, image))
-        report.ids.append(str(record.get("id", index)))
+        report.ids.append(record_id)
     report.used = len(samples)
     if any(report.skipped.values()):
         log.warning("calibration: skipped %s of the records read", report.skipped)
     if report.used < nsamples:
         raise CalibrationError(
-            f"only {report.used} usable calibration records in {str(path)!r} (asked for {nsamples}; "
+            f"only {report.used} usable calibration records in {source} (asked for {nsamples}; "
             f"skipped {report.skipped}); lower --nsamples or fix the data")
     if batch_size > 1:
         groups = [usable[i:i + batch_size] for i in range(0, len(usable), batch_size)]

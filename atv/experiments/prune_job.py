@@ -13,7 +13,7 @@ from typing import Any
 from transformers import set_seed
 
 from pruning.config import PruneConfig
-from pruning.data import load_llava_conversations
+from pruning.data import load_calibration_dataset, load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError, ConfigError
 from pruning.execution import ExecutionConfig
@@ -34,6 +34,10 @@ class PruneJob:
     config: PruneConfig = option(cli=False)
     calib: Path | None = option(None, "LLaVA-conversation JSON/JSONL (ShareGPT4V / LLaVA-NeXT-Data format)")
     images: Path | None = option(None, "folder the calibration records' image paths are relative to")
+    calib_dataset: str | None = option(None, "calibration records from the datasets library instead of --calib: a "
+                                             "Hub dataset (streamed) or a local parquet/arrow/json file or folder")
+    calib_split: str = option("train", "split of --calib-dataset")
+    calib_filter: tuple[str, ...] = option((), "keep --calib-dataset records whose fields match, e.g. source=coco")
     nsamples: int = option(128, "calibration samples")
     seed: int = option(0, "seed of the calibration sampling (and of the pruner's random choices)")
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
@@ -55,6 +59,9 @@ class PruneJob:
             raise ConfigError(f"nsamples and batch_size must be >= 1, got {self.nsamples} and {self.batch_size}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        self.calib_filter = tuple(self.calib_filter)
+        for item in self.calib_filter:
+            _key_value(item)  # checked before any work
 
     @property
     def inputs(self) -> tuple[Path | None, ...]:
@@ -78,8 +85,10 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
 
     ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
     check_output_dir(job.out, job.overwrite, job.inputs)
-    if job.config.needs_calibration and (job.calib is None or job.images is None):
-        raise CalibrationError(f"method {job.config.method!r} needs --calib and --images")
+    if job.config.needs_calibration and job.calib_dataset is None and (job.calib is None or job.images is None):
+        raise CalibrationError(f"method {job.config.method!r} needs --calib and --images, or --calib-dataset")
+    if job.calib is not None and job.calib_dataset is not None:
+        raise CalibrationError("give --calib or --calib-dataset, not both")
     plan = memory_plan(job)
     log.info("%s", plan.summary())
     if job.memory_check:
@@ -108,17 +117,34 @@ def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
     return tempfile.TemporaryDirectory(prefix=".atv-offload-", dir=parent)
 
 
+def _calibration(job: PruneJob, processor) -> tuple[list, Any]:
+    """The calibration batches and report, from the LLaVA JSON or through the datasets library."""
+    if job.calib_dataset is None:
+        return load_llava_conversations(job.calib, job.images, processor, job.nsamples, job.seed, job.max_length,
+                                        job.batch_size, allow_outside=job.allow_outside_paths)
+    filters = dict(_key_value(item) for item in job.calib_filter)
+    return load_calibration_dataset(job.calib_dataset, processor, job.nsamples, job.seed, split=job.calib_split,
+                                    filters=filters, image_dir=job.images, max_length=job.max_length,
+                                    batch_size=job.batch_size, allow_outside=job.allow_outside_paths)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise CalibrationError(f"--calib-filter entries look like key=value, got {item!r}")
+    return key, value
+
+
 def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, offload_folder: str | None) -> PruneReport:
     model, loaded = load_model(job.model, job.load, with_processor=processor is None,
                                offload_folder=offload_folder)
     processor = processor if processor is not None else loaded
     batches, data_report = [], None
     if job.config.needs_calibration:
-        batches, data_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
-                                                        job.seed, job.max_length, job.batch_size,
-                                                        allow_outside=job.allow_outside_paths)
+        batches, data_report = _calibration(job, processor)
     report = prune_(model, job.config, batches, execution=job.execution, progress=progress)
-    calibration = None if data_report is None else {"source": str(job.calib), **vars(data_report)}
+    source = str(job.calib) if job.calib_dataset is None else f"{job.calib_dataset} ({job.calib_split})"
+    calibration = None if data_report is None else {"source": source, **vars(data_report)}
     record = report.to_dict()
     record.update(model_dir=str(job.model), seed=job.seed, total_seconds=time.perf_counter() - start,
                   calibration=calibration, environment=environment(model), command=job.command)
