@@ -183,7 +183,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         add_options(p, cls, seen)
     p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
                                                "used are saved as recipe.yaml in --out")
-    p.set_defaults(func=_prune)
+    p.set_defaults(func=_prune, parser=p)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -193,7 +193,7 @@ def _prune(args: argparse.Namespace) -> int:
     from pruning.io import LoadOptions
 
     job = build(PruneJob, args, config=build(PruneConfig, args), execution=build(ExecutionConfig, args),
-                load=build(LoadOptions, args), recipe=recipe_of(build_parser().commands["prune"], args),
+                load=build(LoadOptions, args), recipe=recipe_of(args.parser, args),
                 command=shlex.join(["atv", *args.argv]))
     report = run_prune_job(job)
     print(json.dumps({"out": str(job.out), "mean_sparsity": round(report.sparsity, 6),
@@ -211,7 +211,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
         add_options(p, cls, seen)
     p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
                                                "used are saved as recipe.yaml in --out")
-    p.set_defaults(func=_probe)
+    p.set_defaults(func=_probe, parser=p)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -220,7 +220,7 @@ def _probe(args: argparse.Namespace) -> int:
     from pruning.io import LoadOptions
 
     job = build(ProbeJob, args, config=build(StudyConfig, args), load=build(LoadOptions, args),
-                recipe=recipe_of(build_parser().commands["probe"], args))
+                recipe=recipe_of(args.parser, args))
     result = run_probe_job(job)
     print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {job.out}")
     print(to_markdown(result.table))

@@ -188,12 +188,23 @@ def check_device(device: str | None) -> None:
     except (RuntimeError, ValueError) as err:
         raise UnsupportedModelError(f"device {device!r} is not a torch device ({_one_line(err)}); e.g. cpu or "
                                     "cuda:0") from None
-    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
-        raise UnsupportedModelError(f"device {device!r} is not available: this torch sees "
-                                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
-                                    "device(s); pass --device cpu or a present GPU")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise UnsupportedModelError(f"device {device!r} is not available on this machine; pass --device cpu")
+    if parsed.type in ("cpu", "meta"):
+        return
+    count = _device_count(parsed.type)
+    if (parsed.index or 0) >= count:
+        raise UnsupportedModelError(f"device {device!r} is not available: this torch sees {count} "
+                                    f"{parsed.type} device(s); pass --device cpu or a present accelerator")
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of type ``kind`` this torch can use (0 when none)."""
+    api = getattr(torch, "accelerator", None)  # torch >= 2.6: whichever accelerator is present
+    if api is not None:
+        current = api.current_accelerator()
+        return api.device_count() if current is not None and current.type == kind else 0
+    backend = getattr(torch, kind, None)  # older torch: the backend module of that device type
+    available = getattr(backend, "is_available", None)
+    return backend.device_count() if available is not None and available() else 0
 
 
 def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dict[str, Any]:

@@ -443,10 +443,7 @@ def _append_to_card(folder: Path, result: EvalResult, seed: int) -> None:
     sources = ", ".join(sorted({t.source for t in result.tasks}))
     title = f"atv eval: {sources}, seed {seed}" + ("" if result.mean_retention is None else
                                                    f", mean retention {result.mean_retention:.2f}%")
-    text = append_results(card.read_text(encoding="utf-8"), results_section(title, rows))
-    tmp = card.with_name(f".{CARD}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(card)
+    write_text_atomic(card, append_results(card.read_text(encoding="utf-8"), results_section(title, rows)))
 
 
 def _path_of(name: str, paths: list[str]) -> str | None:

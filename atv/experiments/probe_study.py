@@ -28,7 +28,7 @@ from pruning.engine import PruneReport
 from pruning.errors import ConfigError
 from pruning.io import LoadOptions, dtype_name, resolve_model
 from pruning.options import option
-from pruning.outputs import check_output_path
+from pruning.outputs import check_output_path, write_text_atomic
 
 from .cells import (
     benchmark_inputs,
@@ -197,7 +197,5 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
         result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
                                  progress=progress)
     if job.recipe is not None:
-        tmp = result.out_dir / f".{RECIPE}.partial"
-        tmp.write_text(recipe_text(job.recipe), encoding="utf-8")
-        tmp.replace(result.out_dir / RECIPE)
+        write_text_atomic(result.out_dir / RECIPE, recipe_text(job.recipe))
     return result

@@ -18,6 +18,7 @@ from torch import nn
 
 from pruning.adapters import get_adapter
 from pruning.engine import PruneReport
+from pruning.io import dtype_name
 
 CARD = "README.md"
 _PACKAGES = ("atv-toolkit", "torch", "transformers", "accelerate", "lmms-eval")
@@ -34,8 +35,7 @@ def environment(model: nn.Module | None = None) -> dict[str, Any]:
             versions[name] = None
     out: dict[str, Any] = {"versions": versions, "python": platform.python_version()}
     if model is not None:
-        weight = next(model.parameters())
-        out.update(device=weight.device.type, dtype=str(weight.dtype).removeprefix("torch."))
+        out.update(device=next(model.parameters()).device.type, dtype=dtype_name(model))
     return out
 
 
@@ -52,7 +52,8 @@ def sparsity_config(model: nn.Module, report: PruneReport) -> dict[str, Any]:
     what was left dense as ignore."""
     adapter = get_adapter(model)
     modules = dict(model.named_modules())
-    counts = {f"{_prefix(model, adapter, layer.index)}.{rel}": value for layer in report.layers
+    prefixes = _layer_names(model, adapter)
+    counts = {f"{prefixes[layer.index]}.{rel}": value for layer in report.layers
               for rel, value in layer.sparsity.items()}  # measured fraction of zeros (offloaded weights too)
     names = sorted(counts)
     zeros = sum(round(counts[n] * modules[n].weight.numel()) for n in names)
@@ -60,19 +61,19 @@ def sparsity_config(model: nn.Module, report: PruneReport) -> dict[str, Any]:
     pattern = report.config.get("pattern")
     return {"format": "dense", "global_sparsity": zeros / max(total, 1),
             "sparsity_structure": pattern if pattern else "unstructured",
-            "targets": _targets(model, adapter, report, names), "ignore": ["lm_head", "re:.*(vision|visual).*"]}
+            "targets": _targets(prefixes, report, names), "ignore": ["lm_head", "re:.*(vision|visual).*"]}
 
 
-def _prefix(model: nn.Module, adapter, index: int) -> str:
-    layer = adapter.decoder_layers(model)[index]
-    return next(name for name, module in model.named_modules() if module is layer)
+def _layer_names(model: nn.Module, adapter) -> list[str]:
+    """The full dotted name of every decoder layer (one pass over the model's modules)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(layer)] for layer in adapter.decoder_layers(model)]
 
 
-def _targets(model: nn.Module, adapter, report: PruneReport, names: list[str]) -> list[str]:
-    n_layers = len(adapter.decoder_layers(model))
-    if len(report.layers) != n_layers:
+def _targets(prefixes: list[str], report: PruneReport, names: list[str]) -> list[str]:
+    if len(report.layers) != len(prefixes):
         return names
-    stack = _prefix(model, adapter, 0).rpartition(".")[0]
+    stack = prefixes[0].rpartition(".")[0]
     relative = sorted({rel for layer in report.layers for rel in layer.sparsity})
     return [f"re:^{re.escape(stack)}\\.\\d+\\.{re.escape(rel)}$" for rel in relative]
 
