@@ -54,6 +54,9 @@ class Bootstrap:
                 "seed": self.seed}
 
 
+DEFAULT_BOOTSTRAP = Bootstrap()  # 95%, 2000 resamples, seed 0
+
+
 @dataclass(frozen=True)
 class Interval:
     low: float
@@ -133,7 +136,7 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 # -- the statistics -------------------------------------------------------------------------------------
-def score_interval(scores: Scores, name: str, boot: Bootstrap = Bootstrap()) -> Interval:
+def score_interval(scores: Scores, name: str, boot: Bootstrap = DEFAULT_BOOTSTRAP) -> Interval:
     """Interval of a benchmark's score (% of the mean item score) over its items."""
     (means,) = resampled_means(name, boot, scores)
     return percentile_interval(100.0 * means, boot.level)
@@ -152,7 +155,7 @@ def _retention_draws(cell: Mapping[str, Scores], dense: Mapping[str, Scores], bo
 
 
 def retention_intervals(cell: Mapping[str, Scores], dense: Mapping[str, Scores],
-                        boot: Bootstrap = Bootstrap()) -> RetentionIntervals:
+                        boot: Bootstrap = DEFAULT_BOOTSTRAP) -> RetentionIntervals:
     """Retention = cell mean / dense mean x 100, per benchmark of ``cell`` and averaged over them, with the
     cell's and the dense model's items resampled together. A resample whose dense mean is 0 has no retention
     and is left out (of that benchmark, and of the mean)."""
@@ -165,7 +168,7 @@ def retention_intervals(cell: Mapping[str, Scores], dense: Mapping[str, Scores],
 
 
 def paired_differences(a: Mapping[str, Scores], b: Mapping[str, Scores], dense: Mapping[str, Scores] | None = None,
-                       boot: Bootstrap = Bootstrap()) -> Differences:
+                       boot: Bootstrap = DEFAULT_BOOTSTRAP) -> Differences:
     """A - B on the benchmarks both have, resampling the same items for A, B (and the dense model).
 
     scores: per benchmark, mean(A) - mean(B) in score points (%); mean_retention: the difference of the
@@ -195,6 +198,6 @@ def _retention_difference(a, b, dense, shared: list[str], boot: Bootstrap) -> Es
     return Estimate(float(np.mean(points)), percentile_interval(np.mean(np.stack(draws), axis=0), boot.level))
 
 
-__all__ = ["Bootstrap", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "Differences", "Estimate", "Interval",
-           "RetentionIntervals", "bootstrap_indices", "paired_differences", "percentile_interval",
+__all__ = ["Bootstrap", "DEFAULT_BOOTSTRAP", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "Differences", "Estimate",
+           "Interval", "RetentionIntervals", "bootstrap_indices", "paired_differences", "percentile_interval",
            "resampled_means", "retention_intervals", "score_interval"]

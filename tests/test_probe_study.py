@@ -111,3 +111,15 @@ def test_table_writers_by_hand():
     assert to_csv(table).splitlines()[2] == "visual,mixed,100.14,–"
     latex = to_latex(table)
     assert r"\toprule" in latex and r"50\% sparsity" in latex and "100.14 & -- \\\\" in latex
+
+
+def test_study_records_keep_every_item_and_its_intervals(full):
+    dense, cell = full.records[0], full.records[1]
+    assert [len(dense["items"][b]["scores"]) for b in ("look", "fidelity")] == [4, 2]
+    assert dense["items"]["fidelity"]["scores"] == [1, 1]  # the dense model agrees with itself
+    assert dense["intervals"]["mean_retention"] == [100.0, 100.0]
+    for name, (low, high) in cell["intervals"]["scores"].items():
+        assert low <= cell["scores"][name] <= high
+        items = cell["items"][name]["scores"]
+        assert cell["scores"][name] == pytest.approx(100 * sum(items) / len(items), abs=1e-4)
+    assert set(cell["intervals"]["retention"]) == set(cell["retention"]) and "mean_retention" in cell["intervals"]

@@ -4,9 +4,17 @@ runner, the record schema, and the dense fidelity reference.
 A record (one JSON line per finished cell)::
 
     {"cell": {...}, "scores": {bench: %}, "metrics": {bench: {...}}, "prune": {...} | None,
-     "retention": {bench: % of dense}, "mean_retention": float, "seconds": float}
+     "retention": {bench: % of dense}, "mean_retention": float, "seconds": float,
+     "items": {bench: {"ids": digest, "scores": [item score in [0, 1], ...]}},
+     "intervals": {"method", "level", "resamples", "seed", "scores": {bench: [low, high]},
+                   "retention": {bench: [low, high]}, "mean_retention": [low, high]}}
 
-Retention is against the grid's dense cell, over the benchmarks the dense model scores above 0.
+Retention is against the grid's dense cell, over the benchmarks the dense model scores above 0. ``items``
+keeps each benchmark's per-item scores in item order (``ids`` fingerprints that order), so intervals can be
+recomputed and two cells compared item by item; ``intervals`` are 95% percentile-bootstrap intervals over
+items (:mod:`evaluation.intervals`), retention resampled together with the dense record's items. Records
+written before per-item scores were kept have neither entry; a retention interval needs the items of both
+the cell and its dense record (the mean's interval those of every benchmark).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from tqdm.auto import tqdm
 
 from evaluation import Benchmark, EvalReport, defined_retention, evaluate, load_benchmark
 from evaluation.harness import FidelityReference, fidelity_reference
+from evaluation.intervals import DEFAULT_BOOTSTRAP, Bootstrap, retention_intervals, score_interval
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError, ToolkitError
 
@@ -91,21 +100,24 @@ def prune_summary(report: PruneReport) -> dict[str, Any]:
 
 
 def score_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None], score: Callable[[], EvalReport],
-               dense: Mapping[str, Any] | None, model: nn.Module) -> dict[str, Any]:
+               dense: Mapping[str, Any] | None, model: nn.Module,
+               boot: Bootstrap = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
     """Run one cell: ``prune()`` (None for the dense cell), then ``score()``, into a record that also says
     what it was computed with (library versions, device, dtype)."""
     start = time.perf_counter()
     report = prune()
     scores = score()
     record = cell_record(cell, scores, None if report is None else prune_summary(report), dense,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, boot)
     record["environment"] = environment(model)
     return record
 
 
 def cell_record(cell: Mapping[str, Any], scores: EvalReport | Mapping[str, float], prune: dict[str, Any] | None,
-                dense: Mapping[str, Any] | None, seconds: float = 0.0) -> dict[str, Any]:
-    """One grid cell's record; retention is against the ``dense`` record (the cell itself when None)."""
+                dense: Mapping[str, Any] | None, seconds: float = 0.0,
+                boot: Bootstrap = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """One grid cell's record; retention is against the ``dense`` record (the cell itself when None). With an
+    EvalReport that kept per-item results the record holds them and the intervals they give."""
     if isinstance(scores, EvalReport):
         values, metrics = scores.scores(), {r.name: r.metrics for r in scores.results}
     else:
@@ -115,7 +127,48 @@ def cell_record(cell: Mapping[str, Any], scores: EvalReport | Mapping[str, float
     if kept is None:
         raise ToolkitError("the dense model scores 0 on every benchmark: retention is undefined")
     record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=seconds)
+    if isinstance(scores, EvalReport) and any(r.items for r in scores.results):
+        record["items"] = {r.name: _compact_items(r.items) for r in scores.results if r.items}
+        record["intervals"] = record_intervals(record, dense or record, boot)
     return record
+
+
+# -- per-item scores and their intervals ------------------------------------------------------------------
+ITEM_DIGITS = 6  # item scores are kept to 6 decimals (0/1 as integers): the log stays small
+
+
+def _compact_items(items: Sequence[Any]) -> dict[str, Any]:
+    ids = "\n".join(str(item.id) for item in items)
+    scores = [int(i.score) if i.score in (0.0, 1.0) else round(i.score, ITEM_DIGITS) for i in items]
+    return {"ids": hashlib.sha256(ids.encode("utf-8")).hexdigest()[:16], "scores": scores}
+
+
+def record_items(record: Mapping[str, Any]) -> dict[str, list[float]]:
+    """Benchmark -> per-item scores of a record (empty for a record written without them)."""
+    return {name: entry["scores"] for name, entry in (record.get("items") or {}).items()}
+
+
+def paired_items(record: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """The benchmarks both records hold the same items of (same ids in the same order)."""
+    mine, theirs = record.get("items") or {}, other.get("items") or {}
+    return [name for name in mine if name in theirs and mine[name]["ids"] == theirs[name]["ids"]]
+
+
+def record_intervals(record: Mapping[str, Any], dense: Mapping[str, Any], boot: Bootstrap = DEFAULT_BOOTSTRAP
+                     ) -> dict[str, Any]:
+    """Score intervals of every benchmark with items; retention intervals of those the dense record holds
+    the same items of, and the mean retention's interval when that covers every retention benchmark."""
+    items = record_items(record)
+    dense_items = record_items(dense)
+    out: dict[str, Any] = {**boot.to_dict(),
+                           "scores": {name: score_interval(s, name, boot).to_list() for name, s in items.items()}}
+    paired = [name for name in paired_items(record, dense) if name in record["retention"]]
+    if paired:
+        kept = retention_intervals({n: items[n] for n in paired}, {n: dense_items[n] for n in paired}, boot)
+        out["retention"] = {n: None if i is None else i.to_list() for n, i in kept.per_benchmark.items()}
+        if set(paired) == set(record["retention"]) and kept.mean is not None:
+            out["mean_retention"] = kept.mean.to_list()
+    return out
 
 
 def evaluate_all(model: nn.Module, processor, benches: Sequence[Any], **kwargs) -> EvalReport:

@@ -20,6 +20,7 @@ from torch import nn
 
 from analysis.tables import scores_table, write_table
 from evaluation import Benchmark
+from evaluation.intervals import Bootstrap
 from pruning.config import METHODS, PruneConfig, parse_pattern
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError
@@ -115,7 +116,8 @@ def _run_comparison(make_model, processor, calibration, benches, out_dir, config
         return score_cell(cell, lambda: _prune(model, calibration, config, cell),
                           lambda: evaluate_all(model, processor, benches, reference=reference[0],
                                                batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                               progress=progress, seed=config.seed), dense, model)
+                                               progress=progress, seed=config.seed, return_items=True),
+                          dense, model, Bootstrap(seed=config.seed))
 
     computed = run_cells(results, cells, compute, desc="method cells", progress=progress)
     records = results.ordered(cells)

@@ -20,6 +20,7 @@ from torch import nn
 
 from analysis.tables import probe_table, write_table
 from evaluation import Benchmark, load_benchmark
+from evaluation.intervals import Bootstrap
 from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
 from pruning.config import METHODS, PruneConfig
@@ -126,7 +127,8 @@ def _run_study(model, processor, calibration, benches, out_dir, config: StudyCon
                                   lambda: evaluate_all(model, processor, benches, reference=reference,
                                                        batch_size=config.batch_size,
                                                        max_new_tokens=config.max_new_tokens, progress=progress,
-                                                       seed=config.seed), dense, model)
+                                                       seed=config.seed, return_items=True), dense, model,
+                                  Bootstrap(seed=config.seed))
             finally:
                 probe.reset_()
 
