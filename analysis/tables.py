@@ -5,20 +5,39 @@ A *probe record* (one per finished cell of ``atv probe``, see :mod:`atv.experime
     {"cell": {"pathway": "text", "pool": "visual", "sparsity": 0.5}, "mean_retention": 94.3,
      "retention": {"bench": 95.0, ...}, "scores": {"bench": 61.0, ...}}
 
-The dense baseline has ``"cell": {"pathway": "dense"}``.
+The dense baseline has ``"cell": {"pathway": "dense"}``. A record may carry ``"intervals"`` (95% bootstrap
+intervals over items, see :mod:`atv.experiments.cells`): a value with an interval is written
+``71.30 [64.0, 78.1]`` (the point to two decimals, the bounds to one: their Monte Carlo error is larger);
+a record without intervals (written before they existed) shows the point alone.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Iterable, Sequence
+import re
+from typing import Any, Iterable, Mapping, Sequence
 
 Table = tuple[list[str], list[list[str]]]  # (header, rows)
+_WITH_INTERVAL = re.compile(r"^([+-]?[0-9.]+) \[[+-]?[0-9.]+, [+-]?[0-9.]+\]$")
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
+def _pct(value: float | None, interval: Sequence[float] | None = None) -> str:
+    """'71.30', or '71.30 [64.0, 78.1]' with an interval; '–' for a missing value."""
+    if value is None:
+        return "–"
+    if interval is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
+def record_interval(record: Mapping[str, Any], kind: str, name: str | None = None) -> list[float] | None:
+    """A record's interval of ``kind`` ('mean_retention'; 'scores' or 'retention' of benchmark ``name``), or
+    None when the record has none (written before intervals, or the items do not define one)."""
+    found = (record.get("intervals") or {}).get(kind)
+    if name is not None:
+        found = (found or {}).get(name)
+    return found if isinstance(found, (list, tuple)) and len(found) == 2 else None
 
 
 def sparsity_label(sparsity: float) -> str:
@@ -31,14 +50,14 @@ def probe_table(records: Iterable[dict[str, Any]]) -> Table:
     records = [r for r in records if r["cell"]["pathway"] != "dense"]
     sparsities = sorted({r["cell"]["sparsity"] for r in records})
     rows_order: list[tuple[str, str]] = []
-    values: dict[tuple[str, str, float], float] = {}
+    values: dict[tuple[str, str, float], str] = {}
     for r in records:
         key = (r["cell"]["pathway"], r["cell"]["pool"])
         if key not in rows_order:
             rows_order.append(key)
-        values[key + (r["cell"]["sparsity"],)] = r["mean_retention"]
+        values[key + (r["cell"]["sparsity"],)] = _pct(r["mean_retention"], record_interval(r, "mean_retention"))
     header = ["pathway", "calibration"] + [sparsity_label(s) for s in sparsities]
-    rows = [[p, q] + [_pct(values.get((p, q, s))) for s in sparsities] for p, q in rows_order]
+    rows = [[p, q] + [values.get((p, q, s), "–") for s in sparsities] for p, q in rows_order]
     return header, rows
 
 
@@ -48,8 +67,8 @@ def scores_table(records: Iterable[dict[str, Any]], label: Any = None) -> Table:
     label = label or (lambda r: " / ".join(str(v) for v in r["cell"].values()))
     benches = list(records[0]["scores"]) if records else []
     header = ["setting"] + benches + ["mean retention"]
-    rows = [[label(r)] + [_pct(r["scores"].get(b)) for b in benches] + [_pct(r.get("mean_retention"))]
-            for r in records]
+    rows = [[label(r)] + [_pct(r["scores"].get(b), record_interval(r, "scores", b)) for b in benches]
+            + [_pct(r.get("mean_retention"), record_interval(r, "mean_retention"))] for r in records]
     return header, rows
 
 
@@ -60,10 +79,43 @@ def method_table(records: Iterable[dict[str, Any]]) -> Table:
     records = [r for r in records if r["cell"]["method"] != "dense"]
     methods = list(dict.fromkeys(r["cell"]["method"] for r in records))
     settings = list(dict.fromkeys(r["cell"]["setting"] for r in records))
-    values = {(r["cell"]["method"], r["cell"]["setting"]): r.get("mean_retention") for r in records}
+    values = {(r["cell"]["method"], r["cell"]["setting"]): _pct(r.get("mean_retention"),
+                                                                record_interval(r, "mean_retention"))
+              for r in records}
     header = ["method"] + [str(s) for s in settings]
-    rows = [[m] + [_pct(values.get((m, s))) for s in settings] for m in methods]
+    rows = [[m] + [values.get((m, s), "–") for s in settings] for m in methods]
     return header, rows
+
+
+def difference_table(difference: Mapping[str, Any]) -> Table:
+    """Two cells side by side and their paired difference, per benchmark (score points, %) and in mean
+    retention, from ``{"a": label, "b": label, "rows": {name: {"a", "a_ci", "b", "b_ci", "diff", "diff_ci"}}}``
+    (``atv.experiments.compare.compare_cells``); an interval that excludes 0 is marked '*'."""
+    a, b = difference["a"], difference["b"]
+    header = ["", a, b, f"{a} − {b}", "separates"]
+    rows = [[name, _pct(row["a"], row.get("a_ci")), _pct(row["b"], row.get("b_ci")),
+             _pct(row["diff"], row.get("diff_ci")), _separates(row.get("diff_ci"))]
+            for name, row in difference["rows"].items()]
+    return header, rows
+
+
+def differences_summary(differences: Iterable[Mapping[str, Any]], row: str = "mean retention") -> Table:
+    """One line per compared pair: each cell's ``row`` (mean retention by default) and A − B, with intervals."""
+    header = ["A", "B", "A", "B", "A − B", "separates"]
+    rows = []
+    for d in differences:
+        entry = d["rows"].get(row)
+        if entry is not None:
+            rows.append([d["a"], d["b"], _pct(entry["a"], entry.get("a_ci")), _pct(entry["b"], entry.get("b_ci")),
+                         _pct(entry["diff"], entry.get("diff_ci")), _separates(entry.get("diff_ci"))])
+    return header, rows
+
+
+def _separates(interval: Sequence[float] | None) -> str:
+    """'yes' when the difference's interval excludes 0, 'no' when it holds 0, '–' without an interval."""
+    if interval is None:
+        return "–"
+    return "yes" if interval[0] > 0 or interval[1] < 0 else "no"
 
 
 def _numeric_columns(table: Table) -> list[bool]:
@@ -74,7 +126,7 @@ def _numeric_columns(table: Table) -> list[bool]:
         try:
             float(cell)
         except ValueError:
-            return cell.strip() in ("–", "-", "")
+            return cell.strip() in ("–", "-", "") or bool(_WITH_INTERVAL.match(cell))
         return True
 
     return [bool(rows) and all(numeric(row[i]) for row in rows) for i in range(len(header))]
@@ -99,7 +151,7 @@ def to_csv(table: Table) -> str:
 
 def _latex_escape(text: str) -> str:
     for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                          ("–", "--")):
+                          ("–", "--"), ("−", "$-$"), ("[", "{[}"), ("]", "{]}")):
         text = text.replace(char, escaped)
     return text
 
