@@ -303,6 +303,26 @@ def _figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from atv.experiments.compare import CompareCellsJob
+
+    p = sub.add_parser("compare", help="paired difference of two cells of a result log, with bootstrap intervals")
+    add_options(p, CompareCellsJob)
+    p.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from analysis.tables import to_markdown
+    from atv.experiments.compare import CompareCellsJob, run_compare_cells
+
+    difference, table = run_compare_cells(build(CompareCellsJob, args))
+    boot = difference["bootstrap"]
+    print(to_markdown(table))
+    print(f"{100 * boot['level']:g}% percentile-bootstrap intervals over items ({boot['resamples']} resamples, seed "
+          f"{boot['seed']}); A and B resampled on the same items; 'separates': the interval of A - B excludes 0")
+    return 0
+
+
 def _add_default_model(sub: argparse._SubParsersAction) -> None:
     from atv.default_model import TrainConfig
 
@@ -370,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--version", action="version", version=f"atv-toolkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_prune, _add_probe, _add_demo, _add_default_model, _add_suite, _add_figures, _add_eval):
+    for add in (_add_prune, _add_probe, _add_demo, _add_default_model, _add_suite, _add_figures, _add_compare,
+                _add_eval):
         add(sub)
     parser.commands = sub.choices  # command name -> its parser (recipes read the options from it)
     return parser

@@ -81,3 +81,61 @@ def test_a_benchmark_without_items_leaves_the_mean_without_interval():
     assert "mean_retention" not in cell["intervals"]
     low, high = cell["intervals"]["retention"]["look"]
     assert np.isfinite([low, high]).all() and low < cell["retention"]["look"] < high
+
+
+# -- atv compare: two cells of a log, paired on their items -------------------------------------------------
+def _log(tmp_path, with_items=True):
+    from analysis.sensitivity import write_records
+
+    make = _report if with_items else (lambda per: {n: 100 * sum(v) / len(v) for n, v in per.items()})
+    dense = cell_record({"pathway": "dense"}, make(DENSE), None, None)
+    text = cell_record({"pathway": "text", "pool": "text", "sparsity": 0.5}, make(CELL), None, dense)
+    better = {"look": [1, 1, 0, 1, 0, 0, 1, 1], "fid": [0.75, 0.5, 0.5]}  # one more item right, one text closer
+    visual = cell_record({"pathway": "visual", "pool": "text", "sparsity": 0.5}, make(better), None, dense)
+    return write_records([dense, text, visual], tmp_path / "probe" / "results.jsonl").parent
+
+
+def test_compare_cells_gives_paired_differences(tmp_path, capsys):
+    from atv.cli import main
+    from atv.experiments.compare import compare_cells, find_cell
+    from atv.experiments.records import read_records
+    from evaluation.intervals import paired_differences
+
+    records = read_records(_log(tmp_path) / "results.jsonl")
+    assert find_cell(records, "visual/text/0.50")["cell"]["pathway"] == "visual"
+    diff = compare_cells(records, "visual/text/0.5", "text/text/0.5")
+    assert list(diff["rows"]) == ["look", "fid", "mean retention"]
+    assert diff["rows"]["look"]["diff"] == pytest.approx(12.5) and diff["rows"]["look"]["a"] == 62.5
+    assert diff["rows"]["fid"]["diff"] == pytest.approx(100 * (0.5 - 0.333333) / 3, abs=1e-4)
+    expected = paired_differences({"look": [1, 1, 0, 1, 0, 0, 1, 1]}, {"look": CELL["look"]}).scores["look"]
+    assert diff["rows"]["look"]["diff_ci"] == expected.interval.to_list()
+    assert diff["rows"]["look"]["diff_ci"][0] == 0.0  # B never beats A on an item: no resample goes below 0
+    retention = diff["rows"]["mean retention"]
+    assert retention["diff"] == pytest.approx(records[2]["mean_retention"] - records[1]["mean_retention"])
+    assert retention["a_ci"] == records[2]["intervals"]["mean_retention"]
+    same = compare_cells(records, "text/text/0.5", "text/text/0.5")
+    assert all(row["diff_ci"] == [0.0, 0.0] for row in same["rows"].values())
+    assert main(["compare", "--results", str(tmp_path / "probe"), "--a", "visual/text/0.5", "--b",
+                 "text/text/0.5", "--resamples", "500"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "|  | visual/text/0.5 | text/text/0.5 | visual/text/0.5 − text/text/0.5 | separates |"
+    assert "| look | 62.50 [" in out and "500 resamples" in out and "| mean retention |" in out
+
+
+def test_compare_cells_refuses_what_it_cannot_pair(tmp_path, capsys):
+    from atv.cli import main
+    from atv.experiments.compare import compare_cells
+    from atv.experiments.records import read_records
+    from pruning.errors import ConfigError, ToolkitError
+
+    records = read_records(_log(tmp_path) / "results.jsonl")
+    with pytest.raises(ConfigError, match=r"no cell 'text/mixed/0.5'.*choose one of: dense, text/text/0.5"):
+        compare_cells(records, "text/mixed/0.5", "dense")
+    old = read_records(_log(tmp_path / "old", with_items=False) / "results.jsonl")
+    with pytest.raises(ToolkitError, match="no per-item scores"):
+        compare_cells(old, "text/text/0.5", "visual/text/0.5")
+    assert main(["compare", "--results", str(tmp_path / "nothing"), "--a", "x", "--b", "y"]) == 2
+    assert "no result log at" in capsys.readouterr().err
+    assert main(["compare", "--results", str(tmp_path / "probe"), "--a", "dense", "--b", "dense",
+                 "--level", "1.5"]) == 2
+    assert "level must be in (0, 1)" in capsys.readouterr().err

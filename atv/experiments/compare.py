@@ -7,6 +7,9 @@ A setting is a sparsity (``"50%"``) or an N:M pattern (``"2:4"``). Records::
      "mean_retention": 97.1, "prune": {"mean_sparsity": 0.5, "seconds": 12.3, ...}}
 
 with the dense baseline as ``{"method": "dense", "setting": "dense"}``.
+
+:func:`compare_cells` (``atv compare``) sets two cells of any result log (probe or method grid) side by side:
+their paired difference per benchmark and in mean retention, with bootstrap intervals over the same items.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from analysis.tables import scores_table, write_table
+from analysis.tables import difference_table, record_interval, scores_table, write_table
 from evaluation import Benchmark
-from evaluation.intervals import Bootstrap
+from evaluation.intervals import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, DEFAULT_RESAMPLES, Bootstrap, paired_differences
 from pruning.config import METHODS, PruneConfig, parse_pattern
 from pruning.engine import PruneReport, prune_
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, ToolkitError
+from pruning.options import option
 
 from .cells import (
     check_choices,
@@ -31,10 +35,12 @@ from .cells import (
     load_reference,
     open_benchmarks,
     open_log,
+    paired_items,
+    record_items,
     run_cells,
     score_cell,
 )
-from .records import study_lock
+from .records import RESULTS, read_records, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +142,91 @@ def _prune(model: nn.Module, calibration, config: CompareConfig, cell: Mapping[s
         return None
     prune_config = setting_config(cell["method"], cell["setting"], config.seed)
     return prune_(model, prune_config, calibration if prune_config.needs_calibration else (), progress=False)
+
+
+# -- two cells of a result log, paired on their items ---------------------------------------------------
+MEAN_ROW = "mean retention"
+
+
+def cell_label(record: Mapping[str, Any]) -> str:
+    """A cell's values joined by '/': 'text/visual/0.6' (probe), 'atv/50%' (methods), 'dense'."""
+    values = [str(v) for v in record["cell"].values()]
+    return "dense" if "dense" in values else "/".join(values)
+
+
+def _same(given: str, value: str) -> bool:
+    try:
+        return given == value or float(given) == float(value)  # '0.60' names the sparsity 0.6
+    except ValueError:
+        return False
+
+
+def find_cell(records: Sequence[Mapping[str, Any]], spec: str) -> Mapping[str, Any]:
+    """The record whose :func:`cell_label` reads ``spec`` (numbers match by value)."""
+    given = spec.strip().split("/")
+    for record in records:
+        label = cell_label(record).split("/")
+        if len(label) == len(given) and all(_same(g, v) for g, v in zip(given, label)):
+            return record
+    labels = ", ".join(cell_label(r) for r in records)
+    raise ConfigError(f"no cell {spec!r} in these records; choose one of: {labels}")
+
+
+def compare_cells(records: Sequence[Mapping[str, Any]], a: str, b: str,
+                  boot: Bootstrap = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """Cell ``a`` minus cell ``b`` (specs as :func:`find_cell` reads them), resampling the same items of both
+    and of the log's dense record: per benchmark in score points (%), and in mean retention when both cells
+    and the dense record hold the items of every benchmark their retention averages.
+
+    Returns ``{"a", "b", "rows": {name: {"a", "a_ci", "b", "b_ci", "diff", "diff_ci"}}, "bootstrap": {...}}``
+    (:func:`analysis.tables.difference_table` writes it)."""
+    first, second = find_cell(records, a), find_cell(records, b)
+    shared = paired_items(first, second)
+    if not shared:
+        raise ToolkitError(f"cells {a!r} and {b!r} hold no per-item scores of the same items (records written "
+                           "before per-item scores were kept): re-run those cells in a new --out to compare them")
+    dense = next((r for r in records if cell_label(r) == "dense"), None)
+    retained = [n for n in paired_items(first, dense) if n in first["retention"]] if dense is not None else []
+    items_a, items_b = record_items(first), record_items(second)
+    dense_items = {n: record_items(dense)[n] for n in retained if n in shared}
+    differences = paired_differences({n: items_a[n] for n in shared}, {n: items_b[n] for n in shared},
+                                     dense_items, boot)
+    rows = {name: _row(first["scores"][name], record_interval(first, "scores", name), second["scores"][name],
+                       record_interval(second, "scores", name), est) for name, est in differences.scores.items()}
+    if differences.mean_retention is not None and set(dense_items) == set(first["retention"]) == \
+            set(second["retention"]):
+        rows[MEAN_ROW] = _row(first["mean_retention"], record_interval(first, "mean_retention"),
+                              second["mean_retention"], record_interval(second, "mean_retention"),
+                              differences.mean_retention)
+    return {"a": cell_label(first), "b": cell_label(second), "rows": rows, "bootstrap": boot.to_dict()}
+
+
+def _row(a: float, a_ci, b: float, b_ci, difference) -> dict[str, Any]:
+    interval = None if difference.interval is None else difference.interval.to_list()
+    return {"a": a, "a_ci": a_ci, "b": b, "b_ci": b_ci, "diff": difference.value, "diff_ci": interval}
+
+
+@dataclass
+class CompareCellsJob:
+    results: Path = option(help="a study folder (its results.jsonl) or a results .jsonl file")
+    a: str = option(help="cell A: its values joined by '/', e.g. text/text/0.6 (probe) or atv/50% (methods)")
+    b: str = option(help="cell B, the same way; the table gives A - B")
+    level: float = option(DEFAULT_LEVEL, "confidence level of the intervals")
+    resamples: int = option(DEFAULT_RESAMPLES, "bootstrap resamples")
+    seed: int = option(0, "seed of the bootstrap")
+
+    def bootstrap(self) -> Bootstrap:
+        try:
+            return Bootstrap(level=self.level, resamples=self.resamples, seed=self.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def run_compare_cells(job: CompareCellsJob) -> tuple[dict[str, Any], tuple[list[str], list[list[str]]]]:
+    """``atv compare``: read the log, compare the two cells; returns the difference and its table."""
+    boot = job.bootstrap()
+    path = job.results / RESULTS if job.results.is_dir() else job.results
+    if not path.is_file():
+        raise ConfigError(f"no result log at {path}; pass a study folder (with {RESULTS}) or a results .jsonl file")
+    difference = compare_cells(read_records(path), job.a, job.b, boot)
+    return difference, difference_table(difference)
