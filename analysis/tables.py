@@ -100,14 +100,17 @@ def difference_table(difference: Mapping[str, Any]) -> Table:
 
 
 def differences_summary(differences: Iterable[Mapping[str, Any]], row: str = "mean retention") -> Table:
-    """One line per compared pair: each cell's ``row`` (mean retention by default) and A − B, with intervals."""
-    header = ["A", "B", "A", "B", "A − B", "separates"]
+    """One line per compared pair: each cell's ``row`` (mean retention by default) and A − B, with intervals;
+    a first column names each pair's ``"finding"`` when the differences carry one."""
+    differences = [d for d in differences if row in d["rows"]]
+    named = any("finding" in d for d in differences)
+    header = (["finding"] if named else []) + ["A", "B", f"A: {row}", f"B: {row}", "A − B", "separates"]
     rows = []
     for d in differences:
-        entry = d["rows"].get(row)
-        if entry is not None:
-            rows.append([d["a"], d["b"], _pct(entry["a"], entry.get("a_ci")), _pct(entry["b"], entry.get("b_ci")),
-                         _pct(entry["diff"], entry.get("diff_ci")), _separates(entry.get("diff_ci"))])
+        entry = d["rows"][row]
+        rows.append(([str(d.get("finding", ""))] if named else []) + [
+            d["a"], d["b"], _pct(entry["a"], entry.get("a_ci")), _pct(entry["b"], entry.get("b_ci")),
+            _pct(entry["diff"], entry.get("diff_ci")), _separates(entry.get("diff_ci"))])
     return header, rows
 
 

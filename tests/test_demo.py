@@ -8,7 +8,7 @@ from tiny_models import build_tiny
 from tiny_processors import save_model_dir
 
 from atv.cli import main
-from atv.experiments.demo import DemoConfig, run_demo
+from atv.experiments.demo import DemoConfig, finding_pairs, run_demo, timing_table
 from pruning.errors import ConfigError
 
 
@@ -39,6 +39,34 @@ def test_demo_writes_tables_figures_and_report(demo_run):
     assert len(probe_cells) == 1 + 2 * 3  # dense + pathway x pool at one sparsity
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["dense"]) == set(json.loads((out / "suite" / "suite.json").read_text())["benchmarks"])
+
+
+def test_demo_report_gives_intervals_findings_and_a_timing_table(demo_run):
+    out, _ = demo_run
+    report = (out / "report.md").read_text()
+    probe = report.split("## MoT probe")[1].split("##")[0]
+    assert probe.count(" [") == 6  # every probe cell's mean retention with its interval
+    findings = report.split("## Findings as paired differences")[1].split("## Figures")[0]
+    assert "| finding | A | B | A: mean retention | B: mean retention | A − B | separates |" in findings
+    assert "| B | visual/text/0.6 | text/text/0.6 |" in findings and "| methods | atv/60% | wanda/60% |" in findings
+    timing = report.split("## Time")[1]
+    assert "| step | wall time | seconds |" in timing and "| total |" in timing and "{" not in timing
+    dense = json.loads((out / "demo.json").read_text())["dense"]
+    assert all(len(row["interval"]) == 2 for row in dense.values())
+
+
+def test_timing_table_and_finding_pairs_by_hand():
+    assert timing_table({"setup": 12.34, "probe": 481.0}) == (
+        "| step | wall time | seconds |\n|---|---:|---:|\n| setup | 0:12 | 12.3 |\n| probe | 8:01 | 481.0 |\n"
+        "| total | 8:13 | 493.3 |\n")
+    probe = [{"cell": {"pathway": "dense"}}] + [{"cell": {"pathway": p, "pool": q, "sparsity": 0.5}}
+                                                 for p in ("text", "visual") for q in ("text", "visual")]
+    methods = [{"cell": {"method": "dense", "setting": "dense"}}, {"cell": {"method": "atv", "setting": "50%"}},
+               {"cell": {"method": "wanda", "setting": "50%"}}, {"cell": {"method": "atv", "setting": "2:4"}}]
+    assert finding_pairs(probe, methods) == [
+        ("B", "visual/text/0.5", "text/text/0.5"), ("B", "visual/visual/0.5", "text/visual/0.5"),
+        ("A", "text/text/0.5", "text/visual/0.5"), ("A", "visual/visual/0.5", "visual/text/0.5"),
+        ("methods", "atv/50%", "wanda/50%")]  # atv/2:4 has no wanda cell to pair with
 
 
 def test_demo_refuses_a_suite_written_with_other_settings(demo_run):

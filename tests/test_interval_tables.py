@@ -67,9 +67,13 @@ def test_difference_tables_by_hand():
                     ["old", "1.00", "2.00", "-1.00", "–"]]
     assert to_markdown((header, rows)).splitlines()[1] == "|---|---:|---:|---:|---|"
     assert r"text/text/0.5 $-$ text/visual/0.5" in to_latex((header, rows))
-    summary = differences_summary([diff, {**diff, "rows": {}}])
-    assert summary[1] == [["text/text/0.5", "text/visual/0.5", "54.19 [50.0, 58.3]", "46.52 [42.1, 50.9]",
-                           "7.67 [2.0, 13.0]", "yes"]]
+    header, rows = differences_summary([diff, {**diff, "rows": {}}])
+    assert header == ["A", "B", "A: mean retention", "B: mean retention", "A − B", "separates"]
+    assert rows == [["text/text/0.5", "text/visual/0.5", "54.19 [50.0, 58.3]", "46.52 [42.1, 50.9]",
+                     "7.67 [2.0, 13.0]", "yes"]]
+    header, rows = differences_summary([{**diff, "finding": "A"}, diff], row="digit")
+    assert header[:2] == ["finding", "A"] and [r[0] for r in rows] == ["A", ""] and rows[0][-2:] == [
+        "10.00 [-5.0, 25.0]", "no"]
 
 
 def test_error_bars_measure_down_and_up_from_the_value():

@@ -7,7 +7,8 @@ Steps (each resumable: re-running the same command skips what is finished):
 3. the MoT probe grid (pathway x calibration pool x sparsity);
 4. ATV vs Wanda vs SparseGPT vs magnitude on the shared weights (50%, 60%, 2:4);
 5. analysis artefacts (hidden states, pool masks, drift) and every figure;
-6. ``report.md`` with the tables and the figures.
+6. ``report.md`` with the tables (every value with its 95% bootstrap interval over items), the paired
+   differences behind the study's findings, the figures and a timing table.
 
 ``--quick`` runs a smaller grid on fewer items and calibration samples.
 """
@@ -67,6 +68,7 @@ class DemoResult:
     probe_table: str
     method_table: str                         # mean retention per method x setting
     method_scores: str                        # per-benchmark scores of every cell
+    differences: str                          # the findings' paired differences (mean retention, intervals)
     figures: list[str]
     skipped: dict[str, str]
     seconds: dict[str, float]
@@ -96,7 +98,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     """Run (or resume) every step of the demo; see the module docstring."""
     from transformers import set_seed
 
-    from analysis.tables import method_table, probe_table, scores_table, to_markdown
+    from analysis.tables import differences_summary, method_table, probe_table, scores_table, to_markdown
     from atv.default_model import build_default_model
     from atv.experiments.compare import CompareConfig, run_method_comparison
     from atv.experiments.probe_study import StudyConfig, run_probe_study
@@ -148,20 +150,61 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     lap("analysis")
     dense = _dense_summary(probe.records[0], suite)
     label = lambda r: f"{r['cell']['method']} {r['cell']['setting']}"  # noqa: E731
+    differences = finding_differences(probe.records, methods.records, config.seed)
     result = DemoResult(config.out, dense, to_markdown(probe_table(probe.records)),
                         to_markdown(method_table(methods.records)), to_markdown(scores_table(methods.records, label)),
-                        made, skipped, seconds)
+                        to_markdown(differences_summary(differences)), made, skipped, seconds)
     _write_report(result, config)
     return result
 
 
+def finding_pairs(probe_records: list[dict[str, Any]], method_records: list[dict[str, Any]]
+                  ) -> list[tuple[str, str, str]]:
+    """(finding, cell A, cell B) of the study's claims, for the cells the logs hold: B, per sparsity and pool,
+    visual path vs text path (the text pathway is the more fragile); A, per sparsity, each path with its own
+    modality's pool vs the other's; methods, per setting, ATV vs Wanda."""
+    from .compare import cell_label
+
+    have = {cell_label(r) for r in probe_records + method_records}
+    cells = [r["cell"] for r in probe_records if cell_label(r) != "dense"]
+    sparsities = list(dict.fromkeys(c["sparsity"] for c in cells))
+    pools = list(dict.fromkeys(c["pool"] for c in cells))
+    pairs = [("B", f"visual/{q}/{s}", f"text/{q}/{s}") for s in sparsities for q in pools]
+    pairs += [("A", f"{p}/{p}/{s}", f"{p}/{o}/{s}") for s in sparsities for p, o in (("text", "visual"),
+                                                                                        ("visual", "text"))]
+    settings = list(dict.fromkeys(r["cell"]["setting"] for r in method_records if cell_label(r) != "dense"))
+    pairs += [("methods", f"atv/{s}", f"wanda/{s}") for s in settings]
+    return [pair for pair in pairs if pair[1] in have and pair[2] in have]
+
+
+def finding_differences(probe_records: list[dict[str, Any]], method_records: list[dict[str, Any]],
+                        seed: int = 0) -> list[dict[str, Any]]:
+    """The paired differences (:func:`~atv.experiments.compare.compare_cells`) of :func:`finding_pairs`, each
+    tagged with its finding; pairs whose records hold no per-item scores (older logs) are left out, logged."""
+    from evaluation.intervals import Bootstrap
+    from pruning.errors import ToolkitError
+
+    from .compare import compare_cells
+
+    found = []
+    for finding, a, b in finding_pairs(probe_records, method_records):
+        records = probe_records if a.split("/")[0] in ("text", "visual") else method_records
+        try:
+            found.append({"finding": finding, **compare_cells(records, a, b, Bootstrap(seed=seed))})
+        except ToolkitError as err:
+            log.warning("no paired difference for %s vs %s: %s", a, b, err)
+    return found
+
+
 def _dense_summary(record: dict[str, Any], suite: Path) -> dict[str, Any]:
     summary = json.loads((suite / "suite.json").read_text(encoding="utf-8"))["benchmarks"]
+    intervals = (record.get("intervals") or {}).get("scores", {})
+
     def percent(chance: float | None) -> float | None:
         return None if chance is None else 100 * chance  # suite.json holds fractions
 
-    return {name: {"score": score, "chance": percent(summary[name]["chance"]), "kind": summary[name]["kind"]}
-            for name, score in record["scores"].items()}
+    return {name: {"score": score, "interval": intervals.get(name), "chance": percent(summary[name]["chance"]),
+                   "kind": summary[name]["kind"]} for name, score in record["scores"].items()}
 
 
 def _analysis(model, calibration, calib_ids: list[str], suite: Path, config: DemoConfig,
@@ -197,20 +240,42 @@ def _analysis(model, calibration, calib_ids: list[str], suite: Path, config: Dem
 def _write_report(result: DemoResult, config: DemoConfig) -> Path:
     lines = [f"# ATV toolkit demo on smol-llava{' (quick)' if config.quick else ''}", "",
              f"Seed {config.seed}; {config.nsamples} calibration samples; {config.n_eval} items per image benchmark.",
-             "", "## Dense model", "", "| benchmark | kind | dense score (%) | chance (%) |", "|---|---|---:|---:|"]
+             "Values in brackets are 95% percentile-bootstrap intervals over the benchmark items (2000 resamples; "
+             "retention resampled together with the dense model's items). A value without brackets comes from a "
+             "record written before per-item scores were kept.",
+             "", "## Dense model", "", "| benchmark | kind | dense score (%) | 95% interval | chance (%) |",
+             "|---|---|---:|---:|---:|"]
     for name, row in result.dense.items():
         chance = "–" if row["chance"] is None else f"{row['chance']:.1f}"
-        lines.append(f"| {name} | {row['kind']} | {row['score']:.1f} | {chance} |")
+        interval = "–" if row.get("interval") is None else "[{:.1f}, {:.1f}]".format(*row["interval"])
+        lines.append(f"| {name} | {row['kind']} | {row['score']:.1f} | {interval} | {chance} |")
     lines += ["", "Fidelity scores are top-1 agreement with the dense model (100 by definition when dense).", "",
               "## MoT probe (mean retention, % of dense)", "", result.probe_table,
               "## Methods on the shared weights (mean retention, % of dense)", "", result.method_table,
-              "Per benchmark (scores, %):", "", result.method_scores, "## Figures", ""]
+              "Per benchmark (scores, %):", "", result.method_scores,
+              "## Findings as paired differences (mean retention, % of dense)", "",
+              "A − B resampled on the same items of both cells and of the dense model; 'separates': its 95% "
+              "interval excludes 0. B: the visual path keeps more than the text path (same pool); A: a path keeps "
+              "more with its own modality's calibration pool; methods: ATV vs Wanda.", "",
+              result.differences or "(no pair with per-item scores)\n", "## Figures", ""]
     lines += [f"![{Path(p).stem}](figures/{Path(p).name})" for p in result.figures if p.endswith(".png")]
     if result.skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items())]
-    lines += ["", "## Time (s)", "", json.dumps(result.seconds), ""]
+    lines += ["", "## Time", "", timing_table(result.seconds)]
     path = result.out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     (result.out / "demo.json").write_text(json.dumps({"config": asdict(config), **asdict(result)}, indent=2,
                                                      default=str), encoding="utf-8")
     return path
+
+
+def timing_table(seconds: dict[str, float]) -> str:
+    """The steps' wall times as a Markdown table (m:ss and seconds), with their total."""
+    def clock(value: float) -> str:
+        minutes, rest = divmod(round(value), 60)
+        return f"{minutes}:{rest:02d}"
+
+    rows = [*seconds.items(), ("total", sum(seconds.values()))]
+    lines = ["| step | wall time | seconds |", "|---|---:|---:|"]
+    lines += [f"| {step} | {clock(value)} | {value:.1f} |" for step, value in rows]
+    return "\n".join(lines) + "\n"
