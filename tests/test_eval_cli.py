@@ -50,6 +50,7 @@ def test_model_folder_scores_equal_the_harness(study, capsys):
     expected = evaluate(model, processor, [CHOICE, OPEN], batch_size=2, progress=False).scores()
     assert {t["name"]: t["score"] for t in printed["tasks"]} == expected
     assert [t["source"] for t in printed["tasks"]] == ["harness", "harness"]
+    assert all(t["interval"][0] <= t["score"] <= t["interval"][1] for t in printed["tasks"])  # 95% over the items
     assert json.loads((tmp / "dense.json").read_text()) == printed
     assert printed["probe"] is None and printed["retention"] is None
 

@@ -38,6 +38,7 @@ from torch import nn
 from evaluation.benchmarks import FIDELITY, Benchmark, load_benchmark
 from evaluation.harness import evaluate, fidelity_reference
 from evaluation.install import INSTALL_HINT
+from evaluation.intervals import Bootstrap, score_interval
 from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions, load_model
@@ -321,6 +322,7 @@ class TaskScore:
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
     n: int | None = None
+    interval: list[float] | None = None  # harness: 95% bootstrap interval of the score over the items
 
 
 @dataclass
@@ -402,8 +404,10 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     tasks: list[TaskScore] = []
     if benches:
         report = evaluate(loaded.model, loaded.processor, benches, reference=reference, batch_size=job.batch_size,
-                          max_new_tokens=job.max_new_tokens, progress=progress, seed=job.seed)
-        tasks += [TaskScore(r.name, "harness", f"{r.kind} score (%)", r.score, dict(r.metrics), r.n)
+                          max_new_tokens=job.max_new_tokens, progress=progress, seed=job.seed, return_items=True)
+        boot = Bootstrap(seed=job.seed)
+        tasks += [TaskScore(r.name, "harness", f"{r.kind} score (%)", r.score, dict(r.metrics), r.n,
+                            score_interval([i.score for i in r.items], r.name, boot).to_list())
                   for r in report.results]
     if lmms_names:
         from evaluation.lmms_bridge import run_lmms_tasks
