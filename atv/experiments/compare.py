@@ -215,6 +215,10 @@ class CompareCellsJob:
     resamples: int = option(DEFAULT_RESAMPLES, "bootstrap resamples")
     seed: int = option(0, "seed of the bootstrap")
 
+    def __post_init__(self) -> None:
+        self.results = Path(self.results)
+        self.bootstrap()  # refuses a bad level, resamples or seed now
+
     def bootstrap(self) -> Bootstrap:
         try:
             return Bootstrap(level=self.level, resamples=self.resamples, seed=self.seed)
