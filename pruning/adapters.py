@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -85,8 +86,11 @@ class CapturedBatch:
 
 def tokens_align(mask_shape: torch.Size, token_shape: torch.Size) -> bool:
     """True when an input's token dimensions are the (B, T) of a token mask up to singleton dimensions
-    (e.g. MLA's (B, 1, T, d) latents): its flattened rows are then the mask's tokens in order."""
-    return [d for d in mask_shape if d != 1] == [d for d in token_shape if d != 1]
+    (e.g. MLA's (B, 1, T, d) latents), or the B*T tokens already flattened in (B, T) order (the shared
+    experts of MoE blocks that read ``hidden.view(-1, C)``): its flattened rows are then the mask's tokens
+    in order."""
+    tokens = [d for d in token_shape if d != 1]
+    return [d for d in mask_shape if d != 1] == tokens or tokens == [math.prod(mask_shape)]
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any] | None = None) -> Any:
