@@ -134,7 +134,7 @@ def _vision_inputs(family: str, config, g: torch.Generator) -> dict[str, torch.T
 
 def _features_per_image(model, vision: dict[str, torch.Tensor]) -> int:
     with torch.no_grad():
-        out = model.model.get_image_features(**vision)
+        out = getattr(model, "model", model).get_image_features(**vision)  # Llama4: no inner .model
     features = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
     features = getattr(features, "last_hidden_state", features)  # Fuyu: patch embeddings, no pooling
     if isinstance(features, torch.Tensor):
