@@ -125,6 +125,20 @@ def _qwen3_omni_moe_thinker(c):
             audio_start_token_id=248, user_token_id=247)
 
 
+def _qwen4_exp(c):
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32, intermediate_size=64,
+            out_hidden_size=64, num_position_embeddings=64)
+    t = c.text_config
+    t.layer_types = ["linear_attention", "indexed_attention"]
+    t.linear_num_key_heads, t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim = 2, 4, 8, 8
+    t.shared_expert_intermediate_size, t.hc_lowrank = 32, 8  # hyper-connections: 4 residual streams, rank 8
+    # the sparse-attention indexer of layer 1: 8 tokens kept, scored in blocks of 2
+    t.indexer_n_heads, t.indexer_kv_heads, t.indexer_head_dim, t.indexer_budget, t.indexer_compress_ratio = 2, 1, 16, 8, 2
+    t.rope_parameters = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
+                         "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
 RECIPES: dict[str, Recipe] = {
     "glm4v_moe": Recipe(_glm4v_moe, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "qwen3_5_moe": Recipe(_qwen3_5_moe, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
@@ -134,6 +148,7 @@ RECIPES: dict[str, Recipe] = {
     "mistral_large4": Recipe(_mistral_large4, _mistral_image),
     "muse_spark": Recipe(_muse_spark, _muse_patches),
     "qwen3_omni_moe_thinker": Recipe(_qwen3_omni_moe_thinker, _qwen_patches, (START,), (END,)),
+    "qwen4_exp": Recipe(_qwen4_exp, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     # Llama4's decoder, fed text: Llama4ForConditionalGeneration.forward cannot run on transformers 5.24 (it reads
     # `image_outputs` from its language model's output, which has none), so the LVLM itself is left out
     "llama4_text": Recipe(_llama4_text, None, causal_lm=True),
