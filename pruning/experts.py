@@ -5,11 +5,14 @@ transformers keeps the experts of an MoE block as 3-D parameters of one module, 
 top_k_weights (N, k))`` on the block's flattened tokens (N = B * T), after a router chose each token's
 experts. Expert ``e``'s slice ``param[e]`` is a plain (out, in) weight, so it is scored and masked per
 output row exactly as an nn.Linear (:class:`ExpertMatrix` is a writable view the engine treats as one).
+Some families store the experts transposed ((E, H, 2I) / (E, I, H), applied as ``tokens @ param[e]``: Aria,
+Llama4; the matrix is then ``param[e].T``), normalise each expert's output (Muse Spark), or call the experts
+on router-scaled copies of every token (Llama4): :class:`ExpertLayout` names what :func:`check_layout` found.
 
 Statistics of an expert come from exactly the tokens the router sent to it, within the calibration
-pool: during the engine's dense pass the experts' forward is swapped for :func:`routed_forward`, the
-same routing loop as transformers' eager one (its output is checked bit for bit against the module's
-own forward on the first call) that also records, per expert, the flat token indices and the
+pool: during the engine's dense pass the experts' forward is swapped for :func:`routed_forward` (or
+:func:`scaled_forward`), the same routing loop as transformers' eager one (its output is checked bit for
+bit against the module's own forward on the first call) that also records, per expert, the flat token indices and the
 intermediate activations ``act(gate) * up`` (the inputs of ``down_proj[e]``). The (B, T) pool mask then
 selects rows: ``pool.reshape(-1)[token_index]``. Experts that saw no pooled token have no statistics
 and are pruned by magnitude; the report lists them. Routers and their weights are never pruned.

@@ -133,7 +133,8 @@ def _qwen4_exp(c):
     t.linear_num_key_heads, t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim = 2, 4, 8, 8
     t.shared_expert_intermediate_size, t.hc_lowrank = 32, 8  # hyper-connections: 4 residual streams, rank 8
     # the sparse-attention indexer of layer 1: 8 tokens kept, scored in blocks of 2
-    t.indexer_n_heads, t.indexer_kv_heads, t.indexer_head_dim, t.indexer_budget, t.indexer_compress_ratio = 2, 1, 16, 8, 2
+    t.indexer_n_heads, t.indexer_kv_heads, t.indexer_head_dim = 2, 1, 16
+    t.indexer_budget, t.indexer_compress_ratio = 8, 2
     t.rope_parameters = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
                          "mrope_interleaved": True, "partial_rotary_factor": 0.5}
     _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
