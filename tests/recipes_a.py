@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tiny_kit import IMAGE, Recipe, _pixels, _tokens, _vision
+from tiny_kit import END, IMAGE, START, VIDEO, Recipe, _pixels, _qwen_patches, _tokens, _vision
 
 
 def _siglip_llama(c):
@@ -47,6 +47,16 @@ def _pp_chart2table(c):
     _tokens(c, image_token_index=IMAGE)
 
 
+def _glm(c):
+    """GLM-4.xV layout (GLM-4.6V, GLMGA, GLM-OCR): M-RoPE over half the head, image start/end markers."""
+    _vision(c, image_size=8, patch_size=2, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+            spatial_merge_size=2, temporal_patch_size=2)
+    c.text_config.rope_parameters = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
+                                     "partial_rotary_factor": 0.5}
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, image_start_token_id=START, image_end_token_id=END,
+            video_start_token_id=248, video_end_token_id=249)
+
+
 def _pixtral_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g), "image_sizes": torch.tensor([[16, 16]])}
 
@@ -60,4 +70,7 @@ RECIPES: dict[str, Recipe] = {
     "lighton_ocr": Recipe(_lighton_ocr, _pixtral_image),
     "qianfan_ocr": Recipe(_qianfan_ocr, _pixels(8)),
     "pp_chart2table": Recipe(_pp_chart2table, _pixels(32)),
+    "glm46v": Recipe(_glm, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "glmga": Recipe(_glm, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "glm_ocr": Recipe(_glm, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
 }
