@@ -57,6 +57,53 @@ def _glm(c):
             video_start_token_id=248, video_end_token_id=249)
 
 
+def _cosmos3_omni(c):
+    """Qwen3-VL layout: DeepStack after layer 0 only (so the last layer's output is the decoder's)."""
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32, intermediate_size=64,
+            out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    c.text_config.rope_parameters = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
+                                     "mrope_interleaved": True}
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
+def _exaone4_5(c):
+    """EXAONE 4.5: a windowed Qwen2.5-VL-like tower; a decoder of sliding and full attention layers."""
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32, intermediate_size=64,
+            out_hidden_size=64, window_size=8, fullatt_block_indexes=[1])
+    c.text_config.layer_types, c.text_config.sliding_window = ["sliding_attention", "full_attention"], 4
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO)
+
+
+def _hyperclovax_vision_v2(c):
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32, intermediate_size=64,
+            out_hidden_size=64, window_size=8, fullatt_block_indexes=[1])
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO)
+
+
+def _paddleocr_vl(c):
+    _vision(c, patch_size=2, spatial_merge_size=2, hidden_size=32, intermediate_size=64)
+    c.text_config.rope_parameters = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
+def _paddle_patches(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One 8x8 image as 16 patches of (3, 2, 2), grid 1x4x4."""
+    return {"pixel_values": torch.randn(16, 3, 2, 2, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+
+
+def _cosmos3_edge(c):
+    """Cosmos3 Edge: packed SigLIP2 patches (learned 4x4 position grid), M-RoPE decoder."""
+    _vision(c, patch_size=2, spatial_merge_size=2, hidden_size=32, intermediate_size=64, num_patches=16)
+    c.projector_hidden_size = 64
+    c.text_config.rope_parameters = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
+def _packed_patches(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One 8x8 image as 16 flattened 2x2 patches, grid 1x4x4."""
+    return {"pixel_values": torch.randn(16, 12, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+
+
 def _pixtral_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g), "image_sizes": torch.tensor([[16, 16]])}
 
@@ -73,4 +120,9 @@ RECIPES: dict[str, Recipe] = {
     "glm46v": Recipe(_glm, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "glmga": Recipe(_glm, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "glm_ocr": Recipe(_glm, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "cosmos3_omni": Recipe(_cosmos3_omni, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "exaone4_5": Recipe(_exaone4_5, _qwen_patches),
+    "hyperclovax_vision_v2": Recipe(_hyperclovax_vision_v2, _qwen_patches),
+    "paddleocr_vl": Recipe(_paddleocr_vl, _paddle_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "cosmos3_edge": Recipe(_cosmos3_edge, _packed_patches, (START,), (END,), token_types="mm_token_type_ids"),
 }
