@@ -104,6 +104,24 @@ def _packed_patches(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(16, 12, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
 
 
+def _apertus1p5(c):
+    """Apertus 1.5: images become VQ codes (ids 10-17 of the tiny vocabulary) embedded by the text embedding;
+    the audio tokenizer's 8 codes follow them (ids 18-25), as the config requires."""
+    v = c.vision_config
+    v.codebook_size, v.embed_dim, v.latent_channels, v.base_channels = 8, 4, 4, 32
+    v.channel_multiplier, v.num_res_blocks, v.attn_resolutions, v.resolution = [1, 2], 1, [], 8
+    v.spatial_scale_factor = 2  # derived from channel_multiplier at construction
+    a = c.audio_config
+    a.codebook_size, a.codebook_dim, a.num_filters, a.upsampling_ratios, a.num_lstm_layers = 8, 64, 8, [2, 2], 1
+    # llama3 rope scaling kept, its original context cut below the tiny max_position_embeddings
+    c.text_config.rope_parameters["original_max_position_embeddings"] = 64
+    _tokens(c, image_token_id=IMAGE, audio_token_id=249, image_token_offset=10, audio_token_offset=18)
+
+
+def _apertus_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, "image_sizes": torch.tensor([[8, 8]])}
+
+
 def _pixtral_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g), "image_sizes": torch.tensor([[16, 16]])}
 
@@ -125,4 +143,5 @@ RECIPES: dict[str, Recipe] = {
     "hyperclovax_vision_v2": Recipe(_hyperclovax_vision_v2, _qwen_patches),
     "paddleocr_vl": Recipe(_paddleocr_vl, _paddle_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "cosmos3_edge": Recipe(_cosmos3_edge, _packed_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "apertus1p5": Recipe(_apertus1p5, _apertus_image),
 }
