@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tiny_kit import END, IMAGE, START, VIDEO, Recipe, _pixels, _qwen_patches, _tokens, _vision
+from tiny_kit import _SMALL, END, IMAGE, START, VIDEO, Recipe, _pixels, _qwen_patches, _tokens, _vision
 
 
 def _siglip_llama(c):
@@ -122,6 +122,32 @@ def _apertus_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, "image_sizes": torch.tensor([[8, 8]])}
 
 
+def _gemma4_unified(c):
+    """Gemma 4 unified: no vision tower (raw 4x4-pixel patches projected into the decoder), a sliding and a
+    full attention layer; image tokens attend bidirectionally in the sliding layer (mm_token_type_ids)."""
+    from transformers.models.gemma4_unified.configuration_gemma4_unified import (
+        Gemma4UnifiedAudioConfig,
+        Gemma4UnifiedTextConfig,
+        Gemma4UnifiedVisionConfig,
+    )
+
+    c.vision_config = Gemma4UnifiedVisionConfig(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32,
+                                                mm_posemb_size=16, output_proj_dims=32)
+    c.audio_config = Gemma4UnifiedAudioConfig(audio_embed_dim=16)
+    # built anew: the full layers' head_dim (global_head_dim) is derived from layer_types at construction
+    small = {k: v for k, v in _SMALL.items() if k in vars(c.text_config)}
+    c.text_config = Gemma4UnifiedTextConfig(**small, layer_types=["sliding_attention", "full_attention"],
+                                            sliding_window=8, global_head_dim=16)
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, boi_token_id=START, eoi_token_id=END,
+            audio_token_id=249, boa_token_id=248, eoa_token_index=247)
+
+
+def _gemma4_unified_patches(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One 16x16 image as 16 merged 4x4-pixel patches (48 values) with their (x, y) grid positions."""
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), dim=-1).reshape(1, 16, 2)
+    return {"pixel_values": torch.rand(1, 16, 48, generator=g), "image_position_ids": grid}
+
+
 def _pixtral_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g), "image_sizes": torch.tensor([[16, 16]])}
 
@@ -144,4 +170,6 @@ RECIPES: dict[str, Recipe] = {
     "paddleocr_vl": Recipe(_paddleocr_vl, _paddle_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "cosmos3_edge": Recipe(_cosmos3_edge, _packed_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "apertus1p5": Recipe(_apertus1p5, _apertus_image),
+    "gemma4_unified": Recipe(_gemma4_unified, _gemma4_unified_patches, (START,), (END,),
+                             token_types="mm_token_type_ids"),
 }
