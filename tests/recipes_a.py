@@ -81,7 +81,7 @@ def _hyperclovax_vision_v2(c):
 
 
 def _paddleocr_vl(c):
-    _vision(c, patch_size=2, spatial_merge_size=2, hidden_size=32, intermediate_size=64)
+    _vision(c, image_size=8, patch_size=2, spatial_merge_size=2, hidden_size=32, intermediate_size=64)
     c.text_config.rope_parameters = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
 
