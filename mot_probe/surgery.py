@@ -171,7 +171,7 @@ class MoTProbe:
 
     def prune_path_(self, path: str, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (), *,
                     progress: bool = True, keep_masks: bool = False) -> PruneReport:
-        """Prune path ``path`` of the routed Linears with ``config`` (its pool is independent of the
+        """Prune path ``path`` of the routed Linears and experts with ``config`` (its pool is independent of the
         path: e.g. the text path calibrated with visual tokens); the other path stays dense.
 
         ``config.targets`` defaults to every routed projection and routed expert; naming one that is not
