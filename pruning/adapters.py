@@ -548,7 +548,7 @@ def _walk(module: nn.Module, prefix: str, names: list[str], skipped: dict[str, s
     for child_name, child in module.named_children():
         name = _join(prefix, child_name)
         if is_moe and child_name == "experts":
-            skipped[name] = "MoE experts (statistics need the router's dispatch; not pruned yet)"
+            skipped[name] = "MoE experts (not a Linear: pruned per expert from its routed tokens by pruning.experts)"
         elif is_moe and child_name in _ROUTER_NAMES:
             skipped[name] = "MoE router"
         elif _is_linear_like(child):
@@ -561,7 +561,7 @@ def _walk(module: nn.Module, prefix: str, names: list[str], skipped: dict[str, s
             _walk(child, name, names, skipped)
     for param_name, param in module.named_parameters(recurse=False):
         if param.dim() == 3:
-            skipped[_join(prefix, param_name)] = "3-D expert weights (not pruned yet)"
+            skipped[_join(prefix, param_name)] = "3-D expert weights (not a Linear: see pruning.experts)"
 
 
 def _holds_experts(module: nn.Module) -> bool:

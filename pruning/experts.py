@@ -50,10 +50,17 @@ _REQUIRED_FLAGS = {"has_bias": False, "has_gate": True, "is_concatenated": True}
 def find_experts(block: nn.Module) -> dict[str, nn.Module]:
     """Fused expert modules of a decoder block, by structure: a module (not a convolution) holding 3-D
     parameters of its own whose first dimension is the number of experts (its ``num_experts`` when it
-    has one, else shared by a gate_up_proj/up_proj/down_proj). Names are relative to the block."""
-    found = {}
+    has one, else shared by a gate_up_proj/up_proj/down_proj). Names are relative to the block.
+
+    A module with a ``record_routing`` method stands for the experts module it wraps (the MoT probe's routed
+    experts): it is found in its place and the modules inside it are not searched."""
+    found, stand_ins = {}, []
     for name, module in block.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, nn.modules.conv._ConvNd) or any(name.startswith(f"{s}.") for s in stand_ins):
+            continue
+        if callable(getattr(module, "record_routing", None)):
+            found[name] = module
+            stand_ins.append(name)
             continue
         params = dict((n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3)
         if not params or len({p.shape[0] for p in params.values()}) != 1:
@@ -321,8 +328,12 @@ class ExpertTargets:
             layout = self.layouts[name]
             call = _routing_call(name, module, args, kwargs, layout)
             records[name] = {}
-            loop = routed_forward if layout.routing_args else scaled_forward
-            out = loop(module, *call, records[name], layout)
+            stand_in = getattr(module, "record_routing", None)  # records its own routing (see find_experts)
+            if stand_in is not None:
+                out = stand_in(*call, records[name])
+            else:
+                loop = routed_forward if layout.routing_args else scaled_forward
+                out = loop(module, *call, records[name], layout)
             if name not in self.verified:  # once per block: the loop must be the module's own, bit for bit
                 own = type(module).forward(module, *args, **kwargs)
                 if not torch.equal(own, out):

@@ -14,9 +14,7 @@ from tiny_families import IMAGE as FAMILY_IMAGE  # the recipes' vocabulary, not 
 from tiny_families import build_family
 from tiny_models import IMAGE, MOE_FAMILIES, build_tiny
 
-from mot_probe import attach_probe_
 from mot_probe.routing import ModalityRouter, RoutedLinear
-from mot_probe.surgery import ProbeError
 from pruning import PruneConfig, compute_masks, prune_
 from pruning.adapters import DECODER_PROJ, get_adapter, tokens_align
 from pruning.errors import ConfigError, UnsupportedModelError
@@ -189,13 +187,6 @@ def test_save_and_reload_keep_the_zeros(tmp_path):
     assert float((after[name] == 0).float().mean()) == 0.5
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, model(**inputs).logits)
-
-
-def test_probe_refuses_moe_models():
-    model, _ = _tiny("qwen3_vl_moe")
-    with pytest.raises(ProbeError, match="mixture-of-experts.*cannot route experts"):
-        attach_probe_(model)
-    assert not hasattr(model, "_atv_adapter")
 
 
 def test_attention_pools_refused_with_experts():
