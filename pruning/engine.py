@@ -124,7 +124,7 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise CalibrationError(f"calibration item {j} must be a dict of model inputs with 'input_ids'")
     if get_pool(config.pool).needs_visual:
-        n_visual = sum(int(adapter.visual_mask(model, b["input_ids"]).sum()) for b in batches)
+        n_visual = sum(int(adapter.visual_mask_of(model, b).sum()) for b in batches)
         if n_visual == 0:
             raise CalibrationError(
                 f"pool {config.pool!r} needs visual tokens, but the calibration data has none (visual token ids "
@@ -371,7 +371,7 @@ class LayerPruner:
             last = int(valid.nonzero().max())
             attention, visual = scores[b, last][valid], batch.visual[b][valid]
             for name, acc in stats.items():
-                rows = acts[name][b][valid]
+                rows = _as_tokens(acts[name], batch.valid.shape)[b][valid]
                 linear = self.linears[name]
                 chosen = self.pool.fn(nn.functional.linear(rows, linear.weight, linear.bias), visual, attention)
                 acc.add(rows[chosen], samples=1)
@@ -424,14 +424,20 @@ class LayerPruner:
 
 
 def _pooled_rows(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """The rows of ``x`` (B, T, d) at ``pool`` (B, T); inputs with extra singleton token dimensions
-    (MLA's (B, 1, T, d) latents) are flattened to the same (B*T) order first."""
-    if x.shape[:-1] == pool.shape:
-        return x[pool]
-    if not tokens_align(pool.shape, x.shape[:-1]):
+    """The rows of ``x`` (B, T, d) at ``pool`` (B, T)."""
+    return _as_tokens(x, pool.shape)[pool]
+
+
+def _as_tokens(x: torch.Tensor, tokens: torch.Size) -> torch.Tensor:
+    """A Linear's input ``x`` as (B, T, d) for the (B, T) ``tokens``: inputs with extra singleton token
+    dimensions (MLA's (B, 1, T, d) latents) or flattened tokens (an MoE block's (B*T, d)) are viewed in the
+    same (B*T) order."""
+    if x.shape[:-1] == tokens:
+        return x
+    if not tokens_align(tokens, x.shape[:-1]):
         raise CalibrationError(f"a Linear's input of shape {tuple(x.shape)} does not line up with the "
-                               f"(B, T) = {tuple(pool.shape)} tokens; its statistics cannot be pooled by token")
-    return x.reshape(-1, x.shape[-1])[pool.reshape(-1)]
+                               f"(B, T) = {tuple(tokens)} tokens; its statistics cannot be pooled by token")
+    return x.reshape(*tokens, x.shape[-1])
 
 
 def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],
