@@ -19,7 +19,7 @@ from evaluation import load_benchmark
 from evaluation.model_io import build_prompt, encode
 from mot_probe.surgery import attach_probe_
 from pruning import PruneConfig, prune_
-from pruning.allocation import MAP_FILE, read_sensitivity_map
+from pruning.allocation import read_sensitivity_map
 from pruning.errors import ConfigError
 
 
@@ -195,3 +195,29 @@ def test_cli_refuses_bad_map_and_allocation_values_with_exit_2(argv, message, tm
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_shared_layer_masks_equal_pruning_each_cell_on_its_own(setup):
+    from atv.experiments.sensitivity_map import LayerMasks
+
+    model, _, calibration, _ = setup
+    probe = attach_probe_(model)
+    try:
+        masks = LayerMasks(model, probe, calibration, MapConfig(map_items=3))
+        cells = [{"layer": 1, "pathway": "text", "group": "attn"}, {"layer": 1, "pathway": "visual", "group": "ffn"},
+                 {"layer": 0, "pathway": "visual", "group": "attn"}]
+        for cell in cells:
+            masks.prune_(cell)
+            prefix = "mlp" if cell["group"] == "ffn" else "self_attn"
+            names = [n for n in probe.routed[cell["layer"]] if n.startswith(prefix)]
+            shared = {n: probe.routed[cell["layer"]][n].path(cell["pathway"]).weight.clone() for n in names}
+            assert all(cell["pathway"] in probe.routed[cell["layer"]][n].paths for n in names)
+            assert sum(len(r.paths) for r in probe.routed_linears()) == len(names)  # nothing else was touched
+            probe.reset_()
+            probe.prune_path_(cell["pathway"], PruneConfig("wanda", sparsity=0.7, pool="all", layers=(cell["layer"],),
+                                                           targets=tuple(names)), calibration, progress=False)
+            for n in names:
+                assert torch.equal(probe.routed[cell["layer"]][n].path(cell["pathway"]).weight, shared[n])
+            probe.reset_()
+    finally:
+        probe.unload()

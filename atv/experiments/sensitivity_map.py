@@ -30,9 +30,12 @@ from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, MoTProbe, attach_probe_, probe_pool
 from pruning.allocation import GROUPS, MAP_FILE, SensitivityMap, projection_group
 from pruning.config import PruneConfig
+from pruning.engine import compute_masks
 from pruning.errors import ConfigError, ToolkitError
+from pruning.masks import apply_mask_
 from pruning.options import option
 from pruning.outputs import write_text_atomic
+from pruning.registry import get_scorer
 
 from .cells import cell_record, check_choices, evaluate_all, load_reference, open_benchmarks, open_log, prune_summary
 from .cells import run_cells as run_logged_cells
@@ -126,11 +129,12 @@ def run_map_study(model: nn.Module, processor, calibration: Sequence[Mapping[str
             reference = _prompt_reference(results, model, processor, prompts, config.batch_size)
             bench_reference = load_reference(results, model, processor, benches, progress) \
                 if config.map_benchmarks else None
+            masks = LayerMasks(model, probe, calibration, config)
 
             def compute(cell: dict[str, Any], dense: dict[str, Any] | None) -> dict[str, Any]:
                 try:
                     return _score(cell, probe, model, processor, calibration, prompts, reference, config,
-                                  benches, bench_reference, dense, progress)
+                                  benches, bench_reference, dense, progress, masks)
                 finally:
                     probe.reset_()
 
@@ -163,18 +167,52 @@ def _prompt_reference(results: ResultLog, model: nn.Module, processor, prompts, 
     return reference
 
 
+class LayerMasks:
+    """The masks of one decoder layer's routed projections, kept while the map's cells visit that layer.
+
+    A cell's masks depend only on the dense inputs of its layer (every other layer is dense in the cell),
+    not on the pathway nor on which group is pruned: one :func:`pruning.compute_masks` per layer serves its
+    four cells, bit-identical to pruning each cell on its own. Scorers that update the kept weights
+    (SparseGPT) prune every cell with ``prune_path_`` instead."""
+
+    def __init__(self, model: nn.Module, probe: MoTProbe, calibration: Sequence[Mapping[str, Any]], config: MapConfig):
+        self.model, self.probe, self.calibration, self.config = model, probe, calibration, config
+        self.layer: int | None = None
+        self.masks: dict[str, Any] = {}
+        self.seconds = 0.0
+
+    def prune_config(self, layer: int, targets: tuple[str, ...]) -> PruneConfig:
+        return PruneConfig(self.config.method, sparsity=self.config.map_sparsity, pool=probe_pool(self.config.map_pool),
+                           seed=self.config.seed, layers=(layer,), targets=targets)
+
+    def prune_(self, cell: Mapping[str, Any]) -> dict[str, Any]:
+        """Prune the cell's path of its layer-group in place; returns the record's ``prune`` entry."""
+        layer, path, names = cell["layer"], cell["pathway"], group_targets(self.probe, cell["layer"], cell["group"])
+        config = self.prune_config(layer, names)
+        if get_scorer(config.scorer).updates_weights:
+            return prune_summary(self.probe.prune_path_(path, config, self.calibration, progress=False))
+        if self.layer != layer:
+            start = time.perf_counter()
+            report = compute_masks(self.model, self.prune_config(layer, tuple(self.probe.routed[layer])),
+                                   self.calibration, progress=False)
+            block = self.probe.family.decoder_layers(self.model)[layer]
+            prefix = next(n for n, m in self.model.named_modules() if m is block)
+            self.masks = {name: report.masks[f"{prefix}.{name}"] for name in self.probe.routed[layer]}
+            self.layer, self.seconds = layer, time.perf_counter() - start
+        for name in names:
+            routed = self.probe.routed[layer][name]
+            apply_mask_(routed.materialise_(path), self.masks[name])
+        fractions = [float(self.masks[n].float().mean()) for n in names]
+        return {"mean_sparsity": sum(fractions) / len(fractions), "seconds": self.seconds,
+                "config": config.to_dict(), "masks": "shared by the layer's cells"}
+
+
 def _score(cell, probe: MoTProbe, model, processor, calibration, prompts, reference, config: MapConfig, benches,
-           bench_reference, dense, progress: bool) -> dict[str, Any]:
+           bench_reference, dense, progress: bool, masks: LayerMasks) -> dict[str, Any]:
     """Prune the cell's layer-path-group (nothing for the dense cell), score it, and build its record."""
     start = time.perf_counter()
-    report = None
-    if cell != DENSE:
-        prune_config = PruneConfig(config.method, sparsity=cell["sparsity"], pool=probe_pool(config.map_pool),
-                                   seed=config.seed, layers=(cell["layer"],),
-                                   targets=group_targets(probe, cell["layer"], cell["group"]))
-        report = probe.prune_path_(cell["pathway"], prune_config, calibration, progress=False)
+    prune = None if cell == DENSE else masks.prune_(cell)
     fidelity = prompt_fidelity(model, processor, prompts, reference, batch_size=config.batch_size)
-    prune = None if report is None else prune_summary(report)
     if config.map_benchmarks:
         scores = evaluate_all(model, processor, benches, reference=bench_reference, batch_size=config.batch_size,
                               max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
