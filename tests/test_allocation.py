@@ -281,3 +281,25 @@ def test_a_sparsity_pushed_out_of_range_is_refused(batches):
 def test_owl_needs_calibration_even_for_magnitude():
     assert PruneConfig("magnitude", allocation="owl").needs_calibration
     assert not PruneConfig("magnitude").needs_calibration
+
+
+def test_cli_prunes_with_owl_and_reports_the_allocation(tmp_path, capsys):
+    from tiny_processors import save_model_dir, write_calibration
+
+    from atv.cli import main
+
+    model, _ = build_tiny("llava")
+    model_dir = save_model_dir("llava", model, tmp_path / "dense")
+    calib, images = write_calibration(tmp_path / "calib", n=3)
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.45", "--out", str(out)]
+    assert main([*args, "--allocation", "owl"]) == 2
+    assert "allocation 'owl' needs --calib and --images" in capsys.readouterr().err
+    assert main([*args, "--allocation", "owl", "--allocation-lambda", "0.05", "--calib", str(calib), "--images",
+                 str(images), "--nsamples", "3"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["allocation"]["kind"] == "owl" and len(report["allocation"]["units"]) == 2
+    assert sorted(u["sparsity"] for u in report["allocation"]["units"]) == pytest.approx([0.4, 0.5])
+    card = (out / "README.md").read_text()
+    assert "0.45 global, allocated by `owl` (lambda 0.05; per unit 0.4000 to 0.5000" in card
+    assert "allocation: owl" in (out / "recipe.yaml").read_text()
