@@ -85,6 +85,9 @@ class ProbeAdapter(Adapter):
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return self.inner.attention_module(layer)
 
+    def visual_mask_of(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return self.inner.visual_mask_of(model, inputs)
+
     def projections(self, model: nn.Module, index: int) -> BlockProjections:
         """The routed projections of layer ``index``: what the engine prunes by default on a probed model."""
         return BlockProjections(tuple(self.probe.routed[index]), self.probe.skipped[index])
@@ -141,7 +144,8 @@ class MoTProbe:
     # -- routing from the model's own forward ------------------------------------------------
     def _set_mask(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.router.visual = None if input_ids is None else self.family.visual_mask(model, input_ids)
+        inputs = {**kwargs, "input_ids": input_ids}
+        self.router.visual = None if input_ids is None else self.family.visual_mask_of(model, inputs)
 
     def _clear_mask(self, *_: Any) -> None:
         self.router.visual = None

@@ -390,15 +390,18 @@ class ExpertTargets:
 
     # -- masks -------------------------------------------------------------------------------
     def masks(self, scorer: Scorer, sparsity: float, nm: tuple[int, int] | None,
+              counts: dict[str, int] | None = None,
               **options: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(masks, new weights) per expert matrix; an expert without statistics falls back to magnitude."""
+        """(masks, new weights) per expert matrix; an expert without statistics falls back to magnitude.
+        ``counts`` (non-uniform allocations): exact weights to prune per expert matrix key."""
         magnitude = get_scorer("magnitude")
         masks, new_weights = {}, {}
         for key, matrix in self.matrices.items():
             name, e = self.owner[key]
             use = scorer if scorer.needs is None or self.pooled[name][e] > 0 else magnitude
             statistic = None if use.needs is None else self.stats[key].result()
-            masks[key], new_weight = use.prune(matrix.weight, statistic, sparsity, nm, **options)
+            count = None if counts is None else counts[key]
+            masks[key], new_weight = use.prune(matrix.weight, statistic, sparsity, nm, count, **options)
             if new_weight is not None:
                 new_weights[key] = new_weight
         return masks, new_weights
