@@ -267,6 +267,9 @@ class ATVModel(lmms):
         return cls(**args, **extra)
 
     # -- plumbing ---------------------------------------------------------------------------------
+    def _log_share(self, kind: str, requests: list) -> None:
+        log.info("process %d of %d: %d %s requests", self.rank, self.world_size, len(requests), kind)
+
     def _doc(self, task: str, split: str, doc_id: int) -> dict:
         return self.task_dict[task][split][doc_id]
 
@@ -296,6 +299,7 @@ class ATVModel(lmms):
     # -- lmms-eval API ----------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers, in request order (see the module docstring)."""
+        self._log_share("generate_until", requests)
         resolved = []
         for i, request in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
@@ -326,6 +330,7 @@ class ATVModel(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list[Any]:
         """Per request (-log p(continuation | prompt), continuation is greedy), in request order (each pair
         wrapped so that the installed lmms-eval keeps it, see :func:`_loglikelihood_output`)."""
+        self._log_share("loglikelihood", requests)
         resolved = []
         for i, request in enumerate(requests):
             context, continuation, doc_to_visual, doc_id, task, split = request.args[:6]
@@ -401,7 +406,7 @@ def run_lmms_tasks(model: nn.Module, processor, tasks: Sequence[str], *, manager
     """
     lm = ATVModel(model=model, processor=processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
     label = format_model_args({"pretrained": name}) if name else ""
-    return evaluate_tasks(lm, tasks, manager=manager, run=run, model_args=label)
+    return evaluate_tasks(lm, tasks, manager=manager, run=run, model_args=label, batch_size=batch_size)
 
 
 @dataclass
