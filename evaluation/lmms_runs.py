@@ -134,6 +134,7 @@ def task_score(name: str, out: dict[str, Any]) -> LmmsScore:
 
 
 def check_tasks(manager, tasks: Sequence[str]) -> None:
+    """Refuse task names that ``manager`` does not know, naming them."""
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown lmms-eval task(s) {unknown}; list them with `lmms-eval --tasks list`, or add "
@@ -188,9 +189,8 @@ def _save(tracker, out: dict[str, Any], run: LmmsRun, date: str) -> None:
     samples = out.pop("samples", None) if run.log_samples else None
     out.pop("samples", None)
     tracker.save_results_aggregated(results=out, samples=samples, datetime_str=date)
-    if samples:
-        for task in out["configs"]:
-            tracker.save_results_samples(task_name=task, samples=samples[task])
+    for task, task_samples in (samples or {}).items():
+        tracker.save_results_samples(task_name=task, samples=task_samples)
     if not any(Path(tracker.output_path).rglob("*_results.json")):
         raise ToolkitError(f"lmms-eval could not write its results into --output-path {str(run.output_path)!r} "
                            "(see its log above); nothing was written")
