@@ -22,6 +22,7 @@ from tiny_models import build_tiny  # noqa: E402
 from tiny_processors import make_processor  # noqa: E402
 
 from atv.cli import main  # noqa: E402
+from atv.experiments.eval_job import EvalJob, run_eval_job  # noqa: E402
 from evaluation.lmms_bridge import write_lmms_task  # noqa: E402
 from evaluation.lmms_runs import (  # noqa: E402
     LmmsRun,
@@ -124,6 +125,19 @@ def test_results_without_samples_are_written_too(folder, tmp_path, capsys):
     code, _, err = _eval(capsys, "--model", folder, "--tasks", "atv_tiny_open", *_lmms("--output-path", logs))
     assert code == 0, err
     assert _one_file(logs, "*_results.json") and not list(logs.rglob("*_samples_*"))
+
+
+def test_a_failed_run_leaves_nothing_in_output_path(folder, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("the evaluation broke")
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", failing)
+    logs = tmp_path / "logs"
+    job = EvalJob(tasks=("atv_tiny_open",), model=str(folder), lmms_include=(TASKS,), lmms_defaults=False,
+                  log_samples=True, output_path=logs, out=tmp_path / "r.json")
+    with pytest.raises(RuntimeError, match="broke"):
+        run_eval_job(job, progress=False)
+    assert list(logs.iterdir()) == [] and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
