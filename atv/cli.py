@@ -261,12 +261,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from atv.experiments.eval_job import EvalJob, is_harness_task, run_eval_job
+    from evaluation.processes import is_main
     from pruning.io import LoadOptions
 
     job = build(EvalJob, args, load=build(LoadOptions, args))
     if any(not is_harness_task(t) for t in job.tasks):
         _lmms_logs_to_stderr()
-    print(run_eval_job(job).to_json())
+    result = run_eval_job(job)
+    if is_main():  # under several processes (torchrun, accelerate launch) one report
+        print(result.to_json())
     return 0
 
 
