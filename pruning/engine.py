@@ -144,15 +144,26 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
 
 
 # -- orchestration -----------------------------------------------------------------------------
+def _untargeted_experts(adapter, model: nn.Module, indices: list[int], targets) -> list[str]:
+    """'<layer>.<module>' of the MoE experts of the chosen layers that no target resolves to."""
+    left = []
+    for i in indices:
+        experts = {name for name in adapter.expert_weights(model) if name.split(".", 1)[0] == str(i)}
+        if experts:
+            matrices = block_targets(adapter, model, i, targets)[1].matrices
+            left += [e for e in sorted(experts) if not any(m.startswith(e.split(".", 1)[1] + ".") for m in matrices)]
+    return left
+
+
 def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, calibration: Iterable[Mapping[str, Any]],
          *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
     start = time.perf_counter()
     adapter = get_adapter(model)
     batches = list(calibration) if config.needs_calibration else []
     indices = _validate(model, adapter, config, batches)
-    experts = adapter.expert_weights(model)
-    if experts:
-        log.warning("MoE expert weights are left dense (their statistics need the router's dispatch): %s", experts)
+    dense_experts = _untargeted_experts(adapter, model, indices, config.targets)
+    if dense_experts:
+        log.warning("MoE expert weights left dense (the targets do not name them): %s", dense_experts)
     model.eval()
     masks: dict[str, torch.Tensor] = {}
     reports = []
