@@ -5,6 +5,8 @@ Results folder layout (each part optional; what is missing is skipped with the r
     DIR/probe/results.jsonl          probe records (atv probe)         -> sensitivity, probe_table.*
     DIR/methods/results.jsonl        method records                    -> methods_retention, methods_scores,
                                                                           method_table.*
+    DIR/map/results.jsonl            sensitivity map (atv probe --map) -> sensitivity_map, map_table.*,
+                                                                          map_top1.*
     DIR/analysis/hidden_states.pt    analysis.tsne.save_hidden_states  -> tsne
     DIR/analysis/pool_masks.pt       analysis.masks.save_pool_masks    -> mask_iou
     DIR/analysis/drift.pt            analysis.drift.save_drift         -> drift, drift_patches (needs a
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PROBE_RECORDS = Path("probe") / "results.jsonl"
 METHOD_RECORDS = Path("methods") / "results.jsonl"
+MAP_RECORDS = Path("map") / "results.jsonl"
 HIDDEN_STATES = Path("analysis") / "hidden_states.pt"
 POOL_MASKS = Path("analysis") / "pool_masks.pt"
 DRIFT = Path("analysis") / "drift.pt"
@@ -129,6 +132,7 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
     maker = _Maker(results, out, formats, FiguresReport())
     _probe(maker)
     _methods(maker)
+    _map(maker)
     _tsne(maker, seed)
     _masks(maker)
     _drift(maker)
@@ -159,6 +163,17 @@ def _methods(maker: _Maker) -> None:
     maker.figure("methods_retention", lambda: method_figure(records, "retention"))
     maker.figure("methods_scores", lambda: method_figure(records, "scores"))
     maker.table("method_table", lambda: method_table(records))
+
+
+def _map(maker: _Maker) -> None:
+    from .sensitivity_map import map_figure, map_table
+
+    records = maker.load(["sensitivity_map", "map_table", "map_top1"], MAP_RECORDS, read_log)
+    if records is None:
+        return
+    maker.figure("sensitivity_map", lambda: map_figure(records))
+    maker.table("map_table", lambda: map_table(records, "kl"))
+    maker.table("map_top1", lambda: map_table(records, "top1"))
 
 
 def _tsne(maker: _Maker, seed: int) -> None:

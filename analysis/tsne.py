@@ -81,8 +81,8 @@ def collect_hidden_states(model: nn.Module, batches: Sequence[Mapping[str, Any]]
     adapter = get_adapter(model)
     layers = check_layers(layers, len(adapter.decoder_layers(model)))
     model.eval()
-    # Modality masks come from input_ids alone, so the subsample is drawn before any forward.
-    masks = [modality_masks(adapter.visual_mask(model, b["input_ids"]).cpu(), _valid(b)) for b in batches]
+    # Modality masks come from the inputs alone, so the subsample is drawn before any forward.
+    masks = [modality_masks(adapter.visual_mask_of(model, b).cpu(), _valid(b)) for b in batches]
     generator = torch.Generator().manual_seed(seed)
     picks = {}
     totals = {}

@@ -203,11 +203,13 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.probe_study import ProbeJob, StudyConfig
+    from atv.experiments.sensitivity_map import MapConfig
     from pruning.io import LoadOptions
 
-    p = sub.add_parser("probe", help="MoT sensitivity study: prune one pathway with one calibration pool, evaluate")
+    p = sub.add_parser("probe", help="MoT sensitivity study: prune one pathway with one calibration pool, evaluate "
+                                     "(--map: layer by layer)")
     seen: set[str] = set()
-    for cls in (ProbeJob, LoadOptions, StudyConfig):
+    for cls in (ProbeJob, LoadOptions, StudyConfig, MapConfig):
         add_options(p, cls, seen)
     p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
                                                "used are saved as recipe.yaml in --out")
@@ -217,10 +219,11 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 def _probe(args: argparse.Namespace) -> int:
     from analysis.tables import to_markdown
     from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
+    from atv.experiments.sensitivity_map import MapConfig
     from pruning.io import LoadOptions
 
-    job = build(ProbeJob, args, config=build(StudyConfig, args), load=build(LoadOptions, args),
-                recipe=recipe_of(args.parser, args))
+    job = build(ProbeJob, args, config=build(StudyConfig, args), map_config=build(MapConfig, args),
+                load=build(LoadOptions, args), recipe=recipe_of(args.parser, args))
     result = run_probe_job(job)
     print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {job.out}")
     print(to_markdown(result.table))
@@ -258,12 +261,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from atv.experiments.eval_job import EvalJob, is_harness_task, run_eval_job
+    from evaluation.processes import is_main
     from pruning.io import LoadOptions
 
     job = build(EvalJob, args, load=build(LoadOptions, args))
     if any(not is_harness_task(t) for t in job.tasks):
         _lmms_logs_to_stderr()
-    print(run_eval_job(job).to_json())
+    result = run_eval_job(job)
+    if is_main():  # under several processes (torchrun, accelerate launch) one report
+        print(result.to_json())
     return 0
 
 

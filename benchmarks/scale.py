@@ -10,7 +10,9 @@ then loaded with their decoder layers on disk and pruned with ATV through ``Exec
 
 Peak RSS is ``ru_maxrss`` minus the RSS after imports, over loading, pruning and saving (``peak_rss_prune_mb``:
 up to the end of pruning); ``growth_vs_layer`` is the peak's growth over the smallest depth in units of one
-decoder layer's weights (flat = well under 1). Seconds depend on the machine's load (recorded at the start).
+decoder layer's weights (flat = well under 1). Wall seconds depend on the machine's load (recorded at the
+start); the process's CPU seconds barely do, so the summary fits a line through prune CPU time over depth
+(``summary.time``: seconds per layer, intercept, largest relative deviation of a point from the line).
 The memory plan (:func:`pruning.memory.plan_memory`) of each run is recorded beside the measurement. Results go to
 ``benchmarks/results/scale.json`` (no machine paths).
 """
@@ -74,6 +76,26 @@ def current_rss() -> int:
     return 0
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system, all threads): unlike wall time, other jobs on a shared
+    machine barely change it, so it shows how the work grows with depth."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def linearity(records: list[dict]) -> dict:
+    """Least-squares line through (depth, prune CPU seconds): per-layer slope, intercept and the largest
+    relative deviation of a measured point from the line (0 = exactly linear)."""
+    import numpy as np
+
+    depth = np.array([r["depth"] for r in records], dtype=float)
+    cpu = np.array([r["prune_cpu_seconds"] for r in records])
+    slope, intercept = np.polyfit(depth, cpu, 1) if len(records) > 1 else (cpu[0] / depth[0], 0.0)
+    deviation = np.abs(cpu - (slope * depth + intercept)) / cpu
+    return {"cpu_seconds_per_layer": float(slope), "cpu_intercept_seconds": float(intercept),
+            "max_relative_deviation": float(deviation.max())}
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -108,13 +130,16 @@ def prune(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix=".scale-offload-", dir=args.work) as folder:
         model, _ = load_model(args.dir, LoadOptions(dtype="auto"), with_processor=False, offload_folder=folder)
         loaded = time.perf_counter()
+        cpu_start = cpu_seconds()
         report = prune_(model, config, batches, execution=execution, progress=False)
+        prune_cpu = cpu_seconds() - cpu_start
         pruned_peak = peak_rss()
         save_pruned(model, None, report.to_dict(), Path(args.work) / "pruned")
     total = time.perf_counter() - start
     return {"depth": args.depth, "dtype": args.dtype, "samples": report.samples, "tokens_per_sample": seq_len,
             "load_seconds": loaded - start, "prune_seconds": report.seconds, "total_seconds": total,
-            "seconds_per_layer": report.seconds / args.depth, "baseline_rss_mb": baseline / 2**20,
+            "seconds_per_layer": report.seconds / args.depth, "prune_cpu_seconds": prune_cpu,
+            "cpu_seconds_per_layer": prune_cpu / args.depth, "baseline_rss_mb": baseline / 2**20,
             "peak_rss_prune_mb": (pruned_peak - baseline) / 2**20, "peak_rss_mb": (peak_rss() - baseline) / 2**20,
             "plan_mb": plan.peak() / 2**20, "plan": plan.to_dict(), "sparsity": report.sparsity}
 
@@ -187,11 +212,16 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         base = records[0]
         record["growth_vs_layer"] = (record["peak_rss_mb"] - base["peak_rss_mb"]) / setup["layer_mb"]
-        print(f"depth {depth:2d}  prune {record['prune_seconds']:7.1f}s ({record['seconds_per_layer']:5.1f}s/layer)  "
+        print(f"depth {depth:2d}  prune {record['prune_seconds']:7.1f}s ({record['seconds_per_layer']:5.1f}s/layer, "
+              f"CPU {record['cpu_seconds_per_layer']:5.1f}s/layer)  "
               f"peak RSS {record['peak_rss_mb']:7.0f} MB (prune only {record['peak_rss_prune_mb']:7.0f})  "
               f"plan {record['plan_mb']:7.0f} MB  growth {record['growth_vs_layer']:+.2f} layers", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"setup": setup, "results": records}, indent=2))  # partial results survive
+        summary = {"time": linearity(records)}  # partial results survive a later failure
+        args.out.write_text(json.dumps({"setup": setup, "results": records, "summary": summary}, indent=2))
+    line = summary["time"]
+    print(f"prune CPU time ~ {line['cpu_intercept_seconds']:.1f} s + {line['cpu_seconds_per_layer']:.1f} s x depth "
+          f"(largest deviation from the line {100 * line['max_relative_deviation']:.1f}%)")
     print(f"written to {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out.name}")
 
 

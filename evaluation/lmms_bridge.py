@@ -48,15 +48,16 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from pruning.data import open_image
 from pruning.errors import ConfigError, ToolkitError
 
-from . import metrics
+from . import metrics, processes
 from .benchmarks import CHOICE, OPEN, Benchmark, load_benchmark
 from .install import INSTALL_HINT
+from .lmms_runs import BRIDGE, LmmsRun, LmmsScore, evaluate_tasks, format_model_args, task_manager
 from .model_io import build_prompt, common_prefix, encode, forward_rows, inference, real_ids, to_model, tokenizer_of
 from .reports import BenchmarkResult
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "atv"  # lmms-eval --model atv
+MODEL_NAME = BRIDGE  # lmms-eval --model atv
 DEFAULT_MAX_NEW_TOKENS = 128  # when a task sets no max_new_tokens
 
 
@@ -92,6 +93,10 @@ def _loglikelihood_output(value: float, greedy: bool) -> Any:
     if unwrap is None or unwrap(pair)[0] == pair:
         return pair
     return _instance.GenerationResult(text=pair)
+
+
+def _name(device: torch.device | None) -> str | None:
+    return None if device is None else str(device)
 
 
 # -- prompts and stop sequences (pure) ---------------------------------------------------------------
@@ -174,6 +179,30 @@ def _windows(requests: list[_Request], batch_size: int) -> Iterable[list[_Reques
 # -- the lmms-eval model -----------------------------------------------------------------------------
 
 
+def _in_memory(model: nn.Module, processor, probe_from: str | None) -> tuple[nn.Module, Any]:
+    if processor is None:
+        raise ConfigError("model= needs its processor= (with a chat template)")
+    if probe_from is not None:
+        raise ConfigError("probe_from= re-creates a probe from a model folder; with model= attach and prune "
+                          "the probe yourself (mot_probe.attach_probe_)")
+    return model, processor
+
+
+def _from_folder(folder: Path, probe_from: str | None, calib: str | None, images: str | None, dtype: str,
+                 device: str | None) -> tuple[nn.Module, Any]:
+    """A model folder, or (``probe_from``) a probe cell re-created from it by the registered loader."""
+    if probe_from is not None:
+        if _cell_loader is None:
+            raise ConfigError("probe_from= needs the probe-cell loader of atv.experiments.eval_job (registered "
+                              "by the `lmms-eval --model atv` entry point, or by importing that module)")
+        return _cell_loader(folder, probe_from, calib=calib, images=images, dtype=dtype, device=device)
+    if calib is not None or images is not None:
+        raise ConfigError("calib= and images= only re-create a probe cell: give probe_from= too")
+    from pruning.io import load_model
+
+    return load_model(folder, dtype, device)
+
+
 class ATVModel(lmms):
     """An lmms-eval model around an in-memory HF LVLM and its processor (plain, pruned, or probed).
 
@@ -181,6 +210,10 @@ class ATVModel(lmms):
     ``--model_args pretrained=DIR`` gives it) with optional ``probe_from`` (``RESULTS:pathway/pool/sparsity``,
     see :class:`atv.experiments.eval_job.ProbeCell`), ``calib``/``images`` overrides, ``dtype`` and ``device``.
     ``batch_size`` requests per forward; ``max_new_tokens`` when a task sets none.
+
+    Rank-aware, as lmms-eval's own models: under ``torchrun`` or ``accelerate launch`` with several
+    processes each process holds the model (a folder loads on the process's own device unless ``device``
+    is given), lmms-eval hands it its share of the docs and gathers the outputs on process 0.
     """
 
     is_simple = True
@@ -205,28 +238,23 @@ class ATVModel(lmms):
             raise ConfigError(f"give either model= and processor= (in memory) or pretrained=DIR, got "
                               f"model={type(model).__name__ if model is not None else None}, pretrained={pretrained!r}")
         if model is not None:
-            if processor is None:
-                raise ConfigError("model= needs its processor= (with a chat template)")
-            if probe_from is not None:
-                raise ConfigError("probe_from= re-creates a probe from a model folder; with model= attach and prune "
-                                  "the probe yourself (mot_probe.attach_probe_)")
-            self.model, self.processor = model, processor
-        elif probe_from is not None:
-            if _cell_loader is None:
-                raise ConfigError("probe_from= needs the probe-cell loader of atv.experiments.eval_job (registered "
-                                  "by the `lmms-eval --model atv` entry point, or by importing that module)")
-            self.model, self.processor = _cell_loader(Path(pretrained), probe_from, calib=calib, images=images,
-                                                      dtype=dtype, device=device)
-        else:
-            if calib is not None or images is not None:
-                raise ConfigError("calib= and images= only re-create a probe cell: give probe_from= too")
-            from pruning.io import load_model
-
-            self.model, self.processor = load_model(Path(pretrained), dtype, device)
+            self.model, self.processor = _in_memory(model, processor, probe_from)
+        else:  # several processes: each loads on its own device unless told
+            device = device if device is not None else _name(processes.process_device())
+            self.model, self.processor = _from_folder(Path(pretrained), probe_from, calib, images, dtype, device)
         if getattr(self.processor, "chat_template", None) is None:
             raise ConfigError(f"the processor {type(self.processor).__name__} has no chat template; the bridge "
                               "builds the harness's chat prompt (set processor.chat_template)")
         self._warned_sampling = False
+        self._device = next(self.model.parameters()).device
+        self.accelerator = processes.accelerator()  # lmms-eval gathers through it
+        if self.accelerator.num_processes > 1:
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's (first) weights are: lmms-eval places its rank counts there."""
+        return self._device
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "ATVModel":
@@ -239,6 +267,9 @@ class ATVModel(lmms):
         return cls(**args, **extra)
 
     # -- plumbing ---------------------------------------------------------------------------------
+    def _log_share(self, kind: str, requests: list) -> None:
+        log.info("process %d of %d: %d %s requests", self.rank, self.world_size, len(requests), kind)
+
     def _doc(self, task: str, split: str, doc_id: int) -> dict:
         return self.task_dict[task][split][doc_id]
 
@@ -268,6 +299,7 @@ class ATVModel(lmms):
     # -- lmms-eval API ----------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers, in request order (see the module docstring)."""
+        self._log_share("generate_until", requests)
         resolved = []
         for i, request in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
@@ -298,6 +330,7 @@ class ATVModel(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list[Any]:
         """Per request (-log p(continuation | prompt), continuation is greedy), in request order (each pair
         wrapped so that the installed lmms-eval keeps it, see :func:`_loglikelihood_output`)."""
+        self._log_share("loglikelihood", requests)
         resolved = []
         for i, request in enumerate(requests):
             context, continuation, doc_to_visual, doc_id, task, split = request.args[:6]
@@ -362,68 +395,18 @@ def register() -> None:
 # -- running tasks -----------------------------------------------------------------------------------
 
 
-@dataclass
-class LmmsScore:
-    """One lmms-eval task's outcome: its main metric and every metric (filter ',none' dropped)."""
-
-    name: str
-    metric: str
-    score: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    n: int | None = None
-
-
-def task_manager(include_path: Sequence[str | Path] = (), include_defaults: bool = True):
-    """An lmms-eval TaskManager over its own tasks (``include_defaults``) and the folders in ``include_path``."""
-    from lmms_eval.tasks import TaskManager
-
-    paths = [str(Path(p).resolve()) for p in include_path] or None
-    if paths:
-        missing = [p for p in paths if not Path(p).is_dir()]
-        if missing:
-            raise ConfigError(f"lmms-eval task folder(s) {missing} do not exist")
-    return TaskManager("WARNING", include_path=paths, include_defaults=include_defaults)
-
-
 def run_lmms_tasks(model: nn.Module, processor, tasks: Sequence[str], *, manager=None, batch_size: int = 8,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, limit: int | None = None,
-                   seed: int = 0) -> list[LmmsScore]:
-    """Score an in-memory model on lmms-eval tasks (names known to ``manager``); one score per task.
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, run: LmmsRun | None = None,
+                   name: str | None = None) -> list[LmmsScore]:
+    """Score an in-memory model on lmms-eval tasks (names known to ``manager``); one score per task, on
+    every process of a multi-process run (see :mod:`evaluation.processes`).
 
-    The main metric is the first of the task's ``metric_list``.
+    The main metric is the first of the task's ``metric_list``. ``run``: limit, stderr, samples and
+    lmms-eval's result files; ``name`` labels the model in those files (default ``atv``).
     """
-    from lmms_eval.evaluator import simple_evaluate
-
-    manager = manager if manager is not None else task_manager()
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"unknown lmms-eval task(s) {unknown}; list them with `lmms-eval --tasks list`, or add "
-                          "their folder with --lmms-include")
     lm = ATVModel(model=model, processor=processor, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
-                          bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed)
-    if out is None:
-        raise ToolkitError("lmms-eval returned no results (a non-zero rank of a distributed run?)")
-    return [_task_score(name, out) for name in tasks]
-
-
-def _task_score(name: str, out: dict[str, Any]) -> LmmsScore:
-    results = out["results"].get(name)
-    if results is None:
-        raise ToolkitError(f"lmms-eval returned no results for {name!r} (it returned {sorted(out['results'])})")
-    values = {}
-    for key, value in results.items():
-        metric, _, filt = key.partition(",")
-        if filt and "_stderr" not in metric and isinstance(value, (int, float)) and not isinstance(value, bool):
-            values[metric if filt == "none" else key] = float(value)
-    metric_list = out.get("configs", {}).get(name, {}).get("metric_list") or []
-    names = [m["metric"] for m in metric_list if isinstance(m.get("metric"), str)]
-    main = next((m for m in names if m in values), next(iter(values), None))
-    if main is None:
-        raise ToolkitError(f"lmms-eval task {name!r} reported no numeric metric (got {sorted(results)})")
-    n = out.get("n-samples", {}).get(name, {}).get("effective")
-    return LmmsScore(name, main, values[main], values, n)
+    label = format_model_args({"pretrained": name}) if name else ""
+    return evaluate_tasks(lm, tasks, manager=manager, run=run, model_args=label, batch_size=batch_size)
 
 
 @dataclass
@@ -454,7 +437,7 @@ class LmmsTask:
         if self._manager is None:  # indexing lmms-eval's tasks takes seconds: once per task object
             self._manager = task_manager(self.include_path, self.include_defaults)
         (score,) = run_lmms_tasks(model, processor, [self.name], manager=self._manager, batch_size=self.batch_size,
-                                  max_new_tokens=self.max_new_tokens, limit=self.limit)
+                                  max_new_tokens=self.max_new_tokens, run=LmmsRun(limit=self.limit))
         percent = score.score * self.scale
         if not (math.isfinite(percent) and 0.0 <= percent <= 100.0):
             raise ConfigError(f"lmms-eval task {self.name!r}: {score.metric} = {score.score} x scale {self.scale} "
@@ -570,6 +553,6 @@ def write_lmms_task(benchmark: Benchmark | str | Path, out_dir: str | Path, *, n
     return name
 
 
-__all__ = ["ATVModel", "DEFAULT_MAX_NEW_TOKENS", "INSTALL_HINT", "LmmsEvalMissing", "LmmsScore", "LmmsTask",
+__all__ = ["ATVModel", "DEFAULT_MAX_NEW_TOKENS", "INSTALL_HINT", "LmmsEvalMissing", "LmmsRun", "LmmsScore", "LmmsTask",
            "MODEL_NAME", "bridge_prompt", "cut_at_stop", "harness_task_functions", "manifest", "register",
            "run_lmms_tasks", "task_manager", "write_lmms_task"]

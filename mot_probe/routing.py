@@ -1,4 +1,5 @@
-"""The modality-routed Linear of the MoT probe.
+"""The modality-routed Linear of the MoT probe (and :class:`RoutedModule`, what it shares with the routed
+experts of ``mot_probe/experts.py``).
 
 A :class:`RoutedLinear` stands where a decoder projection (q/k/v, gate/up/down) was. It keeps the
 original ``nn.Linear`` as ``base`` and serves both modalities with it until one path is about to
@@ -85,31 +86,31 @@ def check_path(path: str) -> str:
     return path
 
 
-class RoutedLinear(nn.Module):
-    """Text and visual copies of one Linear; tokens are routed by the shared router's mask.
+class RoutedModule(nn.Module):
+    """Text and visual copies of one module ``base``; what the routed Linear and the routed experts share.
 
-    ``active`` names the path that pruning tools see through :attr:`weight` (the engine treats a
-    routed Linear as the Linear of its active path).
+    Both paths are served by ``base`` until one is about to diverge (be pruned): only then does that path get
+    its own copy in ``paths``. ``active`` names the path that pruning tools see through the weight properties.
     """
 
-    def __init__(self, base: nn.Linear, router: ModalityRouter):
+    def __init__(self, base: nn.Module, router: ModalityRouter):
         super().__init__()
         self.base = base
         self.paths = nn.ModuleDict()  # 'text' / 'visual' -> own copy, only once that path diverges
         self.active = "text"
-        self.in_features, self.out_features = base.in_features, base.out_features
         object.__setattr__(self, "router", router)  # shared, not a submodule
 
-    # -- paths -----------------------------------------------------------------------------
-    def path(self, name: str) -> nn.Linear:
-        """The Linear that serves path ``name`` (its own copy, or the shared base)."""
+    def path(self, name: str) -> nn.Module:
+        """The module that serves path ``name`` (its own copy, or the shared base)."""
         return self.paths[name] if name in self.paths else self.base
 
-    def materialise_(self, name: str) -> nn.Linear:
-        """Give path ``name`` its own copy of the base weights (same device and dtype)."""
+    def materialise_(self, name: str) -> nn.Module:
+        """Give path ``name`` its own copy of the base weights (same device and dtype; a ``config`` attribute, as
+        transformers' experts hold, stays the shared object so that switching implementations reaches the copy)."""
         check_path(name)
         if name not in self.paths:
-            self.paths[name] = copy.deepcopy(self.base)
+            config = getattr(self.base, "config", None)
+            self.paths[name] = copy.deepcopy(self.base, {} if config is None else {id(config): config})
         return self.paths[name]
 
     def reset_(self, name: str | None = None) -> None:
@@ -117,6 +118,18 @@ class RoutedLinear(nn.Module):
         for key in [name] if name else list(self.paths):
             if key in self.paths:
                 del self.paths[key]
+
+
+class RoutedLinear(RoutedModule):
+    """Text and visual copies of one Linear; tokens are routed by the shared router's mask.
+
+    ``active`` names the path that pruning tools see through :attr:`weight` (the engine treats a
+    routed Linear as the Linear of its active path).
+    """
+
+    def __init__(self, base: nn.Linear, router: ModalityRouter):
+        super().__init__(base, router)
+        self.in_features, self.out_features = base.in_features, base.out_features
 
     @property
     def weight(self) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """MoT probe surgery: duplicate each decoder block's QKV and FFN projections (in general: every
-projection structural discovery finds, except the token mixer's output projection) into a text and a
-visual path, prune one path with a chosen calibration pool, and undo it all.
+projection structural discovery finds, except the token mixer's output projection) and its fused MoE
+experts (the router stays shared) into a text and a visual path, prune one path with a chosen calibration
+pool, and undo it all.
 
 In-place and reversible, like peft's adapters::
 
@@ -8,11 +9,11 @@ In-place and reversible, like peft's adapters::
     probe.prune_path_("text", PruneConfig("wanda", sparsity=0.5, pool="visual"), batches)
     ...evaluate model...
     probe.reset_()                                     # both paths dense again (copies dropped)
-    probe.unload()                                     # plain nn.Linears back, original state_dict keys
+    probe.unload()                                     # original modules back, original state_dict keys
 
 The probe attaches its own adapter to the model (``pruning.adapters.ATTACHED_ADAPTER``): it behaves as
-the family's adapter, except that the Linears it hands to the pruning engine are the routed ones
-(seen as their active path) and every replayed layer is routed with the batch's modality mask.
+the family's adapter, except that the Linears and experts it hands to the pruning engine are the routed
+ones (seen as their active path) and every replayed layer is routed with the batch's modality mask.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from pruning.adapters import (
 from pruning.config import PruneConfig
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
-from pruning.experts import find_experts
+from pruning.experts import EXPERT_PARAMS, block_targets, find_experts
 
-from .routing import ModalityRouter, RoutedLinear, check_path
+from .experts import RoutedExperts, routing_problem
+from .routing import ModalityRouter, RoutedLinear, RoutedModule, check_path
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,10 @@ def probe_pool(name: str) -> str:
 class ProbeAdapter(Adapter):
     """The family adapter of a probed model, with routing."""
 
-    prunes_experts = False  # experts are not routed: a path's pruning must leave them (shared) alone
-
-    def __init__(self, inner: Adapter, probe: "MoTProbe"):
+    def __init__(self, inner: Adapter, probe: "MoTProbe", prunes_experts: bool):
         self.inner, self.probe = inner, probe
         self.name = f"{inner.name}+mot"
+        self.prunes_experts = prunes_experts  # False when the experts stay shared: a path's pruning leaves them alone
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return self.inner.language_model(model)
@@ -83,6 +84,9 @@ class ProbeAdapter(Adapter):
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return self.inner.attention_module(layer)
+
+    def visual_mask_of(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return self.inner.visual_mask_of(model, inputs)
 
     def projections(self, model: nn.Module, index: int) -> BlockProjections:
         """The routed projections of layer ``index``: what the engine prunes by default on a probed model."""
@@ -104,8 +108,9 @@ class MoTProbe:
     """A model whose decoder projections are routed by modality. Create with :func:`attach_probe_`.
 
     ``routed[i]`` maps the routed projections of decoder layer ``i`` (names relative to the block) to
-    their RoutedLinear; ``skipped[i]`` maps what the probe leaves shared to why (the attention output
-    projection unless ``include_o_proj``, MoE routers and experts).
+    their RoutedLinear, ``experts[i]`` its fused MoE experts modules to their RoutedExperts; ``skipped[i]``
+    maps what the probe leaves shared to why (the attention output projection unless ``include_o_proj``,
+    MoE routers, and the experts when ``allow_shared_experts``).
     """
 
     def __init__(self, model: nn.Module, include_o_proj: bool = False, allow_shared_experts: bool = False):
@@ -114,29 +119,33 @@ class MoTProbe:
         self.model = model
         self.family = get_adapter(model)
         plan = routing_plan(model, self.family, include_o_proj)  # checks everything before any surgery
-        self.names = tuple(dict.fromkeys(name for names, _ in plan for name in names))
-        self.skipped = [skipped for _, skipped in plan]
-        if not allow_shared_experts:
-            _refuse_experts(model, self.family)
+        experts = _shared_experts(model, self.family) if allow_shared_experts else expert_plan(model, self.family)
+        self.skipped = [{n: why for n, why in skipped.items() if n not in routed}
+                        for (_, skipped), routed in zip(plan, experts)]
+        self.layer_names = [(*names, *_param_names(routed)) for (names, _), routed in zip(plan, experts)]
+        self.names = tuple(dict.fromkeys(name for names in self.layer_names for name in names))
         self.router = ModalityRouter()
         self.routed: list[dict[str, RoutedLinear]] = []
-        for layer, (names, _) in zip(self.family.decoder_layers(model), plan):
-            self.routed.append({name: self._wrap(layer, name) for name in names})
+        self.experts: list[dict[str, RoutedExperts]] = []
+        for layer, (names, _), routed in zip(self.family.decoder_layers(model), plan, experts):
+            self.routed.append({name: self._wrap(layer, name, RoutedLinear) for name in names})
+            self.experts.append({name: self._wrap(layer, name, RoutedExperts) for name in routed})
         self._hooks = [model.register_forward_pre_hook(self._set_mask, with_kwargs=True),
                        model.register_forward_hook(self._clear_mask, always_call=True)]
-        setattr(model, ATTACHED_ADAPTER, ProbeAdapter(self.family, self))
+        setattr(model, ATTACHED_ADAPTER, ProbeAdapter(self.family, self, prunes_experts=not allow_shared_experts))
 
-    def _wrap(self, layer: nn.Module, name: str) -> RoutedLinear:
+    def _wrap(self, layer: nn.Module, name: str, kind: type[RoutedModule]) -> RoutedModule:
         parent_name, _, child = name.rpartition(".")
         parent = layer.get_submodule(parent_name)
-        routed = RoutedLinear(getattr(parent, child), self.router)
+        routed = kind(getattr(parent, child), self.router)
         setattr(parent, child, routed)
         return routed
 
     # -- routing from the model's own forward ------------------------------------------------
     def _set_mask(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.router.visual = None if input_ids is None else self.family.visual_mask(model, input_ids)
+        inputs = {**kwargs, "input_ids": input_ids}
+        self.router.visual = None if input_ids is None else self.family.visual_mask_of(model, inputs)
 
     def _clear_mask(self, *_: Any) -> None:
         self.router.visual = None
@@ -146,42 +155,60 @@ class MoTProbe:
         for layer in self.routed:
             yield from layer.values()
 
+    def routed_experts(self) -> Iterable[RoutedExperts]:
+        for layer in self.experts:
+            yield from layer.values()
+
+    def routed_modules(self) -> Iterable[RoutedModule]:
+        """Every routed Linear, then every routed experts module."""
+        yield from self.routed_linears()
+        yield from self.routed_experts()
+
     def path_parameters(self, path: str) -> list[torch.Tensor]:
-        """The weights (and biases) that serve ``path`` now: its own copies or the shared base."""
+        """The weights (and biases, expert tensors) that serve ``path`` now: its own copies or the shared base."""
         check_path(path)
-        return [p for r in self.routed_linears() for p in r.path(path).parameters()]
+        return [p for r in self.routed_modules() for p in r.path(path).parameters()]
 
     def extra_parameters(self) -> int:
         """Number of weight entries held beyond the original model (the materialised copies)."""
-        return sum(p.numel() for r in self.routed_linears() for copy in r.paths.values() for p in copy.parameters())
+        return sum(p.numel() for r in self.routed_modules() for copy in r.paths.values() for p in copy.parameters())
 
     def prune_path_(self, path: str, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (), *,
                     progress: bool = True, keep_masks: bool = False) -> PruneReport:
-        """Prune path ``path`` of the routed Linears with ``config`` (its pool is independent of the
+        """Prune path ``path`` of the routed Linears and experts with ``config`` (its pool is independent of the
         path: e.g. the text path calibrated with visual tokens); the other path stays dense.
 
-        ``config.targets`` defaults to every routed projection; naming one that is not routed is an error.
+        ``config.targets`` defaults to every routed projection and routed expert; naming one that is not
+        routed is an error. A path's experts are pruned per expert and per row, each expert with statistics
+        from the pooled tokens the (shared) router sent to it; experts that saw none are pruned by magnitude
+        and listed in the report (``LayerReport.experts``), as on a plain model.
         """
         check_path(path)
         config = self._path_config(config)
         layers = range(len(self.routed)) if config.layers is None else config.layers
-        for i in layers:
-            if 0 <= i < len(self.routed):
-                names = self.routed[i] if tuple(config.targets) == DECODER_PROJ else config.targets
-                for name in names:
-                    self.routed[i][name].materialise_(path)
-                    self.routed[i][name].active = path
         try:
+            for i in layers:
+                if 0 <= i < len(self.routed):
+                    self._activate(i, path, config.targets)
             return prune_(self.model, config, calibration, progress=progress, keep_masks=keep_masks)
         except BaseException:
             self.reset_(path)  # nothing half-pruned stays behind
             raise
 
+    def _activate(self, index: int, path: str, targets: tuple[str, ...]) -> None:
+        """Give path ``path`` its own copy of what the engine will prune in layer ``index`` and expose it."""
+        linears, experts = block_targets(get_adapter(self.model), self.model, index, targets)
+        for module in (*linears.values(), *experts.modules.values()):
+            if isinstance(module, RoutedModule):
+                module.materialise_(path)
+                module.active = path
+
     def _path_config(self, config: PruneConfig) -> PruneConfig:
-        """The default targets mean every routed projection (per layer: layers may differ, e.g. hybrid
-        or KV-sharing decoders); they are spelled out when every layer routes the same names."""
+        """The default targets mean every routed projection and routed expert parameter (per layer: layers may
+        differ, e.g. hybrid, KV-sharing or partly-MoE decoders); they are spelled out when every layer routes
+        the same names."""
         if tuple(config.targets) == DECODER_PROJ:
-            same = all(tuple(routed) == self.names for routed in self.routed)
+            same = all(names == self.names for names in self.layer_names)
             return dataclasses.replace(config, targets=self.names) if same else config
         stray = [t for t in config.targets if t not in self.names]
         if stray:
@@ -193,23 +220,24 @@ class MoTProbe:
         """Make ``path`` (both when None) dense again by dropping its copies."""
         if path is not None:
             check_path(path)
-        for routed in self.routed_linears():
+        for routed in self.routed_modules():
             routed.reset_(path)
 
     def unload(self, keep: str = "text") -> nn.Module:
-        """Replace every routed Linear by path ``keep``'s Linear; remove hooks and the attached adapter.
+        """Replace every routed Linear and experts module by path ``keep``'s module (of the original type);
+        remove hooks and the attached adapter.
 
         An unpruned probe gives back the original modules (same objects, same state_dict keys).
         """
         check_path(keep)
-        for layer, routed in zip(self.family.decoder_layers(self.model), self.routed):
-            for name, module in routed.items():
+        for layer, routed, experts in zip(self.family.decoder_layers(self.model), self.routed, self.experts):
+            for name, module in {**routed, **experts}.items():
                 parent_name, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent_name), child, module.path(keep))
         for hook in self._hooks:
             hook.remove()
         delattr(self.model, ATTACHED_ADAPTER)
-        self.routed = []
+        self.routed, self.experts = [], []
         return self.model
 
 
@@ -246,30 +274,55 @@ def routing_plan(model: nn.Module, family: Adapter,
     if not any(names for names, _ in plan):
         raise ProbeError(f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): "
                          "no decoder projection can be routed; nothing would be probed")
-    experts = sorted({name for _, skipped in plan for name, why in skipped.items() if "expert" in why.lower()})
-    if experts:
-        log.warning("MoT probe: MoE expert weights stay shared (not routed, not pruned): %s", experts)
     return plan
 
 
-def _refuse_experts(model: nn.Module, family: Adapter) -> None:
-    """The probe routes nn.Linear projections only; fused MoE experts (3-D weights) cannot be routed yet."""
+def expert_plan(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:
+    """Per decoder layer: its fused MoE experts modules (names relative to the block), all routable.
+
+    Raises ProbeError naming the layer, the module and its layout when one cannot be routed per modality."""
+    plan = []
     for i, layer in enumerate(family.decoder_layers(model)):
         experts = find_experts(layer)
-        if experts:
-            raise ProbeError(
-                f"{type(model).__name__}: decoder layer {i} holds mixture-of-experts weights ({', '.join(experts)}: "
-                "3-D per-expert parameters, not nn.Linear projections); the MoT probe cannot route experts per "
-                "modality yet. Prune MoE models with pruning.prune_ (which does prune the experts), or pass "
-                "allow_shared_experts=True to route only the other projections")
+        for name, module in experts.items():
+            problem = routing_problem(name, module)
+            if problem:
+                raise ProbeError(
+                    f"{type(model).__name__}: cannot route the experts {name!r} of decoder layer {i} per modality: "
+                    f"{problem}. Pass allow_shared_experts=True to keep them shared (not routed, not pruned)")
+        plan.append(tuple(experts))
+    return plan
+
+
+def unroutable_experts(model: nn.Module) -> dict[str, str]:
+    """'<layer index>.<name>' -> why, for every fused experts module of ``model`` the probe cannot route."""
+    family = get_adapter(model)
+    return {f"{i}.{name}": problem for i, layer in enumerate(family.decoder_layers(model))
+            for name, module in find_experts(layer).items() if (problem := routing_problem(name, module))}
+
+
+def _shared_experts(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:
+    """allow_shared_experts: nothing routed; say which expert weights stay shared."""
+    layers = family.decoder_layers(model)
+    shared = [f"{i}.{name}" for i, layer in enumerate(layers) for name in find_experts(layer)]
+    if shared:
+        log.warning("MoT probe: MoE expert weights stay shared (not routed, not pruned): %s", shared)
+    return [()] * len(layers)
+
+
+def _param_names(experts: tuple[str, ...]) -> tuple[str, ...]:
+    """The pruning targets of routed experts modules: their fused parameters (``mlp.experts.gate_up_proj``)."""
+    return tuple(f"{name}.{param}" for name in experts for param in EXPERT_PARAMS)
 
 
 def attach_probe_(model: nn.Module, include_o_proj: bool = False, allow_shared_experts: bool = False) -> MoTProbe:
     """Route the decoder projections of ``model`` by modality, in place. Returns the probe handle.
 
-    A mixture-of-experts model is refused: its experts (3-D weights) cannot be routed per modality yet, so
-    a path would differ from the other only outside the experts. ``allow_shared_experts=True`` routes the
-    other projections anyway (attention, shared experts) and keeps the experts shared."""
+    On a mixture-of-experts model the fused experts are routed too: the router stays shared and each token
+    is computed by its own modality's copy of the experts it was routed to. Expert layouts that cannot be
+    routed are refused (ProbeError naming the layer, the module and the layout);
+    ``allow_shared_experts=True`` keeps the experts shared instead (not routed, so a path's pruning leaves
+    them alone) and routes the other projections (attention, shared experts)."""
     return MoTProbe(model, include_o_proj, allow_shared_experts)
 
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ MLP_PROJ = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 DECODER_PROJ = ATTN_PROJ + MLP_PROJ
 
 _TOKEN_ID_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+# Model inputs that mark the visual positions themselves, (B, T), for families whose image positions carry no
+# dedicated token id (Kosmos-2's processor writes ordinary vocabulary ids there).
+_VISUAL_POSITION_INPUTS = ("image_embeds_position_mask",)
 
 
 class _CaptureDone(Exception):
@@ -84,9 +88,11 @@ class CapturedBatch:
 
 
 def tokens_align(mask_shape: torch.Size, token_shape: torch.Size) -> bool:
-    """True when an input's token dimensions are the (B, T) of a token mask up to singleton dimensions
-    (e.g. MLA's (B, 1, T, d) latents): its flattened rows are then the mask's tokens in order."""
-    return [d for d in mask_shape if d != 1] == [d for d in token_shape if d != 1]
+    """True when an input's token dimensions hold the (B, T) tokens of a token mask in order, so that its
+    flattened rows are the mask's tokens: the same dimensions up to singletons (MLA's (B, 1, T, d) latents),
+    or every token flattened into one dimension (the (B*T, d) input an MoE block hands its shared experts)."""
+    mask, tokens = [d for d in mask_shape if d != 1], [d for d in token_shape if d != 1]
+    return tokens == mask or tokens == [math.prod(mask)]
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any] | None = None) -> Any:
@@ -167,6 +173,21 @@ class Adapter:
         ids = torch.tensor(self.visual_token_ids(model), dtype=input_ids.dtype, device=input_ids.device)
         return torch.isin(input_ids, ids)
 
+    def visual_mask_of(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(B, T) bool mask of a batch of model inputs, True at its visual positions: the image/video token ids
+        of ``input_ids``, and the positions an input marks itself (Kosmos-2's ``image_embeds_position_mask``)."""
+        input_ids = inputs["input_ids"]
+        mask = self.visual_mask(model, input_ids)
+        for name in _VISUAL_POSITION_INPUTS:
+            marked = inputs.get(name)
+            if marked is None:
+                continue
+            if tuple(marked.shape) != tuple(input_ids.shape):
+                raise CalibrationError(f"input {name!r} has shape {tuple(marked.shape)}, input_ids "
+                                       f"{tuple(input_ids.shape)}; it must mark the visual positions of input_ids")
+            mask = mask | marked.to(device=mask.device, dtype=torch.bool)
+        return mask
+
     # -- capture and replay ----------------------------------------------------------------
     @contextlib.contextmanager
     def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
@@ -226,7 +247,7 @@ class Adapter:
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        return CapturedBatch(first["hidden"], recorded, self.visual_mask(model, input_ids), valid, extras)
+        return CapturedBatch(first["hidden"], recorded, self.visual_mask_of(model, inputs), valid, extras)
 
     def replay(self, model: nn.Module, index: int, hidden: torch.Tensor, batch: CapturedBatch,
                layer: nn.Module | None = None) -> torch.Tensor:
@@ -544,7 +565,7 @@ def _walk(module: nn.Module, prefix: str, names: list[str], skipped: dict[str, s
     for child_name, child in module.named_children():
         name = _join(prefix, child_name)
         if is_moe and child_name == "experts":
-            skipped[name] = "MoE experts (statistics need the router's dispatch; not pruned yet)"
+            skipped[name] = "MoE experts (not a Linear: pruned per expert from its routed tokens by pruning.experts)"
         elif is_moe and child_name in _ROUTER_NAMES:
             skipped[name] = "MoE router"
         elif _is_linear_like(child):
@@ -557,7 +578,7 @@ def _walk(module: nn.Module, prefix: str, names: list[str], skipped: dict[str, s
             _walk(child, name, names, skipped)
     for param_name, param in module.named_parameters(recurse=False):
         if param.dim() == 3:
-            skipped[_join(prefix, param_name)] = "3-D expert weights (not pruned yet)"
+            skipped[_join(prefix, param_name)] = "3-D expert weights (not a Linear: see pruning.experts)"
 
 
 def _holds_experts(module: nn.Module) -> bool:

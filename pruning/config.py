@@ -15,6 +15,8 @@ tamp           Wanda        tamp
 =============  ===========  ============
 
 Any scorer that uses activations accepts any pool, e.g. ``PruneConfig("sparsegpt", pool="atv")``.
+``allocation`` spreads the sparsity non-uniformly over layers (``owl``) or over layers and projection groups
+(``map``) at the same global budget (:mod:`pruning.allocation`); ``uniform`` is the default.
 How to run (offloading, pass schedule) is :class:`pruning.execution.ExecutionConfig`.
 """
 
@@ -26,6 +28,7 @@ from typing import Any
 
 from . import pools, scores, sparsegpt, tamp  # noqa: F401  (they register the built-in scorers and pools)
 from .adapters import DECODER_PROJ
+from .allocation import ALLOCATIONS
 from .errors import ConfigError
 from .options import option
 from .registry import POOLS, get_pool, get_scorer, lookup
@@ -70,6 +73,12 @@ class PruneConfig:
     blocksize: int = option(128, "SparseGPT column block")
     percdamp: float = option(0.01, "SparseGPT dampening, fraction of the mean Hessian diagonal")
     seed: int = option(0, "seed of the random-visual pool")
+    allocation: str = option("uniform", "sparsity per layer at the same global budget: the same everywhere, "
+                                        "owl (outlier-weighted, from the dense Wanda scores), or map (per layer and "
+                                        "attention/FFN group from --allocation-map)", choices=ALLOCATIONS)
+    allocation_lambda: float = option(0.08, "owl/map: layer sparsities spread over 2*lambda around the target")
+    owl_m: float = option(5.0, "owl: a Wanda score is an outlier above owl_m x its layer's mean")
+    allocation_map: str | None = option(None, "map: sensitivity_map.json of atv probe --map (or its folder)")
     scorer: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +110,23 @@ class PruneConfig:
             raise ConfigError("targets is empty: name at least one Linear, e.g. 'mlp.down_proj'")
         if self.blocksize < 1 or self.percdamp <= 0:
             raise ConfigError(f"blocksize must be >= 1 and percdamp > 0, got {self.blocksize}, {self.percdamp}")
+        self._check_allocation(nm)
+
+    def _check_allocation(self, nm: tuple[int, int] | None) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation != "uniform" and nm is not None:
+            raise ConfigError(f"allocation {self.allocation!r} cannot be combined with pattern {self.pattern} (N:M "
+                              "fixes the sparsity of every group of M weights); drop one of them")
+        if not 0.0 <= self.allocation_lambda < 0.5:
+            raise ConfigError(f"allocation_lambda must be in [0, 0.5), got {self.allocation_lambda}")
+        if self.owl_m <= 0:
+            raise ConfigError(f"owl_m must be > 0, got {self.owl_m}")
+        if (self.allocation == "map") != (self.allocation_map is not None):
+            raise ConfigError(f"allocation 'map' needs allocation_map (and only it uses one), got allocation="
+                              f"{self.allocation!r}, allocation_map={self.allocation_map!r}")
+        if self.allocation_map is not None:
+            self.allocation_map = str(self.allocation_map)
 
     def _resolve_method(self) -> None:
         """Scorer and pool from the method table; every name must be registered."""
@@ -121,7 +147,8 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return get_scorer(self.scorer).needs is not None
+        """The scorer uses activations, or the allocation does (owl's Wanda scores)."""
+        return get_scorer(self.scorer).needs is not None or self.allocation == "owl"
 
     @property
     def needs_mean_drift(self) -> bool:

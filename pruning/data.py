@@ -234,9 +234,7 @@ def _sample(candidates: Iterable[tuple[str, Mapping[str, Any]]], image_of: Calla
             source: str) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
     """The first ``nsamples`` usable records of ``candidates`` (in their order), encoded; every skip counted."""
     report, samples, usable = CalibrationReport(requested=nsamples), [], []
-    for record_id, record in candidates:
-        if len(samples) == nsamples:
-            break
+    for record_id, record in candidates:  # read no further than needed: a streamed source is fetched lazily
         if not record.get("image"):
             report.skipped["no_image"] += 1
             continue
@@ -256,6 +254,8 @@ def _sample(candidates: Iterable[tuple[str, Mapping[str, Any]]], image_of: Calla
         samples.append(inputs)
         usable.append((record, image))
         report.ids.append(record_id)
+        if len(samples) == nsamples:
+            break
     report.used = len(samples)
     if any(report.skipped.values()):
         log.warning("calibration: skipped %s of the records read", report.skipped)

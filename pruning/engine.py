@@ -9,6 +9,11 @@ Schedule per decoder layer (two forward passes of the layer):
 3. *pruned pass*: replay the pruned layer to produce the next layer's inputs (or keep the dense
    outputs with ``propagate='dense'``).
 
+A non-uniform ``allocation`` (:mod:`pruning.allocation`) is planned before the layer loop: ``owl`` first runs
+one dense pass of the decoder over the calibration batches (every non-padding token; the Wanda scores'
+outlier ratio of each layer needs all layers before the first is pruned, as llm-compressor does), ``map``
+reads a sensitivity map; each target then prunes the exact count the plan gives it.
+
 ATV's alpha rule needs the mean drift of all samples before any sample's pool is known; the
 engine then either stashes the activations of the dense pass (``ExecutionConfig(schedule='two-pass')``) or runs one
 extra drift-only pass (``'three-pass'``, the reference schedule); both give identical masks.
@@ -28,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors, tokens_align
+from .allocation import Allocation, allocate, map_units, outlier_ratio, owl_units, read_sensitivity_map
 from .config import PruneConfig
 from .errors import CalibrationError, ConfigError
 from .execution import ExecutionConfig
@@ -38,6 +44,7 @@ from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import drift
 from .registry import PoolParams, get_pool, get_scorer
 from .replay import capture, check_layers, on_device, propagate_, replay_layers
+from .scores import wanda_scores
 from .stats import ACCUMULATORS, Hessian, SquaredNorms
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ class PruneReport:
     applied: bool
     masks: dict[str, torch.Tensor] | None = None  # full dotted name -> bool mask (True = pruned)
     execution: dict[str, Any] = field(default_factory=dict)  # the ExecutionConfig of the run
+    allocation: dict[str, Any] | None = None  # non-uniform allocations: per unit its value and sparsity
 
     @property
     def sparsity(self) -> float:
@@ -116,15 +124,18 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
         if config.nm and linear.in_features % config.nm[1]:
             raise ConfigError(f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
                               f"not divisible by {config.nm[1]}")
+    if config.allocation == "map":
+        _check_map(config, n_layers)
     if not config.needs_calibration:
         return indices
     if not batches:
-        raise CalibrationError(f"method {config.method!r} needs calibration data; none was given")
+        uses = f"method {config.method!r}" if config.pool is not None else f"allocation {config.allocation!r}"
+        raise CalibrationError(f"{uses} needs calibration data; none was given")
     for j, batch in enumerate(batches):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise CalibrationError(f"calibration item {j} must be a dict of model inputs with 'input_ids'")
-    if get_pool(config.pool).needs_visual:
-        n_visual = sum(int(adapter.visual_mask(model, b["input_ids"]).sum()) for b in batches)
+    if config.pool is not None and get_pool(config.pool).needs_visual:
+        n_visual = sum(int(adapter.visual_mask_of(model, b).sum()) for b in batches)
         if n_visual == 0:
             raise CalibrationError(
                 f"pool {config.pool!r} needs visual tokens, but the calibration data has none (visual token ids "
@@ -133,15 +144,26 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
 
 
 # -- orchestration -----------------------------------------------------------------------------
+def _untargeted_experts(adapter, model: nn.Module, indices: list[int], targets) -> list[str]:
+    """'<layer>.<module>' of the MoE experts of the chosen layers that no target resolves to."""
+    left = []
+    for i in indices:
+        experts = {name for name in adapter.expert_weights(model) if name.split(".", 1)[0] == str(i)}
+        if experts:
+            matrices = block_targets(adapter, model, i, targets)[1].matrices
+            left += [e for e in sorted(experts) if not any(m.startswith(e.split(".", 1)[1] + ".") for m in matrices)]
+    return left
+
+
 def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, calibration: Iterable[Mapping[str, Any]],
          *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
     start = time.perf_counter()
     adapter = get_adapter(model)
     batches = list(calibration) if config.needs_calibration else []
     indices = _validate(model, adapter, config, batches)
-    experts = adapter.expert_weights(model)
-    if experts:
-        log.warning("MoE expert weights are left dense (their statistics need the router's dispatch): %s", experts)
+    dense_experts = _untargeted_experts(adapter, model, indices, config.targets)
+    if dense_experts:
+        log.warning("MoE expert weights left dense (the targets do not name them): %s", dense_experts)
     model.eval()
     masks: dict[str, torch.Tensor] = {}
     reports = []
@@ -150,13 +172,15 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
     with torch.no_grad(), _eager_attention(model, needs_attention), eager_experts(model, layers), \
             _offloading(layers, execution):
         captured = _capture_all(model, adapter, batches, execution.activations_device, progress)
+        allocation = _allocation(model, adapter, config, indices, captured)
         last = indices[-1] if indices else -1
         for i in tqdm(range(last + 1), desc="layers", disable=not progress):
             if i not in indices:
                 propagate_(model, adapter, captured, [i])
                 continue
             t0 = time.perf_counter()
-            pruner = LayerPruner(model, adapter, config, i, captured, apply, execution)
+            counts = allocation.counts[i] if allocation is not None else None
+            pruner = LayerPruner(model, adapter, config, i, captured, apply, execution, counts)
             report = pruner.run(masks if keep_masks else None)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
@@ -164,7 +188,74 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
         del layers
     samples = sum(int(b.hidden.shape[0]) for b in captured)
     return PruneReport(getattr(model.config, "model_type", "?"), config.to_dict(), reports, samples,
-                       time.perf_counter() - start, apply, masks if keep_masks else None, execution.to_dict())
+                       time.perf_counter() - start, apply, masks if keep_masks else None, execution.to_dict(),
+                       None if allocation is None else allocation.to_dict())
+
+
+# -- allocation --------------------------------------------------------------------------------
+def _check_map(config: PruneConfig, n_layers: int) -> None:
+    """The sensitivity map is readable and was made on a model with this many decoder layers."""
+    found = read_sensitivity_map(config.allocation_map)
+    if found.num_layers != n_layers:
+        raise ConfigError(f"the sensitivity map {config.allocation_map!r} was made on a model with "
+                          f"{found.num_layers} decoder layers, this one has {n_layers}; make a map of this model")
+
+
+def _allocation(model: nn.Module, adapter: Adapter, config: PruneConfig, indices: list[int],
+                captured: list[CapturedBatch]) -> Allocation | None:
+    """The prune count of every target of every pruned layer (None for the uniform allocation)."""
+    if config.allocation == "uniform" or not indices:
+        return None
+    sizes = {}
+    for i in indices:
+        linears, experts = block_targets(adapter, model, i, config.targets)
+        sizes[i] = {n: t.out_features * t.in_features for n, t in {**linears, **experts.matrices}.items()}
+    if config.allocation == "owl":
+        units = owl_units(_outlier_ratios(model, adapter, config, indices, captured), sizes)
+    else:
+        units = map_units(read_sensitivity_map(config.allocation_map).group_sensitivity(), sizes)
+    plan = allocate(config.allocation, units, config.sparsity, config.allocation_lambda)
+    log.info("allocation %s: %s", config.allocation, [round(s, 4) for s in plan.sparsities])
+    return plan
+
+
+def _outlier_ratios(model: nn.Module, adapter: Adapter, config: PruneConfig, indices: list[int],
+                    captured: list[CapturedBatch]) -> dict[int, float]:
+    """OWL's statistic: one dense pass of the decoder (on copies of the captured batches, which the engine's
+    own passes still need), every non-padding token feeding the Wanda norms of each pruned layer's Linears
+    (MoE expert matrices are left out of the ratio; their layer's sparsity still applies to them)."""
+    batches = [copy.copy(batch) for batch in captured]  # own ``hidden``: the replay chains through the copies
+    layers = adapter.decoder_layers(model)
+    ratios = {}
+    for i in range(indices[-1] + 1):
+        if i not in indices:
+            propagate_(model, adapter, batches, [i])
+            continue
+        linears, _ = block_targets(adapter, model, i, config.targets)
+        with onloaded(layers[i]):
+            norms = _dense_norms(model, adapter, batches, i, linears)
+            scores = [wanda_scores(linear.weight, norms[name].result()) for name, linear in linears.items()]
+            ratios[i] = outlier_ratio(scores, config.owl_m)
+    return ratios
+
+
+def _dense_norms(model: nn.Module, adapter: Adapter, batches: list[CapturedBatch], index: int,
+                 linears: Mapping[str, nn.Module]) -> dict[str, SquaredNorms]:
+    """Squared input norms of ``linears`` over every non-padding token, from one dense pass of layer ``index``
+    that also advances ``batches`` to its outputs; Linears reading one tensor share one accumulator."""
+    device = execution_device(adapter.decoder_layers(model)[index])
+    norms: dict[str, SquaredNorms] = {}
+    with record_inputs(linears) as acts:
+        for step in replay_layers(model, adapter, batches, [index]):
+            owners: dict[int, SquaredNorms] = {}
+            for name, linear in linears.items():
+                x = acts[name]
+                if name not in norms:
+                    norms[name] = owners.get(id(x)) or SquaredNorms(linear.in_features, device=device)
+                if id(x) not in owners:
+                    owners[id(x)] = norms[name]
+                    norms[name].add(_pooled_rows(x, step.batch.valid), samples=int(step.batch.hidden.shape[0]))
+    return norms
 
 
 @contextlib.contextmanager
@@ -216,8 +307,10 @@ class LayerPruner:
     """Prunes one decoder layer: statistics from a dense pass, masks, apply, pruned recompute."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: PruneConfig, index: int,
-                 captured: list[CapturedBatch], apply: bool, execution: ExecutionConfig):
+                 captured: list[CapturedBatch], apply: bool, execution: ExecutionConfig,
+                 counts: dict[str, int] | None = None):
         self.model, self.adapter, self.config, self.index = model, adapter, config, index
+        self.counts = counts  # non-uniform allocation: exact weights to prune per target (None: config.sparsity)
         self.execution = execution
         self.captured, self.apply = captured, apply
         self.layer = adapter.decoder_layers(model)[index]
@@ -371,7 +464,7 @@ class LayerPruner:
             last = int(valid.nonzero().max())
             attention, visual = scores[b, last][valid], batch.visual[b][valid]
             for name, acc in stats.items():
-                rows = acts[name][b][valid]
+                rows = _as_tokens(acts[name], batch.valid.shape)[b][valid]
                 linear = self.linears[name]
                 chosen = self.pool.fn(nn.functional.linear(rows, linear.weight, linear.bias), visual, attention)
                 acc.add(rows[chosen], samples=1)
@@ -394,13 +487,15 @@ class LayerPruner:
         masks, new_weights = {}, {}
         for name, linear in self.linears.items():
             statistic = stats[name].result() if stats else None
+            count = None if self.counts is None else self.counts[name]
             masks[name], new_weight = self.scorer.prune(linear.weight, statistic, self.config.sparsity, self.config.nm,
-                                                        blocksize=self.config.blocksize, percdamp=self.config.percdamp)
+                                                        count, blocksize=self.config.blocksize,
+                                                        percdamp=self.config.percdamp)
             if new_weight is not None:
                 new_weights[name] = new_weight
         if self.experts:  # MoE hook: expert matrices, per row like any Linear (magnitude where no token was routed)
             expert_masks, expert_weights = self.experts.masks(
-                self.scorer, self.config.sparsity, self.config.nm, blocksize=self.config.blocksize,
+                self.scorer, self.config.sparsity, self.config.nm, self.counts, blocksize=self.config.blocksize,
                 percdamp=self.config.percdamp)
             masks.update(expert_masks)
             new_weights.update(expert_weights)
@@ -424,14 +519,20 @@ class LayerPruner:
 
 
 def _pooled_rows(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """The rows of ``x`` (B, T, d) at ``pool`` (B, T); inputs with extra singleton token dimensions
-    (MLA's (B, 1, T, d) latents) are flattened to the same (B*T) order first."""
-    if x.shape[:-1] == pool.shape:
-        return x[pool]
-    if not tokens_align(pool.shape, x.shape[:-1]):
+    """The rows of ``x`` (B, T, d) at ``pool`` (B, T)."""
+    return _as_tokens(x, pool.shape)[pool]
+
+
+def _as_tokens(x: torch.Tensor, tokens: torch.Size) -> torch.Tensor:
+    """A Linear's input ``x`` as (B, T, d) for the (B, T) ``tokens``: inputs with extra singleton token
+    dimensions (MLA's (B, 1, T, d) latents) or flattened tokens (an MoE block's (B*T, d)) are viewed in the
+    same (B*T) order."""
+    if x.shape[:-1] == tokens:
+        return x
+    if not tokens_align(tokens, x.shape[:-1]):
         raise CalibrationError(f"a Linear's input of shape {tuple(x.shape)} does not line up with the "
-                               f"(B, T) = {tuple(pool.shape)} tokens; its statistics cannot be pooled by token")
-    return x.reshape(-1, x.shape[-1])[pool.reshape(-1)]
+                               f"(B, T) = {tuple(tokens)} tokens; its statistics cannot be pooled by token")
+    return x.reshape(*tokens, x.shape[-1])
 
 
 def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],

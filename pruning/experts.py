@@ -5,11 +5,14 @@ transformers keeps the experts of an MoE block as 3-D parameters of one module, 
 top_k_weights (N, k))`` on the block's flattened tokens (N = B * T), after a router chose each token's
 experts. Expert ``e``'s slice ``param[e]`` is a plain (out, in) weight, so it is scored and masked per
 output row exactly as an nn.Linear (:class:`ExpertMatrix` is a writable view the engine treats as one).
+Some families store the experts transposed ((E, H, 2I) / (E, I, H), applied as ``tokens @ param[e]``: Aria,
+Llama4; the matrix is then ``param[e].T``), normalise each expert's output (Muse Spark), or call the experts
+on router-scaled copies of every token (Llama4): :class:`ExpertLayout` names what :func:`check_layout` found.
 
 Statistics of an expert come from exactly the tokens the router sent to it, within the calibration
-pool: during the engine's dense pass the experts' forward is swapped for :func:`routed_forward`, the
-same routing loop as transformers' eager one (its output is checked bit for bit against the module's
-own forward on the first call) that also records, per expert, the flat token indices and the
+pool: during the engine's dense pass the experts' forward is swapped for :func:`routed_forward` (or
+:func:`scaled_forward`), the same routing loop as transformers' eager one (its output is checked bit for
+bit against the module's own forward on the first call) that also records, per expert, the flat token indices and the
 intermediate activations ``act(gate) * up`` (the inputs of ``down_proj[e]``). The (B, T) pool mask then
 selects rows: ``pool.reshape(-1)[token_index]``. Experts that saw no pooled token have no statistics
 and are pruned by magnitude; the report lists them. Routers and their weights are never pruned.
@@ -23,6 +26,7 @@ also be named directly (``mlp.experts.down_proj``). Dense blocks resolve exactly
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -38,18 +42,25 @@ from .stats import ACCUMULATORS, Hessian, SquaredNorms
 EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 # key of the routing records in the engine's per-batch activations dict
 ROUTED = "__routed_experts__"
-# transformers' ``use_experts_implementation`` layout flags and the value the routed loop supports
-_STANDARD_LAYOUT = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
-                    "has_post_expert_norm": False}
+# transformers' ``use_experts_implementation`` layout flags the routed loops require (the other two,
+# ``is_transposed`` and ``has_post_expert_norm``, are served: see :class:`ExpertLayout`)
+_REQUIRED_FLAGS = {"has_bias": False, "has_gate": True, "is_concatenated": True}
 
 
 def find_experts(block: nn.Module) -> dict[str, nn.Module]:
     """Fused expert modules of a decoder block, by structure: a module (not a convolution) holding 3-D
     parameters of its own whose first dimension is the number of experts (its ``num_experts`` when it
-    has one, else shared by a gate_up_proj/up_proj/down_proj). Names are relative to the block."""
-    found = {}
+    has one, else shared by a gate_up_proj/up_proj/down_proj). Names are relative to the block.
+
+    A module with a ``record_routing`` method stands for the experts module it wraps (the MoT probe's routed
+    experts): it is found in its place and the modules inside it are not searched."""
+    found, stand_ins = {}, []
     for name, module in block.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, nn.modules.conv._ConvNd) or any(name.startswith(f"{s}.") for s in stand_ins):
+            continue
+        if callable(getattr(module, "record_routing", None)):
+            found[name] = module
+            stand_ins.append(name)
             continue
         params = dict((n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3)
         if not params or len({p.shape[0] for p in params.values()}) != 1:
@@ -60,29 +71,68 @@ def find_experts(block: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def check_layout(name: str, module: nn.Module) -> None:
-    """UnsupportedModelError unless ``module`` stores its experts as gate_up_proj (E, 2I, H) + down_proj (E, H, I)."""
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a fused experts module stores and calls its experts (what :func:`check_layout` found).
+
+    transposed: ``gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H), applied as ``tokens @ param[e]``
+        (Aria, Llama4); else (E, 2I, H) and (E, H, I), applied as ``linear(tokens, param[e])``.
+    post_norm: each expert's output goes through ``module.post_expert_norm`` before the routing weight.
+    routing_args: called as ``experts(hidden (N, H), top_k_index (N, k), top_k_weights (N, k))``; else as
+        ``experts(scaled (E * N, H))``, every token once per expert with the router's score already multiplied
+        in, zero for the experts the router did not choose (Llama4).
+    """
+
+    transposed: bool = False
+    post_norm: bool = False
+    routing_args: bool = True
+
+    def inner_size(self, module: nn.Module) -> int:
+        """I, the width of an expert's ``act(gate) * up``."""
+        return module.down_proj.shape[1 if self.transposed else 2]
+
+
+def check_layout(name: str, module: nn.Module) -> ExpertLayout:
+    """The layout of fused experts module ``module``; UnsupportedModelError (naming the layout) unless it holds
+    gate_up_proj (E, 2I, H) + down_proj (E, H, I), or their transposes, with concatenated [gate; up] halves, no
+    bias, and a forward called with the router's choices or with router-scaled inputs (see ExpertLayout)."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    flags = {flag: getattr(module, flag, standard) for flag, standard in _STANDARD_LAYOUT.items()}
-    shapes_ok = (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
-                 and gate_up.dim() == down.dim() == 3
-                 and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1])
-    if not shapes_ok or flags != _STANDARD_LAYOUT:
+    flags = {flag: getattr(module, flag, None) for flag in (*_REQUIRED_FLAGS, "is_transposed", "has_post_expert_norm")}
+    shapes = isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == down.dim() == 3
+    plain = shapes and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
+    transposed = shapes and gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]
+    post_norm = bool(flags["has_post_expert_norm"])
+    arguments = _forward_arguments(module)
+    ok = ((plain or transposed) and flags["is_transposed"] in (None, transposed)
+          and all(flags[f] in (None, value) for f, value in _REQUIRED_FLAGS.items())
+          and (not post_norm or isinstance(getattr(module, "post_expert_norm", None), nn.Module))
+          and arguments in (1, 3))
+    if not ok:
         params = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
         raise UnsupportedModelError(
-            f"experts module {name} ({type(module).__name__}, parameters {params}, layout {flags}) is not the "
-            "gate_up_proj (E, 2I, H) + down_proj (E, H, I) layout this toolkit prunes; exclude it from targets")
+            f"experts module {name} ({type(module).__name__}, parameters {params}, layout {flags}, forward with "
+            f"{arguments} arguments) is not a layout this toolkit prunes (gate_up_proj (E, 2I, H) + down_proj "
+            "(E, H, I) or their transposes, concatenated gate and up, no bias); exclude it from targets")
+    return ExpertLayout(transposed=transposed, post_norm=post_norm, routing_args=arguments == 3)
+
+
+def _forward_arguments(module: nn.Module) -> int:
+    """How many tensors the module's forward takes (self excluded; transformers' wrappers keep the signature)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(type(module).forward).parameters.values()
+    return sum(1 for p in params if p.kind in kinds and p.default is p.empty) - 1
 
 
 class ExpertMatrix:
     """Expert ``index``'s (out, in) weight of the fused 3-D parameter ``module.<param>``, standing in for an
-    nn.Linear: ``weight`` is a writable view, so :func:`pruning.masks.apply_mask_` and ``weight.copy_`` act in
-    place. The parameter is looked up at each access, as a Linear's weight is (offload hooks swap it)."""
+    nn.Linear: ``weight`` is a writable view (the transpose of ``param[index]`` for a transposed layout), so
+    :func:`pruning.masks.apply_mask_` and ``weight.copy_`` act in place. The parameter is looked up at each access,
+    as a Linear's weight is (offload hooks swap it)."""
 
-    def __init__(self, module: nn.Module, param: str, index: int):
-        self.module, self.name, self.index = module, param, index
+    def __init__(self, module: nn.Module, param: str, index: int, transposed: bool = False):
+        self.module, self.name, self.index, self.transposed = module, param, index, transposed
         shape = getattr(module, param).shape
-        self.out_features, self.in_features = shape[1], shape[2]
+        self.out_features, self.in_features = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
 
     @property
     def param(self) -> nn.Parameter:
@@ -90,7 +140,8 @@ class ExpertMatrix:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.param.data[self.index]
+        matrix = self.param.data[self.index]
+        return matrix.T if self.transposed else matrix
 
 
 @contextlib.contextmanager
@@ -112,18 +163,20 @@ def eager_experts(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
 
 
 def routed_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                   record: dict[str, Any]) -> torch.Tensor:
+                   record: dict[str, Any], layout: ExpertLayout | None = None) -> torch.Tensor:
     """transformers' eager experts loop (same ops, same order), recording per expert what it saw.
 
     hidden: (N, H) flattened tokens; top_k_index / top_k_weights: (N, k). Fills ``record`` with
     ``n`` = N, ``hidden`` = the (N, H) input, ``tokens[e]`` = flat indices of the tokens routed to expert e
     and ``inner[e]`` = (len, I) the inputs of ``down_proj[e]``. Returns (N, H), as the module would.
+    ``layout`` defaults to :func:`check_layout`'s reading of ``module``.
     """
+    layout = check_layout(type(module).__name__, module) if layout is None else layout
+    project = _projector(layout)
     n_experts = module.gate_up_proj.shape[0]
     out = torch.zeros_like(hidden)
-    empty = hidden.new_zeros(0, module.down_proj.shape[2])
     tokens = [torch.zeros(0, dtype=torch.long, device=hidden.device)] * n_experts
-    inner = [empty] * n_experts
+    inner = [hidden.new_zeros(0, layout.inner_size(module))] * n_experts
     with torch.no_grad():
         expert_mask = nn.functional.one_hot(top_k_index, num_classes=n_experts + 1).permute(2, 1, 0)  # (E+1, k, N)
         hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
@@ -132,23 +185,72 @@ def routed_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.T
         if e == n_experts:  # the slot some routers use for "no expert"
             continue
         top_k_pos, token_idx = torch.where(expert_mask[e])
-        gate_up = nn.functional.linear(hidden[token_idx], module.gate_up_proj[e])
+        gate_up = project(hidden[token_idx], module.gate_up_proj[e])
         gated = module._apply_gate(gate_up) if hasattr(module, "_apply_gate") else _apply_gate(module, gate_up)
-        state = nn.functional.linear(gated, module.down_proj[e]) * top_k_weights[token_idx, top_k_pos, None]
+        state = project(gated, module.down_proj[e])
+        if layout.post_norm:
+            state = module.post_expert_norm(state)
+        state = state * top_k_weights[token_idx, top_k_pos, None]
         out.index_add_(0, token_idx, state.to(out.dtype))
         tokens[e], inner[e] = token_idx, gated
     record.update(n=hidden.shape[0], hidden=hidden, tokens=tokens, inner=inner)
     return out
 
 
-def _routing_call(name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """(hidden, top_k_index, top_k_weights) of an ``experts(...)`` call; UnsupportedModelError for another call."""
-    names = ("hidden_states", "top_k_index", "top_k_weights")
+def scaled_forward(module: nn.Module, scaled: torch.Tensor, record: dict[str, Any],
+                   layout: ExpertLayout | None = None) -> torch.Tensor:
+    """The batched experts forward of router-scaled inputs (Llama4's; same ops, same order), recording per expert
+    what it saw.
+
+    scaled: (E * N, H), expert e's copy of the N tokens in rows e*N .. (e+1)*N, each multiplied by the router's
+    score, which is exactly 0 for the experts the router did not choose (sigmoid(-inf)). The tokens routed to
+    expert e are its non-zero rows: the zero rows add nothing to the output and nothing to the statistics. Fills
+    ``record`` with ``n`` = N, ``tokens[e]``, ``outer[e]`` = (len, H) the inputs of ``gate_up_proj[e]`` (the
+    scaled rows the matrix really reads) and ``inner[e]`` = (len, I) those of ``down_proj[e]``. Returns (E * N, H).
+    """
+    layout = check_layout(type(module).__name__, module) if layout is None else layout
+    n_experts, width = module.gate_up_proj.shape[0], scaled.shape[-1]
+    per_expert = scaled.view(n_experts, -1, width)  # (E, N, H)
+    gate_up_w, down_w = module.gate_up_proj, module.down_proj
+    if not layout.transposed:
+        gate_up_w, down_w = gate_up_w.transpose(1, 2), down_w.transpose(1, 2)
+    gate, up = torch.bmm(per_expert, gate_up_w).chunk(2, dim=-1)
+    gated = up * module.act_fn(gate)  # (E, N, I)
+    out = torch.bmm(gated, down_w)
+    if layout.post_norm:
+        out = module.post_expert_norm(out)
+    with torch.no_grad():
+        routed = per_expert.ne(0).any(dim=-1)  # (E, N)
+    tokens = [routed[e].nonzero().squeeze(1) for e in range(n_experts)]
+    record.update(n=per_expert.shape[1], tokens=tokens, outer=[per_expert[e, t] for e, t in enumerate(tokens)],
+                  inner=[gated[e, t] for e, t in enumerate(tokens)])
+    return out.view(-1, width)
+
+
+def _projector(layout: ExpertLayout):
+    """x (n, in) and one expert's stored matrix -> x projected, as the module computes it."""
+    return torch.matmul if layout.transposed else nn.functional.linear
+
+
+def _gate_up_rows(record: dict[str, Any], expert: int, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, selector) of the pooled rows ``gate_up_proj[expert]`` read in a recorded call; ``keep`` (len,) bool
+    over the expert's tokens. The routed loop shares one (N, H) input between experts; the scaled one has its own."""
+    if "outer" in record:
+        return record["outer"][expert], keep
+    return record["hidden"], record["tokens"][expert][keep]
+
+
+def _routing_call(name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                  layout: ExpertLayout) -> tuple[torch.Tensor, ...]:
+    """The tensors of an ``experts(...)`` call, (hidden, top_k_index, top_k_weights) or (scaled,) as ``layout``
+    says; UnsupportedModelError for another call."""
+    names = ("hidden_states", "top_k_index", "top_k_weights") if layout.routing_args else ("hidden_states",)
     values = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
-    if len(values) != 3 or len(args) + len(kwargs) != 3 or not all(isinstance(v, torch.Tensor) for v in values):
+    n = len(names)
+    if len(values) != n or len(args) + len(kwargs) != n or not all(isinstance(v, torch.Tensor) for v in values):
         raise UnsupportedModelError(
             f"experts module {name} ({type(module).__name__}) was called with {len(args)} positional arguments and "
-            f"keywords {sorted(kwargs)}, not as experts(hidden_states, top_k_index, top_k_weights)")
+            f"keywords {sorted(kwargs)}, not as experts({', '.join(names)})")
     return tuple(values)
 
 
@@ -170,6 +272,7 @@ class ExpertTargets:
     pooled: dict[str, list[int]] = field(default_factory=dict)   # module -> pooled tokens per expert
     routed: dict[str, list[int]] = field(default_factory=dict)   # module -> non-padding tokens per expert
     owner: dict[str, tuple[str, int]] = field(default_factory=dict)  # matrix -> (module, expert index)
+    layouts: dict[str, ExpertLayout] = field(default_factory=dict)  # module -> its layout
     verified: set[str] = field(default_factory=set)
     observed: bool = False  # statistics were collected (not for weight-only scorers)
 
@@ -181,19 +284,22 @@ class ExpertTargets:
         return list({id(m.param): m.param for m in self.matrices.values()}.values())
 
     def stash_features(self) -> int:
-        """Values stashed per token by the routing records (the input, and ``act(gate) * up`` of each of the
-        token's top-k experts; k from the module's config, else every expert): for the engine's memory estimate."""
+        """Values stashed per token by the routing records (the input, once or per expert, and ``act(gate) * up``
+        of each of the token's top-k experts; k from the module's config, else every expert): for the engine's
+        memory estimate."""
         total = 0
-        for module in self.modules.values():
+        for name, module in self.modules.items():
+            layout = self.layouts[name]
             top_k = getattr(getattr(module, "config", None), "num_experts_per_tok", module.gate_up_proj.shape[0])
-            total += module.gate_up_proj.shape[2] + top_k * module.down_proj.shape[2]
+            hidden, inner = module.down_proj.shape[2 if layout.transposed else 1], layout.inner_size(module)
+            total += (hidden if layout.routing_args else top_k * hidden) + top_k * inner
         return total
 
-    def add_matrices(self, name: str, module: nn.Module, param: str) -> None:
-        self.modules[name] = module
+    def add_matrices(self, name: str, module: nn.Module, param: str, layout: ExpertLayout) -> None:
+        self.modules[name], self.layouts[name] = module, layout
         weight = getattr(module, param)
         for e in range(weight.shape[0]):
-            self.matrices[f"{name}.{param}[{e}]"] = ExpertMatrix(module, param, e)
+            self.matrices[f"{name}.{param}[{e}]"] = ExpertMatrix(module, param, e, layout.transposed)
             self.owner[f"{name}.{param}[{e}]"] = (name, e)
         self.pooled.setdefault(name, [0] * weight.shape[0])
         self.routed.setdefault(name, [0] * weight.shape[0])
@@ -201,7 +307,8 @@ class ExpertTargets:
     # -- recording ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, dict[str, Any]]]:
-        """Within the block every experts module runs :func:`routed_forward`; yields module name -> its record."""
+        """Within the block every experts module runs :func:`routed_forward` (or :func:`scaled_forward`, as its
+        layout says); yields module name -> its record."""
         records: dict[str, dict[str, Any]] = {}
         saved = {}
         try:
@@ -218,9 +325,15 @@ class ExpertTargets:
 
     def _recorder(self, name: str, module: nn.Module, records: dict[str, dict[str, Any]]):
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            call = _routing_call(name, module, args, kwargs)
+            layout = self.layouts[name]
+            call = _routing_call(name, module, args, kwargs, layout)
             records[name] = {}
-            out = routed_forward(module, *call, records[name])
+            stand_in = getattr(module, "record_routing", None)  # records its own routing (see find_experts)
+            if stand_in is not None:
+                out = stand_in(*call, records[name])
+            else:
+                loop = routed_forward if layout.routing_args else scaled_forward
+                out = loop(module, *call, records[name], layout)
             if name not in self.verified:  # once per block: the loop must be the module's own, bit for bit
                 own = type(module).forward(module, *args, **kwargs)
                 if not torch.equal(own, out):
@@ -251,7 +364,7 @@ class ExpertTargets:
                 keep = flat_pool[token_idx]
                 self.pooled[name][e] += int(keep.sum())
                 self.routed[name][e] += int(flat_valid[token_idx].sum())
-                self._add_rows(f"{name}.gate_up_proj[{e}]", record["hidden"], token_idx[keep], samples, needs, device)
+                self._add_rows(f"{name}.gate_up_proj[{e}]", *_gate_up_rows(record, e, keep), samples, needs, device)
                 self._add_rows(f"{name}.down_proj[{e}]", record["inner"][e], keep, samples, needs, device)
 
     def _add_rows(self, key: str, source: torch.Tensor, select: torch.Tensor, samples: int, needs: str,
@@ -277,15 +390,18 @@ class ExpertTargets:
 
     # -- masks -------------------------------------------------------------------------------
     def masks(self, scorer: Scorer, sparsity: float, nm: tuple[int, int] | None,
+              counts: dict[str, int] | None = None,
               **options: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(masks, new weights) per expert matrix; an expert without statistics falls back to magnitude."""
+        """(masks, new weights) per expert matrix; an expert without statistics falls back to magnitude.
+        ``counts`` (non-uniform allocations): exact weights to prune per expert matrix key."""
         magnitude = get_scorer("magnitude")
         masks, new_weights = {}, {}
         for key, matrix in self.matrices.items():
             name, e = self.owner[key]
             use = scorer if scorer.needs is None or self.pooled[name][e] > 0 else magnitude
             statistic = None if use.needs is None else self.stats[key].result()
-            masks[key], new_weight = use.prune(matrix.weight, statistic, sparsity, nm, **options)
+            count = None if counts is None else counts[key]
+            masks[key], new_weight = use.prune(matrix.weight, statistic, sparsity, nm, count, **options)
             if new_weight is not None:
                 new_weights[key] = new_weight
         return masks, new_weights
@@ -304,9 +420,9 @@ def block_targets(adapter: Any, model: nn.Module, index: int,
     found = ExpertTargets()
     if tuple(targets) == DECODER_PROJ:  # the default: every discovered projection and every expert matrix
         for name, module in experts.items():
-            check_layout(name, module)
+            layout = check_layout(name, module)
             for param in EXPERT_PARAMS:
-                found.add_matrices(name, module, param)
+                found.add_matrices(name, module, param, layout)
         return adapter.named_linears(model, index, targets), found
     linear_names: list[str] = []
     for target in targets:
@@ -314,8 +430,7 @@ def block_targets(adapter: Any, model: nn.Module, index: int,
         if _has(block, target):
             module = block.get_submodule(parent) if parent else block
             if parent in experts and leaf in EXPERT_PARAMS:  # a fused parameter named directly
-                check_layout(parent, module)
-                found.add_matrices(parent, module, leaf)
+                found.add_matrices(parent, module, leaf, check_layout(parent, module))
             else:
                 linear_names.append(target)
             continue
@@ -325,8 +440,7 @@ def block_targets(adapter: Any, model: nn.Module, index: int,
             linear_names.append(target)  # let the adapter raise its usual error
             continue
         for name in owners:
-            check_layout(name, experts[name])
-            found.add_matrices(name, experts[name], params[0])
+            found.add_matrices(name, experts[name], params[0], check_layout(name, experts[name]))
         linear_names += _shared_linears(block, parent, leaf, experts)
     linears = adapter.named_linears(model, index, tuple(dict.fromkeys(linear_names))) if linear_names else {}
     return linears, found

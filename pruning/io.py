@@ -235,8 +235,34 @@ def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_di
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        check_reloads(model, tmp, out)
     log.info("saved pruned model to %s", out)
     return out
+
+
+def check_reloads(model: nn.Module, folder: str | Path, out: str | Path | None = None) -> None:
+    """Refuse a saved checkpoint that would not load back into ``type(model)`` with every weight (a
+    transformers save/load key mismatch reloads random weights with only a warning). The check loads the
+    folder on the meta device: it reads the checkpoint's key names, not its tensors."""
+    try:
+        _, info = type(model).from_pretrained(folder, device_map="meta", output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - a model the meta load cannot handle is saved unverified
+        log.warning("could not verify that the saved model reloads (%s: %s)", type(err).__name__, err)
+        return
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing or unexpected:
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise UnsupportedModelError(
+            f"the saved {type(model).__name__} (model_type {model_type!r}) would not reload: transformers finds "
+            f"{len(missing)} weights missing (e.g. {missing[:2]}) and {len(unexpected)} unexpected in its own "
+            f"checkpoint; nothing was written to {out or folder}. This is a save/load mismatch of transformers "
+            f"{_transformers_version()} for this model type")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

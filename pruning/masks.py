@@ -41,11 +41,35 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``int(numel * sparsity)`` lowest scores of the whole matrix (per-layer comparison group)."""
-    n_prune = int(scores.numel() * sparsity)
+    return lowest_mask(scores, int(scores.numel() * sparsity))
+
+
+def lowest_mask(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Prune the ``n_prune`` lowest scores of the whole matrix (stable sort: ties to the earlier entry)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_prune:
         mask[torch.sort(scores.flatten(), stable=True).indices[:n_prune]] = True
     return mask.view_as(scores)
+
+
+def count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune exactly ``count`` weights of the matrix, spread over its rows: every row prunes its
+    ``count // out`` lowest scores, and the ``count % out`` rows whose next-lowest score is smallest prune
+    one more (stable sorts: ties to the lower column, then the lower row). With ``count`` a multiple of the
+    rows this is :func:`row_mask` at sparsity ``count / numel``. Used by non-uniform allocations
+    (:mod:`pruning.allocation`), which give each Linear an exact count.
+    scores: (out, in) -> bool (out, in)."""
+    rows, cols = scores.shape
+    if not 0 <= count <= rows * cols:
+        raise ValueError(f"count must be in [0, {rows * cols}] for a ({rows}, {cols}) matrix, got {count}")
+    base, extra = divmod(count, rows)
+    order = torch.sort(scores, dim=1, stable=True)
+    per_row = torch.full((rows, 1), base, device=scores.device)
+    if extra:
+        chosen = torch.sort(order.values[:, base], stable=True).indices[:extra]
+        per_row[chosen] += 1
+    ranks = torch.arange(cols, device=scores.device).expand(rows, cols)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order.indices, ranks < per_row)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -63,8 +87,14 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
-    """Per-row unstructured mask, or the N:M mask when ``nm=(n, m)`` is given."""
+def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+                     count: int | None = None) -> torch.Tensor:
+    """Per-row unstructured mask, the N:M mask when ``nm=(n, m)`` is given, or exactly ``count`` weights
+    spread over the rows (:func:`count_mask`) when ``count`` is given."""
+    if count is not None:
+        if nm:
+            raise ValueError("an exact prune count cannot be combined with an N:M pattern")
+        return count_mask(scores, count)
     return nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
 
 

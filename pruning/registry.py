@@ -40,15 +40,19 @@ class Scorer:
     updates_weights: bool = False  # fn returns (new_weight, mask) instead of scores
 
     def prune(self, weight: torch.Tensor, statistic: torch.Tensor | None, sparsity: float,
-              nm: tuple[int, int] | None, **options: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+              nm: tuple[int, int] | None, count: int | None = None,
+              **options: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mask (out, in) bool, True = pruned; the new weight or None) for one Linear.
 
+        count: prune exactly this many weights of the Linear instead of ``sparsity`` per row (non-uniform
+        allocations); a weight-updating scorer then receives it as its ``count`` keyword.
         options: keyword arguments only weight-updating scorers take (SparseGPT's blocksize, percdamp)."""
         if self.updates_weights:
-            new_weight, mask = self.fn(weight, statistic, sparsity, nm, **options)
+            extra = {} if count is None else {"count": count}
+            new_weight, mask = self.fn(weight, statistic, sparsity, nm, **extra, **options)
             return mask, new_weight
         scores = self.fn(weight) if self.needs is None else self.fn(weight, statistic)
-        return mask_from_scores(scores, sparsity, nm), None
+        return mask_from_scores(scores, sparsity, nm, count), None
 
 
 @dataclass(frozen=True)

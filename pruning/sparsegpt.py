@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .errors import NumericalError
-from .masks import matrix_mask
+from .masks import lowest_mask, matrix_mask
 from .registry import register_scorer
 from .scores import STATS_DTYPE
 
@@ -39,17 +39,27 @@ def block_saliency(w: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:
     return w.pow(2) / hinv_diag.pow(2).unsqueeze(0)
 
 
+def block_count(count: int, start: int, end: int, cols: int) -> int:
+    """The share of ``count`` pruned weights that falls to columns [start, end) of ``cols``: differences of
+    rounded cumulative shares, so the blocks' counts add up to ``count`` exactly."""
+    return (count * end + cols // 2) // cols - (count * start + cols // 2) // cols
+
+
 @register_scorer("sparsegpt", needs="hessian", updates_weights=True)
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, blocksize: int = 128,
-                    percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    percdamp: float = 0.01, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out, in) given the Hessian (in, in) of its inputs.
 
     Columns are processed in blocks of ``blocksize``; the unstructured mask of a block is chosen
     across the whole block (so per-row sparsity varies), or N of every M columns per row with
-    ``nm``. Returns (new_weight in the input dtype, mask with True = pruned).
+    ``nm``. ``count`` (non-uniform allocations) prunes exactly that many weights of the matrix instead,
+    each block its share by column span (:func:`block_count`). Returns (new_weight in the input dtype,
+    mask with True = pruned).
     """
+    if count is not None and nm:
+        raise ValueError("an exact prune count cannot be combined with an N:M pattern")
     w = weight.detach().to(STATS_DTYPE).clone()
     rows, cols = w.shape
     hinv, dead = inverse_hessian_factor(hessian.to(w.device), percdamp)
@@ -59,8 +69,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         end = min(start + blocksize, cols)
         block = w[:, start:end].clone()
         block_hinv = hinv[start:end, start:end]
+        saliency = None if nm else block_saliency(block, torch.diag(block_hinv))
         block_mask = (torch.zeros_like(block, dtype=torch.bool) if nm
-                      else matrix_mask(block_saliency(block, torch.diag(block_hinv)), sparsity))
+                      else matrix_mask(saliency, sparsity) if count is None
+                      else lowest_mask(saliency, block_count(count, start, end, cols)))
         errors = torch.zeros_like(block)
         for i in range(end - start):
             if nm and i % nm[1] == 0:

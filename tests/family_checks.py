@@ -5,8 +5,8 @@ scripts/families_table.py. Each check raises AssertionError saying what differs.
   the vision parts; every block has Linear projections. Returns (blocks name, per-layer projections).
 - ``check_replay``: capture + layer-by-layer replay is bitwise equal to the last decoder layer's
   output in the model's own forward.
-- ``check_probe``: attaching the probe changes no logit (bitwise); pruning a path then ``reset_``
-  gives the same logits again; ``unload`` restores the state_dict keys and module types.
+- ``check_probe``: attaching the probe (MoE experts routed too) changes no logit (bitwise); pruning a path
+  then ``reset_`` gives the same logits again; ``unload`` restores the state_dict keys and module types.
 - ``check_prune``: after ``prune_`` every pruned row holds exactly int(cols * sparsity) zeros.
 - ``check_save``: ``save_pretrained`` + ``from_pretrained`` gives the same weights.
 """
@@ -16,9 +16,13 @@ from __future__ import annotations
 import torch
 
 from mot_probe import RoutedLinear, attach_probe_
+from mot_probe.experts import RoutedExperts
+from mot_probe.surgery import unroutable_experts
 from pruning.adapters import find_decoder_layers, get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import prune_
+from pruning.experts import find_experts
+from pruning.io import check_reloads
 
 SPARSITY = 0.5
 
@@ -77,15 +81,21 @@ def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 def check_probe(model: torch.nn.Module, inputs: dict) -> None:
     want, keys = logits(model, inputs), list(model.state_dict())
     types = {n: type(m) for n, m in model.named_modules()}
-    probe = attach_probe_(model, allow_shared_experts=True)  # MoE families: experts stay shared
+    experts = sum(len(find_experts(layer)) for layer in get_adapter(model).decoder_layers(model))
+    shared = bool(unroutable_experts(model))  # only an expert layout the probe cannot route stays shared
+    probe = attach_probe_(model, allow_shared_experts=shared)
+    assert len(list(probe.routed_experts())) == (0 if shared else experts), "experts were not routed"
     assert torch.equal(logits(model, inputs), want), "the attached probe changed the logits"
-    probe.prune_path_("visual", PruneConfig("wanda", sparsity=SPARSITY, pool="all"), [inputs], progress=False)
+    report = probe.prune_path_("visual", PruneConfig("wanda", sparsity=SPARSITY, pool="all"), [inputs],
+                               progress=False)
+    pruned = {name for layer in report.layers for name in layer.sparsity if "[" in name}  # 'experts.down_proj[3]'
+    assert bool(pruned) == (experts > 0 and not shared), f"the path's expert matrices pruned: {sorted(pruned)}"
     probe.reset_()
     assert torch.equal(logits(model, inputs), want), "prune_path_ + reset_ did not give the original logits back"
     probe.unload()
     assert list(model.state_dict()) == keys, "unload changed the state_dict keys"
     assert {n: type(m) for n, m in model.named_modules()} == types, "unload left other module types"
-    assert not any(isinstance(m, RoutedLinear) for m in model.modules()), "a RoutedLinear survived unload"
+    assert not any(isinstance(m, (RoutedLinear, RoutedExperts)) for m in model.modules()), "a wrapper survived unload"
 
 
 def check_prune(model: torch.nn.Module, inputs: dict, method: str) -> None:
@@ -104,6 +114,7 @@ def check_prune(model: torch.nn.Module, inputs: dict, method: str) -> None:
 def check_save(model: torch.nn.Module, directory) -> None:
     prune_(model, PruneConfig("magnitude", sparsity=SPARSITY), progress=False)
     model.save_pretrained(directory)
+    check_reloads(model, directory)  # the toolkit's own save check passes where the round trip is exact
     reloaded = type(model).from_pretrained(directory)
     want = model.state_dict()
     assert list(reloaded.state_dict()) == list(want), "reloaded model has other state_dict keys"

@@ -220,7 +220,7 @@ def test_make_figures_with_only_probe_records(tmp_path):
     assert _nonempty(report.made) and _nonempty(report.tables)
     assert sorted(p.name for p in report.tables) == ["probe_table.csv", "probe_table.md", "probe_table.tex"]
     assert set(report.skipped) == {"methods_retention", "methods_scores", "method_table", "tsne", "mask_iou",
-                                   "drift", "drift_patches"}
+                                   "drift", "drift_patches", "sensitivity_map", "map_table", "map_top1"}
     assert all("not found" in reason for reason in report.skipped.values())
     assert "hidden_states.pt" in report.skipped["tsne"]
 
@@ -235,11 +235,16 @@ def test_make_figures_everything(tiny, tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     save_drift(collect_drift(model, [inputs]), results / "analysis/drift.pt", image=image, image_sample=1)
     assert load_drift(results / "analysis/drift.pt")["image"].shape == (32, 32, 3)
+    map_records = [{"cell": {"pathway": "dense"}, "kl": 0.0, "top1": 100.0}] + [
+        {"cell": {"layer": i, "pathway": p, "group": g, "sparsity": 0.7}, "kl": 0.01 * (i + 1), "top1": 90.0 - i}
+        for i in range(2) for p in ("text", "visual") for g in ("attn", "ffn")]
+    write_records(map_records, results / "map" / "results.jsonl")
     report = make_figures(results, tmp_path / "figs", formats=("png",))
     assert report.skipped == {}
     assert sorted(p.stem for p in report.made) == sorted(
-        ["sensitivity", "methods_retention", "methods_scores", "tsne", "mask_iou", "drift", "drift_patches"])
-    assert _nonempty(report.made) and len(report.tables) == 6
+        ["sensitivity", "methods_retention", "methods_scores", "tsne", "mask_iou", "drift", "drift_patches",
+         "sensitivity_map"])
+    assert _nonempty(report.made) and len(report.tables) == 12
 
 
 def test_make_figures_bad_input(tmp_path):

@@ -73,3 +73,43 @@ def test_cli_refuses_bad_calibration_choices_before_loading(data, tmp_path, caps
     assert main([*base, "--calib-dataset", str(parquet), "--calib-filter", "source"]) == 2
     assert "key=value, got 'source'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_hub_dataset_is_streamed_lazily_in_a_seeded_order(data, monkeypatch):
+    """A Hub name is opened with streaming=True (here served by the local parquet streamed through the same
+    datasets machinery, since no hub is reachable): records are read only until enough are usable, the
+    order is the seeded shuffle buffer's, and the skip accounting applies."""
+    tmp, folder, calib, images, parquet = data
+    _, processor = load_model(folder, with_processor=True)
+    opened, real_load = [], datasets.load_dataset
+    expected = [r["id"] for r in real_load("parquet", data_files=str(parquet), split="train",
+                                           streaming=True).shuffle(seed=0, buffer_size=10_000)]
+    no_image = expected[0]  # the first record of seed 0's order has no image: skipped and counted
+
+    def hub(name, split=None, streaming=False, **kwargs):
+        opened.append((name, split, streaming))
+        stream = real_load("parquet", data_files=str(parquet), split="train", streaming=True)
+        return stream.map(lambda r: {**r, "image": None if r["id"] == no_image else r["image"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    seen = []
+    original_shuffle = datasets.IterableDataset.shuffle
+
+    def counting_shuffle(self, *args, **kwargs):
+        return original_shuffle(self, *args, **kwargs).map(lambda r: seen.append(r["id"]) or r)
+
+    monkeypatch.setattr(datasets.IterableDataset, "shuffle", counting_shuffle)
+    _, first = load_calibration_dataset("org/llava-like", processor, nsamples=2, seed=0, split="train")
+    assert opened == [("org/llava-like", "train", True)]
+    assert first.used == 2 and len(seen) == 2 + first.skipped["no_image"] < 5  # read no further than needed
+    assert [i for i in seen if i != no_image] == first.ids and first.skipped["no_image"] == seen.count(no_image) == 1
+    assert seen == expected[:len(seen)]  # the seeded shuffle buffer's order
+    seen.clear()
+    _, again = load_calibration_dataset("org/llava-like", processor, nsamples=2, seed=0, split="train")
+    assert again.ids == first.ids
+    orders = {tuple(seen)}
+    for seed in range(1, 4):
+        seen.clear()
+        load_calibration_dataset("org/llava-like", processor, nsamples=2, seed=seed, split="train")
+        orders.add(tuple(seen))
+    assert len(orders) > 1  # the seed changes the order

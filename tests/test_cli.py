@@ -11,6 +11,7 @@ from atv.experiments.demo import DemoConfig
 from atv.experiments.eval_job import EvalJob, ProbeCell
 from atv.experiments.probe_study import ProbeJob, StudyConfig
 from atv.experiments.prune_job import PruneJob
+from atv.experiments.sensitivity_map import MapConfig
 from pruning.config import PruneConfig
 from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions
@@ -19,7 +20,7 @@ REQUIRED = {"prune": ["--model", "m", "--out", "o"],
             "probe": ["--model", "m", "--calib", "c.json", "--images", "i", "--bench", "b.jsonl", "--out", "o"],
             "demo": [], "eval": ["--tasks", "t.jsonl", "--model", "m"]}
 CLASSES = {"prune": (PruneJob, LoadOptions, PruneConfig, ExecutionConfig),
-           "probe": (ProbeJob, LoadOptions, StudyConfig),
+           "probe": (ProbeJob, LoadOptions, StudyConfig, MapConfig),
            "demo": (DemoConfig,), "eval": (EvalJob, LoadOptions)}
 
 

@@ -17,7 +17,7 @@ from atv.experiments.prune_job import PruneJob, run_prune_job
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
 from pruning.errors import ConfigError, UnsupportedModelError
-from pruning.io import LoadOptions, load_model, resolve_model
+from pruning.io import LoadOptions, load_model, resolve_model, save_pruned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +114,19 @@ def test_model_argument_is_a_folder_or_a_hub_id(tmp_path):
     with pytest.raises(UnsupportedModelError, match="neither a model folder nor a Hub id"):
         resolve_model(tmp_path / "missing" / "deeper" / "x")
     assert resolve_model("org/name") == "org/name"
+
+
+def test_a_checkpoint_that_would_not_reload_is_refused_and_nothing_is_written(tmp_path):
+    """transformers 5.24 saves a shieldgemma2-typed Gemma3ForConditionalGeneration under key names its
+    loader maps for another class: a reload would leave the language model random (with a warning only)."""
+    import transformers as tf
+    from tiny_kit import shrink
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = shrink(CONFIG_MAPPING["shieldgemma2"]())
+    config.vision_config.image_size, config.vision_config.patch_size, config.mm_tokens_per_image = 8, 2, 4
+    config.vision_config.hidden_size, config.vision_config.intermediate_size = 32, 64
+    model = tf.AutoModelForImageTextToText.from_config(config)
+    with pytest.raises(UnsupportedModelError, match=r"would not reload: transformers finds \d+ weights missing"):
+        save_pruned(model, None, {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

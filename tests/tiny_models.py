@@ -133,8 +133,12 @@ def _vision_inputs(family: str, config, g: torch.Generator) -> dict[str, torch.T
 
 
 def _features_per_image(model, vision: dict[str, torch.Tensor]) -> int:
+    # the base model's features; BLIP-2-style models (no base model) compute them on the head model, and
+    # video-only ones (InstructBLIP-Video) have video features only
+    features_of = (getattr(getattr(model, "model", None), "get_image_features", None)
+                   or getattr(model, "get_image_features", None) or model.get_video_features)
     with torch.no_grad():
-        out = model.model.get_image_features(**vision)
+        out = features_of(**vision)
     features = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
     features = getattr(features, "last_hidden_state", features)  # Fuyu: patch embeddings, no pooling
     if isinstance(features, torch.Tensor):

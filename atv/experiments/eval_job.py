@@ -43,7 +43,7 @@ from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions, load_model
 from pruning.options import option
-from pruning.outputs import check_output_file, write_text_atomic
+from pruning.outputs import check_output_file, check_output_path, write_text_atomic
 
 from .cells import prune_summary
 from .records import RESULTS, SETUP, read_records, read_setup
@@ -285,6 +285,19 @@ class EvalJob:
     batch_size: int = option(8, "items per forward")
     max_new_tokens: int = option(8, "harness open answers (lmms-eval tasks set their own)")
     limit: int | None = option(None, "lmms-eval: at most this many items per task (a smoke test)")
+    bootstrap_iters: int = option(0, "lmms-eval: standard errors of the metrics (0: none; lmms-eval's own "
+                                     "default is 100000)")
+    log_samples: bool = option(False, "lmms-eval: keep every item's prompt, answer and score (in --output-path)")
+    output_path: Path | None = option(None, "lmms-eval: write its own result files into this folder "
+                                            "(<model>/<date>_results.json, samples_<task>.jsonl)", metavar="DIR")
+    lmms_model: str | None = option(None, "score the lmms-eval tasks with lmms-eval's own model class for the "
+                                          "family (auto: from config.json; e.g. llava_hf, qwen2_vl, qwen2_5_vl) "
+                                          "loading the --model folder, as published tables were made",
+                                    metavar="NAME")
+    lmms_model_args: str = option("", "--lmms-model: more model_args, k=v,... (e.g. max_pixels=12845056, "
+                                      "batch_size=1)", metavar="K=V,...")
+    lmms_force_simple: bool = option(False, "--lmms-model: lmms-eval's simple class even where it has a chat one "
+                                            "(chat classes only generate: multiple-choice tasks need this)")
     lmms_include: tuple[Path, ...] = option((), "folders of extra lmms-eval task YAMLs")
     lmms_defaults: bool = option(True, "index only --lmms-include tasks (faster)", flag="--no-lmms-defaults")
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
@@ -303,8 +316,6 @@ class EvalJob:
                               f"{self.max_new_tokens}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.model is None and self.probe_from is None:
             raise ConfigError("give --model DIR, or --probe-from RESULTS:pathway/pool/sparsity")
         if self.out_card and (self.model is None or not (Path(self.model) / CARD).is_file()):
@@ -312,6 +323,33 @@ class EvalJob:
                               f"{CARD} (prune it with atv prune, or drop --out-card)")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"--tasks names a task twice: {list(self.tasks)}")
+        self._check_lmms_options()
+
+    def _check_lmms_options(self) -> None:
+        from evaluation.lmms_runs import parse_model_args
+
+        self.lmms_run()  # validates the run settings
+        flags = {"--bootstrap-iters": self.bootstrap_iters, "--log-samples": self.log_samples,
+                 "--output-path": self.output_path, "--lmms-model": self.lmms_model,
+                 "--lmms-model-args": self.lmms_model_args, "--lmms-force-simple": self.lmms_force_simple}
+        given = [flag for flag, value in flags.items() if value]
+        if given and all(is_harness_task(t) for t in self.tasks):
+            raise ConfigError(f"{given} apply to lmms-eval tasks, and --tasks names none (only harness files)")
+        if self.lmms_model is None:
+            if self.lmms_model_args or self.lmms_force_simple:
+                raise ConfigError("--lmms-model-args and --lmms-force-simple configure --lmms-model; give it too")
+            return
+        if self.probe_from is not None:
+            raise ConfigError(f"--lmms-model {self.lmms_model} loads a saved folder with lmms-eval's own class, but a "
+                              "probe cell exists only in memory: drop --lmms-model (the bridge scores probe cells), "
+                              "or score a folder saved by atv prune")
+        parse_model_args(self.lmms_model_args)
+
+    def lmms_run(self):
+        """lmms-eval's run settings (:class:`evaluation.lmms_runs.LmmsRun`)."""
+        from evaluation.lmms_runs import LmmsRun
+
+        return LmmsRun(self.limit, self.bootstrap_iters, self.log_samples, self.output_path, self.seed)
 
 
 @dataclass
@@ -322,6 +360,7 @@ class TaskScore:
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
     n: int | None = None
+    stderr: float | None = None  # lmms-eval: the main metric's standard error (with --bootstrap-iters > 0)
     interval: list[float] | None = None  # harness: 95% bootstrap interval of the score over the items
 
 
@@ -335,6 +374,7 @@ class EvalResult:
     seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)  # library versions, device, dtype
     seed: int = 0
+    lmms: dict[str, Any] | None = None  # how lmms-eval tasks were run: model class, model_args, limit, stderr, files
 
     def scores(self) -> dict[str, float]:
         return {t.name: t.score for t in self.tasks}
@@ -364,79 +404,173 @@ def read_dense_scores(path: Path) -> dict[str, float]:
         raise ConfigError(f"--dense-results {str(path)!r} is not an `atv eval` result JSON ({err})") from None
 
 
-def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalResult:
-    """Check everything cheap, load (or re-create) the model, score every task, compare to the dense run."""
-    start = time.perf_counter()
+@dataclass
+class _Plan:
+    """What ``run_eval_job`` checked before loading anything."""
+
+    harness_paths: list[str]
+    lmms_names: list[str]
+    benches: list[Benchmark]
+    dense: dict[str, float] | None  # the dense run's scores (--dense-results)
+    manager: Any = None  # lmms-eval's task manager
+    stock: Any = None  # evaluation.lmms_runs.StockModel (with --lmms-model)
+
+    @property
+    def fidelity(self) -> list[Benchmark]:
+        return [b for b in self.benches if b.kind == FIDELITY]
+
+
+def _plan(job: EvalJob) -> _Plan:
+    """Every cheap check: outputs, benchmark files, lmms-eval, tasks, the stock class and its arguments."""
     harness_paths = [t for t in job.tasks if is_harness_task(t)]
     lmms_names = [t for t in job.tasks if not is_harness_task(t)]
+    inputs = [*harness_paths, job.model, job.calib, job.images, job.dense_model, job.dense_results]
     if job.out is not None:  # a bad --out fails now, not after the evaluation
-        check_output_file(job.out, job.overwrite, [*harness_paths, job.model, job.calib, job.images, job.dense_model,
-                                                   job.dense_results])
+        check_output_file(job.out, job.overwrite, inputs)
+    if job.output_path is not None:
+        check_output_path(job.output_path, inputs, what="--output-path")
     benches = [load_benchmark(p, job.allow_outside_paths) for p in harness_paths]  # bad files fail before loading
     if lmms_names:
         require_lmms_eval(lmms_names)
     dense = read_dense_scores(job.dense_results) if job.dense_results else None
-    fidelity = [b for b in benches if b.kind == FIDELITY]
-    if fidelity and job.probe_from is None and job.dense_model is None:
-        raise ConfigError(f"{[b.name for b in fidelity]} measure fidelity to a dense model: pass --dense-model DIR "
-                          "(or --probe-from, whose dense model is the reference)")
-    manager = None
+    plan = _Plan(harness_paths, lmms_names, benches, dense)
+    if plan.fidelity and job.probe_from is None and job.dense_model is None:
+        raise ConfigError(f"{[b.name for b in plan.fidelity]} measure fidelity to a dense model: pass --dense-model "
+                          "DIR (or --probe-from, whose dense model is the reference)")
     if lmms_names:
-        from evaluation.lmms_bridge import task_manager
+        from evaluation.lmms_runs import task_manager
 
-        manager = task_manager(job.lmms_include, job.lmms_defaults)
-        unknown = [t for t in lmms_names if t not in manager.all_tasks]
+        plan.manager = task_manager(job.lmms_include, job.lmms_defaults)
+        unknown = [t for t in lmms_names if t not in plan.manager.all_tasks]
         if unknown:
             raise ConfigError(f"unknown lmms-eval task(s) {unknown} (and no such .jsonl file); list tasks with "
                               "`lmms-eval --tasks list`, or add their folder with --lmms-include")
+        if job.lmms_model is not None:
+            plan.stock = _stock_model(job)
+    return plan
 
+
+def _stock_model(job: EvalJob):
+    """lmms-eval's class for --lmms-model (``auto``: the family's, from config.json) and its model_args."""
+    from evaluation.lmms_runs import AUTO, parse_model_args, stock_model, stock_model_name
+    from pruning.io import load_config
+
+    model_type = load_config(job.model, job.load).model_type if job.lmms_model == AUTO else None
+    return stock_model(stock_model_name(job.lmms_model, model_type), job.model, load=job.load,
+                       extra_args=parse_model_args(job.lmms_model_args), force_simple=job.lmms_force_simple)
+
+
+def _process_load(load: LoadOptions) -> LoadOptions:
+    """Several processes (torchrun / accelerate launch): each loads on its own device unless --device or
+    --device-map say where."""
+    from evaluation.processes import process_device
+
+    device = process_device() if load.device is None and load.device_map is None else None
+    return load if device is None else dataclasses.replace(load, device=str(device))
+
+
+def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalResult:
+    """Check everything cheap, load (or re-create) the model, score every task, compare to the dense run.
+
+    Under several processes every process scores (lmms-eval tasks split between them) and returns the same
+    result; process 0 alone writes ``out``, ``output_path`` and the model card."""
+    from evaluation.processes import is_main, launched_processes
+
+    start = time.perf_counter()
+    plan = _plan(job)
+    load = _process_load(job.load)
     reference = None
-    if fidelity and job.probe_from is None:  # the dense model's reference, then the model itself
-        dense_loaded = load_eval_model(job.dense_model, load=job.load,
-                                       reference_benchmarks=fidelity, progress=progress, processor=processor)
+    if plan.fidelity and job.probe_from is None:  # the dense model's reference, then the model itself
+        dense_loaded = load_eval_model(job.dense_model, load=load, reference_benchmarks=plan.fidelity,
+                                       progress=progress, processor=processor)
         reference = dense_loaded.reference
         del dense_loaded
-    loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, load=job.load,
-                             progress=progress, processor=processor, allow_outside=job.allow_outside_paths,
-                             reference_benchmarks=fidelity if job.probe_from is not None else None)
-    reference = reference if reference is not None else loaded.reference
+    loaded = None
+    if plan.benches or (plan.lmms_names and plan.stock is None):  # a stock class loads the folder itself
+        loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, load=load,
+                                 progress=progress, processor=processor, allow_outside=job.allow_outside_paths,
+                                 reference_benchmarks=plan.fidelity if job.probe_from is not None else None)
+        reference = reference if reference is not None else loaded.reference
+    env = environment(loaded.model if loaded is not None else None)
 
     tasks: list[TaskScore] = []
-    if benches:
-        report = evaluate(loaded.model, loaded.processor, benches, reference=reference, batch_size=job.batch_size,
-                          max_new_tokens=job.max_new_tokens, progress=progress, seed=job.seed, return_items=True)
+    if plan.benches:
+        if launched_processes() > 1:
+            log.warning("harness benchmarks are not split between processes: each of the %d scores all of them",
+                        launched_processes())
+        report = evaluate(loaded.model, loaded.processor, plan.benches, reference=reference,
+                          batch_size=job.batch_size, max_new_tokens=job.max_new_tokens, progress=progress,
+                          seed=job.seed, return_items=True)
         boot = Bootstrap(seed=job.seed)
         tasks += [TaskScore(r.name, "harness", f"{r.kind} score (%)", r.score, dict(r.metrics), r.n,
-                            score_interval([i.score for i in r.items], r.name, boot).to_list())
+                            interval=score_interval([i.score for i in r.items], r.name, boot).to_list())
                   for r in report.results]
-    if lmms_names:
-        from evaluation.lmms_bridge import run_lmms_tasks
-
-        scores = run_lmms_tasks(loaded.model, loaded.processor, lmms_names, manager=manager,
-                                batch_size=job.batch_size, limit=job.limit, seed=job.seed)
-        tasks += [TaskScore(s.name, "lmms-eval", s.metric, s.score, s.metrics, s.n) for s in scores]
+    if plan.lmms_names:
+        tasks += _lmms_scores(job, plan, loaded)
     order = {name: i for i, name in enumerate(job.tasks)}
-    tasks.sort(key=lambda t: order.get(t.name, order.get(_path_of(t.name, harness_paths), len(order))))
+    tasks.sort(key=lambda t: order.get(t.name, order.get(_path_of(t.name, plan.harness_paths), len(order))))
 
-    probe = None
-    if job.probe_from is not None:
-        setup = loaded.setup
-        probe = {**job.probe_from.cell, "results": str(job.probe_from.results), "method": setup.method,
-                 "seed": setup.seed, "calib": str(setup.calib), "images": str(setup.images),
-                 "nsamples": setup.nsamples, "calibration_ids": setup.calibration_ids, "prune": loaded.prune,
-                 "recorded_scores": setup.record["scores"] if setup.record else None}
-    result = EvalResult(str(loaded.setup.model if loaded.setup else job.model), probe, tasks,
-                        environment=environment(loaded.model), seed=job.seed)
-    if dense is not None:
-        kept = defined_retention(result.scores(), dense)
+    result = EvalResult(str(loaded.setup.model if loaded is not None and loaded.setup else job.model),
+                        _probe_record(job, loaded), tasks, environment=env, seed=job.seed,
+                        lmms=_lmms_record(job, plan) if plan.lmms_names else None)
+    if plan.dense is not None:
+        kept = defined_retention(result.scores(), plan.dense)
         if kept is not None:
             result.retention, result.mean_retention = kept.per_benchmark, kept.mean
     result.seconds = round(time.perf_counter() - start, 2)
-    if job.out is not None:
-        write_text_atomic(job.out, result.to_json())
-    if job.out_card:
-        _append_to_card(Path(job.model), result, job.seed)
+    if is_main():
+        if job.out is not None:
+            write_text_atomic(job.out, result.to_json())
+        if job.out_card:
+            _append_to_card(Path(job.model), result, job.seed)
     return result
+
+
+def _lmms_scores(job: EvalJob, plan: _Plan, loaded: LoadedModel | None) -> list[TaskScore]:
+    """The lmms-eval tasks through lmms-eval's stock class (--lmms-model), else through the bridge."""
+    if plan.stock is not None:
+        from evaluation.lmms_runs import run_stock_tasks
+
+        if loaded is not None:
+            loaded.model = None  # the stock class loads its own copy: drop ours first
+        scores = run_stock_tasks(plan.stock, plan.lmms_names, manager=plan.manager, run=job.lmms_run())
+    else:
+        from evaluation.lmms_bridge import run_lmms_tasks
+
+        scores = run_lmms_tasks(loaded.model, loaded.processor, plan.lmms_names, manager=plan.manager,
+                                batch_size=job.batch_size, run=job.lmms_run(), name=_lmms_label(job, loaded))
+    return [TaskScore(s.name, "lmms-eval", s.metric, s.score, s.metrics, s.n, s.stderr) for s in scores]
+
+
+def _lmms_label(job: EvalJob, loaded: LoadedModel) -> str:
+    """The model's name in lmms-eval's files: the folder, or the probe cell it was re-created as."""
+    if job.probe_from is None:
+        label = str(job.model)
+    else:
+        cell = job.probe_from
+        label = f"{Path(loaded.setup.model).name}_probe_{cell.pathway}_{cell.pool}_{cell.sparsity:g}"
+    return label.replace(",", "_")  # lmms-eval's model_args are comma-separated
+
+
+def _lmms_record(job: EvalJob, plan: _Plan) -> dict[str, Any]:
+    """How the lmms-eval tasks were run (which model class, with what settings)."""
+    from evaluation.lmms_runs import BRIDGE
+
+    stock = plan.stock
+    return {"model": stock.name if stock else BRIDGE, "model_args": stock.model_args if stock else None,
+            "force_simple": stock.force_simple if stock else False, "limit": job.limit,
+            "bootstrap_iters": job.bootstrap_iters, "log_samples": job.log_samples,
+            "output_path": str(job.output_path) if job.output_path is not None else None}
+
+
+def _probe_record(job: EvalJob, loaded: LoadedModel | None) -> dict[str, Any] | None:
+    if job.probe_from is None:
+        return None
+    setup = loaded.setup
+    return {**job.probe_from.cell, "results": str(job.probe_from.results), "method": setup.method,
+            "seed": setup.seed, "calib": str(setup.calib), "images": str(setup.images),
+            "nsamples": setup.nsamples, "calibration_ids": setup.calibration_ids, "prune": loaded.prune,
+            "recorded_scores": setup.record["scores"] if setup.record else None}
 
 
 def _append_to_card(folder: Path, result: EvalResult, seed: int) -> None:

@@ -43,6 +43,7 @@ from .cells import (
 )
 from .prune_job import RECIPE, recipe_text
 from .records import check_inputs, file_digest, model_inputs, study_lock
+from .sensitivity_map import MapConfig, MapResult, run_map_study
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,9 @@ class ProbeJob:
     benchmarks: tuple[Path, ...] = option(help="benchmark JSONL files", flag="--bench")
     out: Path = option(help="study folder; re-run the same command to resume")
     config: StudyConfig = option(default_factory=StudyConfig, cli=False)
+    map: bool = option(False, "the sensitivity map instead of the grid: per cell one decoder layer's path and "
+                              "projection group pruned (options --map-*), scored by KL / top-1 to the dense model")
+    map_config: MapConfig = option(default_factory=MapConfig, cli=False)
     nsamples: int = option(128, "calibration samples")
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
@@ -169,8 +173,9 @@ class ProbeJob:
         return (self.model, self.calib, self.images, *self.benchmarks)
 
 
-def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult:
-    """Load the model and the calibration data, then run or resume the study (``atv probe``)."""
+def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult | MapResult:
+    """Load the model and the calibration data, then run or resume the study (``atv probe``): the grid, or
+    the sensitivity map with ``job.map``."""
     from transformers import set_seed
 
     from pruning.data import load_llava_conversations
@@ -196,8 +201,12 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
                  "nsamples": job.nsamples, "max_length": job.max_length, "calib_batch_size": 1,
                  "dtype": dtype_name(model), "calibration_ids": calib_report.ids, "inputs": inputs,
                  **({"revision": job.load.revision} if job.load.revision else {})}
-        result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
-                                 progress=progress)
+        if job.map:
+            result = run_map_study(model, processor, calibration, benches, job.out, job.map_config,
+                                   setup_extra=extra, progress=progress)
+        else:
+            result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
+                                     progress=progress)
     if job.recipe is not None:
         write_text_atomic(result.out_dir / RECIPE, recipe_text(job.recipe))
     return result

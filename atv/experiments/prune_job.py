@@ -86,7 +86,8 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
     check_output_dir(job.out, job.overwrite, job.inputs)
     if job.config.needs_calibration and job.calib_dataset is None and (job.calib is None or job.images is None):
-        raise CalibrationError(f"method {job.config.method!r} needs --calib and --images, or --calib-dataset")
+        needs = f"method {job.config.method!r}" if job.config.pool is not None else "allocation 'owl'"
+        raise CalibrationError(f"{needs} needs --calib and --images, or --calib-dataset")
     if job.calib is not None and job.calib_dataset is not None:
         raise CalibrationError("give --calib or --calib-dataset, not both")
     plan = memory_plan(job)

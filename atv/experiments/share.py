@@ -91,8 +91,7 @@ def model_card(report: PruneReport, record: Mapping[str, Any], *, base_model: st
              f"# {base_model.rstrip('/').rpartition('/')[2]} pruned with {config.get('method')}", "",
              f"- method: `{config.get('method')}` (scorer `{config.get('scorer')}`, pool `{config.get('pool')}`)",
              f"- ATV rule: {rule}" if config.get("pool") in ("atv", "random-visual") else None,
-             f"- sparsity: {config.get('pattern') or config.get('sparsity')} per output row; measured mean "
-             f"{report.sparsity:.4f}",
+             f"- sparsity: {_sparsity_line(report)}; measured mean {report.sparsity:.4f}",
              f"- calibration: {_calibration(calibration)}",
              f"- toolkit: atv-toolkit {env.get('versions', {}).get('atv-toolkit')}, transformers "
              f"{env.get('versions', {}).get('transformers')}, torch {env.get('versions', {}).get('torch')}",
@@ -100,6 +99,17 @@ def model_card(report: PruneReport, record: Mapping[str, Any], *, base_model: st
              *_layer_table(report), "", "## Evaluation", "", "No evaluation recorded yet "
              "(`atv eval --model THIS_FOLDER --tasks ... --out-card` appends one).", ""]
     return "\n".join(line for line in lines if line is not None)
+
+
+def _sparsity_line(report: PruneReport) -> str:
+    """How the sparsity was spread: per output row (uniform) or by a non-uniform allocation."""
+    config = report.config
+    if not report.allocation:
+        return f"{config.get('pattern') or config.get('sparsity')} per output row"
+    spread = [unit["sparsity"] for unit in report.allocation["units"]]
+    return (f"{config.get('sparsity')} global, allocated by `{config.get('allocation')}` (lambda "
+            f"{config.get('allocation_lambda')}; per unit {min(spread):.4f} to {max(spread):.4f}, see "
+            "prune_report.json)")
 
 
 def _calibration(calibration: Mapping[str, Any] | None) -> str:

@@ -1,0 +1,235 @@
+"""The sensitivity map (``atv probe --map``): where each pathway of a decoder is fragile, layer by layer.
+
+One cell per (decoder layer, pathway, projection group): the probe prunes that layer's text or visual
+path, its attention projections or its FFN projections only, at one sparsity (0.7 by default), and the
+cell is scored against the dense model by a cheap metric that needs no benchmark answers: mean KL and
+top-1 agreement of the next-token distributions on held-out multimodal prompts (benchmark questions with
+an image, their answers appended; :mod:`evaluation.prompt_fidelity`). ``map_benchmarks`` also scores the
+benchmarks in every cell (slow).
+
+The folder holds the resumable, fingerprinted records (``results.jsonl``, ``study.json``, as the grid's),
+the dense reference (``map_reference.pt``), the tables ``map_table.*`` (KL) and ``map_top1.*`` (top-1), and
+``sensitivity_map.json``, which ``PruneConfig(allocation="map", allocation_map=...)`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
+
+from analysis.sensitivity_map import map_table
+from analysis.tables import write_table
+from evaluation.prompt_fidelity import PromptReference, answer_prompts, prompt_fidelity, prompt_reference
+from mot_probe.routing import PATHS
+from mot_probe.surgery import PROBE_POOLS, MoTProbe, attach_probe_, probe_pool
+from pruning.allocation import GROUPS, MAP_FILE, SensitivityMap, projection_group
+from pruning.config import PruneConfig
+from pruning.engine import compute_masks
+from pruning.errors import ConfigError, ToolkitError
+from pruning.masks import apply_mask_
+from pruning.options import option
+from pruning.outputs import write_text_atomic
+from pruning.registry import get_scorer
+
+from .cells import cell_record, check_choices, evaluate_all, load_reference, open_benchmarks, open_log, prune_summary
+from .cells import run_cells as run_logged_cells
+from .records import ResultLog, study_lock
+from .share import environment
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "map_reference.pt"
+DENSE = {"pathway": "dense"}
+ITEM_DIGITS = 6  # per-prompt values are stored rounded to this many decimals
+
+
+@dataclass
+class MapConfig:
+    map_sparsity: float = option(0.7, "--map: sparsity of the pruned layer-path-group in every cell")
+    map_groups: tuple[str, ...] = option(GROUPS, "--map: projection groups, pruned one at a time", choices=GROUPS)
+    map_pool: str = option("mixed", "--map: calibration pool of every cell", choices=tuple(PROBE_POOLS))
+    map_items: int = option(32, "--map: held-out multimodal prompts (benchmark questions with an image, answers "
+                                "appended) the KL and top-1 agreement are measured on")
+    map_benchmarks: bool = option(False, "--map: also score the benchmarks in every cell (slow)")
+    pathways: tuple[str, ...] = option(PATHS, "pruned pathway(s); the other stays dense", choices=PATHS)
+    method: str = option("wanda", "pruner used on the path (one that takes the pool as given)",
+                         choices=("wanda", "sparsegpt"))
+    seed: int = option(0, "seed of the calibration sampling and the pruner")
+    batch_size: int = option(8, "evaluation batch size")
+    max_new_tokens: int = option(8, "answer length on open-answer benchmarks")
+
+    def __post_init__(self) -> None:
+        self.pathways, self.map_groups = tuple(self.pathways), tuple(self.map_groups)
+        check_choices("pathway", self.pathways, PATHS)
+        check_choices("map group", self.map_groups, GROUPS)
+        probe_pool(self.map_pool)
+        if not 0.0 < self.map_sparsity < 1.0:
+            raise ConfigError(f"map_sparsity must be in (0, 1), got {self.map_sparsity}")
+        if self.map_items < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"map_items, batch_size and max_new_tokens must be >= 1, got {self.map_items}, "
+                              f"{self.batch_size} and {self.max_new_tokens}")
+        if self.method not in ("wanda", "sparsegpt"):
+            raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', got "
+                              f"{self.method!r}")
+
+    def cells(self, probe: MoTProbe) -> list[dict[str, Any]]:
+        """The dense cell, then layer by layer every pathway and group that has routed projections."""
+        cells = [dict(DENSE)]
+        for layer in range(len(probe.routed)):
+            for path in self.pathways:
+                for group in self.map_groups:
+                    if group_targets(probe, layer, group):
+                        cells.append({"layer": layer, "pathway": path, "group": group, "sparsity": self.map_sparsity})
+        return cells
+
+
+def group_targets(probe: MoTProbe, layer: int, group: str) -> tuple[str, ...]:
+    """The routed projections of ``layer`` in ``group`` ('attn' or 'ffn')."""
+    return tuple(name for name in probe.routed[layer] if projection_group(name) == group)
+
+
+@dataclass
+class MapResult:
+    out_dir: Path
+    records: list[dict[str, Any]]
+    computed: int                                      # cells computed by this run (the rest were resumed)
+    num_layers: int
+    tables: list[Path] = field(default_factory=list)
+
+    @property
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        return map_table(self.records, "kl")
+
+    @property
+    def map_path(self) -> Path:
+        return self.out_dir / MAP_FILE
+
+
+def run_map_study(model: nn.Module, processor, calibration: Sequence[Mapping[str, Any]], benchmarks: Sequence[Any],
+                  out_dir: str | Path, config: MapConfig | None = None, *, setup_extra: Mapping[str, Any] | None = None,
+                  progress: bool = True, on_cell: Callable[[dict[str, Any]], None] | None = None) -> MapResult:
+    """Run (or resume) the sensitivity map on ``model`` (probed in place, unloaded at the end).
+
+    calibration: model-input batches (with images) for the pruner; benchmarks: harness benchmarks, whose
+    question items with an image give the prompts. ``on_cell`` is called with each new record."""
+    config = config or MapConfig()
+    benches = open_benchmarks(benchmarks)
+    prompts = answer_prompts(benches, config.map_items, config.seed)  # refused before any model work
+    with study_lock(out_dir):
+        results = open_log(out_dir, config, benches, calibration, {"kind": "sensitivity map", **(setup_extra or {})})
+        probe = attach_probe_(model)
+        try:
+            cells = config.cells(probe)
+            reference = _prompt_reference(results, model, processor, prompts, config.batch_size)
+            bench_reference = load_reference(results, model, processor, benches, progress) \
+                if config.map_benchmarks else None
+            masks = LayerMasks(model, probe, calibration, config)
+
+            def compute(cell: dict[str, Any], dense: dict[str, Any] | None) -> dict[str, Any]:
+                try:
+                    return _score(cell, probe, model, processor, calibration, prompts, reference, config,
+                                  benches, bench_reference, dense, progress, masks)
+                finally:
+                    probe.reset_()
+
+            computed = run_logged_cells(results, cells, compute, desc="map cells", progress=progress, on_cell=on_cell)
+            num_layers = len(probe.routed)
+        finally:
+            probe.unload()
+        result = MapResult(results.out_dir, results.ordered(cells), computed, num_layers)
+        result.tables = write_table(map_table(result.records, "kl"), "map_table", results.out_dir)
+        result.tables += write_table(map_table(result.records, "top1"), "map_top1", results.out_dir)
+        write_text_atomic(result.map_path, sensitivity_map(result.records, num_layers, config).to_json(
+            {"metric": "kl", "pool": config.map_pool, "method": config.method, "prompts": config.map_items}))
+    return result
+
+
+def _prompt_reference(results: ResultLog, model: nn.Module, processor, prompts, batch_size: int) -> PromptReference:
+    """The dense model's prompt distributions, computed once and kept in the study folder."""
+    path = results.out_dir / REFERENCE
+    if path.is_file():
+        try:
+            return PromptReference.load(path)
+        except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+            raise ToolkitError(f"{path} is corrupt ({type(err).__name__}); delete it to recompute the dense "
+                               "reference, or choose another --out") from None
+    reference = prompt_reference(model, processor, prompts, batch_size=batch_size)
+    results.pin()
+    tmp = path.with_suffix(".partial")
+    reference.save(tmp)
+    tmp.replace(path)
+    return reference
+
+
+class LayerMasks:
+    """The masks of one decoder layer's routed projections, kept while the map's cells visit that layer.
+
+    A cell's masks depend only on the dense inputs of its layer (every other layer is dense in the cell),
+    not on the pathway nor on which group is pruned: one :func:`pruning.compute_masks` per layer serves its
+    four cells, bit-identical to pruning each cell on its own. Scorers that update the kept weights
+    (SparseGPT) prune every cell with ``prune_path_`` instead."""
+
+    def __init__(self, model: nn.Module, probe: MoTProbe, calibration: Sequence[Mapping[str, Any]], config: MapConfig):
+        self.model, self.probe, self.calibration, self.config = model, probe, calibration, config
+        self.layer: int | None = None
+        self.masks: dict[str, Any] = {}
+        self.seconds = 0.0
+
+    def prune_config(self, layer: int, targets: tuple[str, ...]) -> PruneConfig:
+        return PruneConfig(self.config.method, sparsity=self.config.map_sparsity, pool=probe_pool(self.config.map_pool),
+                           seed=self.config.seed, layers=(layer,), targets=targets)
+
+    def prune_(self, cell: Mapping[str, Any]) -> dict[str, Any]:
+        """Prune the cell's path of its layer-group in place; returns the record's ``prune`` entry."""
+        layer, path, names = cell["layer"], cell["pathway"], group_targets(self.probe, cell["layer"], cell["group"])
+        config = self.prune_config(layer, names)
+        if get_scorer(config.scorer).updates_weights:
+            return prune_summary(self.probe.prune_path_(path, config, self.calibration, progress=False))
+        if self.layer != layer:
+            start = time.perf_counter()
+            report = compute_masks(self.model, self.prune_config(layer, tuple(self.probe.routed[layer])),
+                                   self.calibration, progress=False)
+            block = self.probe.family.decoder_layers(self.model)[layer]
+            prefix = next(n for n, m in self.model.named_modules() if m is block)
+            self.masks = {name: report.masks[f"{prefix}.{name}"] for name in self.probe.routed[layer]}
+            self.layer, self.seconds = layer, time.perf_counter() - start
+        for name in names:
+            routed = self.probe.routed[layer][name]
+            apply_mask_(routed.materialise_(path), self.masks[name])
+        fractions = [float(self.masks[n].float().mean()) for n in names]
+        return {"mean_sparsity": sum(fractions) / len(fractions), "seconds": self.seconds,
+                "config": config.to_dict(), "masks": "shared by the layer's cells"}
+
+
+def _score(cell, probe: MoTProbe, model, processor, calibration, prompts, reference, config: MapConfig, benches,
+           bench_reference, dense, progress: bool, masks: LayerMasks) -> dict[str, Any]:
+    """Prune the cell's layer-path-group (nothing for the dense cell), score it, and build its record."""
+    start = time.perf_counter()
+    prune = None if cell == DENSE else masks.prune_(cell)
+    fidelity = prompt_fidelity(model, processor, prompts, reference, batch_size=config.batch_size)
+    if config.map_benchmarks:
+        scores = evaluate_all(model, processor, benches, reference=bench_reference, batch_size=config.batch_size,
+                              max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
+        record = cell_record(cell, scores, prune, dense)
+    else:
+        record = {"cell": dict(cell), "prune": prune}
+    record.update(kl=fidelity.kl, top1=fidelity.top1,
+                  kl_items=[round(v, ITEM_DIGITS) for v in fidelity.kl_items],
+                  top1_items=[round(v, ITEM_DIGITS) for v in fidelity.top1_items],
+                  seconds=time.perf_counter() - start, environment=environment(model))
+    if cell == DENSE:
+        record["prompts"] = [p.id for p in prompts]  # the items' order of kl_items / top1_items
+    return record
+
+
+def sensitivity_map(records: Sequence[Mapping[str, Any]], num_layers: int, config: MapConfig) -> SensitivityMap:
+    """The allocation's view of the records: (layer, pathway, group) -> mean KL."""
+    kl = {(int(r["cell"]["layer"]), r["cell"]["pathway"], r["cell"]["group"]): float(r["kl"])
+          for r in records if "layer" in r["cell"]}
+    return SensitivityMap(num_layers, config.map_sparsity, kl)

@@ -1,0 +1,223 @@
+"""The sensitivity map (atv probe --map): cells, the dense-referenced KL / top-1 metric against a direct
+computation, resume, tables, the map file driving allocation='map', the heat map, and the CLI's refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import build_tiny
+from tiny_processors import make_processor
+
+from analysis.figures import make_figures
+from analysis.sensitivity_map import COLUMNS, map_table
+from atv.cli import main
+from atv.experiments.records import RESULTS, read_records
+from atv.experiments.sensitivity_map import MapConfig, run_map_study
+from evaluation import load_benchmark
+from evaluation.model_io import build_prompt, encode
+from mot_probe.surgery import attach_probe_
+from pruning import PruneConfig, prune_
+from pruning.allocation import read_sensitivity_map
+from pruning.errors import ConfigError
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    lines = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        lines.append({"id": f"q{i}", "image": f"images/{i}.png", "question": "what is shown here",
+                      "options": ["cat", "dog", "red"], "answer": ["cat", "dog", "red", "cat"][i]})
+    (folder / "look.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    texts = [{"id": "t0", "text": "the cat is red"}]
+    (folder / "fidelity.jsonl").write_text("\n".join(json.dumps(x) for x in texts) + "\n")
+    model, _ = build_tiny("llava", seed=0)
+    calibration = [build_tiny("llava", seed=s, batch=2, padded=True)[1] for s in (1, 2)]
+    return model, make_processor("llava", model), calibration, [folder / "look.jsonl", folder / "fidelity.jsonl"]
+
+
+def _run(setup, out, **kwargs):
+    model, processor, calibration, benches = setup
+    config = MapConfig(map_items=3, batch_size=2)
+    return run_map_study(model, processor, calibration, benches, out, config, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def full(setup, tmp_path_factory):
+    return _run(setup, tmp_path_factory.mktemp("map"))
+
+
+def test_cells_dense_kl_is_zero_and_pruned_cells_are_not(full):
+    assert full.computed == 9 and full.num_layers == 2  # dense + 2 layers x 2 pathways x 2 groups
+    dense, cells = full.records[0], full.records[1:]
+    assert dense["cell"] == {"pathway": "dense"}
+    assert dense["kl"] == 0.0 and dense["top1"] == 100.0 and len(dense["kl_items"]) == 3
+    assert [(r["cell"]["layer"], r["cell"]["pathway"], r["cell"]["group"]) for r in cells] == \
+        [(i, p, g) for i in range(2) for p in ("text", "visual") for g in ("attn", "ffn")]
+    assert all(r["cell"]["sparsity"] == 0.7 and r["kl"] > 0 for r in cells)
+    assert all(r["kl"] == pytest.approx(np.mean(r["kl_items"]), abs=1e-6) for r in cells)
+    # only the named layer's group of the named path was pruned: 70% of its weights, per row
+    assert all(r["prune"]["mean_sparsity"] == pytest.approx(0.7, abs=0.02) for r in cells)
+
+
+def test_a_cells_kl_and_top1_match_a_direct_computation(setup, full):
+    model, processor, calibration, benches = setup
+    record = next(r for r in full.records[1:] if r["cell"] == {"layer": 1, "pathway": "visual", "group": "ffn",
+                                                                "sparsity": 0.7})
+    bench = load_benchmark(benches[0])
+    items = {f"look/{i.id}": i for i in bench.items}
+    prompts = [items[p] for p in full.records[0]["prompts"]]
+    texts = [build_prompt(processor, i.question, True) + i.answer for i in prompts]
+    images = [Image.open(i.image).convert("RGB") for i in prompts]
+    kls, agree = [], []
+    probe = attach_probe_(model)
+    try:
+        with torch.no_grad():
+            for text, image in zip(texts, images):
+                inputs = encode(processor, [text], [image], "right")
+                dense = torch.log_softmax(model(**inputs).logits[0].float(), -1)
+                probe.prune_path_("visual", PruneConfig("wanda", sparsity=0.7, pool="all", layers=(1,),
+                                                        targets=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+                                  calibration, progress=False)
+                pruned = torch.log_softmax(model(**inputs).logits[0].float(), -1)
+                probe.reset_()
+                ids = inputs["input_ids"][0]
+                keep = ids[1:] != model.config.image_token_id  # positions predicting a text token
+                p, q = dense[:-1][keep], pruned[:-1][keep]
+                kls.append(float((p.exp() * (p - q)).sum(-1).mean()))  # the tiny vocabulary is under top-128
+                agree.append(100 * float((p.argmax(-1) == q.argmax(-1)).float().mean()))
+    finally:
+        probe.unload()
+    assert record["kl_items"] == pytest.approx(kls, rel=1e-4, abs=1e-6)
+    assert record["top1_items"] == pytest.approx(agree, abs=1e-4)
+
+
+def test_the_map_resumes_and_a_second_run_computes_nothing(setup, full, tmp_path):
+    seen = []
+
+    def stop_after_four(record):
+        seen.append(record)
+        if len(seen) == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _run(setup, tmp_path / "cut", on_cell=stop_after_four)
+    resumed = _run(setup, tmp_path / "cut")
+    assert resumed.computed == 5
+    assert [r["kl_items"] for r in resumed.records] == [r["kl_items"] for r in full.records]
+    again = _run(setup, tmp_path / "cut")
+    assert again.computed == 0 and len(read_records(tmp_path / "cut" / RESULTS)) == 9
+    assert (tmp_path / "cut" / "map_table.md").read_text() == (full.out_dir / "map_table.md").read_text()
+
+
+def test_a_different_map_setup_in_the_same_folder_is_refused(setup, full):
+    model, processor, calibration, benches = setup
+    with pytest.raises(Exception, match="different setup"):
+        run_map_study(model, processor, calibration, benches, full.out_dir, MapConfig(map_items=3, batch_size=2,
+                                                                                       map_sparsity=0.5),
+                      progress=False)
+
+
+def test_table_layout_and_the_map_file(full):
+    header, rows = full.table
+    assert header == ["layer", *COLUMNS] == ["layer", "text-attn", "text-ffn", "visual-attn", "visual-ffn"]
+    assert [row[0] for row in rows] == ["0", "1"]
+    by_cell = {(r["cell"]["layer"], r["cell"]["pathway"], r["cell"]["group"]): r for r in full.records[1:]}
+    assert rows[1][2] == f"{by_cell[(1, 'text', 'ffn')]['kl']:.4g}"
+    assert map_table(full.records, "top1")[1][0][3] == f"{by_cell[(0, 'visual', 'attn')]['top1']:.2f}"
+    smap = read_sensitivity_map(full.out_dir)
+    assert smap.num_layers == 2 and smap.sparsity == 0.7
+    assert smap.kl == {key: r["kl"] for key, r in by_cell.items()}
+
+
+def test_the_map_drives_the_map_allocation_at_the_same_budget(setup, full):
+    _, _, calibration, _ = setup
+    model, _ = build_tiny("llava", seed=0)
+    report = prune_(model, PruneConfig("atv", sparsity=0.5, allocation="map", allocation_map=str(full.map_path)),
+                    calibration, progress=False)
+    sensitivity = read_sensitivity_map(full.map_path).group_sensitivity()
+    units = report.allocation["units"]
+    most = max(units, key=lambda u: sensitivity[(u["layer"], u["group"])])
+    least = min(units, key=lambda u: sensitivity[(u["layer"], u["group"])])
+    assert most["sparsity"] < 0.5 < least["sparsity"]
+    layers = model.model.language_model.layers
+    weights = [m.weight for layer in layers for n, m in layer.named_modules() if n.endswith("_proj")]
+    pruned, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+    assert abs(pruned - 0.5 * total) <= 1
+
+
+def test_figures_make_the_heat_map_and_tables(full, tmp_path):
+    results = tmp_path / "results"
+    (results / "map").mkdir(parents=True)
+    (results / "map" / "results.jsonl").write_text((full.out_dir / RESULTS).read_text())
+    report = make_figures(results, tmp_path / "figs", formats=("png",))
+    assert tmp_path / "figs" / "sensitivity_map.png" in report.made
+    assert (tmp_path / "figs" / "map_table.md").read_text() == (full.out_dir / "map_table.md").read_text()
+    assert "sensitivity_map" not in report.skipped
+
+
+def test_too_few_prompts_and_bad_configs_are_refused(setup, tmp_path):
+    model, processor, calibration, benches = setup
+    with pytest.raises(Exception, match="5 multimodal prompts asked for, but the benchmarks hold 4"):
+        run_map_study(model, processor, calibration, benches, tmp_path / "m", MapConfig(map_items=5), progress=False)
+    assert not (tmp_path / "m").exists()
+    for kwargs, message in [(dict(map_sparsity=1.0), r"map_sparsity must be in \(0, 1\), got 1.0"),
+                            (dict(map_groups=("attn", "mixer")), "unknown map group"),
+                            (dict(map_pool="tamp"), "unknown probe pool"),
+                            (dict(map_items=0), "map_items, batch_size and max_new_tokens must be >= 1")]:
+        with pytest.raises(ConfigError, match=message):
+            MapConfig(**kwargs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["probe", "--map", "--map-sparsity", "1.5"], "map_sparsity must be in (0, 1), got 1.5"),
+    (["probe", "--map", "--map-groups", "attn", "mixer"], "unknown map group ['mixer']"),
+    (["probe", "--map", "--map-items", "0"], "map_items, batch_size and max_new_tokens must be >= 1"),
+    (["prune", "--allocation", "owl", "--pattern", "2:4"], "allocation 'owl' cannot be combined with pattern 2:4"),
+    (["prune", "--allocation", "lumpy"], "allocation must be one of"),
+    (["prune", "--allocation", "map"], "allocation 'map' needs allocation_map"),
+    (["prune", "--allocation", "owl", "--allocation-lambda", "0.7"], "allocation_lambda must be in [0, 0.5)"),
+])
+def test_cli_refuses_bad_map_and_allocation_values_with_exit_2(argv, message, tmp_path, capsys):
+    required = {"probe": ["--model", str(tmp_path / "m"), "--calib", str(tmp_path / "c.json"), "--images",
+                          str(tmp_path), "--bench", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "o")],
+                "prune": ["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]}[argv[0]]
+    assert main([*argv, *required]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_shared_layer_masks_equal_pruning_each_cell_on_its_own(setup):
+    from atv.experiments.sensitivity_map import LayerMasks
+
+    model, _, calibration, _ = setup
+    probe = attach_probe_(model)
+    try:
+        masks = LayerMasks(model, probe, calibration, MapConfig(map_items=3))
+        cells = [{"layer": 1, "pathway": "text", "group": "attn"}, {"layer": 1, "pathway": "visual", "group": "ffn"},
+                 {"layer": 0, "pathway": "visual", "group": "attn"}]
+        for cell in cells:
+            masks.prune_(cell)
+            prefix = "mlp" if cell["group"] == "ffn" else "self_attn"
+            names = [n for n in probe.routed[cell["layer"]] if n.startswith(prefix)]
+            shared = {n: probe.routed[cell["layer"]][n].path(cell["pathway"]).weight.clone() for n in names}
+            assert all(cell["pathway"] in probe.routed[cell["layer"]][n].paths for n in names)
+            assert sum(len(r.paths) for r in probe.routed_linears()) == len(names)  # nothing else was touched
+            probe.reset_()
+            probe.prune_path_(cell["pathway"], PruneConfig("wanda", sparsity=0.7, pool="all", layers=(cell["layer"],),
+                                                           targets=tuple(names)), calibration, progress=False)
+            for n in names:
+                assert torch.equal(probe.routed[cell["layer"]][n].path(cell["pathway"]).weight, shared[n])
+            probe.reset_()
+    finally:
+        probe.unload()
