@@ -121,11 +121,12 @@ class RayExecutor:
         ray = self._ray
         task = ray.remote(_run).options(**self.task_options)
         shared_ref = ray.put(shared)
-        pending = [task.remote(measure, cell, shared_ref) for cell in cells]
+        cell_of = {task.remote(measure, cell, shared_ref): cell for cell in cells}
+        pending = list(cell_of)
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                yield self._get(done[0])
+                yield self._get(done[0], cell_of[done[0]])
         finally:
             for ref in pending:  # the driver stopped early (an error, an interrupt): drop the rest
                 ray.cancel(ref, force=True)
@@ -134,9 +135,10 @@ class RayExecutor:
         """``fn()`` as one task with a cell's resources (e.g. the dense fidelity reference)."""
         return self._get(self._ray.remote(_run_call).options(**self.task_options).remote(fn))
 
-    def _get(self, ref: Any) -> Any:
-        """The task's result; a toolkit error raised inside it is raised here as itself (one clear line)."""
-        from ray.exceptions import RayTaskError
+    def _get(self, ref: Any, cell: dict | None = None) -> Any:
+        """The task's result; a toolkit error raised inside it is raised here as itself (one clear line), a
+        worker that died more often than the retries allow as a ToolkitError naming the cell."""
+        from ray.exceptions import RayError, RayTaskError
 
         try:
             return self._ray.get(ref)
@@ -144,6 +146,12 @@ class RayExecutor:
             if isinstance(err.cause, ToolkitError):
                 raise err.cause from None
             raise
+        except RayError as err:
+            what = "a task" if cell is None else "cell " + "/".join(map(str, cell.values()))
+            tries = self.task_options["max_retries"] + 1
+            raise ToolkitError(f"{what}: its Ray worker died {tries} time(s) ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else '-'}); finished cells are kept: re-run "
+                               "to resume (raise --cell-retries, or look for out-of-memory kills)") from None
 
     def close(self) -> None:
         if self._started and self._ray.is_initialized():
@@ -152,11 +160,21 @@ class RayExecutor:
 
 
 def _run(measure: Measure, cell: dict, shared: Any) -> dict:
+    _quiet_worker()
     return measure(cell, shared)
 
 
 def _run_call(fn: Callable[[], Any]) -> Any:
+    _quiet_worker()
     return fn()
+
+
+def _quiet_worker() -> None:
+    """No transformers progress bars from the tasks (Ray forwards every worker's stderr to the driver, which
+    shows one bar for the grid)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def make_executor(options: ExecutorOptions | None) -> InProcess | RayExecutor:
