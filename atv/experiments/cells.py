@@ -15,7 +15,6 @@ name joins its values with '/': ``text/visual/0.5`` (pathway/pool/sparsity) or `
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import os
@@ -108,17 +107,23 @@ class CellSelection:
         if bad:
             raise ConfigError(f"--cells patterns must not be empty, got {list(self.cells)}")
 
-    def pick(self, cells: Sequence[Mapping[str, Any]], results: ResultLog) -> list[dict[str, Any]]:
-        """The cells of this run, in grid order (``cells[0]`` is the dense one). On the whole log the dense
-        cell is always included while it has no record: every record's retention needs it."""
-        if self.merge:
-            return []
+    def matching(self, cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The cells whose name matches a pattern (all without patterns), in grid order; none is an error."""
         chosen = [dict(c) for c in cells if not self.cells or any(fnmatch.fnmatchcase(cell_name(c), p)
                                                                    for p in self.cells)]
         if not chosen:
             names = ", ".join(cell_name(c) for c in cells[:4])
             raise ConfigError(f"--cells {' '.join(self.cells)} matches no cell of this grid; cells are named like "
                               f"{names}, ...")
+        return chosen
+
+    def pick(self, cells: Sequence[Mapping[str, Any]], results: ResultLog) -> list[dict[str, Any]]:
+        """The cells of this run, in grid order (``cells[0]`` is the dense one): the matching ones, this shard's
+        share of them (every n-th from the shard's index). On the whole log the dense cell is always included
+        while it has no record: every record's retention needs it."""
+        if self.merge:
+            return []
+        chosen = self.matching(cells)
         if self.part is not None:
             return [c for i, c in enumerate(chosen) if self.part.holds(i)]
         if cells[0] not in chosen and not results.done(cells[0]):
@@ -143,11 +148,15 @@ def run_cells(results: ResultLog, cells: list[dict[str, Any]], measure: Measure 
     if todo and measure is None:
         raise ToolkitError(f"{len(todo)} cells to compute but no cell runner was given")
     executor = executor or InProcess()
-    with tqdm(total=len(todo), desc=desc, disable=not progress) as bar, \
-            contextlib.closing(executor.map(measure, todo, shared)) as measured:
-        for measurement in measured:
-            writer.add(measurement, new=True)
-            bar.update()
+    measured = executor.map(measure, todo, shared)
+    try:
+        with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+            for measurement in measured:
+                writer.add(measurement, new=True)
+                bar.update()
+    finally:
+        if hasattr(measured, "close"):  # a generator stopped early drops its pending cells
+            measured.close()
     return len(todo)
 
 

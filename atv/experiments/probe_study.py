@@ -119,6 +119,7 @@ def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[s
     """
     config = config or StudyConfig()
     selection = selection or CellSelection()
+    selection.matching(config.cells())  # a pattern matching nothing is refused before any work
     benches = open_benchmarks(benchmarks)
     with study_lock(out_dir, selection.part):
         results = open_log(out_dir, config, benches, len(calibration), setup_extra, selection.part)
@@ -164,6 +165,7 @@ def run_probe_cells(task: ProbeCells, out_dir: str | Path, executor: InProcess |
     its own model: nothing is loaded here); this process alone writes the records as they come back. The
     setup pinned is the same as :func:`run_probe_study`'s, so either may resume the other's study."""
     selection = selection or CellSelection()
+    selection.matching(task.config.cells())
     benches = task.inputs.open_benchmarks()
     with study_lock(out_dir, selection.part):
         results = open_log(out_dir, task.config, benches, calibration_batches, setup_extra, selection.part)
@@ -260,6 +262,7 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None,
     model_print = model_inputs(source) if Path(source).is_dir() else {"model": f"{source}@{revision}"}
     inputs = {**model_print, "calibration file": file_digest(job.calib), **benchmark_inputs(benches)}
     check_inputs(job.out, inputs)
+    job.selection.matching(job.config.cells())
     if job.selection.merge:
         result = merge_probe_study(job.out, job.config, [b.name for b in benches])
     else:
