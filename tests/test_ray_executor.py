@@ -17,6 +17,9 @@ from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
 from atv.experiments.records import RESULTS, read_records
 from pruning.errors import ConfigError, ToolkitError
 
+# The test's local Ray talks over the loopback interface only (read by Ray when it is imported: a one-node Ray
+# then takes 127.0.0.1 as its node address instead of the machine's network address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
 
 VICTIM = {"pathway": "text", "pool": "visual", "sparsity": 0.5}
@@ -65,7 +68,7 @@ def local_ray():
     ray.shutdown()
 
 
-def _same_results(a: Path, b: Path) -> None:
+def _same_results(a: Path, b: Path, table: str = "probe_table.md") -> None:
     """Same cell set and, per cell, the same scores, metrics and retention (times and order may differ)."""
     def by_cell(path):
         records = read_records(path / RESULTS)
@@ -81,7 +84,7 @@ def _same_results(a: Path, b: Path) -> None:
                 assert (record["prune"] or {}).get("mean_sparsity") == (right[key]["prune"] or {}).get("mean_sparsity")
             else:
                 assert record[field] == right[key][field], (key, field)
-    assert (a / "probe_table.md").read_text() == (b / "probe_table.md").read_text()
+    assert (a / table).read_text() == (b / table).read_text()
     assert json.loads((a / "study.json").read_text()) == json.loads((b / "study.json").read_text())
 
 
@@ -154,3 +157,20 @@ def test_cells_asking_for_more_than_the_cluster_has_are_refused(local_ray):
 def test_bad_executor_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ExecutorOptions(**kwargs)
+
+
+def test_demo_on_ray_gives_the_in_process_probe_and_method_results(files, local_ray, tmp_path, monkeypatch):
+    from atv.experiments.demo import DemoConfig, run_demo
+
+    monkeypatch.setattr("atv.default_model.build_default_model", lambda *a, **k: files[1])
+    small = {"quick": True, "nsamples": 3, "n_eval": 2, "calib_batch_size": 2, "methods": ("atv", "magnitude")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray task's (see in_process)
+    try:
+        here = run_demo(DemoConfig(out=tmp_path / "here", **small), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    there = run_demo(DemoConfig(out=tmp_path / "ray", run=ExecutorOptions(executor="ray"), **small), progress=False)
+    _same_results(tmp_path / "here" / "probe", tmp_path / "ray" / "probe")
+    _same_results(tmp_path / "here" / "methods", tmp_path / "ray" / "methods", table="method_scores.md")
+    assert here.method_table == there.method_table and here.probe_table == there.probe_table
