@@ -85,7 +85,10 @@ def _same_results(a: Path, b: Path, table: str = "probe_table.md") -> None:
             else:
                 assert record[field] == right[key][field], (key, field)
     assert (a / table).read_text() == (b / table).read_text()
-    assert json.loads((a / "study.json").read_text()) == json.loads((b / "study.json").read_text())
+    setups = [json.loads((folder / "study.json").read_text()) for folder in (a, b)]
+    if setups[0]["calib"] != setups[1]["calib"]:  # two demo folders: their paths differ, nothing else may
+        setups = [{k: v for k, v in s.items() if k not in ("model", "calib", "images", "inputs")} for s in setups]
+    assert setups[0] == setups[1]
 
 
 def test_ray_run_gives_the_in_process_results_and_table(files, in_process, local_ray):
