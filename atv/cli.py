@@ -85,7 +85,10 @@ def build(cls: type, args: argparse.Namespace, **given: Any) -> Any:
 
 # -- recipes: every option of a command as a YAML key ------------------------------------------------
 RECIPE_COMMANDS = ("prune", "probe")
-_NOT_RECIPE = {"help", "recipe", "func", "command", "verbose", "out", "overwrite", "push_to_hub", "private"}
+# how and which part of a study this invocation runs is not part of the recipe (nor of the study's setup)
+_NOT_RECIPE = {"help", "recipe", "func", "command", "verbose", "out", "overwrite", "push_to_hub", "private",
+               "executor", "ray_address", "gpus_per_cell", "cpus_per_cell", "ray_cpus", "cell_retries", "cells",
+               "shard", "merge"}
 
 
 def _recipe_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -202,6 +205,8 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from atv.experiments.cells import CellSelection
+    from atv.experiments.executors import ExecutorOptions
     from atv.experiments.probe_study import ProbeJob, StudyConfig
     from atv.experiments.sensitivity_map import MapConfig
     from pruning.io import LoadOptions
@@ -209,7 +214,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="MoT sensitivity study: prune one pathway with one calibration pool, evaluate "
                                      "(--map: layer by layer)")
     seen: set[str] = set()
-    for cls in (ProbeJob, LoadOptions, StudyConfig, MapConfig):
+    for cls in (ProbeJob, LoadOptions, StudyConfig, MapConfig, ExecutorOptions, CellSelection):
         add_options(p, cls, seen)
     p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
                                                "used are saved as recipe.yaml in --out")
@@ -218,30 +223,43 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 
 def _probe(args: argparse.Namespace) -> int:
     from analysis.tables import to_markdown
+    from atv.experiments.cells import CellSelection
+    from atv.experiments.executors import ExecutorOptions
     from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
     from atv.experiments.sensitivity_map import MapConfig
     from pruning.io import LoadOptions
 
     job = build(ProbeJob, args, config=build(StudyConfig, args), map_config=build(MapConfig, args),
-                load=build(LoadOptions, args), recipe=recipe_of(args.parser, args))
+                load=build(LoadOptions, args), run=build(ExecutorOptions, args), selection=build(CellSelection, args),
+                recipe=recipe_of(args.parser, args))
     result = run_probe_job(job)
+    if getattr(result, "shard", None) is not None:
+        print(f"{result.computed} cells computed in shard {result.shard}; when every shard has finished, the same "
+              f"command with --merge instead of --shard writes the table in {job.out}")
+        return 0
     print(f"{result.computed} cells computed, {len(result.records) - result.computed} resumed; results in {job.out}")
+    if getattr(result, "missing", None):
+        print(f"{len(result.missing)} cells have no record yet: {' '.join(result.missing)}")
     print(to_markdown(result.table))
     return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.demo import DemoConfig
+    from atv.experiments.executors import ExecutorOptions
 
     p = sub.add_parser("demo", help="the whole study on the embedded default model (smol-llava)")
-    add_options(p, DemoConfig)
+    seen: set[str] = set()
+    for cls in (DemoConfig, ExecutorOptions):
+        add_options(p, cls, seen)
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from atv.experiments.demo import DemoConfig, run_demo
+    from atv.experiments.executors import ExecutorOptions
 
-    result = run_demo(build(DemoConfig, args))
+    result = run_demo(build(DemoConfig, args, run=build(ExecutorOptions, args)))
     print(result.probe_table)
     print(result.method_table)
     print(f"report: {result.out / 'report.md'}  ({len(result.figures)} figure files; time {result.seconds} s)")
@@ -319,9 +337,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from analysis.tables import to_markdown
-    from atv.experiments.compare import CompareCellsJob, run_compare_cells
+    from atv.experiments.compare import CompareCellsJob, run_compare_job
 
-    difference, table = run_compare_cells(build(CompareCellsJob, args))
+    difference, table = run_compare_job(build(CompareCellsJob, args))
     boot = difference["bootstrap"]
     print(to_markdown(table))
     print(f"{100 * boot['level']:g}% percentile-bootstrap intervals over items ({boot['resamples']} resamples, seed "

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from atv.cli import build, build_parser
+from atv.experiments.cells import CellSelection
 from atv.experiments.demo import DemoConfig
 from atv.experiments.eval_job import EvalJob, ProbeCell
+from atv.experiments.executors import ExecutorOptions
 from atv.experiments.probe_study import ProbeJob, StudyConfig
 from atv.experiments.prune_job import PruneJob
 from atv.experiments.sensitivity_map import MapConfig
@@ -20,8 +22,8 @@ REQUIRED = {"prune": ["--model", "m", "--out", "o"],
             "probe": ["--model", "m", "--calib", "c.json", "--images", "i", "--bench", "b.jsonl", "--out", "o"],
             "demo": [], "eval": ["--tasks", "t.jsonl", "--model", "m"]}
 CLASSES = {"prune": (PruneJob, LoadOptions, PruneConfig, ExecutionConfig),
-           "probe": (ProbeJob, LoadOptions, StudyConfig, MapConfig),
-           "demo": (DemoConfig,), "eval": (EvalJob, LoadOptions)}
+           "probe": (ProbeJob, LoadOptions, StudyConfig, MapConfig, ExecutorOptions, CellSelection),
+           "demo": (DemoConfig, ExecutorOptions), "eval": (EvalJob, LoadOptions)}
 
 
 def _cli_fields(cls):

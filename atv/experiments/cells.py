@@ -1,28 +1,35 @@
 """What every grid (probe study, method comparison) shares: the pinned setup, the cell loop, the cell
-runner, the record schema, and the dense fidelity reference.
+runner, the record schema, the cell selection (patterns, shards), the inputs a worker loads, and the
+dense fidelity reference.
 
-A record (one JSON line per finished cell)::
+A cell is *measured* (where an executor runs it), then *recorded* by the driver::
 
-    {"cell": {...}, "scores": {bench: %}, "metrics": {bench: {...}}, "prune": {...} | None,
-     "retention": {bench: % of dense}, "mean_retention": float, "seconds": float,
-     "items": {bench: {"ids": digest, "scores": [item score in [0, 1], ...]}},
-     "intervals": {"method", "level", "resamples", "seed", "scores": {bench: [low, high]},
-                   "retention": {bench: [low, high]}, "mean_retention": [low, high]}}
+    measurement: {"cell": {...}, "scores": {bench: %}, "metrics": {bench: {...}}, "prune": {...} | None,
+                  "seconds": float, "environment": {...},
+                  "items": {bench: {"ids": digest, "scores": [item score in [0, 1], ...]}}, "bootstrap": {...}}
+    record:      {"cell", "scores", "metrics", "prune", "retention": {bench: % of dense}, "mean_retention",
+                  "seconds", "items", "intervals": {"method", "level", "resamples", "seed",
+                  "scores": {bench: [low, high]}, "retention": {bench: [low, high]}, "mean_retention": [low, high]},
+                  "environment"}
 
 Retention is against the grid's dense cell, over the benchmarks the dense model scores above 0. ``items``
 keeps each benchmark's per-item scores in item order (``ids`` fingerprints that order), so intervals can be
 recomputed and two cells compared item by item; ``intervals`` are 95% percentile-bootstrap intervals over
 items (:mod:`evaluation.intervals`), retention resampled together with the dense record's items. Records
 written before per-item scores were kept have neither entry; a retention interval needs the items of both
-the cell and its dense record (the mean's interval those of every benchmark).
+the cell and its dense record (the mean's interval those of every benchmark). A cell's name joins its
+values with '/': ``text/visual/0.5`` (pathway/pool/sparsity) or ``dense`` in a probe study, ``atv/50%``
+(method/setting) in a method comparison.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import os
 import pickle
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -34,8 +41,11 @@ from evaluation.harness import FidelityReference, fidelity_reference
 from evaluation.intervals import DEFAULT_BOOTSTRAP, Bootstrap, retention_intervals, score_interval
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError, ToolkitError
+from pruning.io import LoadOptions
+from pruning.options import option
 
-from .records import ResultLog, file_digest
+from .executors import InProcess, Measure, RayExecutor
+from .records import ResultLog, Shard, cell_key, file_digest
 from .share import environment
 
 REFERENCE = "fidelity_reference.pt"
@@ -67,29 +77,134 @@ def benchmark_inputs(benches: Sequence[Any]) -> dict[str, str]:
     return inputs
 
 
-def open_log(out_dir: str | Path, config: Any, benches: Sequence[Benchmark], calibration: Sequence[Any],
-             extra: Mapping[str, Any] | None) -> ResultLog:
-    """The study folder's result log, its setup checked: the grid config, the benchmarks, the calibration
-    batches and ``extra`` (model folder, calibration file, ...); ``inputs`` holds the benchmarks'
-    fingerprints and those in ``extra["inputs"]`` (model, calibration file)."""
+def open_log(out_dir: str | Path, config: Any, benches: Sequence[Benchmark], calibration_batches: int,
+             extra: Mapping[str, Any] | None, shard: Shard | None = None) -> ResultLog:
+    """The study folder's result log, its setup checked: the grid config, the benchmarks, the number of
+    calibration batches and ``extra`` (model folder, calibration file, ...); ``inputs`` holds the
+    benchmarks' fingerprints and those in ``extra["inputs"]`` (model, calibration file)."""
     extra = dict(extra or {})
     inputs = {**benchmark_inputs(benches), **extra.pop("inputs", {})}
     setup = {"config": asdict(config), "benchmarks": [b.name for b in benches],
-             "calibration_batches": len(calibration), **extra, "inputs": inputs}
-    return ResultLog(out_dir, setup)
+             "calibration_batches": calibration_batches, **extra, "inputs": inputs}
+    return ResultLog(out_dir, setup, shard)
 
 
-def run_cells(results: ResultLog, cells: list[dict[str, Any]], compute: Callable[[dict, dict | None], dict], *,
-              desc: str, progress: bool, on_cell: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """Compute the cells without a record, in order; ``compute(cell, dense_record)`` returns the record,
-    appended (fsynced) at once. ``cells[0]`` is the dense cell. Returns how many were computed."""
-    todo = [c for c in cells if not results.done(c)]
-    for cell in tqdm(todo, desc=desc, disable=not progress):
-        record = compute(cell, results.find(cells[0]))
-        results.append(record)
-        if on_cell is not None:
-            on_cell(record)
+# -- which cells a run computes -------------------------------------------------------------------------
+def cell_name(cell: Mapping[str, Any]) -> str:
+    """``{"pathway": "text", "pool": "visual", "sparsity": 0.5}`` -> ``'text/visual/0.5'``."""
+    return "/".join(str(value) for value in cell.values())
+
+
+@dataclass
+class CellSelection:
+    """Which cells of a grid this run computes, and where it writes them."""
+
+    cells: tuple[str, ...] = option((), "only the cells whose name matches one of these patterns (fnmatch: "
+                                        "'text/*/0.5', 'visual/mixed/*', 'dense'; a name is pathway/pool/sparsity)",
+                                    metavar="PATTERN")
+    shard: str | None = option(None, "compute shard I of N of the (selected) cells into "
+                                     "OUT/records.shard-I-of-N.jsonl (e.g. one job of a Slurm array); every shard "
+                                     "gets the same other options", metavar="I/N")
+    merge: bool = option(False, "compute nothing: read every shard's records into results.jsonl and write the "
+                                "table (needs no model)")
+
+    def __post_init__(self) -> None:
+        self.cells = tuple(self.cells)
+        self.part = None if self.shard is None else Shard.parse(self.shard)
+        if self.merge and (self.cells or self.part):
+            raise ConfigError("--merge computes nothing: drop --cells and --shard (a run with them computes cells)")
+        bad = [p for p in self.cells if not p.strip()]
+        if bad:
+            raise ConfigError(f"--cells patterns must not be empty, got {list(self.cells)}")
+
+    def matching(self, cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The cells whose name matches a pattern (all without patterns), in grid order; none is an error."""
+        chosen = [dict(c) for c in cells if not self.cells or any(fnmatch.fnmatchcase(cell_name(c), p)
+                                                                   for p in self.cells)]
+        if not chosen:
+            names = ", ".join(cell_name(c) for c in cells[:4])
+            raise ConfigError(f"--cells {' '.join(self.cells)} matches no cell of this grid; cells are named like "
+                              f"{names}, ...")
+        return chosen
+
+    def pick(self, cells: Sequence[Mapping[str, Any]], results: ResultLog) -> list[dict[str, Any]]:
+        """The cells of this run, in grid order (``cells[0]`` is the dense one): the matching ones, this shard's
+        share of them (every n-th from the shard's index). On the whole log the dense cell is always included
+        while it has no record: every record's retention needs it."""
+        if self.merge:
+            return []
+        chosen = self.matching(cells)
+        if self.part is not None:
+            return [c for i, c in enumerate(chosen) if self.part.holds(i)]
+        if cells[0] not in chosen and not results.done(cells[0]):
+            chosen.insert(0, dict(cells[0]))
+        return chosen
+
+
+# -- the cell loop ------------------------------------------------------------------------------------
+def run_cells(results: ResultLog, cells: list[dict[str, Any]], measure: Measure | None, shared: Any = None, *,
+              desc: str, progress: bool, on_cell: Callable[[dict[str, Any]], None] | None = None,
+              executor: InProcess | RayExecutor | None = None, selection: CellSelection | None = None) -> int:
+    """Compute the selected cells that have no record yet: ``executor.map(measure, todo, shared)`` yields
+    their measurements (in-process: in grid order); each is appended (fsynced) as it arrives: as a complete
+    record on the whole log, as a measurement in a shard's file. ``cells[0]`` is the dense cell; records
+    measured before it wait for it. On the whole log, shards' measurements are merged in first. Returns
+    how many cells were computed; ``on_cell`` is called with each new record."""
+    writer = _Writer(results, cells[0], on_cell)
+    if results.shard is None:
+        writer.merge(cells)
+    chosen = list(cells) if selection is None else selection.pick(cells, results)
+    todo = [c for c in chosen if not results.done(c)]
+    if todo and measure is None:
+        raise ToolkitError(f"{len(todo)} cells to compute but no cell runner was given")
+    executor = executor or InProcess()
+    measured = executor.map(measure, todo, shared)
+    try:
+        with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+            for measurement in measured:
+                writer.add(measurement, new=True)
+                bar.update()
+    finally:
+        if hasattr(measured, "close"):  # a generator stopped early drops its pending cells
+            measured.close()
     return len(todo)
+
+
+class _Writer:
+    """The driver's single writer: a measurement becomes a record (retention against the dense cell) in
+    results.jsonl, or stays a measurement in a shard's file."""
+
+    def __init__(self, results: ResultLog, dense_cell: Mapping[str, Any], on_cell) -> None:
+        self.results, self.on_cell = results, on_cell
+        self.dense_key = cell_key(dense_cell)
+        self.dense = results.find(dense_cell)
+        self.waiting: list[tuple[dict[str, Any], bool]] = []  # measured before the dense cell had a record
+
+    def add(self, measurement: dict[str, Any], new: bool) -> None:
+        if self.results.shard is not None:
+            self._write(measurement, new)
+        elif cell_key(measurement["cell"]) == self.dense_key:
+            self.dense = complete_record(measurement, None)
+            self._write(self.dense, new)
+            waiting, self.waiting = self.waiting, []
+            for held, held_new in waiting:
+                self._write(complete_record(held, self.dense), held_new)
+        elif self.dense is None:
+            self.waiting.append((measurement, new))
+        else:
+            self._write(complete_record(measurement, self.dense), new)
+
+    def _write(self, record: dict[str, Any], new: bool) -> None:
+        self.results.append(record)
+        if new and self.on_cell is not None:
+            self.on_cell(record)
+
+    def merge(self, cells: Sequence[Mapping[str, Any]]) -> None:
+        """The shards' measurements of cells without a record, in grid order (the dense cell first)."""
+        for cell in cells:
+            held = self.results.measured.get(cell_key(cell))
+            if held is not None and self.results.find(cell) is None:
+                self.add(held, new=False)
 
 
 def prune_summary(report: PruneReport) -> dict[str, Any]:
@@ -99,18 +214,42 @@ def prune_summary(report: PruneReport) -> dict[str, Any]:
             "k_per_layer": [sum(layer.k_per_sample) for layer in report.layers]}
 
 
-def score_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None], score: Callable[[], EvalReport],
-               dense: Mapping[str, Any] | None, model: nn.Module,
-               boot: Bootstrap = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
-    """Run one cell: ``prune()`` (None for the dense cell), then ``score()``, into a record that also says
-    what it was computed with (library versions, device, dtype)."""
+def measure_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None], score: Callable[[], EvalReport],
+                 model: nn.Module, boot: Bootstrap = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """Run one cell: ``prune()`` (None for the dense cell), then ``score()``, into a measurement that also
+    says what it was computed with (library versions, device, dtype), its per-item scores when the report
+    kept them, and how the driver draws their intervals (``boot``)."""
     start = time.perf_counter()
     report = prune()
     scores = score()
-    record = cell_record(cell, scores, None if report is None else prune_summary(report), dense,
-                         time.perf_counter() - start, boot)
-    record["environment"] = environment(model)
+    out = {"cell": dict(cell), "scores": scores.scores(), "metrics": {r.name: r.metrics for r in scores.results},
+           "prune": None if report is None else prune_summary(report), "seconds": time.perf_counter() - start,
+           "environment": environment(model)}
+    if any(r.items for r in scores.results):
+        out["items"] = {r.name: _compact_items(r.items) for r in scores.results if r.items}
+        out["bootstrap"] = {"level": boot.level, "resamples": boot.resamples, "seed": boot.seed}
+    return out
+
+
+def complete_record(measurement: Mapping[str, Any], dense: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A measurement as a record, retention against the ``dense`` record (the cell itself when None), with
+    the intervals of its per-item scores when it kept them."""
+    record = cell_record(measurement["cell"], measurement["scores"], measurement["prune"], dense,
+                         measurement["seconds"])
+    record["metrics"] = measurement["metrics"]
+    if "items" in measurement:
+        record["items"] = measurement["items"]
+        boot = Bootstrap(**measurement.get("bootstrap", {}))
+        record["intervals"] = record_intervals(record, dense or record, boot)
+    record["environment"] = measurement["environment"]
     return record
+
+
+def score_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None], score: Callable[[], EvalReport],
+               dense: Mapping[str, Any] | None, model: nn.Module,
+               boot: Bootstrap = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """:func:`measure_cell`, recorded against ``dense``."""
+    return complete_record(measure_cell(cell, prune, score, model, boot), dense)
 
 
 def cell_record(cell: Mapping[str, Any], scores: EvalReport | Mapping[str, float], prune: dict[str, Any] | None,
@@ -180,12 +319,18 @@ def evaluate_all(model: nn.Module, processor, benches: Sequence[Any], **kwargs) 
     return EvalReport(results, seed=kwargs.get("seed", 0))
 
 
-def load_reference(results: ResultLog, model: nn.Module, processor, benches: Sequence[Any],
-                   progress: bool) -> FidelityReference | None:
-    """The dense model's fidelity reference, computed once and kept in the study folder (the setup is pinned
-    before it is written)."""
+def dense_reference(model: nn.Module, processor, benches: Sequence[Any], progress: bool) -> FidelityReference | None:
+    """The dense ``model``'s fidelity reference over the fidelity benchmarks among ``benches`` (None: none)."""
     fidelity = [b for b in benches if getattr(b, "kind", None) == "fidelity"]
-    if not fidelity:
+    return fidelity_reference(model, processor, fidelity, progress=progress) if fidelity else None
+
+
+def load_reference(results: ResultLog, benches: Sequence[Any],
+                   compute: Callable[[], FidelityReference | None]) -> FidelityReference | None:
+    """The dense model's fidelity reference (``compute()``, e.g. :func:`dense_reference`), computed once and
+    kept in the study folder (the setup is pinned before it is written; shards running at once each write
+    a whole file)."""
+    if not any(getattr(b, "kind", None) == "fidelity" for b in benches):
         return None
     path = results.out_dir / REFERENCE
     if path.is_file():
@@ -194,9 +339,75 @@ def load_reference(results: ResultLog, model: nn.Module, processor, benches: Seq
         except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
             raise ToolkitError(f"{path} is corrupt ({type(err).__name__}); delete it to recompute the dense "
                                "reference, or choose another --out") from None
-    reference = fidelity_reference(model, processor, fidelity, progress=progress)
+    reference = compute()
     results.pin()
-    tmp = path.with_suffix(".partial")
-    reference.save(tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        reference.save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return reference
+
+
+# -- what a worker loads --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellInputs:
+    """What a grid's cells read, by path, so that another process (a Ray task) loads it on its own: the model
+    (a folder or a Hub id, with its load options), the calibration records and the benchmark files. Paths
+    are made absolute: on a cluster they must name the same files on every node (a shared file system)."""
+
+    model: str
+    calib: str
+    images: str
+    benchmarks: tuple[str, ...]
+    nsamples: int
+    seed: int = 0
+    max_length: int | None = None
+    calib_batch_size: int = 1
+    allow_outside: bool = False
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+    def __post_init__(self) -> None:
+        def absolute(path: Any) -> str:
+            return str(Path(path).resolve()) if Path(path).exists() else str(path)  # a Hub id stays as given
+
+        for name in ("model", "calib", "images"):
+            object.__setattr__(self, name, absolute(getattr(self, name)))
+        object.__setattr__(self, "benchmarks", tuple(absolute(b) for b in self.benchmarks))
+
+    def open_benchmarks(self) -> list[Benchmark]:
+        return [load_benchmark(path, self.allow_outside) for path in self.benchmarks]
+
+    def open(self, with_calibration: bool = True) -> tuple[nn.Module, Any, list[dict[str, Any]], list[Benchmark]]:
+        """(model, processor, calibration batches, benchmarks), loaded as ``atv probe`` loads them: seeded first."""
+        model, processor, calibration, _ = self._load(with_calibration)
+        return model, processor, calibration, self.open_benchmarks()
+
+    def facts(self) -> tuple[str, list[str], int]:
+        """What a study pins of the loaded inputs: the model's dtype, the calibration sample ids, the number of
+        calibration batches."""
+        from pruning.io import dtype_name
+
+        model, _, calibration, report = self._load(True)
+        return dtype_name(model), report.ids, len(calibration)
+
+    def reference(self) -> FidelityReference | None:
+        """The dense fidelity reference, from a model loaded here (a task's way to :func:`dense_reference`)."""
+        model, processor, _, benches = self.open(with_calibration=False)
+        return dense_reference(model, processor, benches, progress=False)
+
+    def _load(self, with_calibration: bool):
+        from transformers import set_seed
+
+        from pruning.data import load_llava_conversations
+        from pruning.io import load_model
+
+        set_seed(self.seed)
+        model, processor = load_model(self.model, self.load)
+        if not with_calibration:
+            return model, processor, [], None
+        calibration, report = load_llava_conversations(self.calib, self.images, processor, self.nsamples, self.seed,
+                                                       self.max_length, batch_size=self.calib_batch_size,
+                                                       allow_outside=self.allow_outside)
+        return model, processor, calibration, report

@@ -30,17 +30,20 @@ from pruning.errors import ConfigError, ToolkitError
 from pruning.options import option
 
 from .cells import (
+    CellInputs,
     check_choices,
+    dense_reference,
     evaluate_all,
     load_reference,
+    measure_cell,
     open_benchmarks,
     open_log,
     paired_items,
     record_items,
     run_cells,
-    score_cell,
 )
-from .records import RESULTS, read_records, study_lock
+from .executors import InProcess, RayExecutor
+from .records import RESULTS, ResultLog, read_records, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,43 +96,85 @@ def run_method_comparison(make_model: Callable[[], nn.Module], processor, calibr
                           benchmarks: Iterable[Benchmark | str | Path], out_dir: str | Path,
                           config: CompareConfig | None = None, *, setup_extra: Mapping[str, Any] | None = None,
                           progress: bool = True, dense_record: Mapping[str, Any] | None = None) -> CompareResult:
-    """Run (or resume) the method x setting grid; ``make_model()`` returns a fresh dense model each call.
+    """Run (or resume) the method x setting grid in this process; ``make_model()`` returns a fresh dense model
+    each call.
 
     ``dense_record``: the dense model's record from another study on the same benchmarks (e.g. the probe
     study's dense cell), reused instead of evaluating the dense model again."""
     config = config or CompareConfig()
     benches = open_benchmarks(benchmarks)
     with study_lock(out_dir):
-        return _run_comparison(make_model, processor, calibration, benches, out_dir, config, setup_extra, progress,
-                               dense_record)
+        results = open_log(out_dir, config, benches, len(calibration), setup_extra)
+        _reuse_dense(results, config, benches, dense_record)
+        fresh: list[nn.Module] = []  # the model the reference was computed on is the first cell's
+
+        def reference():
+            fresh.append(make_model())
+            return dense_reference(fresh[0], processor, benches, progress)
+
+        shared = load_reference(results, benches, reference)
+
+        def measure(cell: dict[str, str], reference) -> dict[str, Any]:
+            model = fresh.pop() if fresh else make_model()
+            return _measure(model, processor, calibration, benches, config, cell, reference, progress)
+
+        computed = run_cells(results, config.cells(), measure, shared, desc="method cells", progress=progress)
+        return _result(results, config, computed)
 
 
-def _run_comparison(make_model, processor, calibration, benches, out_dir, config: CompareConfig, setup_extra,
-                    progress: bool, dense_record) -> CompareResult:
-    results = open_log(out_dir, config, benches, calibration, setup_extra)
-    cells = config.cells()
-    if dense_record is not None and not results.done(cells[0]):
+@dataclass(frozen=True)
+class CompareCells:
+    """The comparison's cells as a task that runs in any process (a Ray worker): it loads a fresh dense
+    model, the calibration and the benchmarks from ``inputs``, prunes and measures one cell. Picklable."""
+
+    inputs: CellInputs
+    config: CompareConfig
+
+    def __call__(self, cell: dict[str, str], reference) -> dict[str, Any]:
+        model, processor, calibration, benches = self.inputs.open()
+        return _measure(model, processor, calibration, benches, self.config, cell, reference, progress=False)
+
+    def reference(self):
+        return self.inputs.reference()
+
+
+def run_compare_cells(task: CompareCells, out_dir: str | Path, executor: InProcess | RayExecutor, *,
+                      calibration_batches: int, setup_extra: Mapping[str, Any] | None = None, progress: bool = True,
+                      dense_record: Mapping[str, Any] | None = None) -> CompareResult:
+    """Run (or resume) the grid with ``executor`` computing each missing cell with ``task`` (each loads its own
+    model); this process alone writes the records. Same setup as :func:`run_method_comparison`'s."""
+    benches = task.inputs.open_benchmarks()
+    with study_lock(out_dir):
+        results = open_log(out_dir, task.config, benches, calibration_batches, setup_extra)
+        _reuse_dense(results, task.config, benches, dense_record)
+        reference = load_reference(results, benches, lambda: executor.call(task.reference))
+        computed = run_cells(results, task.config.cells(), task, reference, desc="method cells", progress=progress,
+                             executor=executor)
+        return _result(results, task.config, computed)
+
+
+def _reuse_dense(results: ResultLog, config: CompareConfig, benches, dense_record: Mapping[str, Any] | None) -> None:
+    if dense_record is not None and not results.done(config.cells()[0]):
         if sorted(dense_record["scores"]) != sorted(b.name for b in benches):
             raise ConfigError(f"dense_record scores {sorted(dense_record['scores'])} are not these benchmarks "
                               f"{[b.name for b in benches]}")
         results.append({**dense_record, "cell": dict(DENSE), "prune": None})
-    reference: list = []  # computed on the first fresh model, then kept
 
-    def compute(cell: dict[str, str], dense: dict[str, Any] | None) -> dict[str, Any]:
-        model = make_model()
-        if not reference:
-            reference.append(load_reference(results, model, processor, benches, progress))
-        return score_cell(cell, lambda: _prune(model, calibration, config, cell),
-                          lambda: evaluate_all(model, processor, benches, reference=reference[0],
-                                               batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                               progress=progress, seed=config.seed, return_items=True),
-                          dense, model, Bootstrap(seed=config.seed))
 
-    computed = run_cells(results, cells, compute, desc="method cells", progress=progress)
-    records = results.ordered(cells)
+def _result(results: ResultLog, config: CompareConfig, computed: int) -> CompareResult:
+    records = results.ordered(config.cells())
     out = CompareResult(results.out_dir, records, computed=computed)
     out.tables = write_table(scores_table(records, _label), "method_scores", results.out_dir)
     return out
+
+
+def _measure(model: nn.Module, processor, calibration, benches, config: CompareConfig, cell: Mapping[str, str],
+             reference, progress: bool) -> dict[str, Any]:
+    return measure_cell(cell, lambda: _prune(model, calibration, config, cell),
+                        lambda: evaluate_all(model, processor, benches, reference=reference,
+                                             batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                                             progress=progress, seed=config.seed, return_items=True),
+                        model, Bootstrap(seed=config.seed))
 
 
 def _label(record: Mapping[str, Any]) -> str:
@@ -226,7 +271,7 @@ class CompareCellsJob:
             raise ConfigError(str(err)) from None
 
 
-def run_compare_cells(job: CompareCellsJob) -> tuple[dict[str, Any], tuple[list[str], list[list[str]]]]:
+def run_compare_job(job: CompareCellsJob) -> tuple[dict[str, Any], tuple[list[str], list[list[str]]]]:
     """``atv compare``: read the log, compare the two cells; returns the difference and its table."""
     boot = job.bootstrap()
     path = job.results / RESULTS if job.results.is_dir() else job.results

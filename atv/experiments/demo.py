@@ -27,6 +27,8 @@ from typing import Any
 from pruning.errors import ConfigError
 from pruning.options import option
 
+from .executors import ExecutorOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,7 @@ class DemoConfig:
                                           "quick without sparsegpt)")
     batch_size: int = option(16, "evaluation items per forward")
     calib_batch_size: int = option(8, "calibration samples per forward (padded; padding is masked out)")
+    run: ExecutorOptions = option(default_factory=ExecutorOptions, cli=False)  # probe and method cells: here or Ray
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -100,8 +103,10 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
 
     from analysis.tables import differences_summary, method_table, probe_table, scores_table, to_markdown
     from atv.default_model import build_default_model
-    from atv.experiments.compare import CompareConfig, run_method_comparison
-    from atv.experiments.probe_study import StudyConfig, run_probe_study
+    from atv.experiments.cells import CellInputs
+    from atv.experiments.compare import CompareCells, CompareConfig, run_compare_cells, run_method_comparison
+    from atv.experiments.executors import make_executor
+    from atv.experiments.probe_study import ProbeCells, StudyConfig, run_probe_cells, run_probe_study
     from atv.experiments.records import file_digest, model_inputs
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
@@ -129,22 +134,36 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
              "nsamples": config.nsamples, "calib_batch_size": config.calib_batch_size, "n_eval": config.n_eval,
              "calibration_ids": data_report.ids,
              "inputs": {**model_inputs(model_dir), "calibration file": file_digest(suite / "calib.json")}}
-    probe = run_probe_study(model, processor, calibration, benches, config.out / "probe",
-                            StudyConfig(sparsities=config.probe_sparsities, seed=config.seed,
-                                        batch_size=config.batch_size),
-                            setup_extra=extra, progress=progress)
-    lap("probe")
-    dense_state = copy.deepcopy(model.state_dict())
+    probe_config = StudyConfig(sparsities=config.probe_sparsities, seed=config.seed, batch_size=config.batch_size)
+    compare_config = CompareConfig(methods=config.methods, settings=config.settings, seed=config.seed,
+                                   batch_size=config.batch_size)
+    executor = make_executor(config.run)
+    try:
+        if executor.remote:  # every cell loads the model itself, as this process loaded it
+            inputs = CellInputs(str(model_dir), str(suite / "calib.json"), str(suite), tuple(map(str, benches)),
+                                config.nsamples, config.seed, calib_batch_size=config.calib_batch_size)
+            probe = run_probe_cells(ProbeCells(inputs, probe_config), config.out / "probe", executor,
+                                    calibration_batches=len(calibration), setup_extra=extra, progress=progress)
+            lap("probe")
+            methods = run_compare_cells(CompareCells(inputs, compare_config), config.out / "methods", executor,
+                                        calibration_batches=len(calibration), setup_extra=extra, progress=progress,
+                                        dense_record=probe.records[0])
+        else:
+            probe = run_probe_study(model, processor, calibration, benches, config.out / "probe", probe_config,
+                                    setup_extra=extra, progress=progress)
+            lap("probe")
+            dense_state = copy.deepcopy(model.state_dict())
 
-    def fresh_model():
-        model.load_state_dict(dense_state)
-        return model
+            def fresh_model():
+                model.load_state_dict(dense_state)
+                return model
 
-    methods = run_method_comparison(fresh_model, processor, calibration, benches, config.out / "methods",
-                                    CompareConfig(methods=config.methods, settings=config.settings, seed=config.seed,
-                                                  batch_size=config.batch_size),
-                                    setup_extra=extra, progress=progress, dense_record=probe.records[0])
-    model.load_state_dict(dense_state)
+            methods = run_method_comparison(fresh_model, processor, calibration, benches, config.out / "methods",
+                                            compare_config, setup_extra=extra, progress=progress,
+                                            dense_record=probe.records[0])
+            model.load_state_dict(dense_state)
+    finally:
+        executor.close()
     lap("methods")
     made, skipped = _analysis(model, calibration, data_report.ids, suite, config, progress)
     lap("analysis")

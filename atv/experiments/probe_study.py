@@ -5,14 +5,17 @@ Results go to a :class:`~atv.experiments.records.ResultLog` (``OUT/results.jsonl
 finished cell; ``OUT/study.json`` pins the setup), so an interrupted study re-run with the same
 arguments computes only the missing cells.
 
-The model is loaded once: the probe computes exactly the original model while unpruned, and
-``reset_`` drops a pruned path's copy, so every cell starts from the dense model.
+In this process the model is loaded once: the probe computes exactly the original model while unpruned,
+and ``reset_`` drops a pruned path's copy, so every cell starts from the dense model. With ``--executor
+ray`` each cell is a task that loads the model itself (:class:`ProbeCells`); ``--cells`` and ``--shard``
+pick the cells of a run (see :class:`~atv.experiments.cells.CellSelection`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -32,17 +35,22 @@ from pruning.options import option
 from pruning.outputs import check_output_path, write_text_atomic
 
 from .cells import (
+    CellInputs,
+    CellSelection,
     benchmark_inputs,
+    cell_name,
     check_choices,
+    dense_reference,
     evaluate_all,
     load_reference,
+    measure_cell,
     open_benchmarks,
     open_log,
     run_cells,
-    score_cell,
 )
+from .executors import ExecutorOptions, InProcess, RayExecutor, make_executor
 from .prune_job import RECIPE, recipe_text
-from .records import check_inputs, file_digest, model_inputs, study_lock
+from .records import ResultLog, check_inputs, file_digest, model_inputs, read_setup, study_lock
 from .sensitivity_map import MapConfig, MapResult, run_map_study
 
 log = logging.getLogger(__name__)
@@ -89,9 +97,11 @@ class StudyConfig:
 @dataclass
 class StudyResult:
     out_dir: Path
-    records: list[dict[str, Any]]
+    records: list[dict[str, Any]]                     # complete records of results.jsonl, in grid order
     computed: int                                     # cells computed by this run (the rest were resumed)
-    tables: list[Path] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)  # none for a shard: its records wait for --merge
+    missing: list[str] = field(default_factory=list)  # names of grid cells without a record
+    shard: str | None = None                          # 'i/n' for a shard's run
 
     @property
     def table(self) -> tuple[list[str], list[list[str]]]:
@@ -101,44 +111,108 @@ class StudyResult:
 def run_probe_study(model: nn.Module, processor, calibration: Sequence[Mapping[str, Any]],
                     benchmarks: Iterable[Benchmark | str | Path], out_dir: str | Path,
                     config: StudyConfig | None = None, *, setup_extra: Mapping[str, Any] | None = None,
-                    progress: bool = True, on_cell: Callable[[dict[str, Any]], None] | None = None) -> StudyResult:
-    """Run (or resume) the probe grid on ``model`` (probed in place, unloaded at the end).
+                    progress: bool = True, on_cell: Callable[[dict[str, Any]], None] | None = None,
+                    selection: CellSelection | None = None) -> StudyResult:
+    """Run (or resume) the probe grid on ``model`` (probed in place, unloaded at the end), in this process.
 
     calibration: model-input batches (with images) for the pruner; benchmarks: harness benchmarks.
     ``setup_extra`` (e.g. model folder, calibration file) joins the pinned setup. ``on_cell`` is
-    called with each new record (tests use it to interrupt a run).
+    called with each new record (tests use it to interrupt a run). ``selection``: which cells (all).
     """
     config = config or StudyConfig()
+    selection = selection or CellSelection()
+    selection.matching(config.cells())  # a pattern matching nothing is refused before any work
     benches = open_benchmarks(benchmarks)
+    with study_lock(out_dir, selection.part):
+        results = open_log(out_dir, config, benches, len(calibration), setup_extra, selection.part)
+        probe = attach_probe_(model)
+        try:
+            reference = load_reference(results, benches, lambda: dense_reference(model, processor, benches, progress))
+
+            def measure(cell: dict[str, Any], reference) -> dict[str, Any]:
+                try:
+                    return _measure(probe, model, processor, calibration, benches, config, cell, reference, progress)
+                finally:
+                    probe.reset_()
+
+            computed = run_cells(results, config.cells(), measure, reference, desc="probe cells", progress=progress,
+                                 on_cell=on_cell, selection=selection)
+        finally:
+            probe.unload()
+        return _result(results, config, computed)
+
+
+@dataclass(frozen=True)
+class ProbeCells:
+    """The probe study's cells as a task that runs in any process (a Ray worker): it loads the model, the
+    calibration and the benchmarks from ``inputs``, probes the model and measures one cell. Picklable."""
+
+    inputs: CellInputs
+    config: StudyConfig
+
+    def __call__(self, cell: dict[str, Any], reference) -> dict[str, Any]:
+        model, processor, calibration, benches = self.inputs.open()
+        probe = attach_probe_(model)
+        return _measure(probe, model, processor, calibration, benches, self.config, cell, reference, progress=False)
+
+    def reference(self):
+        return self.inputs.reference()
+
+
+def run_probe_cells(task: ProbeCells, out_dir: str | Path, executor: InProcess | RayExecutor, *,
+                    calibration_batches: int, setup_extra: Mapping[str, Any] | None = None, progress: bool = True,
+                    selection: CellSelection | None = None,
+                    on_cell: Callable[[dict[str, Any]], None] | None = None) -> StudyResult:
+    """Run (or resume) the probe grid with ``executor`` computing each missing cell with ``task`` (each loads
+    its own model: nothing is loaded here); this process alone writes the records as they come back. The
+    setup pinned is the same as :func:`run_probe_study`'s, so either may resume the other's study."""
+    selection = selection or CellSelection()
+    selection.matching(task.config.cells())
+    benches = task.inputs.open_benchmarks()
+    with study_lock(out_dir, selection.part):
+        results = open_log(out_dir, task.config, benches, calibration_batches, setup_extra, selection.part)
+        reference = load_reference(results, benches, lambda: executor.call(task.reference))
+        computed = run_cells(results, task.config.cells(), task, reference, desc="probe cells", progress=progress,
+                             on_cell=on_cell, executor=executor, selection=selection)
+        return _result(results, task.config, computed)
+
+
+def merge_probe_study(out_dir: str | Path, config: StudyConfig, benchmarks: Sequence[str]) -> StudyResult:
+    """``atv probe --merge``: append every shard's measurements to results.jsonl as records and write the table
+    (needs no model). The study's pinned grid and benchmarks must be ``config`` and ``benchmarks`` (names)."""
     with study_lock(out_dir):
-        return _run_study(model, processor, calibration, benches, out_dir, config, setup_extra, progress, on_cell)
+        saved = read_setup(out_dir)
+        if saved is None:
+            raise ConfigError(f"{out_dir} holds no study yet (no study.json): run its shards first")
+        asked = {"config": asdict(config), "benchmarks": list(benchmarks)}
+        differs = sorted(k for k, v in asked.items() if saved.get(k) != json.loads(json.dumps(v)))
+        if differs:
+            raise ConfigError(f"{out_dir} holds a study with a different setup (differs in {differs}); merge with "
+                              "the options its shards ran with")
+        results = ResultLog(out_dir, saved)
+        run_cells(results, config.cells(), None, desc="merge", progress=False, selection=CellSelection(merge=True))
+        return _result(results, config, 0)
 
 
-def _run_study(model, processor, calibration, benches, out_dir, config: StudyConfig, setup_extra, progress: bool,
-               on_cell) -> StudyResult:
-    results = open_log(out_dir, config, benches, calibration, setup_extra)
+def _result(results: ResultLog, config: StudyConfig, computed: int) -> StudyResult:
+    """The run's result; the table is written by runs on the whole log (a shard's records wait for a merge)."""
     cells = config.cells()
-    probe = attach_probe_(model)
-    try:
-        reference = load_reference(results, model, processor, benches, progress)
-
-        def compute(cell: dict[str, Any], dense: dict[str, Any] | None) -> dict[str, Any]:
-            try:
-                return score_cell(cell, lambda: _prune_path(probe, calibration, config, cell),
-                                  lambda: evaluate_all(model, processor, benches, reference=reference,
-                                                       batch_size=config.batch_size,
-                                                       max_new_tokens=config.max_new_tokens, progress=progress,
-                                                       seed=config.seed, return_items=True), dense, model,
-                                  Bootstrap(seed=config.seed))
-            finally:
-                probe.reset_()
-
-        computed = run_cells(results, cells, compute, desc="probe cells", progress=progress, on_cell=on_cell)
-    finally:
-        probe.unload()
-    result = StudyResult(results.out_dir, results.ordered(cells), computed=computed)
-    result.tables = write_table(result.table, "probe_table", results.out_dir)
+    result = StudyResult(results.out_dir, results.ordered(cells), computed=computed,
+                         missing=[cell_name(c) for c in cells if results.find(c) is None],
+                         shard=None if results.shard is None else str(results.shard))
+    if results.shard is None:
+        result.tables = write_table(result.table, "probe_table", results.out_dir)
     return result
+
+
+def _measure(probe, model: nn.Module, processor, calibration, benches, config: StudyConfig, cell: dict[str, Any],
+             reference, progress: bool) -> dict[str, Any]:
+    """One cell on a probed model: prune the cell's path, evaluate (the caller resets the probe)."""
+    return measure_cell(cell, lambda: _prune_path(probe, calibration, config, cell),
+                        lambda: evaluate_all(model, processor, benches, reference=reference,
+                                             batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                                             progress=progress, seed=config.seed, return_items=True),
+                        model, Bootstrap(seed=config.seed))
 
 
 def _prune_path(probe, calibration, config: StudyConfig, cell: dict[str, Any]) -> PruneReport | None:
@@ -166,6 +240,8 @@ class ProbeJob:
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
     allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
+    run: ExecutorOptions = option(default_factory=ExecutorOptions, cli=False)  # in-process or Ray
+    selection: CellSelection = option(default_factory=CellSelection, cli=False)  # --cells, --shard, --merge
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -173,14 +249,17 @@ class ProbeJob:
         return (self.model, self.calib, self.images, *self.benchmarks)
 
 
-def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> StudyResult | MapResult:
+    def cell_inputs(self) -> CellInputs:
+        """What a cell task loads (calibration in batches of one, as this job loads it)."""
+        return CellInputs(str(self.model), str(self.calib), str(self.images), tuple(map(str, self.benchmarks)),
+                          self.nsamples, self.config.seed, self.max_length, 1, self.allow_outside_paths, self.load)
+
+
+def run_probe_job(job: ProbeJob, progress: bool = True, processor=None,
+                  executor: InProcess | RayExecutor | None = None) -> StudyResult | MapResult:
     """Load the model and the calibration data, then run or resume the study (``atv probe``): the grid, or
-    the sensitivity map with ``job.map``."""
-    from transformers import set_seed
-
-    from pruning.data import load_llava_conversations
-    from pruning.io import load_model
-
+    the sensitivity map with ``job.map``. With the Ray executor (``job.run`` or ``executor``) the grid's cells
+    load their own model and this process loads none; the map runs in this process."""
     # every check that needs no model first: benchmark files, paths, the inputs of a study being resumed
     benches = [load_benchmark(path, job.allow_outside_paths) for path in job.benchmarks]
     check_output_path(job.out, job.inputs)
@@ -190,6 +269,60 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
     model_print = model_inputs(source) if Path(source).is_dir() else {"model": f"{source}@{revision}"}
     inputs = {**model_print, "calibration file": file_digest(job.calib), **benchmark_inputs(benches)}
     check_inputs(job.out, inputs)
+    if job.map:
+        result = _run_map_here(job, benches, inputs, progress, processor, executor)
+    elif job.selection.merge:
+        job.selection.matching(job.config.cells())
+        result = merge_probe_study(job.out, job.config, [b.name for b in benches])
+    else:
+        job.selection.matching(job.config.cells())
+        executor = executor or make_executor(job.run)
+        try:
+            with study_lock(job.out, job.selection.part):
+                result = (_run_remote(job, executor, inputs, progress) if executor.remote else
+                          _run_here(job, benches, inputs, progress, processor))
+        finally:
+            executor.close()
+    if job.recipe is not None and getattr(result, "shard", None) is None:
+        write_text_atomic(result.out_dir / RECIPE, recipe_text(job.recipe))
+    return result
+
+
+def _setup_extra(job: ProbeJob, dtype: str, calibration_ids: list[str], inputs: Mapping[str, str]) -> dict[str, Any]:
+    """What ``atv probe`` pins besides the grid (the same in-process and on Ray)."""
+    return {"model": str(job.model), "calib": str(job.calib), "images": str(job.images),
+            "nsamples": job.nsamples, "max_length": job.max_length, "calib_batch_size": 1,
+            "dtype": dtype, "calibration_ids": calibration_ids, "inputs": dict(inputs),
+            **({"revision": job.load.revision} if job.load.revision else {})}
+
+
+def _run_here(job: ProbeJob, benches, inputs, progress: bool, processor) -> StudyResult:
+    from transformers import set_seed
+
+    from pruning.data import load_llava_conversations
+    from pruning.io import load_model
+
+    set_seed(job.config.seed)
+    model, loaded = load_model(job.model, job.load, with_processor=processor is None)
+    processor = processor if processor is not None else loaded
+    calibration, calib_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
+                                                         job.config.seed, job.max_length,
+                                                         allow_outside=job.allow_outside_paths)
+    extra = _setup_extra(job, dtype_name(model), calib_report.ids, inputs)
+    return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
+                           progress=progress, selection=job.selection)
+
+
+def _run_map_here(job: ProbeJob, benches, inputs, progress: bool, processor, executor) -> MapResult:
+    """The sensitivity map, in this process (its cells share one calibration pass and one dense replay)."""
+    from transformers import set_seed
+
+    from pruning.data import load_llava_conversations
+    from pruning.io import load_model
+
+    remote = executor is not None and executor.remote
+    if remote or job.run.executor != "in-process" or job.selection.cells or job.selection.shard or job.selection.merge:
+        raise ConfigError("--map runs in this process: drop --executor ray, --cells, --shard and --merge")
     with study_lock(job.out):
         set_seed(job.config.seed)
         model, loaded = load_model(job.model, job.load, with_processor=processor is None)
@@ -197,16 +330,15 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None) -> Study
         calibration, calib_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
                                                              job.config.seed, job.max_length,
                                                              allow_outside=job.allow_outside_paths)
-        extra = {"model": str(job.model), "calib": str(job.calib), "images": str(job.images),
-                 "nsamples": job.nsamples, "max_length": job.max_length, "calib_batch_size": 1,
-                 "dtype": dtype_name(model), "calibration_ids": calib_report.ids, "inputs": inputs,
-                 **({"revision": job.load.revision} if job.load.revision else {})}
-        if job.map:
-            result = run_map_study(model, processor, calibration, benches, job.out, job.map_config,
-                                   setup_extra=extra, progress=progress)
-        else:
-            result = run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
-                                     progress=progress)
-    if job.recipe is not None:
-        write_text_atomic(result.out_dir / RECIPE, recipe_text(job.recipe))
-    return result
+        extra = _setup_extra(job, dtype_name(model), calib_report.ids, inputs)
+        return run_map_study(model, processor, calibration, benches, job.out, job.map_config, setup_extra=extra,
+                             progress=progress)
+
+
+def _run_remote(job: ProbeJob, executor, inputs, progress: bool) -> StudyResult:
+    """The cells as tasks; one task first reads what the setup pins (the model's dtype, the calibration)."""
+    task = ProbeCells(job.cell_inputs(), job.config)
+    dtype, calibration_ids, batches = executor.call(task.inputs.facts)
+    return run_probe_cells(task, job.out, executor, calibration_batches=batches,
+                           setup_extra=_setup_extra(job, dtype, calibration_ids, inputs), progress=progress,
+                           selection=job.selection)

@@ -5,6 +5,12 @@ fingerprints of the inputs: model config and weights, calibration file, benchmar
 images). Opening a log on a folder with another setup, or whose inputs changed, is refused naming what
 changed; a record torn by a kill (the last line) is dropped, so re-running the same command computes only
 the missing cells. One run at a time holds a study folder (:func:`study_lock`).
+
+A shard of the grid (``--shard i/n``, e.g. one job of a Slurm array) writes its own file
+``records.shard-i-of-n.jsonl`` and holds its own lock, so the n shards may run at once in one folder. A
+shard's lines are *measurements*: records without retention (the dense cell may be in another shard). A
+run on the whole log (a rerun, ``--merge``) reads every shard file and appends their cells to
+``results.jsonl`` as complete records; ``results.jsonl`` has one writer at a time.
 """
 
 from __future__ import annotations
@@ -15,18 +21,59 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pruning.errors import ToolkitError
+from pruning.errors import ConfigError, ToolkitError
 from pruning.io import read_log
 from pruning.outputs import owner, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 RESULTS, SETUP = "results.jsonl", "study.json"
+_PART = re.compile(r"records\.shard-(\d+)-of-(\d+)\.jsonl")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (1-based): the cells at positions p with p % count == index - 1."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise ConfigError(f"--shard must be I/N with 1 <= I <= N, got {self.index}/{self.count}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Shard":
+        """'2/4' -> Shard(2, 4); anything else is refused naming the form."""
+        index, sep, count = str(spec).partition("/")
+        if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+            raise ConfigError(f"--shard must be I/N (e.g. 2/4: the second of four shards), got {spec!r}")
+        return cls(int(index), int(count))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def file(self) -> str:
+        """This shard's records file, next to ``results.jsonl``."""
+        return f"records.shard-{self.index}-of-{self.count}.jsonl"
+
+    def holds(self, position: int) -> bool:
+        return position % self.count == self.index - 1
+
+
+def part_files(out_dir: str | Path) -> list[Path]:
+    """The shard records files of a study folder, in name order."""
+    folder = Path(out_dir)
+    return sorted(p for p in folder.glob("records.shard-*-of-*.jsonl") if _PART.fullmatch(p.name)) \
+        if folder.is_dir() else []
 
 
 def cell_key(cell: Mapping[str, Any]) -> str:
@@ -120,7 +167,7 @@ def check_inputs(out_dir: str | Path, inputs: Mapping[str, str]) -> None:
 
 # -- the study lock -------------------------------------------------------------------------------------
 LOCK = ".atv-lock"
-_held: dict[Path, Any] = {}  # study folder -> its open lock file: the lock is re-entrant within a process
+_held: dict[tuple[Path, str], Any] = {}  # (study folder, lock name) -> open lock file: re-entrant in a process
 
 
 def _holder(text: str) -> str:
@@ -132,37 +179,40 @@ def _holder(text: str) -> str:
 
 
 @contextlib.contextmanager
-def study_lock(out_dir: str | Path) -> Iterator[None]:
+def study_lock(out_dir: str | Path, shard: Shard | None = None) -> Iterator[None]:
     """Hold the study folder exclusively (an OS lock on ``OUT/.atv-lock``, released by the OS when the process
     dies, so a dead run's lock is simply taken over); the file names the holder while it is held. A folder
-    this call created and that holds only the lock when it is released is removed again."""
+    this call created and that holds only the lock when it is released is removed again. A ``shard`` holds
+    its own lock (``OUT/.atv-lock.shard-i-of-n``): shards of one grid run side by side."""
+    lock = LOCK if shard is None else f"{LOCK}.shard-{shard.index}-of-{shard.count}"
     out = Path(out_dir).resolve()
-    if out in _held:
+    if (out, lock) in _held:
         yield
         return
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    handle = (out / LOCK).open("a+", encoding="utf-8")
+    handle = (out / lock).open("a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = _holder(handle.read())
         handle.close()
-        raise ToolkitError(f"the study folder {out_dir} is in use by {holder}; wait for that run to finish or choose "
+        what = "the study folder" if shard is None else f"shard {shard} of the study folder"
+        raise ToolkitError(f"{what} {out_dir} is in use by {holder}; wait for that run to finish or choose "
                            "another --out") from None
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps(owner()))
     handle.flush()
-    _held[out] = handle
+    _held[out, lock] = handle
     try:
         yield
     finally:
-        del _held[out]
+        del _held[out, lock]
         handle.seek(0)
         handle.truncate()  # a free lock names nobody (and a failed run leaves the file as it found it)
-        if created and [p.name for p in out.iterdir()] == [LOCK]:
+        if created and [p.name for p in out.iterdir()] == [lock]:
             shutil.rmtree(out, ignore_errors=True)
         handle.close()
 
@@ -173,18 +223,27 @@ class ResultLog:
     fingerprint) names what the records were computed on.
 
     The setup is checked at once but written (``study.json``) only when the first result is: a run that
-    fails before computing anything pins nothing, so the corrected command is not refused."""
+    fails before computing anything pins nothing, so the corrected command is not refused.
 
-    def __init__(self, out_dir: str | Path, setup: Mapping[str, Any]):
+    ``records``: the complete records of ``results.jsonl``; ``measured``: cell key -> measurement, from
+    every shard file. With a ``shard``, :meth:`append` writes measurements to that shard's file; without,
+    complete records to ``results.jsonl``."""
+
+    def __init__(self, out_dir: str | Path, setup: Mapping[str, Any], shard: Shard | None = None):
         self.out_dir = Path(out_dir)
         self.setup = json.loads(json.dumps(dict(setup), default=str))
-        self.path = self.out_dir / RESULTS
-        self.records = read_records(self.path)
+        self.shard = shard
+        self.path = self.out_dir / (RESULTS if shard is None else shard.file)
+        self.records = read_records(self.out_dir / RESULTS)
+        self.measured: dict[str, dict[str, Any]] = {}
+        for part in part_files(self.out_dir):
+            for record in read_records(part):
+                self.measured.setdefault(cell_key(record["cell"]), record)
         self._pinned = self._check_setup()
         self._drop_torn_tail()
 
     def _computed(self) -> bool:
-        return bool(self.records) or any(self.out_dir.glob("*.pt"))
+        return bool(self.records) or bool(self.measured) or any(self.out_dir.glob("*.pt"))
 
     def _check_setup(self) -> bool:
         """Whether the folder's pinned setup is this one (raises when it differs and results exist)."""
@@ -221,20 +280,25 @@ class ResultLog:
                     f.truncate(data.rfind(b"\n") + 1)
 
     def done(self, cell: Mapping[str, Any]) -> bool:
+        """Whether the cell has a record, or a measurement in a shard file."""
         key = cell_key(cell)
-        return any(cell_key(r["cell"]) == key for r in self.records)
+        return key in self.measured or any(cell_key(r["cell"]) == key for r in self.records)
 
     def find(self, cell: Mapping[str, Any]) -> dict[str, Any] | None:
         key = cell_key(cell)
         return next((r for r in self.records if cell_key(r["cell"]) == key), None)
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append a complete record to ``results.jsonl`` (a measurement to the shard's file), fsynced."""
         self.pin()
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records.append(record)
+        if self.shard is None:
+            self.records.append(record)
+        else:
+            self.measured.setdefault(cell_key(record["cell"]), record)
 
     def ordered(self, cells: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The records of ``cells``, in that order (cells without a record are left out)."""
