@@ -95,7 +95,28 @@ def sweep_row(model_type: str) -> str:
         blocks, projections, skipped = _projections(model)
     except Exception as err:  # noqa: BLE001
         return f"| {model_type} | refused: {str(err).splitlines()[0][:160]} |||||||"
-    return f"| {model_type} | {blocks} | {projections} | {skipped} | no input recipe | | | |"
+    refusal = _structural_refusal(model)
+    status = f"refused: {refusal}" if refusal else "no input recipe"
+    return f"| {model_type} | {blocks} | {projections} | {skipped} | {status} | | | |"
+
+
+def _structural_refusal(model) -> str | None:
+    """What pruning or the probe would refuse on this model's structure alone (expert layouts the engine
+    cannot record, experts the probe cannot route), as the toolkit's own message; None when nothing."""
+    from mot_probe import attach_probe_
+    from pruning.adapters import get_adapter
+    from pruning.config import PruneConfig
+    from pruning.experts import block_targets
+
+    adapter = get_adapter(model)
+    for label, check in (("prune", lambda: [block_targets(adapter, model, i, PruneConfig().targets)
+                                            for i in range(len(adapter.decoder_layers(model)))]),
+                         ("probe", lambda: attach_probe_(model).unload())):
+        try:
+            check()
+        except Exception as err:  # noqa: BLE001 - the refusal becomes the table cell
+            return f"{label}: {' '.join(str(err).split())[:400]}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
