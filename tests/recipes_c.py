@@ -1,7 +1,73 @@
-"""Tiny recipes of further families (see tiny_kit.Recipe)."""
+"""Tiny recipes of further families (see tiny_kit.Recipe): families whose shrunk default config is
+inconsistent, so each edit builds a consistent tiny config."""
 
 from __future__ import annotations
 
-from tiny_kit import Recipe
+from typing import Any
 
-RECIPES: dict[str, Recipe] = {}
+import torch
+from tiny_kit import END, IMAGE, PAD, START, VIDEO, Recipe, _qwen_patches, _tokens, _vision
+
+
+def _granite_docling(c):
+    """Granite-Docling: SigLIP-style tiles, a pixel-shuffle connector, DeepStack after decoder layer 0."""
+    _vision(c, image_size=16, patch_size=2, hidden_size=32, intermediate_size=64, scale_factor=4,
+            deepstack_visual_indexes=[0])
+    c.text_config.pad_token_id, c.text_config.bos_token_id, c.text_config.eos_token_id = PAD, 1, 2
+    _tokens(c, image_token_id=IMAGE, pad_token_id=PAD)
+
+
+def _lfm3_vl(c):
+    """LFM3-VL: a conv/attention vision tower on packed patches; an LFM3 decoder of a short-conv, a sliding
+    and a full attention layer."""
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32, intermediate_size=64,
+            layer_types=["conv", "full_attention"])
+    t = c.text_config
+    t.num_hidden_layers, t.layer_types, t.sliding_window = 3, ["conv", "sliding_attention", "full_attention"], 4
+    t.pad_token_id, t.bos_token_id, t.eos_token_id = PAD, 1, 2
+    c.projector_hidden_size = 64
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
+def _cohere_compass(c):
+    """Cohere Compass: a Qwen3-VL-like tower (DeepStack after layer 0 only); a sliding layer with M-RoPE and a
+    full attention layer without rotary embeddings (per-layer-type rope parameters, None = NoPE)."""
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32, intermediate_size=64,
+            out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    t = c.text_config
+    t.layer_types, t.sliding_window = ["sliding_attention", "full_attention"], 4
+    mrope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    t.rope_parameters = {"sliding_attention": mrope, "full_attention": None}
+    t.pad_token_id, t.bos_token_id, t.eos_token_id = PAD, 1, 2
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
+def _hunyuan_vl(c):
+    """HunyuanOCR: a ViT over packed patches whose merger adds row separators and begin/end embeddings (all on
+    image-token positions); a dense decoder with 3-axis M-RoPE (width, height, image index)."""
+    _vision(c, patch_size=2, spatial_merge_size=2, hidden_size=32, intermediate_size=64, max_image_size=8,
+            text_hidden_size=64)
+    t = c.text_config
+    t.head_dim = 16
+    t.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+    _tokens(c, image_token_id=IMAGE, im_start_id=START, im_end_id=END, im_newline_id=249)
+
+
+def _flat_patches(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One 8x8 image as 16 flattened 2x2 patches (no temporal axis), grid 1x4x4."""
+    patch_dim = config.vision_config.num_channels * config.vision_config.patch_size ** 2
+    return {"pixel_values": torch.randn(16, patch_dim, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+
+
+def _tiles(size: int, tiles: int = 1) -> Any:
+    """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
+    return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
+                               "pixel_attention_mask": torch.ones(1, tiles, dtype=torch.bool)}
+
+
+RECIPES: dict[str, Recipe] = {
+    "granite_docling": Recipe(_granite_docling, _tiles(16)),
+    "cohere_compass": Recipe(_cohere_compass, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "hunyuan_vl": Recipe(_hunyuan_vl, _flat_patches, token_types="mm_token_type_ids"),
+    "lfm3_vl": Recipe(_lfm3_vl, _qwen_patches, (START,), (END,)),
+}
