@@ -303,14 +303,18 @@ class Qwen3VLAdapter(Adapter):
         return _add_deepstack(self.language_model(model), index, hidden, extras)
 
 
-@contextlib.contextmanager
-def _recording_deepstack(language_model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
+def _recording_deepstack(language_model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
     """Record the DeepStack visual features and their positions the model hands its language model."""
-    def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-        extras["visual_pos_masks"] = kwargs.get("visual_pos_masks")
-        extras["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
+    return _recording_kwargs(language_model, extras, ("visual_pos_masks", "deepstack_visual_embeds"))
 
-    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+@contextlib.contextmanager
+def _recording_kwargs(module: nn.Module, extras: dict[str, Any], names: tuple[str, ...]) -> Iterator[None]:
+    """Record the keyword arguments ``names`` of ``module``'s forward call into ``extras``."""
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+        extras.update({name: kwargs.get(name) for name in names})
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
@@ -407,6 +411,30 @@ class GenericAdapter(Adapter):
                 return getattr(layer, name)
         raise UnsupportedModelError(f"{type(layer).__name__} has no self-attention module named "
                                     "self_attn/attention/attn/self_attention; the tamp pool needs one")
+
+
+@register_adapter
+class Granite4VisionAdapter(GenericAdapter):
+    """Granite 4 Vision: its language model adds projected vision features to the image positions *before*
+    the decoder layers named by its ``deepstack_features`` dict (decoder layer index -> (n_image, C)); the
+    additions before layers 1.. happen between layers and are re-applied after the previous layer.
+    Structure cannot tell this forward-loop code apart, hence a registered entry (blocks still found by
+    structure, replay still checked)."""
+
+    name = "granite4_vision"
+    model_types = ("granite4_vision",)
+
+    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        return _recording_kwargs(self.language_model(model), extras, ("deepstack_features", "vision_mask"))
+
+    def after_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        features = (extras.get("deepstack_features") or {}).get(index + 1)
+        if features is None:
+            return hidden
+        # the language model's own expression: (B, T, 1) mask, features added in token order
+        mask = extras["vision_mask"].to(hidden.device)
+        features = features.to(hidden.device, hidden.dtype)
+        return hidden.masked_scatter(mask, (hidden[mask.squeeze(-1)] + features).view(-1))
 
 
 # Replay may differ from the forward by float noise at most (kernels that reduce in another order).

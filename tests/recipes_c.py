@@ -59,6 +59,24 @@ def _flat_patches(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(16, patch_dim, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
 
 
+def _granite4_vision(c):
+    """Granite 4 Vision: LLaVA-NeXT tiles, window Q-Former projectors whose features are added to the image
+    positions before chosen decoder layers (layer 0 and, between layers, layer 1)."""
+    # the Q-Former's width follows the tower's, one head per 64 channels (set again at every load)
+    _vision(c, image_size=8, patch_size=2, hidden_size=64, intermediate_size=64)
+    q = c.qformer_config
+    q.hidden_size, q.encoder_hidden_size, q.num_attention_heads, q.intermediate_size = 64, 64, 1, 64
+    c.image_grid_pinpoints, c.downsample_rate = [[8, 8], [8, 16], [16, 8]], "1/2"
+    c.deepstack_layer_map, c.spatial_target_layers = [(1, 0)], [0, 1, 0, 1]
+    c.text_config.pad_token_id = PAD
+    _tokens(c, image_token_index=IMAGE)
+
+
+def _anyres_tiles(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One 8x16 image as LLaVA-NeXT tiles: the 8x8 overview and two 8x8 crops."""
+    return {"pixel_values": torch.randn(1, 3, 3, 8, 8, generator=g), "image_sizes": torch.tensor([[8, 16]])}
+
+
 def _tiles(size: int, tiles: int = 1) -> Any:
     """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
     return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
@@ -68,6 +86,7 @@ def _tiles(size: int, tiles: int = 1) -> Any:
 RECIPES: dict[str, Recipe] = {
     "granite_docling": Recipe(_granite_docling, _tiles(16)),
     "cohere_compass": Recipe(_cohere_compass, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "granite4_vision": Recipe(_granite4_vision, _anyres_tiles),
     "hunyuan_vl": Recipe(_hunyuan_vl, _flat_patches, token_types="mm_token_type_ids"),
     "lfm3_vl": Recipe(_lfm3_vl, _qwen_patches, (START,), (END,)),
 }
