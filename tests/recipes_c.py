@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tiny_kit import END, IMAGE, PAD, START, VIDEO, Recipe, _qwen_patches, _tokens, _vision
+from tiny_kit import END, IMAGE, PAD, START, VIDEO, VOCAB, Recipe, _qwen_patches, _tokens, _vision
 
 
 def _granite_docling(c):
@@ -77,6 +77,26 @@ def _anyres_tiles(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(1, 3, 3, 8, 8, generator=g), "image_sizes": torch.tensor([[8, 16]])}
 
 
+def _glm5_next(c):
+    """GLM-5.3 (Flash): a KDA linear-attention layer and an MLA layer with a DSA indexer (sparse attention),
+    multi-stream hyper-connections between blocks; layer 1 an MoE (4 routed experts, top-2, a shared one)."""
+    from transformers.models.glm5_next.configuration_glm5_next import Glm5NextTextConfig
+
+    _vision(c, image_size=8, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, hidden_size=32,
+            intermediate_size=64, out_hidden_size=64, projection_intermediate_size=64)
+    # built anew: head_dim and the per-layer schedules are derived at construction
+    c.text_config = Glm5NextTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16, index_topk=8, index_kpool=4,
+        index_head_dim=16, index_n_heads=2, linear_head_dim=16, linear_num_heads=4, hc_mult=2,
+        hc_sinkhorn_iters=3, layer_types=["linear_attention", "indexed_attention"],
+        mlp_layer_types=["dense", "sparse"], indexer_types=["full", "full"], max_position_embeddings=512,
+        pad_token_id=PAD)
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, image_start_token_id=START, image_end_token_id=END,
+            video_start_token_id=248, video_end_token_id=249)
+
+
 def _tiles(size: int, tiles: int = 1) -> Any:
     """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
     return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
@@ -86,6 +106,7 @@ def _tiles(size: int, tiles: int = 1) -> Any:
 RECIPES: dict[str, Recipe] = {
     "granite_docling": Recipe(_granite_docling, _tiles(16)),
     "cohere_compass": Recipe(_cohere_compass, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "glm5_next": Recipe(_glm5_next, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "granite4_vision": Recipe(_granite4_vision, _anyres_tiles),
     "hunyuan_vl": Recipe(_hunyuan_vl, _flat_patches, token_types="mm_token_type_ids"),
     "lfm3_vl": Recipe(_lfm3_vl, _qwen_patches, (START,), (END,)),
