@@ -97,6 +97,23 @@ def _glm5_next(c):
             video_start_token_id=248, video_end_token_id=249)
 
 
+def _hy_v4_vl(c):
+    """Hy4-VL: a HunyuanOCR-like tower (row separators on image positions); a decoder of MLA + DSA layers with
+    learned attention sinks, multi-stream hyper-connections and M-RoPE; layer 1 an MoE (4 experts, top-2)."""
+    from transformers.models.hy_v4_vl.configuration_hy_v4_vl import HYV4VLTextConfig
+
+    _vision(c, patch_size=2, spatial_merge_size=2, hidden_size=32, intermediate_size=64, max_image_size=8,
+            out_hidden_size=64)
+    # built anew: head_dim and the per-layer schedules are derived at construction
+    c.text_config = HYV4VLTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=2,
+        hc_mult=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO)
+
+
 def _tiles(size: int, tiles: int = 1) -> Any:
     """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
     return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
@@ -108,6 +125,7 @@ RECIPES: dict[str, Recipe] = {
     "cohere_compass": Recipe(_cohere_compass, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "glm5_next": Recipe(_glm5_next, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "granite4_vision": Recipe(_granite4_vision, _anyres_tiles),
+    "hy_v4_vl": Recipe(_hy_v4_vl, _flat_patches, token_types="mm_token_type_ids"),
     "hunyuan_vl": Recipe(_hunyuan_vl, _flat_patches, token_types="mm_token_type_ids"),
     "lfm3_vl": Recipe(_lfm3_vl, _qwen_patches, (START,), (END,)),
 }
