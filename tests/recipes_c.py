@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tiny_kit import END, IMAGE, PAD, START, VIDEO, VOCAB, Recipe, _qwen_patches, _tokens, _vision
+from tiny_kit import END, IMAGE, PAD, START, VIDEO, VOCAB, Recipe, _pixels, _qwen_patches, _tokens, _vision
 
 
 def _granite_docling(c):
@@ -114,6 +114,18 @@ def _hy_v4_vl(c):
     _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO)
 
 
+def _deepseek_ocr2(c):
+    """DeepSeek-OCR-2: a SAM tower (4 patches after its strided neck) read by a Qwen2-like encoder with 144 learned
+    queries (+ a view separator: 145 features per image); a DeepSeek-V2 decoder, layer 1 an MoE."""
+    s = c.vision_config.sam_config
+    s.image_size, s.patch_size, s.hidden_size, s.output_channels, s.mlp_dim = 32, 4, 32, 16, 64
+    s.global_attn_indexes, s.window_size, s.downsample_channels = [1], 4, [32, 64]
+    t = c.text_config
+    t.mlp_layer_types, t.n_shared_experts, t.num_experts_per_tok = ["dense", "sparse"], 1, 2
+    t.pad_token_id, t.head_dim = PAD, 16
+    _tokens(c, image_token_id=IMAGE)
+
+
 def _tiles(size: int, tiles: int = 1) -> Any:
     """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
     return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
@@ -123,6 +135,7 @@ def _tiles(size: int, tiles: int = 1) -> Any:
 RECIPES: dict[str, Recipe] = {
     "granite_docling": Recipe(_granite_docling, _tiles(16)),
     "cohere_compass": Recipe(_cohere_compass, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
+    "deepseek_ocr2": Recipe(_deepseek_ocr2, _pixels(32)),
     "glm5_next": Recipe(_glm5_next, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "granite4_vision": Recipe(_granite4_vision, _anyres_tiles),
     "hy_v4_vl": Recipe(_hy_v4_vl, _flat_patches, token_types="mm_token_type_ids"),
