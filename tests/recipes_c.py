@@ -55,7 +55,8 @@ def _hunyuan_vl(c):
 
 def _flat_patches(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
     """One 8x8 image as 16 flattened 2x2 patches (no temporal axis), grid 1x4x4."""
-    patch_dim = config.vision_config.num_channels * config.vision_config.patch_size ** 2
+    vc = config.vision_config
+    patch_dim = getattr(vc, "num_channels", getattr(vc, "in_channels", 3)) * vc.patch_size ** 2
     return {"pixel_values": torch.randn(16, patch_dim, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
 
 
@@ -126,6 +127,23 @@ def _deepseek_ocr2(c):
     _tokens(c, image_token_id=IMAGE)
 
 
+def _ernie4_5_vl_moe(c):
+    """ERNIE 4.5 VL: a ViT over packed patches and a resampler; a decoder whose MoE layers route text and image
+    tokens to separate expert sets (layer 1: 4 text + 4 vision experts, top-2, a shared expert)."""
+    _vision(c, patch_size=2, spatial_merge_size=2, temporal_merge_size=2, hidden_size=32, intermediate_size=64)
+    t = c.text_config
+    t.moe_intermediate_size, t.moe_k, t.moe_num_experts, t.moe_num_shared_experts = [32, 32], 2, 4, 1
+    t.mlp_layer_types, t.pad_token_id = ["dense", "sparse"], PAD
+    t.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]}
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, image_start_token_id=START, image_end_token_id=END,
+            video_start_token_id=248, video_end_token_id=249)
+
+
+def _ernie_expert_types(inputs: dict) -> None:
+    """The vision experts take the image tokens and their start/end markers."""
+    inputs["moe_mm_token_type_ids"] = torch.isin(inputs["input_ids"], torch.tensor([IMAGE, START, END])).long()
+
+
 def _tiles(size: int, tiles: int = 1) -> Any:
     """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
     return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
@@ -141,4 +159,12 @@ RECIPES: dict[str, Recipe] = {
     "hy_v4_vl": Recipe(_hy_v4_vl, _flat_patches, token_types="mm_token_type_ids"),
     "hunyuan_vl": Recipe(_hunyuan_vl, _flat_patches, token_types="mm_token_type_ids"),
     "lfm3_vl": Recipe(_lfm3_vl, _qwen_patches, (START,), (END,)),
+}
+
+# Built and exact in discovery, replay, probe and save, but not yet pruned: pruning/experts.py refuses their
+# expert layout (the families' other checks run in tests/test_families_c.py). Move to RECIPES once it does.
+PENDING: dict[str, Recipe] = {
+    # two expert sets, one for text and one for image tokens: each sees part of the batch's tokens
+    "ernie4_5_vl_moe": Recipe(_ernie4_5_vl_moe, _flat_patches, (START,), (END,), finish=_ernie_expert_types,
+                              token_types="mm_token_type_ids"),
 }
