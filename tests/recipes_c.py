@@ -144,6 +144,34 @@ def _ernie_expert_types(inputs: dict) -> None:
     inputs["moe_mm_token_type_ids"] = torch.isin(inputs["input_ids"], torch.tensor([IMAGE, START, END])).long()
 
 
+def _dots3_note(c):
+    """dots3 note: a ViT over flat patches, a small audio tower (unused here), a decoder of a sliding-window and an
+    indexed (DSA) MLA layer; layer 1 an MoE (4 experts, top-2, a shared expert). Every sub-config built anew: its
+    per-layer and per-type settings are derived at construction."""
+    from transformers.models.dots3_note.configuration_dots3_note import (
+        Dots3NoteAudioConfig,
+        Dots3NoteTextConfig,
+        Dots3NoteVisionConfig,
+    )
+
+    c.vision_config = Dots3NoteVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, patch_size=2, spatial_merge_size=2,
+                                            adapter_merge_size=2, adapter_in_dim=32, adapter_out_dim=64,
+                                            mlp_layer_types=["dense", "dense"])
+    c.audio_config = Dots3NoteAudioConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, feature_size=16, downsample_hidden_size=16,
+                                          adapter_input_size=32, adapter_out_dim=64)
+    mla = dict(q_lora_rank=32, kv_lora_rank=16, head_dim=16, qk_nope_head_dim=8, v_head_dim=16)
+    c.text_config = Dots3NoteTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        shared_experts_intermediate_size=32, qk_rope_head_dim=8, index_topk=8, index_head_dim=16, index_n_heads=2,
+        layer_types=["sliding_attention", "indexed_attention"], sliding_window=4, mlp_layer_types=["dense", "sparse"],
+        max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **mla,
+        **{f"swa_{k}": v for k, v in mla.items()}, swa_num_attention_heads=4, swa_num_key_value_heads=4)
+    _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, audio_token_id=249)
+
+
 def _tiles(size: int, tiles: int = 1) -> Any:
     """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
     return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
@@ -154,6 +182,7 @@ RECIPES: dict[str, Recipe] = {
     "granite_docling": Recipe(_granite_docling, _tiles(16)),
     "cohere_compass": Recipe(_cohere_compass, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "deepseek_ocr2": Recipe(_deepseek_ocr2, _pixels(32)),
+    "dots3_note": Recipe(_dots3_note, _flat_patches),
     "glm5_next": Recipe(_glm5_next, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "granite4_vision": Recipe(_granite4_vision, _anyres_tiles),
     "hy_v4_vl": Recipe(_hy_v4_vl, _flat_patches, token_types="mm_token_type_ids"),
