@@ -533,11 +533,27 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 return candidates[0]
         if candidates or scope is model:
             break
-    found = [name for name, _ in candidates] or "none"
     raise UnsupportedModelError(
         f"cannot decide which module list holds the decoder layers of {type(model).__name__} "
         f"(config.model_type={getattr(model.config, 'model_type', None)!r}, num_hidden_layers={n_layers}); "
-        f"candidates: {found}. Register an Adapter subclass for this family with @register_adapter.")
+        f"{_why_undecided(model, [name for name, _ in candidates], n_layers)}. Register an Adapter subclass for "
+        "this family with @register_adapter.")
+
+
+def _why_undecided(model: nn.Module, found: list[str], n_layers: Any) -> str:
+    """The obstacle in words: several block lists (which one is the decoder, and the others run between its
+    layers?), or none outside the parts whose names mark them as vision towers or encoders."""
+    if found:
+        return (f"candidates: {found} (several lists of blocks with projections, e.g. decoder layers interleaved "
+                "with cross-attention layers: the replay would have to run the others between the layers)")
+    hidden = [name for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) > 0 and _outside_decoder(name)
+              and (not isinstance(n_layers, int) or len(module) == n_layers)
+              and all(block_projections(block).names for block in module)]
+    if hidden:
+        return (f"candidates: none outside the parts named as vision towers or encoders, which hold {hidden} "
+                "(a decoder stack under an encoder-named module, as BERT-style text decoders have, is not searched)")
+    return "candidates: none"
 
 
 def _same_blocks_elsewhere(model: nn.Module, chosen: str, layers: nn.ModuleList) -> list[tuple[str, nn.ModuleList]]:
@@ -626,14 +642,19 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 def check_in_scope(model: nn.Module) -> None:
     """Raise UnsupportedModelError for models this toolkit cannot prune layer by layer: encoder-decoder
-    language models (their decoder reads encoder states the replay does not capture) and models without
-    a causal LM head."""
+    language models and models whose forward takes ``decoder_input_ids`` (their decoder reads encoder states
+    the replay does not capture), and models without a causal LM head."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) or getattr(text_config(model), "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"model_type {model_type!r} ({type(model).__name__}) has an encoder-decoder language model; "
             "only decoder-only language models are supported")
+    if "decoder_input_ids" in inspect.signature(type(model).forward).parameters:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} ({type(model).__name__}) takes decoder_input_ids: its decoder reads what an "
+            "encoder pass produced (hidden states or a KV cache, e.g. block diffusion), which a layer-by-layer replay "
+            "does not capture; only decoder-only language models are supported")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise UnsupportedModelError(

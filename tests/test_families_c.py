@@ -42,3 +42,34 @@ def test_pending_families_pass_every_check_but_the_prune(family, monkeypatch, tm
     check_replay(model, inputs)
     check_probe(copy.deepcopy(model), inputs)
     check_save(model, tmp_path)
+
+
+def _on_meta(model_type, **text_fields):
+    """The shrunk default ``model_type`` model, built on the meta device (structure only)."""
+    import transformers as tf
+    from tiny_kit import shrink
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = shrink(CONFIG_MAPPING[model_type]())
+    for key, value in text_fields.items():
+        setattr(config.get_text_config(), key, value)
+    with torch.device("meta"):
+        return tf.AutoModelForImageTextToText.from_config(config)
+
+
+def test_git_refusal_names_its_text_stack_under_an_encoder_named_module():
+    with pytest.raises(UnsupportedModelError, match=r"none outside the parts named as vision towers or encoders, "
+                                                    r"which hold \[.*'git\.encoder\.layer'\]"):
+        get_adapter(_on_meta("git"))
+
+
+def test_idefics_refusal_names_both_interleaved_block_lists():
+    with pytest.raises(UnsupportedModelError, match=r"\['model\.layers', 'model\.gated_cross_attn_layers'\] "
+                                                    r"\(several lists"):
+        get_adapter(_on_meta("idefics"))
+
+
+def test_block_diffusion_decoder_reading_an_encoder_cache_is_refused_by_name():
+    model = _on_meta("diffusion_gemma", num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    with pytest.raises(UnsupportedModelError, match="'diffusion_gemma'.*takes decoder_input_ids"):
+        get_adapter(model)
