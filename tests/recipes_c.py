@@ -172,6 +172,29 @@ def _dots3_note(c):
     _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, audio_token_id=249)
 
 
+def _mllama(c):
+    """Llama 3.2 Vision: one <|image|> token per image; the text reads the image through cross-attention
+    decoder layers (layer 1 here) whose K/V project the vision tower's tile features."""
+    _vision(c, image_size=8, patch_size=2, hidden_size=32, intermediate_size=64, num_global_layers=1,
+            attention_heads=2, max_num_tiles=1, supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[0],
+            vision_output_dim=64)
+    t = c.text_config
+    t.cross_attention_layers, t.pad_token_id, t.bos_token_id, t.eos_token_id = [1], PAD, 1, 2
+    _tokens(c, image_token_index=IMAGE)
+
+
+def _mllama_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One 8x8 image as a single tile (aspect ratio id 1 = [1, 1])."""
+    return {"pixel_values": torch.randn(1, 1, 1, 3, 8, 8, generator=g), "aspect_ratio_ids": torch.ones(1, 1).long(),
+            "aspect_ratio_mask": torch.ones(1, 1, 1).long()}
+
+
+def _mllama_cross_mask(inputs: dict) -> None:
+    """Every token from the image's own on attends to its one tile (as the processor marks it): (B, T, 1, 1)."""
+    seen = (inputs["input_ids"] == IMAGE).long().cumsum(dim=1) > 0
+    inputs["cross_attention_mask"] = (seen & inputs["attention_mask"].bool()).long()[:, :, None, None]
+
+
 def _tiles(size: int, tiles: int = 1) -> Any:
     """One image as ``tiles`` tiles of size x size pixels, all real (pixel_attention_mask)."""
     return lambda _config, g: {"pixel_values": torch.randn(1, tiles, 3, size, size, generator=g),
@@ -187,6 +210,7 @@ RECIPES: dict[str, Recipe] = {
     "granite4_vision": Recipe(_granite4_vision, _anyres_tiles),
     "hy_v4_vl": Recipe(_hy_v4_vl, _flat_patches, token_types="mm_token_type_ids"),
     "hunyuan_vl": Recipe(_hunyuan_vl, _flat_patches, token_types="mm_token_type_ids"),
+    "mllama": Recipe(_mllama, _mllama_image, finish=_mllama_cross_mask, image_tokens=1),
     "lfm3_vl": Recipe(_lfm3_vl, _qwen_patches, (START,), (END,)),
 }
 

@@ -10,7 +10,10 @@ import torch
 from family_checks import check_discovery, check_probe, check_replay, check_save, last_layer_output, replayed
 from tiny_families import FamilyUnavailable, build_family
 
+from mot_probe.routing import ModalityRouter, RoutedLinear
 from pruning.adapters import GenericAdapter, get_adapter
+from pruning.config import PruneConfig
+from pruning.engine import compute_masks
 from pruning.errors import UnsupportedModelError
 
 
@@ -73,3 +76,42 @@ def test_block_diffusion_decoder_reading_an_encoder_cache_is_refused_by_name():
     model = _on_meta("diffusion_gemma", num_experts=4, top_k_experts=2, moe_intermediate_size=32)
     with pytest.raises(UnsupportedModelError, match="'diffusion_gemma'.*takes decoder_input_ids"):
         get_adapter(model)
+
+
+def test_mllama_cross_attention_kv_statistics_use_every_row_of_the_image_memory():
+    model, inputs = _build("mllama")
+    k_proj = model.model.language_model.layers[1].cross_attn.k_proj
+    seen = {}
+    hook = k_proj.register_forward_hook(lambda _m, args, _out: seen.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    memory = seen["x"]  # (tiles, patches, C): not the (B, T) tokens
+    assert memory.shape[:-1] != inputs["input_ids"].shape
+    norms = (memory.reshape(-1, memory.shape[-1]).double() ** 2).sum(dim=0)  # every row, whatever the pool
+    scores = k_proj.weight.detach().double().abs() * norms.sqrt()
+    order = torch.sort(scores, dim=1, stable=True).indices[:, : k_proj.in_features // 2]
+    want = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    name = "model.language_model.layers.1.cross_attn.k_proj"
+    for pool in ("text", "atv"):  # the pool chooses among tokens only
+        report = compute_masks(model, PruneConfig("wanda", sparsity=0.5, pool=pool), [inputs], progress=False)
+        assert torch.equal(report.masks[name], want)
+        assert report.layers[1].memory_inputs == ["cross_attn.k_proj", "cross_attn.v_proj"]
+        assert report.layers[0].memory_inputs == []
+    # TAMP ranks tokens by self-attention, which a cross-attention layer does not have
+    with pytest.raises(UnsupportedModelError, match="MllamaCrossAttentionDecoderLayer has no self-attention"):
+        compute_masks(model, PruneConfig("tamp", sparsity=0.5), [inputs], progress=False)
+
+
+def test_a_routed_projection_sends_rows_that_are_not_tokens_through_the_visual_copy():
+    torch.manual_seed(0)
+    router = ModalityRouter()
+    routed = RoutedLinear(torch.nn.Linear(4, 3), router)
+    routed.materialise_("visual").weight.data.mul_(-2)
+    memory = torch.randn(3, 7, 4)  # e.g. image tiles x patches, read by a cross-attention K/V
+    with router.route(torch.zeros(2, 5, dtype=torch.bool)):
+        out = routed(memory)
+    assert torch.equal(out, routed.paths["visual"](memory))
+    assert not torch.allclose(out, routed.base(memory))
