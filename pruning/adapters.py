@@ -642,19 +642,20 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 def check_in_scope(model: nn.Module) -> None:
     """Raise UnsupportedModelError for models this toolkit cannot prune layer by layer: encoder-decoder
-    language models and models whose forward takes ``decoder_input_ids`` (their decoder reads encoder states
-    the replay does not capture), and models without a causal LM head."""
+    language models and models whose decoder (``get_decoder()``) takes ``decoder_input_ids`` (their decoder reads
+    encoder states the replay does not capture), and models without a causal LM head."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) or getattr(text_config(model), "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"model_type {model_type!r} ({type(model).__name__}) has an encoder-decoder language model; "
             "only decoder-only language models are supported")
-    if "decoder_input_ids" in inspect.signature(type(model).forward).parameters:
+    root_name, root = _decoder_root(model)
+    if root is not model and "decoder_input_ids" in inspect.signature(type(root).forward).parameters:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} ({type(model).__name__}) takes decoder_input_ids: its decoder reads what an "
-            "encoder pass produced (hidden states or a KV cache, e.g. block diffusion), which a layer-by-layer replay "
-            "does not capture; only decoder-only language models are supported")
+            f"model_type {model_type!r} ({type(model).__name__}): its decoder {root_name} takes decoder_input_ids and "
+            "reads what an encoder pass produced (hidden states or a KV cache, e.g. block diffusion), which a "
+            "layer-by-layer replay does not capture; only decoder-only language models are supported")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise UnsupportedModelError(

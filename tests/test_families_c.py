@@ -74,8 +74,11 @@ def test_idefics_refusal_names_both_interleaved_block_lists():
 
 def test_block_diffusion_decoder_reading_an_encoder_cache_is_refused_by_name():
     model = _on_meta("diffusion_gemma", num_experts=4, top_k_experts=2, moe_intermediate_size=32)
-    with pytest.raises(UnsupportedModelError, match="'diffusion_gemma'.*takes decoder_input_ids"):
+    with pytest.raises(UnsupportedModelError, match="'diffusion_gemma'.*decoder model.decoder takes decoder_input_ids"):
         get_adapter(model)
+    # a decoder-only LM under a model whose own forward also takes decoder_input_ids (for its T5 variants) is kept
+    blip2 = _on_meta("blip-2")
+    assert len(get_adapter(blip2).decoder_layers(blip2)) == blip2.config.get_text_config().num_hidden_layers
 
 
 def test_mllama_cross_attention_kv_statistics_use_every_row_of_the_image_memory():
