@@ -224,6 +224,11 @@ class Adapter:
         if "hidden" not in first or any(kw is None for kw in recorded):
             raise UnsupportedModelError(f"{type(model).__name__}: the forward did not call every decoder layer")
         input_ids = inputs["input_ids"]
+        if tuple(first["hidden"].shape[:2]) != tuple(input_ids.shape):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: its decoder runs on {tuple(first['hidden'].shape[:2])} positions, input_ids "
+                f"has {tuple(input_ids.shape)}; the model adds positions that have no input id (e.g. image features "
+                "prepended to the text), so visual and padding positions cannot be read from input_ids")
         mask = inputs.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         return CapturedBatch(first["hidden"], recorded, self.visual_mask(model, input_ids), valid, extras)

@@ -118,3 +118,22 @@ def test_a_routed_projection_sends_rows_that_are_not_tokens_through_the_visual_c
         out = routed(memory)
     assert torch.equal(out, routed.paths["visual"](memory))
     assert not torch.allclose(out, routed.base(memory))
+
+
+def test_capture_refuses_a_decoder_sequence_longer_than_input_ids():
+    from tiny_models import build_tiny
+
+    model, inputs = build_tiny("llava")
+
+    def prepend_one(_module, args, kwargs):  # as GIT does with its image features
+        embeds = kwargs["inputs_embeds"]
+        return args, {**kwargs, "inputs_embeds": torch.cat([embeds[:, :1], embeds], dim=1), "attention_mask": None}
+
+    handle = model.model.language_model.register_forward_pre_hook(prepend_one, with_kwargs=True)
+    try:
+        n = inputs["input_ids"].shape[1]
+        with pytest.raises(UnsupportedModelError, match=rf"runs on \(1, {n + 1}\) positions, input_ids has \(1, {n}\)"):
+            get_adapter(model).capture(model, inputs)
+    finally:
+        handle.remove()
+    get_adapter(model).capture(model, inputs)  # the model itself is fine
