@@ -10,6 +10,8 @@ and a probe with one pruned path holds exactly one extra copy of that path's Lin
 Each token goes through its own modality's copy only; attention still mixes all tokens because only
 the projections are routed. The (B, T) modality mask is held by a :class:`ModalityRouter` shared by
 all routed Linears of a model and set once per forward (from ``input_ids``) or per replayed batch.
+A projection whose input is not the token sequence reads the image memory of a cross-attention layer
+(Mllama's K/V; encoder-decoder models are out of scope): all its rows take the visual copy.
 """
 
 from __future__ import annotations
@@ -145,10 +147,11 @@ class RoutedLinear(RoutedModule):
         if text is visual:
             return text(x)
         mask = self.router.visual
-        if mask is None or not tokens_align(mask.shape, x.shape[:-1]):
-            got = None if mask is None else tuple(mask.shape)
-            raise RoutingError(f"routed forward needs a modality mask of shape {tuple(x.shape[:-1])}, got {got}; "
+        if mask is None:
+            raise RoutingError(f"routed forward needs a modality mask of shape {tuple(x.shape[:-1])}, got None; "
                                "call the model with input_ids (the probe routes by the visual token ids)")
+        if not tokens_align(mask.shape, x.shape[:-1]):
+            return visual(x)  # rows that are not the tokens: the image memory a cross-attention layer reads
         text_idx, visual_idx = self.router.split(x.device)
         if visual_idx.numel() == 0:
             return text(x)

@@ -245,6 +245,11 @@ class Adapter:
         if "hidden" not in first or any(kw is None for kw in recorded):
             raise UnsupportedModelError(f"{type(model).__name__}: the forward did not call every decoder layer")
         input_ids = inputs["input_ids"]
+        if tuple(first["hidden"].shape[:2]) != tuple(input_ids.shape):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: its decoder runs on {tuple(first['hidden'].shape[:2])} positions, input_ids "
+                f"has {tuple(input_ids.shape)}; the model adds positions that have no input id (e.g. image features "
+                "prepended to the text), so visual and padding positions cannot be read from input_ids")
         mask = inputs.get("attention_mask")
         valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         return CapturedBatch(first["hidden"], recorded, self.visual_mask_of(model, inputs), valid, extras)
@@ -324,14 +329,18 @@ class Qwen3VLAdapter(Adapter):
         return _add_deepstack(self.language_model(model), index, hidden, extras)
 
 
-@contextlib.contextmanager
-def _recording_deepstack(language_model: nn.Module, extras: dict[str, Any]) -> Iterator[None]:
+def _recording_deepstack(language_model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
     """Record the DeepStack visual features and their positions the model hands its language model."""
-    def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-        extras["visual_pos_masks"] = kwargs.get("visual_pos_masks")
-        extras["deepstack_visual_embeds"] = kwargs.get("deepstack_visual_embeds")
+    return _recording_kwargs(language_model, extras, ("visual_pos_masks", "deepstack_visual_embeds"))
 
-    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+@contextlib.contextmanager
+def _recording_kwargs(module: nn.Module, extras: dict[str, Any], names: tuple[str, ...]) -> Iterator[None]:
+    """Record the keyword arguments ``names`` of ``module``'s forward call into ``extras``."""
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+        extras.update({name: kwargs.get(name) for name in names})
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
@@ -430,6 +439,30 @@ class GenericAdapter(Adapter):
                                     "self_attn/attention/attn/self_attention; the tamp pool needs one")
 
 
+@register_adapter
+class Granite4VisionAdapter(GenericAdapter):
+    """Granite 4 Vision: its language model adds projected vision features to the image positions *before*
+    the decoder layers named by its ``deepstack_features`` dict (decoder layer index -> (n_image, C)); the
+    additions before layers 1.. happen between layers and are re-applied after the previous layer.
+    Structure cannot tell this forward-loop code apart, hence a registered entry (blocks still found by
+    structure, replay still checked)."""
+
+    name = "granite4_vision"
+    model_types = ("granite4_vision",)
+
+    def record_extras(self, model: nn.Module, extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        return _recording_kwargs(self.language_model(model), extras, ("deepstack_features", "vision_mask"))
+
+    def after_layer(self, model: nn.Module, index: int, hidden: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        features = (extras.get("deepstack_features") or {}).get(index + 1)
+        if features is None:
+            return hidden
+        # the language model's own expression: (B, T, 1) mask, features added in token order
+        mask = extras["vision_mask"].to(hidden.device)
+        features = features.to(hidden.device, hidden.dtype)
+        return hidden.masked_scatter(mask, (hidden[mask.squeeze(-1)] + features).view(-1))
+
+
 # Replay may differ from the forward by float noise at most (kernels that reduce in another order).
 REPLAY_TOLERANCE = 1e-3  # of the largest magnitude of the last layer's output
 
@@ -526,11 +559,27 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 return candidates[0]
         if candidates or scope is model:
             break
-    found = [name for name, _ in candidates] or "none"
     raise UnsupportedModelError(
         f"cannot decide which module list holds the decoder layers of {type(model).__name__} "
         f"(config.model_type={getattr(model.config, 'model_type', None)!r}, num_hidden_layers={n_layers}); "
-        f"candidates: {found}. Register an Adapter subclass for this family with @register_adapter.")
+        f"{_why_undecided(model, [name for name, _ in candidates], n_layers)}. Register an Adapter subclass for "
+        "this family with @register_adapter.")
+
+
+def _why_undecided(model: nn.Module, found: list[str], n_layers: Any) -> str:
+    """The obstacle in words: several block lists (which one is the decoder, and the others run between its
+    layers?), or none outside the parts whose names mark them as vision towers or encoders."""
+    if found:
+        return (f"candidates: {found} (several lists of blocks with projections, e.g. decoder layers interleaved "
+                "with cross-attention layers: the replay would have to run the others between the layers)")
+    hidden = [name for name, module in model.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) > 0 and _outside_decoder(name)
+              and (not isinstance(n_layers, int) or len(module) == n_layers)
+              and all(block_projections(block).names for block in module)]
+    if hidden:
+        return (f"candidates: none outside the parts named as vision towers or encoders, which hold {hidden} "
+                "(a decoder stack under an encoder-named module, as BERT-style text decoders have, is not searched)")
+    return "candidates: none"
 
 
 def _same_blocks_elsewhere(model: nn.Module, chosen: str, layers: nn.ModuleList) -> list[tuple[str, nn.ModuleList]]:
@@ -619,14 +668,20 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 def check_in_scope(model: nn.Module) -> None:
     """Raise UnsupportedModelError for models this toolkit cannot prune layer by layer: encoder-decoder
-    language models (their decoder reads encoder states the replay does not capture) and models without
-    a causal LM head."""
+    language models and models whose decoder (``get_decoder()``) takes ``decoder_input_ids`` (their decoder reads
+    encoder states the replay does not capture), and models without a causal LM head."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) or getattr(text_config(model), "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"model_type {model_type!r} ({type(model).__name__}) has an encoder-decoder language model; "
             "only decoder-only language models are supported")
+    root_name, root = _decoder_root(model)
+    if root is not model and "decoder_input_ids" in inspect.signature(type(root).forward).parameters:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} ({type(model).__name__}): its decoder {root_name} takes decoder_input_ids and "
+            "reads what an encoder pass produced (hidden states or a KV cache, e.g. block diffusion), which a "
+            "layer-by-layer replay does not capture; only decoder-only language models are supported")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise UnsupportedModelError(

@@ -63,6 +63,8 @@ class LayerReport:
     seconds: float = 0.0
     experts: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # MoE: experts module -> pooled_tokens,
     #                                   routed_tokens (per expert) and unrouted (experts pruned by magnitude)
+    memory_inputs: list[str] = field(default_factory=list)  # Linears reading another sequence than the tokens
+    #                                   (cross-attention memory, e.g. Mllama's image K/V): all their rows pooled
 
 
 @dataclass
@@ -446,6 +448,7 @@ class LayerPruner:
         whole = bool(pool.all())  # every position pooled: the rows in order, without a gather copy
         for acc, x in _distinct_inputs(stats, acts):
             acc.add(x.flatten(0, -2) if whole else _pooled_rows(x, pool), samples=samples)
+        self.report.memory_inputs = [name for name in stats if not _reads_tokens(acts[name], pool)]
         if self.experts:  # MoE hook: each expert's statistics from its routed tokens within the pool
             self.experts.add(acts[ROUTED], pool, batch.valid, samples, self.scorer.needs, self.device)
         self._count(batch, pool)
@@ -519,8 +522,17 @@ class LayerPruner:
 
 
 def _pooled_rows(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """The rows of ``x`` (B, T, d) at ``pool`` (B, T)."""
+    """The rows of ``x`` (B, T, d) at ``pool`` (B, T). Inputs with extra singleton token dimensions (MLA's
+    (B, 1, T, d) latents) or flattened tokens (an MoE block's (B*T, d)) are viewed in the same (B*T) order.
+    An input whose rows are not the decoder's tokens (a cross-attention layer's K/V read the image memory,
+    (N, M, d)) gives every row: the pool chooses among tokens and has no say over rows that are not tokens."""
+    if not _reads_tokens(x, pool):
+        return x.reshape(-1, x.shape[-1])
     return _as_tokens(x, pool.shape)[pool]
+
+
+def _reads_tokens(x: torch.Tensor, pool: torch.Tensor) -> bool:
+    return x.shape[:-1] == pool.shape or tokens_align(pool.shape, x.shape[:-1])
 
 
 def _as_tokens(x: torch.Tensor, tokens: torch.Size) -> torch.Tensor:

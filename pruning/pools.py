@@ -29,8 +29,9 @@ def visual_pool(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def drift(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
-    """Per-token drift 1 - cos(x_in, x_out) in fp32; (B, T, C) x2 -> (B, T)."""
-    return 1.0 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+    """Per-token drift 1 - cos(x_in, x_out) in fp32; (B, T, C) x2 -> (B, T). A token carried as several
+    residual streams ((B, T, N, C), hyper-connections) is compared as one vector of N*C values."""
+    return 1.0 - F.cosine_similarity(x_in.flatten(2).float(), x_out.flatten(2).float(), dim=-1)
 
 
 def alpha_rule_k(n_text: int, n_visual: int, mean_drift: float, alpha: float) -> int:

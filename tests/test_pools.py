@@ -73,3 +73,13 @@ def test_drift_is_one_minus_cosine():
     x_in = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
     x_out = torch.tensor([[[0.0, 2.0], [2.0, 2.0]]])
     assert torch.allclose(drift(x_in, x_out), torch.tensor([[1.0, 0.0]]), atol=1e-6)
+
+
+def test_drift_of_a_token_held_as_several_streams_compares_the_whole_token():
+    # one token, two residual streams (hyper-connections): in (1, 0 | 0, 1), out (3, 0 | 0, -1)
+    x_in = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 2, 2)
+    x_out = torch.tensor([[3.0, 0.0], [0.0, -1.0]]).reshape(1, 1, 2, 2)
+    got = drift(x_in, x_out)
+    assert got.shape == (1, 1)
+    # cos of the 4-vectors = (3 - 1) / (sqrt(2) * sqrt(10)); a mean of per-stream drifts would give 1.0
+    assert torch.allclose(got, torch.tensor([[1.0 - 2.0 / 20 ** 0.5]]))

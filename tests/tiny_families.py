@@ -49,7 +49,7 @@ def build_family(model_type: str, seed: int = 0, batch: int = 2) -> tuple[torch.
     if vision is None:
         return model, _pad([_text(g, 8 + 2 * b) for b in range(batch)])
     visions = [vision(config, g) for _ in range(batch)]
-    n_image = _features_per_image(model, visions[0])
+    n_image = recipe.image_tokens or _features_per_image(model, visions[0])
     rows = [_text(g, 3) + [*before, *[IMAGE] * n_image, *after] + _text(g, 4 + 2 * b) for b in range(batch)]
     inputs = _pad(rows)
     inputs.update({k: torch.cat([v[k] for v in visions]) for k in visions[0]})

@@ -73,5 +73,7 @@ class Recipe:
     finish: Callable[[dict], None] | None = None     # batch-level fix-ups of the stacked inputs
     causal_lm: bool = False                          # a text-only model outside the image-text-to-text table
     token_types: str | None = None                   # input marking image tokens 1 (e.g. mm_token_type_ids)
+    image_tokens: int | None = None                  # placeholder tokens per image, when the model's image
+                                                     # features do not sit on them (cross-attention models: 1)
 
 

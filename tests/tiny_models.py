@@ -140,6 +140,8 @@ def _features_per_image(model, vision: dict[str, torch.Tensor]) -> int:
     with torch.no_grad():
         out = features_of(**vision)
     features = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
+    if getattr(out, "pooler_output", 0) is None and getattr(out, "deepstack_features", None):
+        features = out.deepstack_features[0][1]  # Granite 4 Vision: only (decoder layer, features) pairs
     features = getattr(features, "last_hidden_state", features)  # Fuyu: patch embeddings, no pooling
     if isinstance(features, torch.Tensor):
         return int(features.reshape(-1, features.shape[-1]).shape[0])
