@@ -144,13 +144,14 @@ class CellSelection:
 # -- the cell loop ------------------------------------------------------------------------------------
 def run_cells(results: ResultLog, cells: list[dict[str, Any]], measure: Measure | None, shared: Any = None, *,
               desc: str, progress: bool, on_cell: Callable[[dict[str, Any]], None] | None = None,
-              executor: InProcess | RayExecutor | None = None, selection: CellSelection | None = None) -> int:
+              executor: InProcess | RayExecutor | None = None, selection: CellSelection | None = None,
+              record: Callable[[Mapping[str, Any], Mapping[str, Any] | None], dict[str, Any]] | None = None) -> int:
     """Compute the selected cells that have no record yet: ``executor.map(measure, todo, shared)`` yields
     their measurements (in-process: in grid order); each is appended (fsynced) as it arrives: as a complete
     record on the whole log, as a measurement in a shard's file. ``cells[0]`` is the dense cell; records
     measured before it wait for it. On the whole log, shards' measurements are merged in first. Returns
     how many cells were computed; ``on_cell`` is called with each new record."""
-    writer = _Writer(results, cells[0], on_cell)
+    writer = _Writer(results, cells[0], on_cell, record or complete_record)
     if results.shard is None:
         writer.merge(cells)
     chosen = list(cells) if selection is None else selection.pick(cells, results)
@@ -174,8 +175,8 @@ class _Writer:
     """The driver's single writer: a measurement becomes a record (retention against the dense cell) in
     results.jsonl, or stays a measurement in a shard's file."""
 
-    def __init__(self, results: ResultLog, dense_cell: Mapping[str, Any], on_cell) -> None:
-        self.results, self.on_cell = results, on_cell
+    def __init__(self, results: ResultLog, dense_cell: Mapping[str, Any], on_cell, record) -> None:
+        self.results, self.on_cell, self.record = results, on_cell, record
         self.dense_key = cell_key(dense_cell)
         self.dense = results.find(dense_cell)
         self.waiting: list[tuple[dict[str, Any], bool]] = []  # measured before the dense cell had a record
@@ -184,15 +185,15 @@ class _Writer:
         if self.results.shard is not None:
             self._write(measurement, new)
         elif cell_key(measurement["cell"]) == self.dense_key:
-            self.dense = complete_record(measurement, None)
+            self.dense = self.record(measurement, None)
             self._write(self.dense, new)
             waiting, self.waiting = self.waiting, []
             for held, held_new in waiting:
-                self._write(complete_record(held, self.dense), held_new)
+                self._write(self.record(held, self.dense), held_new)
         elif self.dense is None:
             self.waiting.append((measurement, new))
         else:
-            self._write(complete_record(measurement, self.dense), new)
+            self._write(self.record(measurement, self.dense), new)
 
     def _write(self, record: dict[str, Any], new: bool) -> None:
         self.results.append(record)

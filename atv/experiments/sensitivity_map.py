@@ -37,7 +37,16 @@ from pruning.options import option
 from pruning.outputs import write_text_atomic
 from pruning.registry import get_scorer
 
-from .cells import cell_record, check_choices, evaluate_all, load_reference, open_benchmarks, open_log, prune_summary
+from .cells import (
+    cell_record,
+    check_choices,
+    dense_reference,
+    evaluate_all,
+    load_reference,
+    open_benchmarks,
+    open_log,
+    prune_summary,
+)
 from .cells import run_cells as run_logged_cells
 from .records import ResultLog, study_lock
 from .share import environment
@@ -122,23 +131,26 @@ def run_map_study(model: nn.Module, processor, calibration: Sequence[Mapping[str
     benches = open_benchmarks(benchmarks)
     prompts = answer_prompts(benches, config.map_items, config.seed)  # refused before any model work
     with study_lock(out_dir):
-        results = open_log(out_dir, config, benches, calibration, {"kind": "sensitivity map", **(setup_extra or {})})
+        results = open_log(out_dir, config, benches, len(calibration),
+                           {"kind": "sensitivity map", **(setup_extra or {})})
         probe = attach_probe_(model)
         try:
             cells = config.cells(probe)
             reference = _prompt_reference(results, model, processor, prompts, config.batch_size)
-            bench_reference = load_reference(results, model, processor, benches, progress) \
+            bench_reference = load_reference(results, benches, lambda: dense_reference(model, processor, benches,
+                                                                                      progress)) \
                 if config.map_benchmarks else None
             masks = LayerMasks(model, probe, calibration, config)
 
-            def compute(cell: dict[str, Any], dense: dict[str, Any] | None) -> dict[str, Any]:
+            def compute(cell: dict[str, Any], _shared: Any) -> dict[str, Any]:
                 try:
                     return _score(cell, probe, model, processor, calibration, prompts, reference, config,
-                                  benches, bench_reference, dense, progress, masks)
+                                  benches, bench_reference, progress, masks)
                 finally:
                     probe.reset_()
 
-            computed = run_logged_cells(results, cells, compute, desc="map cells", progress=progress, on_cell=on_cell)
+            computed = run_logged_cells(results, cells, compute, desc="map cells", progress=progress, on_cell=on_cell,
+                                        record=_map_record)
             num_layers = len(probe.routed)
         finally:
             probe.unload()
@@ -208,15 +220,16 @@ class LayerMasks:
 
 
 def _score(cell, probe: MoTProbe, model, processor, calibration, prompts, reference, config: MapConfig, benches,
-           bench_reference, dense, progress: bool, masks: LayerMasks) -> dict[str, Any]:
-    """Prune the cell's layer-path-group (nothing for the dense cell), score it, and build its record."""
+           bench_reference, progress: bool, masks: LayerMasks) -> dict[str, Any]:
+    """Prune the cell's layer-path-group (nothing for the dense cell) and score it: the cell's measurement."""
     start = time.perf_counter()
     prune = None if cell == DENSE else masks.prune_(cell)
     fidelity = prompt_fidelity(model, processor, prompts, reference, batch_size=config.batch_size)
     if config.map_benchmarks:
         scores = evaluate_all(model, processor, benches, reference=bench_reference, batch_size=config.batch_size,
                               max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
-        record = cell_record(cell, scores, prune, dense)
+        record = {"cell": dict(cell), "scores": scores.scores(), "metrics": {r.name: r.metrics for r in scores.results},
+                  "prune": prune}
     else:
         record = {"cell": dict(cell), "prune": prune}
     record.update(kl=fidelity.kl, top1=fidelity.top1,
@@ -226,6 +239,15 @@ def _score(cell, probe: MoTProbe, model, processor, calibration, prompts, refere
     if cell == DENSE:
         record["prompts"] = [p.id for p in prompts]  # the items' order of kl_items / top1_items
     return record
+
+
+def _map_record(measurement: Mapping[str, Any], dense: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A map cell's record: its measurement, with benchmark retention against ``dense`` when it was scored on
+    benchmarks (``--map-benchmarks``)."""
+    if "scores" not in measurement:
+        return dict(measurement)
+    kept = cell_record(measurement["cell"], measurement["scores"], measurement["prune"], dense)
+    return {**measurement, "retention": kept["retention"], "mean_retention": kept["mean_retention"]}
 
 
 def sensitivity_map(records: Sequence[Mapping[str, Any]], num_layers: int, config: MapConfig) -> SensitivityMap:
