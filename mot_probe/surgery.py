@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
 from pruning.experts import EXPERT_PARAMS, block_targets, find_experts
 
-from .experts import RoutedExperts, routing_problem
+from .experts import RoutedExperts, route_experts, routing_problem
 from .routing import ModalityRouter, RoutedLinear, RoutedModule, check_path
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,13 @@ class MoTProbe:
         self.experts: list[dict[str, RoutedExperts]] = []
         for layer, (names, _), routed in zip(self.family.decoder_layers(model), plan, experts):
             self.routed.append({name: self._wrap(layer, name, RoutedLinear) for name in names})
-            self.experts.append({name: self._wrap(layer, name, RoutedExperts) for name in routed})
+            self.experts.append({name: self._wrap(layer, name, route_experts) for name in routed})
         self._hooks = [model.register_forward_pre_hook(self._set_mask, with_kwargs=True),
                        model.register_forward_hook(self._clear_mask, always_call=True)]
         setattr(model, ATTACHED_ADAPTER, ProbeAdapter(self.family, self, prunes_experts=not allow_shared_experts))
 
-    def _wrap(self, layer: nn.Module, name: str, kind: type[RoutedModule]) -> RoutedModule:
+    def _wrap(self, layer: nn.Module, name: str,
+              kind: Callable[[nn.Module, ModalityRouter], RoutedModule]) -> RoutedModule:
         parent_name, _, child = name.rpartition(".")
         parent = layer.get_submodule(parent_name)
         routed = kind(getattr(parent, child), self.router)
