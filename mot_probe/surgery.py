@@ -92,6 +92,12 @@ class ProbeAdapter(Adapter):
         """The routed projections of layer ``index``: what the engine prunes by default on a probed model."""
         return BlockProjections(tuple(self.probe.routed[index]), self.probe.skipped[index])
 
+    def expert_tokens(self, layer_kwargs: Mapping[str, Any], name: str, shape: torch.Size) -> torch.Tensor | None:
+        return self.inner.expert_tokens(layer_kwargs, name, shape)
+
+    def modality_experts(self, layer: nn.Module) -> dict[str, str]:
+        return self.inner.modality_experts(layer)
+
     def record_extras(self, model, extras):
         return self.inner.record_extras(model, extras)
 
