@@ -224,3 +224,30 @@ def merge_scaled_records(parts: list[tuple[torch.Tensor, dict[str, Any]]]) -> di
         for key in ("outer", "inner"):
             merged[key].append(torch.cat([record[key][e] for _, record in parts])[order])
     return merged
+
+
+class PathExperts(RoutedExperts):
+    """An expert set that the model itself runs on one modality's tokens only (ERNIE 4.5 VL's text and vision experts,
+    see ``Adapter.modality_experts``): not routed, it belongs to pathway ``owner``, whose module computes every call.
+    Pruning ``owner`` prunes it (per expert, from the pooled tokens the router sent to each); pruning the other
+    pathway leaves it alone (``is_target``), so the other pathway's copy is never made.
+    """
+
+    def __init__(self, base: nn.Module, router: ModalityRouter, owner: str):
+        super().__init__(base, router)
+        self.owner = owner
+
+    def is_target(self) -> bool:
+        """Whether the engine prunes it now: only while its own pathway is the active one."""
+        return self.active == self.owner
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:  # (N', H), (N', k), (N', k) -> (N', H)
+        return self.path(self.owner)(hidden_states, top_k_index, top_k_weights)
+
+    def record_routing(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       record: dict[str, Any]) -> torch.Tensor:
+        return routed_forward(self.path(self.owner), hidden_states, top_k_index, top_k_weights, record)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, pathway={self.owner}, own copies={list(self.paths) or 'none'}"

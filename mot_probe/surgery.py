@@ -40,7 +40,7 @@ from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
 from pruning.experts import EXPERT_PARAMS, block_targets, find_experts
 
-from .experts import RoutedExperts, route_experts, routing_problem
+from .experts import PathExperts, RoutedExperts, route_experts, routing_problem
 from .routing import ModalityRouter, RoutedLinear, RoutedModule, check_path
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,9 @@ class MoTProbe:
         self.experts: list[dict[str, RoutedExperts]] = []
         for layer, (names, _), routed in zip(self.family.decoder_layers(model), plan, experts):
             self.routed.append({name: self._wrap(layer, name, RoutedLinear) for name in names})
-            self.experts.append({name: self._wrap(layer, name, route_experts) for name in routed})
+            owners = self.family.modality_experts(layer)
+            self.experts.append({name: self._wrap(layer, name, _experts_wrapper(owners.get(name)))
+                                 for name in routed})
         self._hooks = [model.register_forward_pre_hook(self._set_mask, with_kwargs=True),
                        model.register_forward_hook(self._clear_mask, always_call=True)]
         setattr(model, ATTACHED_ADAPTER, ProbeAdapter(self.family, self, prunes_experts=not allow_shared_experts))
@@ -196,6 +198,8 @@ class MoTProbe:
         try:
             for i in layers:
                 if 0 <= i < len(self.routed):
+                    for experts in self.experts[i].values():
+                        experts.active = path  # a pathway's own expert set (PathExperts) is a target only now
                     self._activate(i, path, config.targets)
             return prune_(self.model, config, calibration, progress=progress, keep_masks=keep_masks)
         except BaseException:
@@ -284,15 +288,24 @@ def routing_plan(model: nn.Module, family: Adapter,
     return plan
 
 
+def _experts_wrapper(owner: str | None) -> Callable[[nn.Module, ModalityRouter], RoutedModule]:
+    """route_experts, or for an expert set that reads one pathway's tokens only, a PathExperts of that pathway."""
+    if owner is None:
+        return route_experts
+    return lambda base, router: PathExperts(base, router, owner)
+
+
 def expert_plan(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:
-    """Per decoder layer: its fused MoE experts modules (names relative to the block), all routable.
+    """Per decoder layer: its fused MoE experts modules (names relative to the block), all routable (or given to
+    one pathway by ``family.modality_experts``).
 
     Raises ProbeError naming the layer, the module and its layout when one cannot be routed per modality."""
     plan = []
     for i, layer in enumerate(family.decoder_layers(model)):
         experts = find_experts(layer)
+        owned = family.modality_experts(layer)
         for name, module in experts.items():
-            problem = routing_problem(name, module)
+            problem = None if name in owned else routing_problem(name, module)
             if problem:
                 raise ProbeError(
                     f"{type(model).__name__}: cannot route the experts {name!r} of decoder layer {i} per modality: "
@@ -305,7 +318,8 @@ def unroutable_experts(model: nn.Module) -> dict[str, str]:
     """'<layer index>.<name>' -> why, for every fused experts module of ``model`` the probe cannot route."""
     family = get_adapter(model)
     return {f"{i}.{name}": problem for i, layer in enumerate(family.decoder_layers(model))
-            for name, module in find_experts(layer).items() if (problem := routing_problem(name, module))}
+            for name, module in find_experts(layer).items()
+            if name not in family.modality_experts(layer) and (problem := routing_problem(name, module))}
 
 
 def _shared_experts(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:

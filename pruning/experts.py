@@ -53,13 +53,15 @@ def find_experts(block: nn.Module) -> dict[str, nn.Module]:
     has one, else shared by a gate_up_proj/up_proj/down_proj). Names are relative to the block.
 
     A module with a ``record_routing`` method stands for the experts module it wraps (the MoT probe's routed
-    experts): it is found in its place and the modules inside it are not searched."""
+    experts): it is found in its place (unless its ``is_target()`` says False) and the modules inside it are not
+    searched."""
     found, stand_ins = {}, []
     for name, module in block.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd) or any(name.startswith(f"{s}.") for s in stand_ins):
             continue
         if callable(getattr(module, "record_routing", None)):
-            found[name] = module
+            if getattr(module, "is_target", lambda: True)():  # a stand-in may be out of play for now
+                found[name] = module
             stand_ins.append(name)
             continue
         params = dict((n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3)
