@@ -95,8 +95,8 @@ class ProbeAdapter(Adapter):
     def expert_tokens(self, layer_kwargs: Mapping[str, Any], name: str, shape: torch.Size) -> torch.Tensor | None:
         return self.inner.expert_tokens(layer_kwargs, name, shape)
 
-    def modality_experts(self, layer: nn.Module) -> dict[str, str]:
-        return self.inner.modality_experts(layer)
+    def modality_experts(self, names: Iterable[str]) -> dict[str, str]:
+        return self.inner.modality_experts(names)
 
     def record_extras(self, model, extras):
         return self.inner.record_extras(model, extras)
@@ -135,7 +135,7 @@ class MoTProbe:
         self.experts: list[dict[str, RoutedExperts]] = []
         for layer, (names, _), routed in zip(self.family.decoder_layers(model), plan, experts):
             self.routed.append({name: self._wrap(layer, name, RoutedLinear) for name in names})
-            owners = self.family.modality_experts(layer)
+            owners = self.family.modality_experts(routed)
             self.experts.append({name: self._wrap(layer, name, _experts_wrapper(owners.get(name)))
                                  for name in routed})
         self._hooks = [model.register_forward_pre_hook(self._set_mask, with_kwargs=True),
@@ -303,7 +303,7 @@ def expert_plan(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:
     plan = []
     for i, layer in enumerate(family.decoder_layers(model)):
         experts = find_experts(layer)
-        owned = family.modality_experts(layer)
+        owned = family.modality_experts(experts)
         for name, module in experts.items():
             problem = None if name in owned else routing_problem(name, module)
             if problem:
@@ -319,7 +319,7 @@ def unroutable_experts(model: nn.Module) -> dict[str, str]:
     family = get_adapter(model)
     return {f"{i}.{name}": problem for i, layer in enumerate(family.decoder_layers(model))
             for name, module in find_experts(layer).items()
-            if name not in family.modality_experts(layer) and (problem := routing_problem(name, module))}
+            if name not in family.modality_experts([name]) and (problem := routing_problem(name, module))}
 
 
 def _shared_experts(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:

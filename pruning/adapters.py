@@ -32,7 +32,7 @@ import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -194,9 +194,10 @@ class Adapter:
         order, when its decoder layer runs with ``layer_kwargs``; None: every token (the usual MoE block)."""
         return None
 
-    def modality_experts(self, layer: nn.Module) -> dict[str, str]:
-        """Experts modules of ``layer`` (block-relative) that only ever read one modality's tokens -> that pathway
-        ('text' / 'visual'): the MoT probe gives each to its pathway instead of routing it. None by default."""
+    def modality_experts(self, names: Iterable[str]) -> dict[str, str]:
+        """Of a block's experts modules ``names`` (block-relative), those that only ever read one modality's tokens ->
+        that pathway ('text' / 'visual'): the MoT probe gives each to its pathway instead of routing it. None by
+        default."""
         return {}
 
     # -- capture and replay ----------------------------------------------------------------
@@ -500,10 +501,8 @@ class Ernie45VLMoeAdapter(GenericAdapter):
         vision = types.bool()
         return vision if path == "visual" else ~vision
 
-    def modality_experts(self, layer: nn.Module) -> dict[str, str]:
-        from .experts import find_experts  # experts build on adapters
-
-        return {name: path for name in find_experts(layer) if (path := self._set_of(name)) is not None}
+    def modality_experts(self, names: Iterable[str]) -> dict[str, str]:
+        return {name: path for name in names if (path := self._set_of(name)) is not None}
 
 
 @torch.no_grad()
