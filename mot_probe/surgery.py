@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
 from pruning.experts import EXPERT_PARAMS, block_targets, find_experts
 
-from .experts import RoutedExperts, routing_problem
+from .experts import PathExperts, RoutedExperts, route_experts, routing_problem
 from .routing import ModalityRouter, RoutedLinear, RoutedModule, check_path
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,12 @@ class ProbeAdapter(Adapter):
         """The routed projections of layer ``index``: what the engine prunes by default on a probed model."""
         return BlockProjections(tuple(self.probe.routed[index]), self.probe.skipped[index])
 
+    def expert_tokens(self, layer_kwargs: Mapping[str, Any], name: str, shape: torch.Size) -> torch.Tensor | None:
+        return self.inner.expert_tokens(layer_kwargs, name, shape)
+
+    def modality_experts(self, names: Iterable[str]) -> dict[str, str]:
+        return self.inner.modality_experts(names)
+
     def record_extras(self, model, extras):
         return self.inner.record_extras(model, extras)
 
@@ -129,12 +135,15 @@ class MoTProbe:
         self.experts: list[dict[str, RoutedExperts]] = []
         for layer, (names, _), routed in zip(self.family.decoder_layers(model), plan, experts):
             self.routed.append({name: self._wrap(layer, name, RoutedLinear) for name in names})
-            self.experts.append({name: self._wrap(layer, name, RoutedExperts) for name in routed})
+            owners = self.family.modality_experts(routed)
+            self.experts.append({name: self._wrap(layer, name, _experts_wrapper(owners.get(name)))
+                                 for name in routed})
         self._hooks = [model.register_forward_pre_hook(self._set_mask, with_kwargs=True),
                        model.register_forward_hook(self._clear_mask, always_call=True)]
         setattr(model, ATTACHED_ADAPTER, ProbeAdapter(self.family, self, prunes_experts=not allow_shared_experts))
 
-    def _wrap(self, layer: nn.Module, name: str, kind: type[RoutedModule]) -> RoutedModule:
+    def _wrap(self, layer: nn.Module, name: str,
+              kind: Callable[[nn.Module, ModalityRouter], RoutedModule]) -> RoutedModule:
         parent_name, _, child = name.rpartition(".")
         parent = layer.get_submodule(parent_name)
         routed = kind(getattr(parent, child), self.router)
@@ -189,6 +198,8 @@ class MoTProbe:
         try:
             for i in layers:
                 if 0 <= i < len(self.routed):
+                    for experts in self.experts[i].values():
+                        experts.active = path  # a pathway's own expert set (PathExperts) is a target only now
                     self._activate(i, path, config.targets)
             return prune_(self.model, config, calibration, progress=progress, keep_masks=keep_masks)
         except BaseException:
@@ -277,15 +288,24 @@ def routing_plan(model: nn.Module, family: Adapter,
     return plan
 
 
+def _experts_wrapper(owner: str | None) -> Callable[[nn.Module, ModalityRouter], RoutedModule]:
+    """route_experts, or for an expert set that reads one pathway's tokens only, a PathExperts of that pathway."""
+    if owner is None:
+        return route_experts
+    return lambda base, router: PathExperts(base, router, owner)
+
+
 def expert_plan(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:
-    """Per decoder layer: its fused MoE experts modules (names relative to the block), all routable.
+    """Per decoder layer: its fused MoE experts modules (names relative to the block), all routable (or given to
+    one pathway by ``family.modality_experts``).
 
     Raises ProbeError naming the layer, the module and its layout when one cannot be routed per modality."""
     plan = []
     for i, layer in enumerate(family.decoder_layers(model)):
         experts = find_experts(layer)
+        owned = family.modality_experts(experts)
         for name, module in experts.items():
-            problem = routing_problem(name, module)
+            problem = None if name in owned else routing_problem(name, module)
             if problem:
                 raise ProbeError(
                     f"{type(model).__name__}: cannot route the experts {name!r} of decoder layer {i} per modality: "
@@ -298,7 +318,8 @@ def unroutable_experts(model: nn.Module) -> dict[str, str]:
     """'<layer index>.<name>' -> why, for every fused experts module of ``model`` the probe cannot route."""
     family = get_adapter(model)
     return {f"{i}.{name}": problem for i, layer in enumerate(family.decoder_layers(model))
-            for name, module in find_experts(layer).items() if (problem := routing_problem(name, module))}
+            for name, module in find_experts(layer).items()
+            if name not in family.modality_experts([name]) and (problem := routing_problem(name, module))}
 
 
 def _shared_experts(model: nn.Module, family: Adapter) -> list[tuple[str, ...]]:

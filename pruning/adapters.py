@@ -32,7 +32,7 @@ import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -187,6 +187,18 @@ class Adapter:
                                        f"{tuple(input_ids.shape)}; it must mark the visual positions of input_ids")
             mask = mask | marked.to(device=mask.device, dtype=torch.bool)
         return mask
+
+    # -- mixture of experts ------------------------------------------------------------------
+    def expert_tokens(self, layer_kwargs: Mapping[str, Any], name: str, shape: torch.Size) -> torch.Tensor | None:
+        """(B, T) bool mask (``shape``) of the tokens that experts module ``name`` (block-relative) reads, in (B, T)
+        order, when its decoder layer runs with ``layer_kwargs``; None: every token (the usual MoE block)."""
+        return None
+
+    def modality_experts(self, names: Iterable[str]) -> dict[str, str]:
+        """Of a block's experts modules ``names`` (block-relative), those that only ever read one modality's tokens ->
+        that pathway ('text' / 'visual'): the MoT probe gives each to its pathway instead of routing it. None by
+        default."""
+        return {}
 
     # -- capture and replay ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -465,6 +477,32 @@ class Granite4VisionAdapter(GenericAdapter):
 
 # Replay may differ from the forward by float noise at most (kernels that reduce in another order).
 REPLAY_TOLERANCE = 1e-3  # of the largest magnitude of the last layer's output
+
+
+@register_adapter
+class Ernie45VLMoeAdapter(GenericAdapter):
+    """ERNIE 4.5 VL MoE: an MoE layer holds a text and a vision expert set (``mlp.text_moe`` / ``mlp.vision_moe``), each
+    run on the tokens ``moe_mm_token_type_ids`` assigns it (non-zero: vision, image markers included), gathered in
+    (B, T) order; without vision-typed tokens the text set reads every token. Structure cannot tell which set is
+    which, nor which tokens each reads."""
+
+    name = "ernie4_5_vl_moe"
+    model_types = ("ernie4_5_vl_moe",)
+    _SETS = {"text_moe": "text", "vision_moe": "visual"}  # expert set -> the pathway whose tokens it reads
+
+    def _set_of(self, name: str) -> str | None:
+        return next((path for part, path in self._SETS.items() if part in name.split(".")), None)
+
+    def expert_tokens(self, layer_kwargs: Mapping[str, Any], name: str, shape: torch.Size) -> torch.Tensor | None:
+        path = self._set_of(name)
+        types = layer_kwargs.get("moe_mm_token_type_ids")
+        if path is None or types is None or not bool(types.any()):  # the text set reads every token (or no set)
+            return None if path != "visual" else torch.zeros(shape, dtype=torch.bool)
+        vision = types.bool()
+        return vision if path == "visual" else ~vision
+
+    def modality_experts(self, names: Iterable[str]) -> dict[str, str]:
+        return {name: path for name in names if (path := self._set_of(name)) is not None}
 
 
 @torch.no_grad()

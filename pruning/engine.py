@@ -450,7 +450,9 @@ class LayerPruner:
             acc.add(x.flatten(0, -2) if whole else _pooled_rows(x, pool), samples=samples)
         self.report.memory_inputs = [name for name in stats if not _reads_tokens(acts[name], pool)]
         if self.experts:  # MoE hook: each expert's statistics from its routed tokens within the pool
-            self.experts.add(acts[ROUTED], pool, batch.valid, samples, self.scorer.needs, self.device)
+            kwargs = batch.layer_kwargs[self.index]
+            reads = {n: self.adapter.expert_tokens(kwargs, n, batch.valid.shape) for n in self.experts.modules}
+            self.experts.add(acts[ROUTED], pool, batch.valid, samples, self.scorer.needs, self.device, reads)
         self._count(batch, pool)
 
     def _add_per_linear(self, stats: dict[str, SquaredNorms | Hessian], acts: dict[str, torch.Tensor],

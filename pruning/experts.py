@@ -53,13 +53,15 @@ def find_experts(block: nn.Module) -> dict[str, nn.Module]:
     has one, else shared by a gate_up_proj/up_proj/down_proj). Names are relative to the block.
 
     A module with a ``record_routing`` method stands for the experts module it wraps (the MoT probe's routed
-    experts): it is found in its place and the modules inside it are not searched."""
+    experts): it is found in its place (unless its ``is_target()`` says False) and the modules inside it are not
+    searched."""
     found, stand_ins = {}, []
     for name, module in block.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd) or any(name.startswith(f"{s}.") for s in stand_ins):
             continue
         if callable(getattr(module, "record_routing", None)):
-            found[name] = module
+            if getattr(module, "is_target", lambda: True)():  # a stand-in may be out of play for now
+                found[name] = module
             stand_ins.append(name)
             continue
         params = dict((n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3)
@@ -348,18 +350,25 @@ class ExpertTargets:
 
     # -- statistics --------------------------------------------------------------------------
     def add(self, records: dict[str, dict[str, Any]], pool: torch.Tensor, valid: torch.Tensor, samples: int,
-            needs: str, device: torch.device) -> None:
-        """Feed each expert's accumulators with its routed tokens that are in ``pool`` (B, T)."""
-        flat_pool, flat_valid = pool.reshape(-1), valid.reshape(-1)
+            needs: str, device: torch.device, reads: dict[str, torch.Tensor | None] | None = None) -> None:
+        """Feed each expert's accumulators with its routed tokens that are in ``pool`` (B, T). ``reads``: module ->
+        the (B, T) tokens it reads in order (modality-isolated expert sets, see ``Adapter.expert_tokens``); a module
+        absent or None reads all B*T tokens."""
         self.observed = True
         for name in self.modules:
             record = records.get(name)
+            rows = None if reads is None or reads.get(name) is None else reads[name].reshape(-1).nonzero().squeeze(1)
+            if record is None and rows is not None and rows.numel() == 0:
+                continue  # an expert set that no token of the batch was assigned to is not called
             if record is None:
                 raise UnsupportedModelError(f"experts module {name} was not called during the layer's forward")
+            flat_pool, flat_valid = pool.reshape(-1), valid.reshape(-1)
+            if rows is not None:
+                flat_pool, flat_valid = flat_pool[rows.to(flat_pool.device)], flat_valid[rows.to(flat_valid.device)]
             if record["n"] != flat_pool.numel():
                 raise UnsupportedModelError(
-                    f"experts module {name} saw {record['n']} tokens, the batch has {flat_pool.numel()} (B*T); "
-                    "cannot map its tokens back to positions")
+                    f"experts module {name} saw {record['n']} tokens, the batch has {flat_pool.numel()} "
+                    f"({'B*T' if rows is None else 'assigned to it'}); cannot map its tokens back to positions")
             for e, token_idx in enumerate(record["tokens"]):
                 keep = flat_pool[token_idx]
                 self.pooled[name][e] += int(keep.sum())

@@ -137,3 +137,50 @@ def test_capture_refuses_a_decoder_sequence_longer_than_input_ids():
     finally:
         handle.remove()
     get_adapter(model).capture(model, inputs)  # the model itself is fine
+
+
+def test_ernie_expert_sets_are_pruned_from_the_tokens_each_reads():
+    """ERNIE 4.5 VL's vision experts read only the vision-typed tokens (in (B, T) order): the masks of each vision
+    expert equal a hand computation from the visual tokens its router sent to it, the text set gets no visual
+    token; under the probe each set belongs to its pathway (pruning one pathway never copies the other's set)."""
+    from mot_probe import attach_probe_
+    from mot_probe.experts import PathExperts
+
+    model, inputs = _build("ernie4_5_vl_moe")
+    mlp = get_adapter(model).decoder_layers(model)[1].mlp
+    seen = {}
+    handle = mlp.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    handle.remove()
+    report = compute_masks(model, PruneConfig("wanda", sparsity=0.5, pool="visual", layers=(1,)), [inputs],
+                           progress=False)
+    types = inputs["moe_mm_token_type_ids"].reshape(-1).bool()
+    visual = (inputs["input_ids"].reshape(-1) == tiny_families.IMAGE) & inputs["attention_mask"].reshape(-1).bool()
+    rows = seen["x"].reshape(-1, seen["x"].shape[-1])[types]  # what the vision set reads, in (B, T) order
+    experts = mlp.vision_moe.experts
+    with torch.no_grad():
+        chosen = mlp.vision_moe.gate(rows)[2]  # (n, k)
+    stats = report.layers[0].experts
+    assert stats["mlp.text_moe.experts"]["pooled_tokens"] == [0] * 4
+    for e in range(4):
+        keep = (chosen == e).any(dim=1) & visual[types]
+        assert stats["mlp.vision_moe.experts"]["pooled_tokens"][e] == int(keep.sum())
+        with torch.no_grad():
+            gate, up = torch.nn.functional.linear(rows[keep], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            inner = experts.act_fn(gate) * up
+        for name, read in (("gate_up_proj", rows[keep]), ("down_proj", inner)):
+            norms = read.float().pow(2).sum(dim=0) / 2
+            scores = getattr(experts, name)[e].detach().float().abs() * norms.sqrt()
+            n = int(scores.shape[1] * 0.5)
+            want = torch.zeros_like(scores, dtype=torch.bool)
+            want.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :n], True)
+            got = report.masks[f"model.language_model.layers.1.mlp.vision_moe.experts.{name}[{e}]"]
+            assert torch.equal(got, want), (name, e)
+    probe = attach_probe_(model)
+    sets = probe.experts[1]
+    assert {n: (type(m), m.owner) for n, m in sets.items()} == {
+        "mlp.text_moe.experts": (PathExperts, "text"), "mlp.vision_moe.experts": (PathExperts, "visual")}
+    probe.prune_path_("visual", PruneConfig("wanda", sparsity=0.5, pool="visual"), [inputs], progress=False)
+    assert list(sets["mlp.vision_moe.experts"].paths) == ["visual"] and not sets["mlp.text_moe.experts"].paths
+    probe.unload()

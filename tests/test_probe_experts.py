@@ -15,19 +15,23 @@ from tiny_models import MOE_FAMILIES, build_tiny
 from torch import nn
 
 from mot_probe import RoutedLinear, attach_probe_
-from mot_probe.experts import RoutedExperts
+from mot_probe.experts import RoutedExperts, RoutedScaledExperts
 from mot_probe.routing import ModalityRouter, RoutingError
 from mot_probe.surgery import ProbeError, unroutable_experts
 from pruning.adapters import get_adapter
 from pruning.config import PruneConfig
-from pruning.experts import eager_experts, find_experts, routed_forward
+from pruning.errors import UnsupportedModelError
+from pruning.experts import eager_experts, find_experts, routed_forward, scaled_forward
 
 SPARSITY = 0.5
 
 
 def _moe(family):
     """(model, inputs, image token id): the tiny_families recipe for qwen3_vl_moe (every layer MoE, 4 experts),
-    tiny_models for glm4v_moe (a dense layer 0, then MoE layers with 8 experts and shared experts)."""
+    tiny_models for glm4v_moe (a dense layer 0, then MoE layers with 8 experts and shared experts), llama4_text
+    with visual positions (see :func:`_llama4`)."""
+    if family == "llama4_text":
+        return _llama4()
     if family == "qwen3_vl_moe":
         return (*build_family(family), tiny_kit.IMAGE)
     return (*build_tiny(family, batch=2, padded=True), tiny_models.IMAGE)
@@ -248,9 +252,10 @@ def test_sparsegpt_prunes_a_paths_expert_copies_per_matrix():
 
 
 # -- undo ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["glm4v_moe", "llama4_text"])
 @pytest.mark.parametrize("keep", ["text", "visual"])
-def test_unload_puts_back_the_original_modules_with_the_kept_paths_weights(keep):
-    model, inputs, _ = _moe("glm4v_moe")
+def test_unload_puts_back_the_original_modules_with_the_kept_paths_weights(keep, family):
+    model, inputs, _ = _moe(family)
     keys = list(model.state_dict())
     types = {n: type(m) for n, m in model.named_modules()}
     probe = attach_probe_(model)
@@ -292,7 +297,168 @@ def test_an_expert_layout_that_cannot_be_routed_is_refused_by_layer_module_and_l
 def test_experts_called_another_way_are_refused():
     model, _, _ = _moe("qwen3_vl_moe")
     experts = _layers(model)[0].mlp.experts
-    experts.__class__ = type("PreRouted", (type(experts),), {"forward": lambda self, hidden_states: hidden_states})
-    with pytest.raises(ProbeError, match=r"decoder layer 0.*PreRouted.*forward\('hidden_states',\)"):
+    forward = lambda self, hidden_states, top_k_index: hidden_states  # noqa: E731 neither call the probe routes
+    experts.__class__ = type("PreRouted", (type(experts),), {"forward": forward})
+    with pytest.raises(ProbeError, match=r"decoder layer 0.*PreRouted.*forward with 2 arguments"):
         attach_probe_(model)
     attach_probe_(model, allow_shared_experts=True).unload()  # the opt-out still attaches
+
+
+def test_a_one_argument_forward_that_is_not_the_scaled_loop_is_refused_when_recorded():
+    """A forward taking one tensor is routed as router-scaled rows; the engine's bitwise check of its recorded loop
+    against the module's own forward refuses one that computes something else, and the path is reset."""
+    model, inputs, _ = _llama4()
+    experts = _layers(model)[1].feed_forward.experts
+    experts.__class__ = type("Identity", (type(experts),), {"forward": lambda self, hidden_states: hidden_states})
+    probe = attach_probe_(model)
+    assert isinstance(_layers(model)[1].feed_forward.experts, RoutedScaledExperts)
+    with pytest.raises(UnsupportedModelError, match=r"feed_forward.experts \(RoutedScaledExperts.*eager routing"):
+        probe.prune_path_("visual", PruneConfig("wanda", sparsity=SPARSITY), [inputs], progress=False)
+    assert probe.extra_parameters() == 0  # nothing half-pruned stays behind
+
+
+# -- router-scaled experts (Llama4) ---------------------------------------------------------------------
+def _llama4():
+    """(model, inputs, visual id): llama4_text's tiny recipe with positions 1..6 of each row marked visual.
+
+    Llama4's text model is text-only, so visual tokens are made by the adapter's own rule: the config names a
+    placeholder id (``image_token_id``, which Llama4's text model never reads, so its forward is unchanged) and
+    those positions of input_ids hold it. The probe routes them through the visual path and the engine's
+    visual pool selects them, exactly as on an LVLM whose projector wrote image features there."""
+    model, inputs = build_family("llama4_text")
+    model.config.image_token_id = tiny_kit.IMAGE
+    ids = inputs["input_ids"].clone()
+    ids[:, 1:7] = tiny_kit.IMAGE
+    return model, {**inputs, "input_ids": ids}, tiny_kit.IMAGE
+
+
+def _llama4_experts_and_call(tokens=10):
+    """Llama4's experts of layer 1 and an (E * N, H) router-scaled call built as its MoE block builds it."""
+    model, _, _ = _llama4()
+    moe = _layers(model)[1].feed_forward
+    hidden = torch.randn(tokens, moe.hidden_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        scores = moe.router(hidden)[0]  # (N, E), 0 for the experts not chosen
+        scaled = hidden.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
+    return moe.experts, scaled
+
+
+def test_routed_scaled_experts_send_each_tokens_rows_through_its_own_copy():
+    experts, scaled = _llama4_experts_and_call()
+    router = ModalityRouter()
+    routed = RoutedScaledExperts(experts, router)
+    with torch.no_grad():
+        routed.materialise_("visual").down_proj.mul_(-2)  # the visual copy now differs
+    visual = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    rows = visual.reshape(-1).repeat(experts.num_experts)  # row e * N + n belongs to token n
+    width = scaled.shape[1]
+    with torch.no_grad(), router.route(visual):
+        out = routed(scaled)
+        want_visual = routed.paths["visual"](scaled[rows]).view(-1, width)
+        want_text = experts(scaled[~rows])
+    assert torch.equal(out[rows], want_visual) and torch.equal(out[~rows], want_text)
+    assert not torch.allclose(want_visual, experts(scaled[rows]))
+    with pytest.raises(RoutingError, match="mask of 10 tokens"):
+        routed(scaled)  # no mask outside a routed forward
+    with torch.no_grad(), router.route(visual), pytest.raises(RoutingError, match=r"E = 4, got \(39, 64\)"):
+        routed(scaled[:-1])
+
+
+def test_recorded_scaled_routing_is_the_unsplit_calls_record():
+    experts, scaled = _llama4_experts_and_call(tokens=12)
+    router = ModalityRouter()
+    routed = RoutedScaledExperts(experts, router)
+    routed.materialise_("text"), routed.materialise_("visual")  # both paths split, weights still equal
+    visual = torch.tensor([[0, 1, 1, 0, 0, 1], [1, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    want, got = {}, {}
+    with torch.no_grad(), router.route(visual):
+        out = routed.record_routing(scaled, got)
+        assert torch.equal(out, routed(scaled))  # what the engine's check compares
+        reference = scaled_forward(experts, scaled, want)
+    assert got["n"] == want["n"] == 12
+    assert all(torch.equal(a, b) for a, b in zip(got["tokens"], want["tokens"]))  # same tokens, same order
+    assert all(torch.equal(a, b) for a, b in zip(got["outer"], want["outer"]))  # the scaled rows themselves
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got["inner"], want["inner"]))
+    assert torch.allclose(out, reference, atol=1e-6)
+
+
+def test_llama4_probe_routes_its_scaled_experts_and_computes_exactly_the_original():
+    model, inputs, _ = _llama4()
+    original = copy.deepcopy(model)
+    probe = attach_probe_(model)
+    assert [list(layer) for layer in probe.experts] == [[], ["feed_forward.experts"]]
+    assert isinstance(_layers(model)[1].feed_forward.experts, RoutedScaledExperts)
+    assert torch.equal(_logits(model, inputs), _logits(original, inputs))
+
+
+def _llama4_hand_visual_masks(model, inputs, image, routed):
+    """Wanda masks of layer 1's expert matrices from the visual tokens the router sent to each expert, scaled by
+    its score (the rows those matrices read), magnitude where an expert got none: (masks, tokens per expert)."""
+    moe = _layers(model)[1].feed_forward
+    x = _mlp_input_of(model, moe, inputs)
+    batch, flat = x.shape[0], x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        logits = moe.router(flat)[1]  # (N, E)
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(moe.top_k, dim=1).indices, True)
+    visual = (inputs["input_ids"].reshape(-1) == image) & (inputs["attention_mask"].reshape(-1) == 1)
+    base = routed.base
+    masks, counts = {}, []
+    for e in range(base.num_experts):
+        keep = chosen[:, e] & visual
+        counts.append(int(keep.sum()))
+        rows = flat[keep] * torch.sigmoid(logits[keep, e, None])
+        with torch.no_grad():
+            gate, up = (rows @ base.gate_up_proj[e]).chunk(2, dim=-1)
+            inner = up * nn.functional.silu(gate)
+        for name, read in (("gate_up_proj", rows), ("down_proj", inner)):
+            weight = getattr(base, name)[e].T.detach().float()  # stored transposed: (in, out)
+            norms = read.float().pow(2).sum(dim=0) / batch
+            scores = weight.abs() * norms.sqrt() if counts[-1] else weight.abs()
+            masks[f"{name}[{e}]"] = _hand_row_mask(scores, SPARSITY)
+    return masks, counts
+
+
+def _mlp_input_of(model, block, inputs):
+    """The (B, T, H) input of ``block`` in the model's own (probed) forward."""
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def test_pruning_llamas_visual_path_prunes_its_scaled_experts_from_routed_visual_tokens():
+    """llama4_text: the text path stays bitwise dense (and text-only inputs give the original logits), every
+    visual expert row holds exactly int(cols * s) zeros, and the masks equal a hand computation from the
+    router-scaled visual tokens the router sent to each expert."""
+    model, inputs, image = _llama4()
+    original = copy.deepcopy(model)
+    probe = attach_probe_(model)
+    text_before = [p.clone() for p in probe.path_parameters("text")]
+    report = probe.prune_path_("visual", PruneConfig("wanda", sparsity=SPARSITY, pool="visual"), [inputs],
+                               progress=False, keep_masks=True)
+    assert all(torch.equal(a, b) for a, b in zip(text_before, probe.path_parameters("text")))
+    plain = {"input_ids": inputs["input_ids"].masked_fill(inputs["input_ids"] == image, 7),
+             "attention_mask": inputs["attention_mask"]}
+    assert torch.equal(_logits(model, plain), _logits(original, plain))
+    routed = probe.experts[1]["feed_forward.experts"]
+    visual = routed.path("visual")
+    for param in (visual.gate_up_proj, visual.down_proj):  # (E, in, out): rows of the (out, in) matrix are dim 2
+        assert bool(((param == 0).sum(dim=1) == int(param.shape[1] * SPARSITY)).all())
+    for module in (*probe.routed[1].values(), routed):  # layer 1's statistics came from its dense pass
+        module.reset_("visual")
+    expected, counts = _llama4_hand_visual_masks(model, inputs, image, routed)
+    stats = report.layers[1].experts["feed_forward.experts"]
+    assert stats["pooled_tokens"] == counts and stats["unrouted"] == [e for e, n in enumerate(counts) if n == 0]
+    assert sum(counts) == 2 * int(((inputs["input_ids"] == image) & inputs["attention_mask"].bool()).sum())  # top-2
+    differs_from_magnitude = 0
+    for key, mask in expected.items():
+        assert torch.equal(report.masks[f"model.layers.1.feed_forward.experts.{key}"], mask), key
+        name, _, e = key[:-1].partition("[")
+        weight = getattr(routed.base, name)[int(e)].T.detach().float()
+        differs_from_magnitude += not torch.equal(mask, _hand_row_mask(weight.abs(), SPARSITY))
+        assert torch.equal(getattr(visual, name)[int(e)].T == 0, mask)  # the mask is what was applied
+    assert differs_from_magnitude > 0  # the check tells Wanda from magnitude
