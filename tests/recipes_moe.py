@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from recipes_core import _glm4v, _qwen3_5
-from tiny_kit import END, IMAGE, PAD, START, VIDEO, Recipe, _pixels, _qwen_patches, _tokens, _vision
+from tiny_kit import END, IMAGE, PAD, START, VIDEO, VOCAB, Recipe, _pixels, _qwen_patches, _tokens, _vision
 
 
 def _glm4v_moe(c):
@@ -140,6 +140,23 @@ def _qwen4_exp(c):
     _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
 
 
+def _inkling2(c):
+    """Inkling-2: layer 0 sliding-window, layer 1 full attention with the relative position bias; every block MoE
+    between block attention residuals, short convolutions in k/v and after attention and MLP."""
+    _vision(c, patch_size=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, posemb_grid_size=4,
+            projection_hidden_dim=64, text_hidden_size=64)
+    t = c.text_config
+    t.layer_types, t.n_layers_per_attn_res_block = ["hybrid_sliding", "hybrid"], 1
+    t.swa_num_attention_heads, t.swa_num_key_value_heads, t.swa_head_dim = 4, 2, 16
+    t.sliding_window_size, t.rel_extent, t.d_rel, t.unpadded_vocab_size, t.eos_token_id = 8, 16, 8, VOCAB, 2
+    _tokens(c, image_token_id=IMAGE)
+
+
+def _inkling2_patches(config, g):
+    """One 8x8 image as 4 tokens, each a 2x2 square of 2x2 patches (channels last), grid 1x2x2 in tokens."""
+    return {"pixel_values": torch.randn(4, 4, 4, 3, generator=g), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+
+
 RECIPES: dict[str, Recipe] = {
     "glm4v_moe": Recipe(_glm4v_moe, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
     "qwen3_5_moe": Recipe(_qwen3_5_moe, _qwen_patches, (START,), (END,), token_types="mm_token_type_ids"),
@@ -153,4 +170,5 @@ RECIPES: dict[str, Recipe] = {
     # Llama4's decoder, fed text: Llama4ForConditionalGeneration.forward cannot run on transformers 5.24 (it reads
     # `image_outputs` from its language model's output, which has none), so the LVLM itself is left out
     "llama4_text": Recipe(_llama4_text, None, causal_lm=True),
+    "inkling2": Recipe(_inkling2, _inkling2_patches),
 }
