@@ -142,11 +142,12 @@ def _qwen4_exp(c):
 
 def _inkling2(c):
     """Inkling-2: layer 0 sliding-window, layer 1 full attention with the relative position bias; every block MoE
-    between block attention residuals, short convolutions in k/v and after attention and MLP."""
+    between block attention residuals (one residual block of both layers: layer 1 adds to its
+    input), short convolutions in k/v and after attention and MLP."""
     _vision(c, patch_size=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, posemb_grid_size=4,
             projection_hidden_dim=64, text_hidden_size=64)
     t = c.text_config
-    t.layer_types, t.n_layers_per_attn_res_block = ["hybrid_sliding", "hybrid"], 1
+    t.layer_types, t.n_layers_per_attn_res_block = ["hybrid_sliding", "hybrid"], 2
     t.swa_num_attention_heads, t.swa_num_key_value_heads, t.swa_head_dim = 4, 2, 16
     t.sliding_window_size, t.rel_extent, t.d_rel, t.unpadded_vocab_size, t.eos_token_id = 8, 16, 8, VOCAB, 2
     _tokens(c, image_token_id=IMAGE)
