@@ -109,6 +109,12 @@ class ProbeAdapter(Adapter):
         with self.probe.router.route(batch.visual):
             return self.inner.replay(model, index, hidden, batch, layer)
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.inner.final_norm(model)
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(model, hidden)
+
 
 class MoTProbe:
     """A model whose decoder projections are routed by modality. Create with :func:`attach_probe_`.

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError, UnsupportedModelError
+from .offload import execution_device
 
 # The seven projections of a Llama-style decoder block, relative to the block. As ``targets`` (the
 # default of PruneConfig) DECODER_PROJ means "the block's own projections": exactly these seven names
@@ -274,6 +275,24 @@ class Adapter:
         out = out[0] if isinstance(out, tuple) else out
         return self.after_layer(model, index, out, batch.extras)
 
+    # -- after the last layer --------------------------------------------------------------
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm the language model applies to the last decoder layer's output, found by its name."""
+        language_model = self.language_model(model)
+        for name in _FINAL_NORMS:
+            module = getattr(language_model, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        raise UnsupportedModelError(
+            f"{type(language_model).__name__} has no final norm named {'/'.join(_FINAL_NORMS)}; register an Adapter "
+            "whose final_norm returns it")
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model makes of the last decoder layer's outputs ``hidden`` (..., C): the final norm, then the
+        LM head -> (..., V). Positions are independent here, so any subset of positions can be passed."""
+        norm, head = self.final_norm(model), model.get_output_embeddings()
+        return head(norm(hidden.to(execution_device(norm))).to(execution_device(head)))
+
 
 def _as_keywords(layer: nn.Module, index: int, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The positional arguments after hidden_states (e.g. Gemma4's per-layer input) as keywords, named by
@@ -286,6 +305,10 @@ def _as_keywords(layer: nn.Module, index: int, args: tuple, kwargs: dict[str, An
             "that its forward signature does not name; register an Adapter that captures them")
     return {**dict(zip(names, args[1:])), **kwargs}
 
+
+# Names of the norm a language model applies after its last decoder layer: most of transformers' models use the
+# first; Kosmos-2 calls it layer_norm, LFM2 embedding_norm (applied at the end of its forward).
+_FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "layer_norm", "embedding_norm")
 
 _REGISTRY: dict[str, Adapter] = {}
 

@@ -5,6 +5,7 @@ scripts/families_table.py. Each check raises AssertionError saying what differs.
   the vision parts; every block has Linear projections. Returns (blocks name, per-layer projections).
 - ``check_replay``: capture + layer-by-layer replay is bitwise equal to the last decoder layer's
   output in the model's own forward.
+- ``check_logits``: the adapter's final norm and LM head on that replay give the model's own logits, bitwise.
 - ``check_probe``: attaching the probe (MoE experts routed too) changes no logit (bitwise); pruning a path
   then ``reset_`` gives the same logits again; ``unload`` restores the state_dict keys and module types.
 - ``check_prune``: after ``prune_`` every pruned row holds exactly int(cols * sparsity) zeros.
@@ -71,6 +72,15 @@ def last_layer_output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 def check_replay(model: torch.nn.Module, inputs: dict) -> None:
     got, want = replayed(model, inputs), last_layer_output(model, inputs)
     assert torch.equal(got, want), f"replay differs from the full forward by {float((got - want).abs().max()):.3g}"
+
+
+def check_logits(model: torch.nn.Module, inputs: dict) -> None:
+    """The adapter's final norm + LM head on the replayed decoder output give the model's own logits, bitwise."""
+    with torch.no_grad():
+        got = get_adapter(model).logits(model, replayed(model, inputs))
+    want = logits(model, inputs)
+    assert got.shape == want.shape and torch.equal(got, want), \
+        f"replayed logits differ from the full forward by {float((got - want).abs().max()):.3g}"
 
 
 def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:

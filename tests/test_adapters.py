@@ -1,8 +1,9 @@
-"""Every family's adapter: exact layer-by-layer replay from the captured inputs, and the modality mask."""
+"""Every family's adapter: exact layer-by-layer replay from the captured inputs (and the logits after it), and
+the modality mask."""
 
 import pytest
 import torch
-from family_checks import replayed
+from family_checks import check_logits, replayed
 from tiny_models import BOI, EOI, FAMILIES, IMAGE, VEND, VIDEO, VSTART, build_tiny
 
 from pruning.adapters import GenericAdapter, get_adapter, supported_model_types
@@ -33,6 +34,20 @@ def test_replay_from_captured_inputs_equals_the_full_forward(family):
     adapter = get_adapter(model)
     assert adapter.name != "generic"
     assert torch.equal(_replayed(model, adapter, inputs), _final_hidden(model, inputs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_norm_and_head_on_the_replay_give_the_models_logits(family):
+    check_logits(*build_tiny(family, batch=2, padded=True))
+
+
+def test_a_language_model_without_a_known_final_norm_is_named():
+    model, _ = build_tiny("llava")
+    language_model = get_adapter(model).language_model(model)
+    language_model.final = language_model.norm
+    del language_model.norm
+    with pytest.raises(UnsupportedModelError, match="LlamaModel has no final norm named norm/"):
+        get_adapter(model).final_norm(model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

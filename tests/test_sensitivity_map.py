@@ -17,10 +17,18 @@ from atv.experiments.records import RESULTS, read_records
 from atv.experiments.sensitivity_map import MapConfig, run_map_study
 from evaluation import load_benchmark
 from evaluation.model_io import build_prompt, encode
+from evaluation.prompt_fidelity import (
+    answer_prompts,
+    prompt_fidelity,
+    prompt_reference,
+    prompt_states,
+    replayed_fidelity,
+)
 from mot_probe.surgery import attach_probe_
-from pruning import PruneConfig, prune_
+from pruning import PruneConfig, compute_masks, prune_
+from pruning.adapters import LlavaAdapter
 from pruning.allocation import read_sensitivity_map
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, UnsupportedModelError
 
 
 class Interrupted(Exception):
@@ -197,15 +205,22 @@ def test_cli_refuses_bad_map_and_allocation_values_with_exit_2(argv, message, tm
     assert not (tmp_path / "o").exists()
 
 
-def test_shared_layer_masks_equal_pruning_each_cell_on_its_own(setup):
-    from atv.experiments.sensitivity_map import LayerMasks
+def test_one_dense_pass_gives_the_masks_of_pruning_each_cell_on_its_own(setup, monkeypatch):
+    import atv.experiments.sensitivity_map as sensitivity_map
 
     model, _, calibration, _ = setup
+    passes = []
+
+    def counted(model, config, calibration, **kwargs):
+        passes.append((config.layers, config.propagate))
+        return compute_masks(model, config, calibration, **kwargs)
+
+    monkeypatch.setattr(sensitivity_map, "compute_masks", counted)
     probe = attach_probe_(model)
     try:
-        masks = LayerMasks(model, probe, calibration, MapConfig(map_items=3))
-        cells = [{"layer": 1, "pathway": "text", "group": "attn"}, {"layer": 1, "pathway": "visual", "group": "ffn"},
-                 {"layer": 0, "pathway": "visual", "group": "attn"}]
+        masks = sensitivity_map.LayerMasks(model, probe, calibration, MapConfig(map_items=3))
+        cells = [{"layer": 0, "pathway": "visual", "group": "attn"}, {"layer": 1, "pathway": "text", "group": "attn"},
+                 {"layer": 1, "pathway": "visual", "group": "ffn"}, {"layer": 0, "pathway": "text", "group": "ffn"}]
         for cell in cells:
             masks.prune_(cell)
             prefix = "mlp" if cell["group"] == "ffn" else "self_attn"
@@ -221,3 +236,75 @@ def test_shared_layer_masks_equal_pruning_each_cell_on_its_own(setup):
             probe.reset_()
     finally:
         probe.unload()
+    # one pass for layers 0 and 1; layer 0's masks were dropped when the map moved on, so revisiting it re-runs
+    assert passes == [((0, 1), "dense"), ((0, 1), "dense")]
+
+
+def _prompts(setup):
+    _, _, _, benches = setup
+    return answer_prompts([load_benchmark(benches[0])], 4, 0)
+
+
+def test_replaying_from_a_layer_scores_exactly_as_full_forwards(setup):
+    model, processor, calibration, _ = setup
+    prompts = _prompts(setup)
+    probe = attach_probe_(model)
+    try:
+        states, reference = prompt_states(model, processor, prompts, batch_size=3)  # batches of 3 and 1 prompts
+        direct = prompt_reference(model, processor, prompts, batch_size=3)
+        for key in direct.ids:
+            assert torch.equal(reference.ids[key], direct.ids[key])
+            assert torch.equal(reference.positions[key], direct.positions[key])
+            got, want = reference.distributions[key], direct.distributions[key]
+            assert torch.equal(got.top1, want.top1) and torch.equal(got.log_rest, want.log_rest)
+            # the LM head on the scored rows only: float noise of a matmul of another height (here 5e-7 on the
+            # 1-prompt batch; 0 on smol-llava), the layers themselves replay bitwise
+            torch.testing.assert_close(got.log_probs, want.log_probs, rtol=0, atol=1e-6)
+        width = max(len(i) for i in direct.ids.values())  # every prompt has the same length here: no padding
+        assert states.nbytes == 2 * 4 * width * 32 * 4  # layers x prompts x tokens x hidden x fp32 bytes
+        dense = replayed_fidelity(model, states, reference, 0)
+        assert dense.kl_items == [0.0] * 4 and dense.top1_items == [100.0] * 4
+        for layer, path, names in [(0, "text", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                   (1, "visual", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))]:
+            probe.prune_path_(path, PruneConfig("wanda", sparsity=0.7, layers=(layer,), targets=names), calibration,
+                              progress=False)
+            fast = replayed_fidelity(model, states, reference, layer)
+            slow = prompt_fidelity(model, processor, prompts, reference, batch_size=3)
+            assert fast.top1_items == slow.top1_items
+            assert fast.kl_items == pytest.approx(slow.kl_items, rel=1e-6, abs=1e-8)  # KLs here are 1e-5..1e-4
+            assert fast.kl_items[:3] == slow.kl_items[:3]  # the 3-prompt batch: the same arithmetic, bitwise
+            assert min(fast.kl_items) > 1e-6
+            probe.reset_()
+        for bad in (-1, 2):
+            with pytest.raises(ValueError, match=f"first_layer must be in \\[0, 2\\) for states of the same model, "
+                                                 f"got {bad}"):
+                replayed_fidelity(model, states, reference, bad)
+    finally:
+        probe.unload()
+
+
+def test_logits_the_replay_cannot_reproduce_are_refused_and_the_map_uses_full_forwards(setup, full, tmp_path,
+                                                                                        monkeypatch, caplog):
+    import atv.experiments.sensitivity_map as sensitivity_map
+
+    model, processor, _, _ = setup
+    head = LlavaAdapter.logits
+    monkeypatch.setattr(LlavaAdapter, "logits", lambda self, model, hidden: head(self, model, hidden) * 1.01)
+    with pytest.raises(UnsupportedModelError, match="the logits replayed from the decoder layers differ from the "
+                                                    "model's forward by"):
+        prompt_states(model, processor, _prompts(setup))
+    monkeypatch.setattr(sensitivity_map, "replayed_fidelity", None)  # the full forwards must not need it
+    with caplog.at_level("WARNING"):
+        slow = _run(setup, tmp_path / "slow")
+    assert "the map scores every cell with full forwards" in caplog.text
+    # the same cells as the replayed map's (items stored to 6 decimals; the head's float noise may cross one)
+    assert [v for r in slow.records for v in r["kl_items"]] == \
+        pytest.approx([v for r in full.records for v in r["kl_items"]], rel=0, abs=1.5e-6)
+    assert [r["top1_items"] for r in slow.records] == [r["top1_items"] for r in full.records]
+
+
+def test_the_map_scores_cells_by_replay_not_by_full_forwards(setup, tmp_path, monkeypatch):
+    import atv.experiments.sensitivity_map as sensitivity_map
+
+    monkeypatch.setattr(sensitivity_map, "prompt_fidelity", None)
+    assert _run(setup, tmp_path / "fast").computed == 9

@@ -7,6 +7,12 @@ top-1 agreement of the next-token distributions on held-out multimodal prompts (
 an image, their answers appended; :mod:`evaluation.prompt_fidelity`). ``map_benchmarks`` also scores the
 benchmarks in every cell (slow).
 
+What a map costs: one dense pass over the calibration batches gives every layer's masks (a cell prunes one
+layer, so its statistics are the dense inputs of that layer: :class:`LayerMasks`), and one dense pass over the
+prompts keeps every decoder layer's inputs; a cell on layer l then replays layers l.. only, and the LM head
+only where a position is scored (:func:`evaluation.prompt_fidelity.replayed_fidelity`; the same KL and top-1
+as the cell's full forward, tested).
+
 The folder holds the resumable, fingerprinted records (``results.jsonl``, ``study.json``, as the grid's),
 the dense reference (``map_reference.pt``), the tables ``map_table.*`` (KL) and ``map_top1.*`` (top-1), and
 ``sensitivity_map.json``, which ``PruneConfig(allocation="map", allocation_map=...)`` reads.
@@ -25,13 +31,23 @@ from torch import nn
 
 from analysis.sensitivity_map import map_table
 from analysis.tables import write_table
-from evaluation.prompt_fidelity import PromptReference, answer_prompts, prompt_fidelity, prompt_reference
+from evaluation.prompt_fidelity import (
+    Prompt,
+    PromptFidelity,
+    PromptReference,
+    PromptStates,
+    answer_prompts,
+    prompt_fidelity,
+    prompt_reference,
+    prompt_states,
+    replayed_fidelity,
+)
 from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, MoTProbe, attach_probe_, probe_pool
 from pruning.allocation import GROUPS, MAP_FILE, SensitivityMap, projection_group
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
-from pruning.errors import ConfigError, ToolkitError
+from pruning.errors import ConfigError, ToolkitError, UnsupportedModelError
 from pruning.masks import apply_mask_
 from pruning.options import option
 from pruning.outputs import write_text_atomic
@@ -136,16 +152,17 @@ def run_map_study(model: nn.Module, processor, calibration: Sequence[Mapping[str
         probe = attach_probe_(model)
         try:
             cells = config.cells(probe)
-            reference = _prompt_reference(results, model, processor, prompts, config.batch_size)
+            todo = [c for c in cells if not results.done(c)]
+            scorer = PromptScorer.open(results, model, processor, prompts, config.batch_size) if todo else None
             bench_reference = load_reference(results, benches, lambda: dense_reference(model, processor, benches,
                                                                                       progress)) \
-                if config.map_benchmarks else None
-            masks = LayerMasks(model, probe, calibration, config)
+                if config.map_benchmarks and todo else None
+            masks = LayerMasks(model, probe, calibration, config, [c["layer"] for c in todo if "layer" in c])
 
             def compute(cell: dict[str, Any], _shared: Any) -> dict[str, Any]:
                 try:
-                    return _score(cell, probe, model, processor, calibration, prompts, reference, config,
-                                  benches, bench_reference, progress, masks)
+                    return _score(cell, probe, model, processor, scorer, config, benches, bench_reference, progress,
+                                  masks)
                 finally:
                     probe.reset_()
 
@@ -162,69 +179,113 @@ def run_map_study(model: nn.Module, processor, calibration: Sequence[Mapping[str
     return result
 
 
-def _prompt_reference(results: ResultLog, model: nn.Module, processor, prompts, batch_size: int) -> PromptReference:
-    """The dense model's prompt distributions, computed once and kept in the study folder."""
-    path = results.out_dir / REFERENCE
-    if path.is_file():
+@dataclass
+class PromptScorer:
+    """How the map scores a cell on the prompts: replayed from the cell's layer on (``states``), or, for a model
+    whose forward changes the logits after its LM head (the replay cannot reproduce them), by full forwards."""
+
+    prompts: list[Prompt]
+    reference: PromptReference
+    states: PromptStates | None
+    batch_size: int
+
+    def __call__(self, model: nn.Module, processor, first_layer: int) -> PromptFidelity:
+        if self.states is None:
+            return prompt_fidelity(model, processor, self.prompts, self.reference, batch_size=self.batch_size)
+        return replayed_fidelity(model, self.states, self.reference, first_layer)
+
+    @classmethod
+    def open(cls, results: ResultLog, model: nn.Module, processor, prompts: list[Prompt],
+             batch_size: int) -> "PromptScorer":
+        """The dense model's layer inputs on the prompts (one pass per run) and its prompt distributions: those
+        are computed once and kept in the study folder, so a resumed map scores against its first cells' reference."""
+        path = results.out_dir / REFERENCE
+        stored = None
+        if path.is_file():
+            try:
+                stored = PromptReference.load(path)
+            except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+                raise ToolkitError(f"{path} is corrupt ({type(err).__name__}); delete it to recompute the dense "
+                                   "reference, or choose another --out") from None
         try:
-            return PromptReference.load(path)
-        except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
-            raise ToolkitError(f"{path} is corrupt ({type(err).__name__}); delete it to recompute the dense "
-                               "reference, or choose another --out") from None
-    reference = prompt_reference(model, processor, prompts, batch_size=batch_size)
-    results.pin()
-    tmp = path.with_suffix(".partial")
-    reference.save(tmp)
-    tmp.replace(path)
-    return reference
+            states, fresh = prompt_states(model, processor, prompts, batch_size=batch_size)
+        except UnsupportedModelError as err:
+            log.warning("the map scores every cell with full forwards (slower): %s", err)
+            states = None
+            fresh = stored if stored is not None else prompt_reference(model, processor, prompts, batch_size=batch_size)
+        if stored is not None:
+            return cls(prompts, stored, states, batch_size)
+        results.pin()
+        tmp = path.with_suffix(".partial")
+        fresh.save(tmp)
+        tmp.replace(path)
+        return cls(prompts, fresh, states, batch_size)
 
 
 class LayerMasks:
-    """The masks of one decoder layer's routed projections, kept while the map's cells visit that layer.
+    """The masks of the decoder layers' routed projections, computed for all the map's layers in one pass.
 
-    A cell's masks depend only on the dense inputs of its layer (every other layer is dense in the cell),
-    not on the pathway nor on which group is pruned: one :func:`pruning.compute_masks` per layer serves its
-    four cells, bit-identical to pruning each cell on its own. Scorers that update the kept weights
-    (SparseGPT) prune every cell with ``prune_path_`` instead."""
+    A cell prunes one layer only, so its masks come from the dense model's inputs to that layer, whatever the
+    pathway and the group: one :func:`pruning.compute_masks` over the calibration batches with
+    ``propagate='dense'`` (every layer's statistics from the dense inputs, no pruned pass) gives every layer's
+    masks, bit-identical to pruning each cell on its own (tested). Layers whose routed names differ (hybrid
+    blocks) get one pass per set of names. The masks of a layer are dropped once the map moves past it; a cell
+    on a dropped or a new layer computes the pass again for the layers from it on. Scorers that update the kept
+    weights (SparseGPT) prune every cell with ``prune_path_`` instead."""
 
-    def __init__(self, model: nn.Module, probe: MoTProbe, calibration: Sequence[Mapping[str, Any]], config: MapConfig):
+    def __init__(self, model: nn.Module, probe: MoTProbe, calibration: Sequence[Mapping[str, Any]], config: MapConfig,
+                 layers: Sequence[int] | None = None):
         self.model, self.probe, self.calibration, self.config = model, probe, calibration, config
-        self.layer: int | None = None
-        self.masks: dict[str, Any] = {}
+        self.layers = sorted(set(range(len(probe.routed)) if layers is None else layers))  # layers with cells to do
+        self.masks: dict[int, dict[str, Any]] = {}
         self.seconds = 0.0
 
-    def prune_config(self, layer: int, targets: tuple[str, ...]) -> PruneConfig:
+    def prune_config(self, layers: tuple[int, ...], targets: tuple[str, ...], **kwargs) -> PruneConfig:
         return PruneConfig(self.config.method, sparsity=self.config.map_sparsity, pool=probe_pool(self.config.map_pool),
-                           seed=self.config.seed, layers=(layer,), targets=targets)
+                           seed=self.config.seed, layers=layers, targets=targets, **kwargs)
 
     def prune_(self, cell: Mapping[str, Any]) -> dict[str, Any]:
         """Prune the cell's path of its layer-group in place; returns the record's ``prune`` entry."""
         layer, path, names = cell["layer"], cell["pathway"], group_targets(self.probe, cell["layer"], cell["group"])
-        config = self.prune_config(layer, names)
+        config = self.prune_config((layer,), names)
         if get_scorer(config.scorer).updates_weights:
             return prune_summary(self.probe.prune_path_(path, config, self.calibration, progress=False))
-        if self.layer != layer:
-            start = time.perf_counter()
-            report = compute_masks(self.model, self.prune_config(layer, tuple(self.probe.routed[layer])),
-                                   self.calibration, progress=False)
-            block = self.probe.family.decoder_layers(self.model)[layer]
-            prefix = next(n for n, m in self.model.named_modules() if m is block)
-            self.masks = {name: report.masks[f"{prefix}.{name}"] for name in self.probe.routed[layer]}
-            self.layer, self.seconds = layer, time.perf_counter() - start
+        for done in [i for i in self.masks if i < layer]:
+            del self.masks[done]
+        if layer not in self.masks:
+            self._compute([i for i in self.layers if i >= layer] if layer in self.layers else [layer])
         for name in names:
-            routed = self.probe.routed[layer][name]
-            apply_mask_(routed.materialise_(path), self.masks[name])
-        fractions = [float(self.masks[n].float().mean()) for n in names]
+            apply_mask_(self.probe.routed[layer][name].materialise_(path), self.masks[layer][name])
+        fractions = [float(self.masks[layer][n].float().mean()) for n in names]
         return {"mean_sparsity": sum(fractions) / len(fractions), "seconds": self.seconds,
-                "config": config.to_dict(), "masks": "shared by the layer's cells"}
+                "config": config.to_dict(), "masks": "one dense calibration pass for every layer of the map"}
+
+    def _compute(self, layers: list[int]) -> None:
+        """The masks of every routed projection of ``layers``, from dense inputs; one pass per set of routed names."""
+        start = time.perf_counter()
+        blocks = self.probe.family.decoder_layers(self.model)
+        prefixes = {id(m): n for n, m in self.model.named_modules()}
+        by_names: dict[tuple[str, ...], list[int]] = {}
+        for i in layers:
+            by_names.setdefault(tuple(self.probe.routed[i]), []).append(i)
+        for names, group in by_names.items():
+            config = self.prune_config(tuple(group), names, propagate="dense")
+            report = compute_masks(self.model, config, self.calibration, progress=False)
+            for i in group:
+                prefix = prefixes[id(blocks[i])]
+                self.masks[i] = {name: report.masks[f"{prefix}.{name}"] for name in names}
+        self.seconds = time.perf_counter() - start
+        log.info("map masks of %d layers in %.1f s", len(layers), self.seconds)
 
 
-def _score(cell, probe: MoTProbe, model, processor, calibration, prompts, reference, config: MapConfig, benches,
+def _score(cell, probe: MoTProbe, model, processor, scorer: PromptScorer, config: MapConfig, benches,
            bench_reference, progress: bool, masks: LayerMasks) -> dict[str, Any]:
-    """Prune the cell's layer-path-group (nothing for the dense cell) and score it: the cell's measurement."""
+    """Prune the cell's layer-path-group (nothing for the dense cell) and score it: the cell's measurement. The
+    cell changes nothing before its layer, so the prompts are replayed from that layer's kept dense inputs (the
+    dense cell from layer 0: the whole decoder)."""
     start = time.perf_counter()
     prune = None if cell == DENSE else masks.prune_(cell)
-    fidelity = prompt_fidelity(model, processor, prompts, reference, batch_size=config.batch_size)
+    fidelity = scorer(model, processor, cell.get("layer", 0))
     if config.map_benchmarks:
         scores = evaluate_all(model, processor, benches, reference=bench_reference, batch_size=config.batch_size,
                               max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
@@ -237,7 +298,7 @@ def _score(cell, probe: MoTProbe, model, processor, calibration, prompts, refere
                   top1_items=[round(v, ITEM_DIGITS) for v in fidelity.top1_items],
                   seconds=time.perf_counter() - start, environment=environment(model))
     if cell == DENSE:
-        record["prompts"] = [p.id for p in prompts]  # the items' order of kl_items / top1_items
+        record["prompts"] = [p.id for p in scorer.prompts]  # the items' order of kl_items / top1_items
     return record
 
 
