@@ -36,7 +36,7 @@ def test_demo_writes_tables_figures_and_report(demo_run):
                  "figures/mask_iou.png", "figures/tsne.png", "figures/methods_retention.png"):
         assert (out / name).is_file(), name
     probe_cells = [json.loads(line)["cell"] for line in (out / "probe" / "results.jsonl").read_text().splitlines()]
-    assert len(probe_cells) == 1 + 2 * 2  # dense + pathway x pool (text, visual) at one sparsity
+    assert len(probe_cells) == 1 + 2  # dense + the two pathways with the mixed pool at one sparsity
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["dense"]) == set(json.loads((out / "suite" / "suite.json").read_text())["benchmarks"])
 
@@ -45,12 +45,12 @@ def test_demo_report_gives_intervals_findings_and_a_timing_table(demo_run):
     out, _ = demo_run
     report = (out / "report.md").read_text()
     probe = report.split("## MoT probe")[1].split("##")[0]
-    assert probe.count(" [") == 4  # every probe cell's mean retention with its interval
+    assert probe.count(" [") == 2  # every probe cell's mean retention with its interval
     findings = report.split("## Findings as paired differences")[1].split("## Figures")[0]
     assert "| finding | A | B | A: mean retention | B: mean retention | A − B | separates |" in findings
-    assert "| B | visual/text/0.4 | text/text/0.4 |" in findings and "| methods | atv/40% | wanda/40% |" in findings
+    assert "| B | visual/mixed/0.4 | text/mixed/0.4 |" in findings and "| methods | atv/40% | wanda/40% |" in findings
     shows = findings.split("### What this run shows")[1]
-    assert "**B**: the text pathway is more fragile" in shows and "visual/visual/0.4 − text/visual/0.4 = " in shows
+    assert "**B**: the text pathway is more fragile" in shows and "visual/mixed/0.4 − text/mixed/0.4 = " in shows
     timing = report.split("## Time")[1]
     assert "| step | wall time | seconds | CPU seconds |" in timing and "| total |" in timing and "{" not in timing
     summary = json.loads((out / "demo.json").read_text())
@@ -117,7 +117,7 @@ def test_demo_config_rejects_bad_counts():
         DemoConfig(n_eval=-1, calib_batch_size=0)
     quick = DemoConfig(quick=True)
     assert (quick.probe_sparsities, quick.pools, quick.methods, quick.settings, quick.n_eval, quick.nsamples) == (
-        (0.4,), ("text", "visual"), ("atv", "wanda"), ("40%",), 12, 8)
+        (0.4,), ("mixed",), ("atv", "wanda"), ("40%",), 12, 8)
     full = DemoConfig()
     assert (full.probe_sparsities, full.pools, full.methods, full.settings, full.n_eval, full.nsamples) == (
         (0.3, 0.4, 0.5), ("text", "visual", "mixed"), ("atv", "wanda", "atv+owl"), ("40%", "50%"), 20, 32)
@@ -137,10 +137,10 @@ def test_a_demo_probe_cell_is_recreated_by_atv_eval_with_its_recorded_scores(dem
     assert not Path(setup["model"]).is_absolute()  # relative to the output: no machine path
     digit = out / "suite" / "digit.jsonl"
     capsys.readouterr()
-    assert main(["eval", "--probe-from", f"{out / 'probe'}:text/visual/0.4", "--tasks", str(digit),
+    assert main(["eval", "--probe-from", f"{out / 'probe'}:text/mixed/0.4", "--tasks", str(digit),
                  "--batch-size", "16"]) == 0
     printed = json.loads(capsys.readouterr().out)
     records = [json.loads(line) for line in (out / "probe" / "results.jsonl").read_text().splitlines()]
-    cell = next(r for r in records if r["cell"] == {"pathway": "text", "pool": "visual", "sparsity": 0.4})
+    cell = next(r for r in records if r["cell"] == {"pathway": "text", "pool": "mixed", "sparsity": 0.4})
     assert printed["tasks"][0]["score"] == cell["scores"]["digit"]
     assert printed["probe"]["prune"]["mean_sparsity"] == pytest.approx(cell["prune"]["mean_sparsity"])

@@ -13,9 +13,9 @@ Steps (each resumable: re-running the same command skips what is finished):
    CPU time per step).
 
 The defaults sit where the 135M default model is not collapsed (30-50% sparsity; at 60% every method keeps
-about a third of the dense scores and the findings drown in noise). ``--quick`` probes at 40% with the text
-and visual pools and compares ATV with Wanda at 40%, on 12 items per benchmark and 8 calibration samples:
-enough items for finding B's paired interval to separate from 0, in a few minutes.
+about a third of the dense scores and the findings drown in noise). ``--quick`` probes both pathways at 40%
+with the mixed pool and compares ATV with Wanda at 40%, on 12 items per benchmark and 8 calibration samples:
+five evaluations, enough items for finding B's paired interval to separate from 0, in a few minutes.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class DemoConfig:
     n_eval: int | None = option(None, "items per benchmark (default 20, quick 12; the text-only ones hold at most "
                                       "44 and 40)")
     probe_sparsities: tuple[float, ...] = option((), "probe sparsities (default 0.3 0.4 0.5, quick 0.4)")
-    pools: tuple[str, ...] = option((), "probe calibration pools (default text visual mixed, quick text visual)")
+    pools: tuple[str, ...] = option((), "probe calibration pools (default text visual mixed, quick mixed)")
     settings: tuple[str, ...] = option((), "method settings, e.g. 50% 2:4 (default 40% 50%, quick 40%)")
     methods: tuple[str, ...] = option((), "methods on the shared weights, METHOD or METHOD+ALLOCATION (default atv "
                                           "wanda atv+owl, plus atv+map with --allocation-map; quick atv wanda)")
@@ -60,7 +60,7 @@ class DemoConfig:
         self.nsamples = self.nsamples or (8 if self.quick else 32)
         self.n_eval = self.n_eval or (12 if self.quick else 20)
         self.probe_sparsities = tuple(self.probe_sparsities) or ((0.4,) if self.quick else (0.3, 0.4, 0.5))
-        self.pools = tuple(self.pools) or (("text", "visual") if self.quick else ("text", "visual", "mixed"))
+        self.pools = tuple(self.pools) or (("mixed",) if self.quick else ("text", "visual", "mixed"))
         with_map = ("atv+map",) if self.allocation_map is not None else ()
         self.methods = tuple(self.methods) or (("atv", "wanda") if self.quick else ("atv", "wanda", "atv+owl")
                                                + with_map)
