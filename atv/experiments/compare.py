@@ -1,7 +1,9 @@
 """Compare pruning methods on the real, shared weights: prune a fresh dense model per cell
 (method x setting), evaluate, and log one record per cell (resumable, like the probe study).
 
-A setting is a sparsity (``"50%"``) or an N:M pattern (``"2:4"``). Records::
+A setting is a sparsity (``"50%"``) or an N:M pattern (``"2:4"``). A method is a name of
+:data:`pruning.config.METHODS`, optionally with a non-uniform allocation at the same global budget:
+``"atv+owl"``, or ``"atv+map"`` with ``CompareConfig.allocation_map``. Records::
 
     {"cell": {"method": "atv", "setting": "2:4"}, "scores": {...}, "retention": {...},
      "mean_retention": 97.1, "prune": {"mean_sparsity": 0.5, "seconds": 12.3, ...}}
@@ -24,6 +26,7 @@ from torch import nn
 from analysis.tables import difference_table, record_interval, scores_table, write_table
 from evaluation import Benchmark
 from evaluation.intervals import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, DEFAULT_RESAMPLES, Bootstrap, paired_differences
+from pruning.allocation import ALLOCATIONS
 from pruning.config import METHODS, PruneConfig, parse_pattern
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
@@ -31,7 +34,6 @@ from pruning.options import option
 
 from .cells import (
     CellInputs,
-    check_choices,
     dense_reference,
     evaluate_all,
     load_reference,
@@ -50,16 +52,29 @@ log = logging.getLogger(__name__)
 DENSE = {"method": "dense", "setting": "dense"}
 
 
-def setting_config(method: str, setting: str, seed: int = 0) -> PruneConfig:
-    """'50%' -> sparsity 0.5; '2:4' -> the N:M pattern."""
+def split_method(method: str) -> tuple[str, str]:
+    """'atv+owl' -> ('atv', 'owl'); 'wanda' -> ('wanda', 'uniform'). Either part must be known."""
+    name, _, allocation = method.partition("+")
+    allocation = allocation or "uniform"
+    if name not in METHODS or allocation not in ALLOCATIONS or method.endswith("+"):
+        raise ConfigError(f"unknown method {method!r}; choose from {sorted(METHODS)}, optionally with '+' and an "
+                          f"allocation of {[a for a in ALLOCATIONS if a != 'uniform']} (e.g. 'atv+owl')")
+    return name, allocation
+
+
+def setting_config(method: str, setting: str, seed: int = 0, allocation_map: str | Path | None = None) -> PruneConfig:
+    """'50%' -> sparsity 0.5; '2:4' -> the N:M pattern; a method 'atv+owl' -> ATV with the owl allocation
+    ('+map' reads ``allocation_map``)."""
+    name, allocation = split_method(method)
+    chosen = {"allocation": allocation, "allocation_map": allocation_map if allocation == "map" else None}
     if ":" in setting:
-        return PruneConfig(method, pattern=setting, seed=seed)
+        return PruneConfig(name, pattern=setting, seed=seed, **chosen)
     try:
         value = float(setting.rstrip("%")) / (100 if setting.endswith("%") else 1)
     except ValueError:
         raise ConfigError(f"setting must be a sparsity like '50%' / '0.5' or a pattern like '2:4', "
                           f"got {setting!r}") from None
-    return PruneConfig(method, sparsity=value, seed=seed)
+    return PruneConfig(name, sparsity=value, seed=seed, **chosen)
 
 
 @dataclass
@@ -69,14 +84,21 @@ class CompareConfig:
     seed: int = 0
     batch_size: int = 8                               # evaluation batch
     max_new_tokens: int = 8
+    allocation_map: str | None = None                 # sensitivity map of the '+map' methods (atv probe --map)
 
     def __post_init__(self) -> None:
         self.methods, self.settings = tuple(self.methods), tuple(self.settings)
-        check_choices("method", self.methods, sorted(METHODS))
+        if not self.methods:
+            raise ConfigError(f"methods is empty; choose from {sorted(METHODS)}")
+        for method in self.methods:
+            split_method(method)
+        if self.allocation_map is not None:
+            self.allocation_map = str(self.allocation_map)
         if not self.settings:
             raise ConfigError("settings is empty; e.g. '50%' or '2:4'")
         for setting in self.settings:
-            setting_config("magnitude", setting)      # validates
+            for method in self.methods:
+                setting_config(method, setting, allocation_map=self.allocation_map)  # validates, names the bad one
             if ":" in setting:
                 parse_pattern(setting)
 
@@ -185,7 +207,7 @@ def _prune(model: nn.Module, calibration, config: CompareConfig, cell: Mapping[s
     """Prune the fresh model's shared weights as the cell says (nothing for the dense cell)."""
     if cell["method"] == "dense":
         return None
-    prune_config = setting_config(cell["method"], cell["setting"], config.seed)
+    prune_config = setting_config(cell["method"], cell["setting"], config.seed, config.allocation_map)
     return prune_(model, prune_config, calibration if prune_config.needs_calibration else (), progress=False)
 
 

@@ -5,12 +5,17 @@ Steps (each resumable: re-running the same command skips what is finished):
 1. build (or reuse) the default model ``smol-llava`` and write the offline benchmark suite;
 2. evaluate the dense model (scores next to chance);
 3. the MoT probe grid (pathway x calibration pool x sparsity);
-4. ATV vs Wanda vs SparseGPT vs magnitude on the shared weights (50%, 60%, 2:4);
+4. ATV vs Wanda vs ATV with the OWL allocation on the shared weights (ATV with a sensitivity map's
+   allocation too, given a map);
 5. analysis artefacts (hidden states, pool masks, drift) and every figure;
 6. ``report.md`` with the tables (every value with its 95% bootstrap interval over items), the paired
-   differences behind the study's findings, the figures and a timing table.
+   differences behind the study's findings and what each shows, the figures and a timing table (wall and
+   CPU time per step).
 
-``--quick`` runs a smaller grid on fewer items and calibration samples.
+The defaults sit where the 135M default model is not collapsed (30-50% sparsity; at 60% every method keeps
+about a third of the dense scores and the findings drown in noise). ``--quick`` probes both pathways at 40%
+with the mixed pool and compares ATV with Wanda at 40%, on 12 items per benchmark and 8 calibration samples:
+five evaluations, enough items for finding B's paired interval to separate from 0, in a few minutes.
 """
 
 from __future__ import annotations
@@ -40,11 +45,15 @@ class DemoConfig:
     cache_dir: Path | None = option(None, "where the default model is built (default $ATV_CACHE or "
                                           "~/.cache/atv-toolkit)")
     nsamples: int | None = option(None, "calibration samples (default 32, quick 8)")
-    n_eval: int | None = option(None, "items per image benchmark (default 20, quick 6)")
-    probe_sparsities: tuple[float, ...] = option((), "probe sparsities (default 0.5 0.6, quick 0.6)")
-    settings: tuple[str, ...] = option((), "method settings, e.g. 50% 2:4 (default 50% 60% 2:4, quick 60%)")
-    methods: tuple[str, ...] = option((), "methods on the shared weights (default atv wanda sparsegpt magnitude, "
-                                          "quick without sparsegpt)")
+    n_eval: int | None = option(None, "items per benchmark (default 20, quick 12; the text-only ones hold at most "
+                                      "44 and 40)")
+    probe_sparsities: tuple[float, ...] = option((), "probe sparsities (default 0.3 0.4 0.5, quick 0.4)")
+    pools: tuple[str, ...] = option((), "probe calibration pools (default text visual mixed, quick mixed)")
+    settings: tuple[str, ...] = option((), "method settings, e.g. 50% 2:4 (default 40% 50%, quick 40%)")
+    methods: tuple[str, ...] = option((), "methods on the shared weights, METHOD or METHOD+ALLOCATION (default atv "
+                                          "wanda atv+owl, plus atv+map with --allocation-map; quick atv wanda)")
+    allocation_map: Path | None = option(None, "a sensitivity map (atv probe --map folder or its "
+                                               "sensitivity_map.json) for the atv+map cells")
     batch_size: int = option(16, "evaluation items per forward")
     calib_batch_size: int = option(8, "calibration samples per forward (padded; padding is masked out)")
     run: ExecutorOptions = option(default_factory=ExecutorOptions, cli=False)  # probe and method cells: here or Ray
@@ -52,16 +61,35 @@ class DemoConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.nsamples = self.nsamples or (8 if self.quick else 32)
-        self.n_eval = self.n_eval or (6 if self.quick else 20)
-        self.probe_sparsities = tuple(self.probe_sparsities) or ((0.6,) if self.quick else (0.5, 0.6))
-        self.methods = tuple(self.methods) or (("atv", "wanda", "magnitude") if self.quick
-                                               else ("atv", "wanda", "sparsegpt", "magnitude"))
-        self.settings = tuple(self.settings) or (("60%",) if self.quick else ("50%", "60%", "2:4"))
+        self.n_eval = self.n_eval or (12 if self.quick else 20)
+        self.probe_sparsities = tuple(self.probe_sparsities) or ((0.4,) if self.quick else (0.3, 0.4, 0.5))
+        self.pools = tuple(self.pools) or (("mixed",) if self.quick else ("text", "visual", "mixed"))
+        with_map = ("atv+map",) if self.allocation_map is not None else ()
+        self.methods = tuple(self.methods) or (("atv", "wanda") if self.quick else ("atv", "wanda", "atv+owl")
+                                               + with_map)
+        self.settings = tuple(self.settings) or (("40%",) if self.quick else ("40%", "50%"))
         sizes = {"nsamples": self.nsamples, "n_eval": self.n_eval, "batch_size": self.batch_size,
                  "calib_batch_size": self.calib_batch_size}
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be >= 1")
+        if self.allocation_map is not None:
+            self.allocation_map = Path(self.allocation_map)
+        self.study_config(), self.compare_config()  # refuses a bad pool, sparsity, method or setting now
+
+    def study_config(self):
+        """The probe grid's :class:`~atv.experiments.probe_study.StudyConfig`."""
+        from .probe_study import StudyConfig
+
+        return StudyConfig(pools=self.pools, sparsities=self.probe_sparsities, seed=self.seed,
+                           batch_size=self.batch_size)
+
+    def compare_config(self):
+        """The method grid's :class:`~atv.experiments.compare.CompareConfig`."""
+        from .compare import CompareConfig
+
+        return CompareConfig(methods=self.methods, settings=self.settings, seed=self.seed, batch_size=self.batch_size,
+                             allocation_map=None if self.allocation_map is None else str(self.allocation_map))
 
 
 @dataclass
@@ -72,9 +100,12 @@ class DemoResult:
     method_table: str                         # mean retention per method x setting
     method_scores: str                        # per-benchmark scores of every cell
     differences: str                          # the findings' paired differences (mean retention, intervals)
+    verdicts: list[str]                       # what each finding's differences show, in words
     figures: list[str]
     skipped: dict[str, str]
-    seconds: dict[str, float]
+    seconds: dict[str, float]                 # wall time per step
+    cpu_seconds: dict[str, float]             # CPU time per step (user + system, this process and its children)
+    load_average: list[float] | None          # the machine's 1, 5 and 15 minute load averages at the end
 
 
 def _suite(config: DemoConfig) -> Path:
@@ -104,21 +135,22 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     from analysis.tables import differences_summary, method_table, probe_table, scores_table, to_markdown
     from atv.default_model import build_default_model
     from atv.experiments.cells import CellInputs
-    from atv.experiments.compare import CompareCells, CompareConfig, run_compare_cells, run_method_comparison
+    from atv.experiments.compare import CompareCells, run_compare_cells, run_method_comparison
     from atv.experiments.executors import make_executor
-    from atv.experiments.probe_study import ProbeCells, StudyConfig, run_probe_cells, run_probe_study
+    from atv.experiments.probe_study import ProbeCells, run_probe_cells, run_probe_study
     from atv.experiments.records import file_digest, model_inputs
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
     seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    cpu: dict[str, float] = {}
+    clock, cpu_clock = time.perf_counter(), cpu_seconds()
 
     def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = round(now - clock, 1)
-        clock = now
+        nonlocal clock, cpu_clock
+        now, cpu_now = time.perf_counter(), cpu_seconds()
+        seconds[name], cpu[name] = round(now - clock, 1), round(cpu_now - cpu_clock, 1)
+        clock, cpu_clock = now, cpu_now
 
     config.out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
@@ -134,9 +166,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
              "nsamples": config.nsamples, "calib_batch_size": config.calib_batch_size, "n_eval": config.n_eval,
              "calibration_ids": data_report.ids,
              "inputs": {**model_inputs(model_dir), "calibration file": file_digest(suite / "calib.json")}}
-    probe_config = StudyConfig(sparsities=config.probe_sparsities, seed=config.seed, batch_size=config.batch_size)
-    compare_config = CompareConfig(methods=config.methods, settings=config.settings, seed=config.seed,
-                                   batch_size=config.batch_size)
+    probe_config = config.study_config()
+    compare_config = config.compare_config()
     executor = make_executor(config.run)
     try:
         if executor.remote:  # every cell loads the model itself, as this process loaded it
@@ -172,16 +203,26 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     differences = finding_differences(probe.records, methods.records, config.seed)
     result = DemoResult(config.out, dense, to_markdown(probe_table(probe.records)),
                         to_markdown(method_table(methods.records)), to_markdown(scores_table(methods.records, label)),
-                        to_markdown(differences_summary(differences)), made, skipped, seconds)
+                        to_markdown(differences_summary(differences)), finding_verdicts(differences), made, skipped,
+                        seconds, cpu, _load_average())
     _write_report(result, config)
     return result
 
 
+FINDINGS = {  # finding -> the claim its pairs test (A − B > 0 when it holds)
+    "B": "the text pathway is more fragile than the visual one (visual path − text path, same pool)",
+    "A": "a path keeps more with its own modality's calibration pool (own pool − other pool)",
+    "methods": "ATV keeps more than Wanda on the shared weights (ATV − Wanda)",
+    "allocation": "a non-uniform allocation keeps more than the uniform one (METHOD+ALLOCATION − METHOD)",
+}
+
+
 def finding_pairs(probe_records: list[dict[str, Any]], method_records: list[dict[str, Any]]
                   ) -> list[tuple[str, str, str]]:
-    """(finding, cell A, cell B) of the study's claims, for the cells the logs hold: B, per sparsity and pool,
-    visual path vs text path (the text pathway is the more fragile); A, per sparsity, each path with its own
-    modality's pool vs the other's; methods, per setting, ATV vs Wanda."""
+    """(finding, cell A, cell B) of the study's claims (:data:`FINDINGS`), for the cells the logs hold: B, per
+    sparsity and pool, visual path vs text path (the text pathway is the more fragile); A, per sparsity, each
+    path with its own modality's pool vs the other's; methods, per setting, ATV vs Wanda; allocation, per
+    setting, each 'METHOD+ALLOCATION' vs its uniform METHOD."""
     from .compare import cell_label
 
     have = {cell_label(r) for r in probe_records + method_records}
@@ -191,9 +232,35 @@ def finding_pairs(probe_records: list[dict[str, Any]], method_records: list[dict
     pairs = [("B", f"visual/{q}/{s}", f"text/{q}/{s}") for s in sparsities for q in pools]
     pairs += [("A", f"{p}/{p}/{s}", f"{p}/{o}/{s}") for s in sparsities for p, o in (("text", "visual"),
                                                                                         ("visual", "text"))]
-    settings = list(dict.fromkeys(r["cell"]["setting"] for r in method_records if cell_label(r) != "dense"))
+    methods = [r["cell"] for r in method_records if cell_label(r) != "dense"]
+    settings = list(dict.fromkeys(c["setting"] for c in methods))
     pairs += [("methods", f"atv/{s}", f"wanda/{s}") for s in settings]
+    allocated = [m for m in dict.fromkeys(c["method"] for c in methods) if "+" in m]
+    pairs += [("allocation", f"{m}/{s}", f"{m.split('+')[0]}/{s}") for s in settings for m in allocated]
     return [pair for pair in pairs if pair[1] in have and pair[2] in have]
+
+
+def finding_verdicts(differences: list[dict[str, Any]], row: str = "mean retention") -> list[str]:
+    """One sentence per finding of ``differences`` (:func:`finding_differences`): its claim, in how many pairs
+    the 95% interval of A − B lies above 0 (holds), below 0 (reversed) or holds 0 (not separated), and every
+    pair's difference with its interval."""
+    lines = []
+    for finding, claim in FINDINGS.items():
+        rows = [(d["a"], d["b"], d["rows"][row]) for d in differences
+                if d.get("finding") == finding and row in d["rows"] and d["rows"][row].get("diff_ci")]
+        if not rows:
+            continue
+        verdicts = [_verdict(entry["diff_ci"]) for _, _, entry in rows]
+        counts = ", ".join(f"{word} in {verdicts.count(word)}" for word in ("holds", "reversed", "not separated")
+                           if word in verdicts)
+        pairs = "; ".join(f"{a} − {b} = {entry['diff']:.1f} [{entry['diff_ci'][0]:.1f}, {entry['diff_ci'][1]:.1f}]"
+                          f" ({verdict})" for (a, b, entry), verdict in zip(rows, verdicts))
+        lines.append(f"**{finding}**: {claim}. Of {len(rows)} pair(s): {counts}. {pairs}.")
+    return lines
+
+
+def _verdict(interval: list[float]) -> str:
+    return "holds" if interval[0] > 0 else "reversed" if interval[1] < 0 else "not separated"
 
 
 def finding_differences(probe_records: list[dict[str, Any]], method_records: list[dict[str, Any]],
@@ -258,7 +325,8 @@ def _analysis(model, calibration, calib_ids: list[str], suite: Path, config: Dem
 
 def _write_report(result: DemoResult, config: DemoConfig) -> Path:
     lines = [f"# ATV toolkit demo on smol-llava{' (quick)' if config.quick else ''}", "",
-             f"Seed {config.seed}; {config.nsamples} calibration samples; {config.n_eval} items per image benchmark.",
+             f"Seed {config.seed}; {config.nsamples} calibration samples; {config.n_eval} items per benchmark "
+             "(text-only benchmarks hold at most the items written).",
              "Values in brackets are 95% percentile-bootstrap intervals over the benchmark items (2000 resamples; "
              "retention resampled together with the dense model's items). A value without brackets comes from a "
              "record written before per-item scores were kept.",
@@ -275,12 +343,20 @@ def _write_report(result: DemoResult, config: DemoConfig) -> Path:
               "## Findings as paired differences (mean retention, % of dense)", "",
               "A − B resampled on the same items of both cells and of the dense model; 'separates': its 95% "
               "interval excludes 0. B: the visual path keeps more than the text path (same pool); A: a path keeps "
-              "more with its own modality's calibration pool; methods: ATV vs Wanda.", "",
-              result.differences or "(no pair with per-item scores)\n", "## Figures", ""]
+              "more with its own modality's calibration pool; methods: ATV vs Wanda; allocation: ATV with a "
+              "non-uniform allocation vs uniform ATV.", "",
+              result.differences or "(no pair with per-item scores)\n", "### What this run shows", "",
+              *(f"- {line}" for line in result.verdicts or ["(no finding with an interval)"]), "",
+              "'holds': the interval lies above 0; 'reversed': below 0; 'not separated': it holds 0 (this run "
+              "cannot tell).", "", "## Figures", ""]
     lines += [f"![{Path(p).stem}](figures/{Path(p).name})" for p in result.figures if p.endswith(".png")]
     if result.skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items())]
-    lines += ["", "## Time", "", timing_table(result.seconds)]
+    load = "" if result.load_average is None else (" Load average of the machine at the end (1, 5, 15 min): "
+                                                    + ", ".join(f"{v:.2f}" for v in result.load_average) + ".")
+    lines += ["", "## Time", "", "Wall and CPU time (user + system, this process and its children) per step; "
+              "'setup' includes building the default model when it is not cached." + load, "",
+              timing_table(result.seconds, result.cpu_seconds)]
     path = result.out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     (result.out / "demo.json").write_text(json.dumps({"config": asdict(config), **asdict(result)}, indent=2,
@@ -288,13 +364,31 @@ def _write_report(result: DemoResult, config: DemoConfig) -> Path:
     return path
 
 
-def timing_table(seconds: dict[str, float]) -> str:
-    """The steps' wall times as a Markdown table (m:ss and seconds), with their total."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children, in seconds."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def timing_table(seconds: dict[str, float], cpu: dict[str, float] | None = None) -> str:
+    """The steps' wall times as a Markdown table (m:ss and seconds), with their total; with ``cpu`` (step ->
+    CPU seconds) a CPU column too."""
     def clock(value: float) -> str:
         minutes, rest = divmod(round(value), 60)
         return f"{minutes}:{rest:02d}"
 
     rows = [*seconds.items(), ("total", sum(seconds.values()))]
-    lines = ["| step | wall time | seconds |", "|---|---:|---:|"]
-    lines += [f"| {step} | {clock(value)} | {value:.1f} |" for step, value in rows]
+    cpu_rows = None if cpu is None else {**cpu, "total": sum(cpu.values())}
+    lines = ["| step | wall time | seconds |" + (" CPU seconds |" if cpu_rows else ""),
+             "|---|---:|---:|" + ("---:|" if cpu_rows else "")]
+    for step, value in rows:
+        extra = "" if cpu_rows is None else (f" {cpu_rows[step]:.1f} |" if step in cpu_rows else " – |")
+        lines.append(f"| {step} | {clock(value)} | {value:.1f} |" + extra)
     return "\n".join(lines) + "\n"
