@@ -296,7 +296,9 @@ def _setup_extra(job: ProbeJob, dtype: str, calibration_ids: list[str], inputs: 
             **({"revision": job.load.revision} if job.load.revision else {})}
 
 
-def _run_here(job: ProbeJob, benches, inputs, progress: bool, processor) -> StudyResult:
+def _load_here(job: ProbeJob, inputs, processor) -> tuple[nn.Module, Any, list[dict[str, Any]], dict[str, Any]]:
+    """(model, processor, calibration batches, setup extra) as ``atv probe`` loads them in this process: seeded
+    first."""
     from transformers import set_seed
 
     from pruning.data import load_llava_conversations
@@ -308,29 +310,22 @@ def _run_here(job: ProbeJob, benches, inputs, progress: bool, processor) -> Stud
     calibration, calib_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
                                                          job.config.seed, job.max_length,
                                                          allow_outside=job.allow_outside_paths)
-    extra = _setup_extra(job, dtype_name(model), calib_report.ids, inputs)
+    return model, processor, calibration, _setup_extra(job, dtype_name(model), calib_report.ids, inputs)
+
+
+def _run_here(job: ProbeJob, benches, inputs, progress: bool, processor) -> StudyResult:
+    model, processor, calibration, extra = _load_here(job, inputs, processor)
     return run_probe_study(model, processor, calibration, benches, job.out, job.config, setup_extra=extra,
                            progress=progress, selection=job.selection)
 
 
 def _run_map_here(job: ProbeJob, benches, inputs, progress: bool, processor, executor) -> MapResult:
     """The sensitivity map, in this process (its cells share one calibration pass and one dense replay)."""
-    from transformers import set_seed
-
-    from pruning.data import load_llava_conversations
-    from pruning.io import load_model
-
     remote = executor is not None and executor.remote
     if remote or job.run.executor != "in-process" or job.selection.cells or job.selection.shard or job.selection.merge:
         raise ConfigError("--map runs in this process: drop --executor ray, --cells, --shard and --merge")
     with study_lock(job.out):
-        set_seed(job.config.seed)
-        model, loaded = load_model(job.model, job.load, with_processor=processor is None)
-        processor = processor if processor is not None else loaded
-        calibration, calib_report = load_llava_conversations(job.calib, job.images, processor, job.nsamples,
-                                                             job.config.seed, job.max_length,
-                                                             allow_outside=job.allow_outside_paths)
-        extra = _setup_extra(job, dtype_name(model), calib_report.ids, inputs)
+        model, processor, calibration, extra = _load_here(job, inputs, processor)
         return run_map_study(model, processor, calibration, benches, job.out, job.map_config, setup_extra=extra,
                              progress=progress)
 
