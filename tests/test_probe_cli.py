@@ -1,6 +1,5 @@
 """`atv probe` from the command line: a real SIGKILL mid-grid, resume, and bad input before any work."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_models import build_tiny
-from tiny_processors import save_model_dir, write_calibration
+from tiny_studies import study_files
 
 from atv.cli import main
 
@@ -19,16 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("probe")
-    model, _ = build_tiny("llava")
-    model_dir = save_model_dir("llava", model, tmp / "model")
-    calib, images = write_calibration(tmp / "calib", n=3)
-    bench = tmp / "look.jsonl"
-    items = [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown here",
-              "options": ["cat", "dog"], "answer": ["cat", "dog", "cat"][i]} for i in range(3)]
-    bench.write_text("\n".join(json.dumps(x) for x in items) + "\n")
-    return tmp, ["--model", str(model_dir), "--calib", str(calib), "--images", str(images), "--bench", str(bench),
-                 "--nsamples", "3", "--sparsities", "0.5", "0.6"]
+    made = study_files(tmp_path_factory.mktemp("probe"))
+    return made.tmp, [*made.args(made.bench), "--sparsities", "0.5", "0.6"]
 
 
 def _cli(args, **kwargs):

@@ -1,12 +1,9 @@
 """The probe study: grid, JSONL records, resume after an interruption, the published table layout."""
 
-import json
 
 import numpy as np
 import pytest
-from PIL import Image
-from tiny_models import build_tiny
-from tiny_processors import make_processor
+from tiny_studies import in_memory_study
 
 from analysis.tables import probe_table, to_csv, to_latex, to_markdown
 from atv.experiments.probe_study import StudyConfig, run_probe_study
@@ -20,20 +17,7 @@ class Interrupted(Exception):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench")
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir()
-    lines = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
-        lines.append({"id": f"q{i}", "image": f"images/{i}.png", "question": "what is shown here",
-                      "options": ["cat", "dog", "red"], "answer": ["cat", "dog", "red", "cat"][i]})
-    (folder / "look.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    texts = [{"id": "t0", "text": "the cat is red"}, {"id": "t1", "text": "one two three blue dog"}]
-    (folder / "fidelity.jsonl").write_text("\n".join(json.dumps(x) for x in texts) + "\n")
-    model, _ = build_tiny("llava", seed=0)
-    calibration = [build_tiny("llava", seed=s, batch=2, padded=True)[1] for s in (1, 2)]
-    return model, make_processor("llava", model), calibration, [folder / "look.jsonl", folder / "fidelity.jsonl"]
+    return in_memory_study(tmp_path_factory.mktemp("bench"), ("the cat is red", "one two three blue dog"))
 
 
 def _run(setup, out, **kwargs):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build_tiny
-from tiny_processors import save_model_dir, write_calibration
+from tiny_studies import study_files
 
 from atv.experiments.executors import ExecutorOptions, RayExecutor
 from atv.experiments.probe_study import ProbeJob, StudyConfig, run_probe_job
@@ -27,17 +26,8 @@ VICTIM = {"pathway": "text", "pool": "visual", "sparsity": 0.5}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ray")
-    model, _ = build_tiny("llava")
-    model_dir = save_model_dir("llava", model, tmp / "model")
-    calib, images = write_calibration(tmp / "calib", n=3)
-    bench = tmp / "look.jsonl"
-    items = [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown here",
-              "options": ["cat", "dog"], "answer": ["cat", "dog", "cat"][i]} for i in range(3)]
-    bench.write_text("\n".join(json.dumps(x) for x in items) + "\n")
-    fidelity = tmp / "fid.jsonl"
-    fidelity.write_text(json.dumps({"id": "t", "text": "the red cat is here"}) + "\n")
-    return tmp, model_dir, calib, images, (bench, fidelity)
+    made = study_files(tmp_path_factory.mktemp("ray"))
+    return made.tmp, made.model, made.calib, made.images, (made.bench, made.fidelity)
 
 
 def _job(files, out, run=None):

@@ -1,14 +1,13 @@
 """The sensitivity map (atv probe --map): cells, the dense-referenced KL / top-1 metric against a direct
 computation, resume, tables, the map file driving allocation='map', the heat map, and the CLI's refusals."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tiny_models import build_tiny
-from tiny_processors import make_processor
+from tiny_studies import in_memory_study
 
 from analysis.figures import make_figures
 from analysis.sensitivity_map import COLUMNS, map_table
@@ -37,20 +36,7 @@ class Interrupted(Exception):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench")
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir()
-    lines = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
-        lines.append({"id": f"q{i}", "image": f"images/{i}.png", "question": "what is shown here",
-                      "options": ["cat", "dog", "red"], "answer": ["cat", "dog", "red", "cat"][i]})
-    (folder / "look.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    texts = [{"id": "t0", "text": "the cat is red"}]
-    (folder / "fidelity.jsonl").write_text("\n".join(json.dumps(x) for x in texts) + "\n")
-    model, _ = build_tiny("llava", seed=0)
-    calibration = [build_tiny("llava", seed=s, batch=2, padded=True)[1] for s in (1, 2)]
-    return model, make_processor("llava", model), calibration, [folder / "look.jsonl", folder / "fidelity.jsonl"]
+    return in_memory_study(tmp_path_factory.mktemp("bench"), ("the cat is red",))
 
 
 def _run(setup, out, **kwargs):

@@ -1,15 +1,13 @@
 """`atv probe --cells PATTERN`, `--shard i/n` and `--merge`: which cells a run computes, shards one after the
 other and at once (two processes) give the table of one run, and bad selections are refused before any work."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import build_tiny
-from tiny_processors import save_model_dir, write_calibration
+from tiny_studies import study_files
 
 from atv.cli import main
 from atv.experiments.cells import CellSelection, cell_name, run_cells
@@ -113,18 +111,8 @@ def test_shard_measurements_become_records_on_the_whole_log(tmp_path):
 # -- from the command line, on a tiny model ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shards")
-    model, _ = build_tiny("llava")
-    model_dir = save_model_dir("llava", model, tmp / "model")
-    calib, images = write_calibration(tmp / "calib", n=3)
-    bench = tmp / "look.jsonl"
-    items = [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown here",
-              "options": ["cat", "dog"], "answer": ["cat", "dog", "cat"][i]} for i in range(3)]
-    bench.write_text("\n".join(json.dumps(x) for x in items) + "\n")
-    fidelity = tmp / "fid.jsonl"
-    fidelity.write_text(json.dumps({"id": "t", "text": "the red cat is here"}) + "\n")
-    return tmp, ["--model", str(model_dir), "--calib", str(calib), "--images", str(images), "--bench", str(bench),
-                 str(fidelity), "--nsamples", "3", "--sparsities", "0.5", "--batch-size", "2"]
+    made = study_files(tmp_path_factory.mktemp("shards"))
+    return made.tmp, [*made.args(made.bench, made.fidelity), "--sparsities", "0.5", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
