@@ -41,17 +41,25 @@ def map_values(records: Iterable[Mapping[str, Any]], metric: str = "kl") -> tupl
     return layers, values
 
 
-def _fmt(value: float, metric: str) -> str:
+def _fmt(value: float, metric: str, interval: list[float] | None = None) -> str:
+    """'0.0312' (KL) or '91.20' (top-1), with ' [low, high]' when the record has the interval."""
     if math.isnan(value):
         return "–"
-    return f"{value:.2f}" if metric == "top1" else f"{value:.4g}"
+    digits = (lambda v: f"{v:.2f}") if metric == "top1" else (lambda v: f"{v:.3g}")
+    point = digits(value) if metric == "top1" else f"{value:.4g}"
+    return point if interval is None else f"{point} [{digits(interval[0])}, {digits(interval[1])}]"
 
 
 def map_table(records: Iterable[Mapping[str, Any]], metric: str = "kl") -> Table:
-    """One row per decoder layer, one column per pathway-group (:data:`COLUMNS`), values of ``metric``."""
+    """One row per decoder layer, one column per pathway-group (:data:`COLUMNS`), values of ``metric`` with
+    their 95% bootstrap interval over the prompts (records written before intervals: the value alone)."""
+    records = list(records)
     layers, values = map_values(records, metric)
+    intervals = {(int(r["cell"]["layer"]), f"{r['cell']['pathway']}-{r['cell']['group']}"):
+                 (r.get("intervals") or {}).get(metric) for r in records if "layer" in r.get("cell", {})}
     header = ["layer"] + list(COLUMNS)
-    return header, [[str(layer)] + [_fmt(v, metric) for v in row] for layer, row in zip(layers, values)]
+    return header, [[str(layer)] + [_fmt(v, metric, intervals.get((layer, column))) for v, column in zip(row, COLUMNS)]
+                    for layer, row in zip(layers, values)]
 
 
 def map_figure(records: Iterable[Mapping[str, Any]]):

@@ -142,6 +142,16 @@ def score_interval(scores: Scores, name: str, boot: Bootstrap = DEFAULT_BOOTSTRA
     return percentile_interval(100.0 * means, boot.level)
 
 
+def mean_interval(values: Sequence[float] | np.ndarray, name: str, boot: Bootstrap = DEFAULT_BOOTSTRAP) -> Interval:
+    """Interval of the mean of any finite per-item ``values`` (e.g. a prompt's KL in nats, or its top-1 agreement
+    in %), in their own unit; ``name`` picks the random stream, as a benchmark's name does."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or not np.isfinite(array).all():
+        raise ValueError(f"{name!r}: per-item values must be a finite 1-D sequence, got shape {array.shape}")
+    index = bootstrap_indices(array.size, name, boot)
+    return percentile_interval(array[index].mean(axis=1), boot.level)
+
+
 def _retention_draws(cell: Mapping[str, Scores], dense: Mapping[str, Scores], boot: Bootstrap) -> dict[str, np.ndarray]:
     """Per benchmark of ``cell``: retention (%) on every resample, cell and dense on the same items."""
     missing = sorted(set(cell) - set(dense))

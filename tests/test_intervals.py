@@ -9,6 +9,7 @@ from evaluation.intervals import (
     Bootstrap,
     Interval,
     bootstrap_indices,
+    mean_interval,
     paired_differences,
     percentile_interval,
     retention_intervals,
@@ -64,6 +65,21 @@ def test_mean_retention_interval_averages_benchmarks_per_resample():
     low, high = np.percentile(np.mean(per, axis=0), [2.5, 97.5])
     got = retention_intervals(cell, dense, boot).mean
     assert (got.low, got.high) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_mean_interval_of_unbounded_values_matches_a_direct_loop():
+    """Per-prompt KL (nats, not in [0, 1]) is resampled in its own unit."""
+    kl = [0.02, 0.5, 1.75, 0.0, 0.31, 3.2, 0.07]
+    rng, means = _stream("map kl", seed=2), []
+    for _ in range(400):
+        means.append(float(np.mean([kl[int(i)] for i in rng.integers(0, len(kl), size=len(kl))])))
+    low, high = np.percentile(means, [2.5, 97.5])
+    got = mean_interval(kl, "map kl", Bootstrap(resamples=400, seed=2))
+    assert (got.low, got.high) == (pytest.approx(low), pytest.approx(high)) and got.low < np.mean(kl) < got.high
+    assert mean_interval([0.4] * 5, "map kl") == Interval(pytest.approx(0.4), pytest.approx(0.4))
+    for bad in ([0.1, float("nan")], [[0.1, 0.2]]):
+        with pytest.raises(ValueError, match="finite 1-D"):
+            mean_interval(bad, "map kl")
 
 
 def test_zero_variance_collapses_to_the_point():

@@ -15,6 +15,7 @@ from atv.cli import main
 from atv.experiments.records import RESULTS, read_records
 from atv.experiments.sensitivity_map import MapConfig, run_map_study
 from evaluation import load_benchmark
+from evaluation.intervals import Bootstrap, mean_interval, score_interval
 from evaluation.model_io import build_prompt, encode
 from evaluation.prompt_fidelity import (
     answer_prompts,
@@ -126,11 +127,28 @@ def test_table_layout_and_the_map_file(full):
     assert header == ["layer", *COLUMNS] == ["layer", "text-attn", "text-ffn", "visual-attn", "visual-ffn"]
     assert [row[0] for row in rows] == ["0", "1"]
     by_cell = {(r["cell"]["layer"], r["cell"]["pathway"], r["cell"]["group"]): r for r in full.records[1:]}
-    assert rows[1][2] == f"{by_cell[(1, 'text', 'ffn')]['kl']:.4g}"
-    assert map_table(full.records, "top1")[1][0][3] == f"{by_cell[(0, 'visual', 'attn')]['top1']:.2f}"
+    cell = by_cell[(1, "text", "ffn")]
+    low, high = cell["intervals"]["kl"]
+    assert rows[1][2] == f"{cell['kl']:.4g} [{low:.3g}, {high:.3g}]" and low <= cell["kl"] <= high
+    cell = by_cell[(0, "visual", "attn")]
+    low, high = cell["intervals"]["top1"]
+    assert map_table(full.records, "top1")[1][0][3] == f"{cell['top1']:.2f} [{low:.2f}, {high:.2f}]"
+    old = [{k: v for k, v in r.items() if k != "intervals"} for r in full.records]  # written before intervals
+    assert map_table(old, "kl")[1][1][2] == f"{by_cell[(1, 'text', 'ffn')]['kl']:.4g}"
     smap = read_sensitivity_map(full.out_dir)
     assert smap.num_layers == 2 and smap.sparsity == 0.7
     assert smap.kl == {key: r["kl"] for key, r in by_cell.items()}
+
+
+def test_cell_intervals_resample_the_stored_prompt_values(full):
+    for record in full.records:
+        boot = Bootstrap(**record["bootstrap"])
+        assert boot == Bootstrap(seed=0)
+        for metric in ("kl", "top1"):
+            want = mean_interval(record[f"{metric}_items"], f"map {metric}", boot).to_list()
+            assert record["intervals"][metric] == want
+    dense = full.records[0]
+    assert dense["intervals"] == {"kl": [0.0, 0.0], "top1": [100.0, 100.0]}  # every prompt agrees with itself
 
 
 def test_the_map_drives_the_map_allocation_at_the_same_budget(setup, full):
@@ -294,3 +312,17 @@ def test_the_map_scores_cells_by_replay_not_by_full_forwards(setup, tmp_path, mo
 
     monkeypatch.setattr(sensitivity_map, "prompt_fidelity", None)
     assert _run(setup, tmp_path / "fast").computed == 9
+
+
+def test_map_benchmarks_gives_retention_with_paired_intervals(setup, tmp_path):
+    model, processor, calibration, benches = setup
+    config = MapConfig(map_items=3, batch_size=2, map_benchmarks=True, map_groups=("ffn",))
+    result = run_map_study(model, processor, calibration, benches, tmp_path / "m", config, progress=False)
+    dense, cells = result.records[0], result.records[1:]
+    assert dense["mean_retention"] == 100.0 and dense["intervals"]["mean_retention"] == [100.0, 100.0]
+    for record in cells:
+        assert set(record["intervals"]) >= {"kl", "top1", "scores", "retention", "mean_retention"}
+        look = record["items"]["look"]["scores"]
+        assert record["intervals"]["scores"]["look"] == score_interval(look, "look", Bootstrap(seed=0)).to_list()
+        low, high = record["intervals"]["mean_retention"]
+        assert low <= record["mean_retention"] <= high

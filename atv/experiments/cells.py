@@ -227,7 +227,7 @@ def measure_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None
            "prune": None if report is None else prune_summary(report), "seconds": time.perf_counter() - start,
            "environment": environment(model)}
     if any(r.items for r in scores.results):
-        out["items"] = {r.name: _compact_items(r.items) for r in scores.results if r.items}
+        out["items"] = {r.name: compact_items(r.items) for r in scores.results if r.items}
         out["bootstrap"] = {"level": boot.level, "resamples": boot.resamples, "seed": boot.seed}
     return out
 
@@ -268,7 +268,7 @@ def cell_record(cell: Mapping[str, Any], scores: EvalReport | Mapping[str, float
         raise ToolkitError("the dense model scores 0 on every benchmark: retention is undefined")
     record.update(retention=kept.per_benchmark, mean_retention=kept.mean, seconds=seconds)
     if isinstance(scores, EvalReport) and any(r.items for r in scores.results):
-        record["items"] = {r.name: _compact_items(r.items) for r in scores.results if r.items}
+        record["items"] = {r.name: compact_items(r.items) for r in scores.results if r.items}
         record["intervals"] = record_intervals(record, dense or record, boot)
     return record
 
@@ -277,7 +277,7 @@ def cell_record(cell: Mapping[str, Any], scores: EvalReport | Mapping[str, float
 ITEM_DIGITS = 6  # item scores are kept to 6 decimals (0/1 as integers): the log stays small
 
 
-def _compact_items(items: Sequence[Any]) -> dict[str, Any]:
+def compact_items(items: Sequence[Any]) -> dict[str, Any]:
     ids = "\n".join(str(item.id) for item in items)
     scores = [int(i.score) if i.score in (0.0, 1.0) else round(i.score, ITEM_DIGITS) for i in items]
     return {"ids": hashlib.sha256(ids.encode("utf-8")).hexdigest()[:16], "scores": scores}

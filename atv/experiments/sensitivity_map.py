@@ -31,6 +31,7 @@ from torch import nn
 
 from analysis.sensitivity_map import map_table
 from analysis.tables import write_table
+from evaluation.intervals import Bootstrap, mean_interval
 from evaluation.prompt_fidelity import (
     Prompt,
     PromptFidelity,
@@ -54,8 +55,10 @@ from pruning.outputs import write_text_atomic
 from pruning.registry import get_scorer
 
 from .cells import (
-    cell_record,
+    ITEM_DIGITS,
     check_choices,
+    compact_items,
+    complete_record,
     dense_reference,
     evaluate_all,
     load_reference,
@@ -71,7 +74,6 @@ log = logging.getLogger(__name__)
 
 REFERENCE = "map_reference.pt"
 DENSE = {"pathway": "dense"}
-ITEM_DIGITS = 6  # per-prompt values are stored rounded to this many decimals
 
 
 @dataclass
@@ -286,16 +288,19 @@ def _score(cell, probe: MoTProbe, model, processor, scorer: PromptScorer, config
     start = time.perf_counter()
     prune = None if cell == DENSE else masks.prune_(cell)
     fidelity = scorer(model, processor, cell.get("layer", 0))
+    record: dict[str, Any] = {"cell": dict(cell), "prune": prune}
+    boot = Bootstrap(seed=config.seed)
     if config.map_benchmarks:
         scores = evaluate_all(model, processor, benches, reference=bench_reference, batch_size=config.batch_size,
-                              max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed)
-        record = {"cell": dict(cell), "scores": scores.scores(), "metrics": {r.name: r.metrics for r in scores.results},
-                  "prune": prune}
-    else:
-        record = {"cell": dict(cell), "prune": prune}
+                              max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed,
+                              return_items=True)
+        record.update(scores=scores.scores(), metrics={r.name: r.metrics for r in scores.results})
+        if any(r.items for r in scores.results):
+            record["items"] = {r.name: compact_items(r.items) for r in scores.results if r.items}
     record.update(kl=fidelity.kl, top1=fidelity.top1,
-                  kl_items=[round(v, ITEM_DIGITS) for v in fidelity.kl_items],
+                  kl_items=[float(f"{v:.6g}") for v in fidelity.kl_items],  # 6 significant digits: KL can be tiny
                   top1_items=[round(v, ITEM_DIGITS) for v in fidelity.top1_items],
+                  bootstrap={"level": boot.level, "resamples": boot.resamples, "seed": boot.seed},
                   seconds=time.perf_counter() - start, environment=environment(model))
     if cell == DENSE:
         record["prompts"] = [p.id for p in scorer.prompts]  # the items' order of kl_items / top1_items
@@ -303,12 +308,19 @@ def _score(cell, probe: MoTProbe, model, processor, scorer: PromptScorer, config
 
 
 def _map_record(measurement: Mapping[str, Any], dense: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A map cell's record: its measurement, with benchmark retention against ``dense`` when it was scored on
-    benchmarks (``--map-benchmarks``)."""
-    if "scores" not in measurement:
-        return dict(measurement)
-    kept = cell_record(measurement["cell"], measurement["scores"], measurement["prune"], dense)
-    return {**measurement, "retention": kept["retention"], "mean_retention": kept["mean_retention"]}
+    """A map cell's record: its measurement with the 95% bootstrap intervals of its mean KL and top-1 over the
+    prompts, and, when it was scored on benchmarks (``--map-benchmarks``), retention against ``dense`` with
+    intervals paired on the items."""
+    boot = Bootstrap(**measurement["bootstrap"])
+    record = dict(measurement)
+    intervals = {metric: mean_interval(measurement[f"{metric}_items"], f"map {metric}", boot).to_list()
+                 for metric in ("kl", "top1")}
+    if "scores" in measurement:
+        kept = complete_record(measurement, dense)
+        record.update(retention=kept["retention"], mean_retention=kept["mean_retention"])
+        intervals.update(kept.get("intervals", {}))
+    record["intervals"] = intervals
+    return record
 
 
 def sensitivity_map(records: Sequence[Mapping[str, Any]], num_layers: int, config: MapConfig) -> SensitivityMap:
