@@ -488,3 +488,19 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_eval: int | None = None, n
         (tmp / "suite.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log.info("wrote the benchmark suite (%d benchmarks, seed %d) to %s", len(config.benchmarks), seed, out)
     return out
+
+
+def write_prompt_suite(out_dir: str | Path, seed: int = 0, per_benchmark: int = 8, overwrite: bool = False) -> Path:
+    """Write question items of every image benchmark from the *train* split (``per_benchmark`` each) to
+    ``out_dir``, as harness files with their images and a ``suite.json``: prompts held out from the eval and
+    calib splits (no shared image), e.g. for the sensitivity map (``atv probe --map --bench``)."""
+    if per_benchmark < 1:
+        raise ConfigError(f"per_benchmark must be >= 1, got {per_benchmark}")
+    out = check_output_folder(out_dir, overwrite)
+    with atomic_folder(out, "suite") as tmp:
+        (tmp / "images").mkdir()
+        summary = {"seed": seed, "split": "train", "per_benchmark": per_benchmark, "benchmarks": {}}
+        for name in IMAGE_BENCHMARKS:
+            summary["benchmarks"][name] = write_items(tmp, name, make_items(name, "train", per_benchmark, seed))
+        (tmp / "suite.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return out

@@ -18,6 +18,7 @@ from atv.suite import (
     digit_indices,
     item_seed,
     make_items,
+    write_prompt_suite,
     write_suite,
 )
 from evaluation.benchmarks import CHOICE, FIDELITY
@@ -139,3 +140,20 @@ def test_bad_input_raises(suite, tmp_path):
     with pytest.raises(OutputExistsError, match="not empty"):
         write_suite(suite, n_eval=1)
     assert not list(tmp_path.glob(".*partial*"))  # failed writes leave nothing behind
+
+
+def test_prompt_suite_holds_train_items_of_every_image_benchmark(suite, tmp_path):
+    from evaluation import load_benchmark
+
+    prompts = write_prompt_suite(tmp_path / "prompts", seed=3, per_benchmark=4)
+    summary = json.loads((prompts / "suite.json").read_text())
+    assert list(summary["benchmarks"]) == list(IMAGE_BENCHMARKS) and summary["split"] == "train"
+    for name in IMAGE_BENCHMARKS:
+        bench = load_benchmark(prompts / f"{name}.jsonl")
+        want = make_items(name, "train", 4, seed=3)
+        assert [i.id for i in bench.items] == [i.id for i in want] and all(i.image is not None for i in bench.items)
+        eval_images = {p.read_bytes() for p in (suite / "images").glob(f"{name}-0*.png")}
+        assert not eval_images & {p.read_bytes() for p in (prompts / "images").glob(f"{name}-train-*.png")}
+    with pytest.raises(ConfigError, match="per_benchmark must be >= 1, got 0"):
+        write_prompt_suite(tmp_path / "none", per_benchmark=0)
+    assert not (tmp_path / "none").exists()
