@@ -118,14 +118,22 @@ def test_demo_config_rejects_bad_counts():
     quick = DemoConfig(quick=True)
     assert (quick.probe_sparsities, quick.pools, quick.methods, quick.settings, quick.n_eval, quick.nsamples) == (
         (0.4,), ("mixed",), ("atv", "wanda"), ("40%",), 12, 8)
+    assert not quick.map_step and quick.map_folder is None
     full = DemoConfig()
     assert (full.probe_sparsities, full.pools, full.methods, full.settings, full.n_eval, full.nsamples) == (
-        (0.3, 0.4, 0.5), ("text", "visual", "mixed"), ("atv", "wanda", "atv+owl"), ("40%", "50%"), 20, 32)
-    assert DemoConfig(allocation_map=Path("runs/map")).methods == ("atv", "wanda", "atv+owl", "atv+map")
+        (0.3, 0.4, 0.5), ("text", "visual", "mixed"), ("atv", "wanda", "atv+owl", "atv+map"), ("40%", "50%"), 20, 32)
+    assert full.map_step and full.map_folder == Path("runs/demo/map") and full.compare_config().allocation_map == \
+        str(Path("runs/demo/map"))
+    assert DemoConfig(no_map=True).methods == ("atv", "wanda", "atv+owl") and not DemoConfig(no_map=True).map_step
+    given = DemoConfig(allocation_map=Path("runs/map"))
+    assert given.methods == ("atv", "wanda", "atv+owl", "atv+map") and not given.map_step
+    assert given.map_folder == Path("runs/map")
+    with pytest.raises(ConfigError, match="map_items=0: must be >= 1"):
+        DemoConfig(map_items=0)
     with pytest.raises(ConfigError, match=r"unknown method 'atv\+best'"):
         DemoConfig(methods=("atv+best",))
     with pytest.raises(ConfigError, match="allocation 'map' needs allocation_map"):
-        DemoConfig(methods=("atv+map",))
+        DemoConfig(methods=("atv+map",), quick=True)
     with pytest.raises(ConfigError, match="unknown probe pool 'audio'"):
         DemoConfig(pools=("audio",))
 
@@ -144,3 +152,30 @@ def test_a_demo_probe_cell_is_recreated_by_atv_eval_with_its_recorded_scores(dem
     cell = next(r for r in records if r["cell"] == {"pathway": "text", "pool": "mixed", "sparsity": 0.4})
     assert printed["tasks"][0]["score"] == cell["scores"]["digit"]
     assert printed["probe"]["prune"]["mean_sparsity"] == pytest.approx(cell["prune"]["mean_sparsity"])
+
+
+def test_full_demo_maps_the_model_and_prunes_with_the_map(tmp_path):
+    """The full demo's map step on the stand-in: held-out prompts, the map, atv+map cells, the report's map section."""
+    model, _ = build_tiny("llava")
+    folder = save_model_dir("llava", model, tmp_path / "smol-stand-in")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("atv.default_model.build_default_model", lambda *a, **k: folder)
+        assert main(["demo", "--out", str(tmp_path / "demo"), "--nsamples", "2", "--n-eval", "2",
+                     "--calib-batch-size", "2", "--probe-sparsities", "0.5", "--pools", "mixed", "--settings", "40%",
+                     "--methods", "atv", "atv+map", "--map-items", "7"]) == 0
+    out = tmp_path / "demo"
+    prompts = json.loads((out / "map_prompts" / "suite.json").read_text())
+    assert prompts["split"] == "train" and prompts["per_benchmark"] == 1
+    setup = json.loads((out / "map" / "study.json").read_text())
+    assert setup["config"]["map_items"] == 7
+    map_records = [json.loads(line) for line in (out / "map" / "results.jsonl").read_text().splitlines()]
+    assert len(map_records) == 1 + 2 * 2 * 2 and all(len(r["kl_items"]) == 7 for r in map_records)
+    methods = [json.loads(line) for line in (out / "methods" / "results.jsonl").read_text().splitlines()]
+    allocated = next(r for r in methods if r["cell"]["method"] == "atv+map")
+    assert allocated["prune"]["config"]["allocation"] == "map"
+    report = (out / "report.md").read_text()
+    section = report.split("## Sensitivity map")[1].split("## Methods")[0]
+    assert "| projections | cells | text: mean KL | visual: mean KL | text − visual | separates |" in section
+    assert "| both | 8 |" in section and "**B (map)**" in report and "![sensitivity_map]" in report
+    summary = json.loads((out / "demo.json").read_text())
+    assert list(summary["seconds"]) == ["setup", "probe", "map", "methods", "analysis"]

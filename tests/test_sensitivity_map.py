@@ -13,7 +13,7 @@ from analysis.figures import make_figures
 from analysis.sensitivity_map import COLUMNS, map_table
 from atv.cli import main
 from atv.experiments.records import RESULTS, read_records
-from atv.experiments.sensitivity_map import MapConfig, run_map_study
+from atv.experiments.sensitivity_map import MapConfig, pathway_contrast, run_map_study
 from evaluation import load_benchmark
 from evaluation.intervals import Bootstrap, mean_interval, score_interval
 from evaluation.model_io import build_prompt, encode
@@ -28,7 +28,7 @@ from mot_probe.surgery import attach_probe_
 from pruning import PruneConfig, compute_masks, prune_
 from pruning.adapters import LlavaAdapter
 from pruning.allocation import read_sensitivity_map
-from pruning.errors import ConfigError, UnsupportedModelError
+from pruning.errors import ConfigError, ToolkitError, UnsupportedModelError
 
 
 class Interrupted(Exception):
@@ -326,3 +326,23 @@ def test_map_benchmarks_gives_retention_with_paired_intervals(setup, tmp_path):
         assert record["intervals"]["scores"]["look"] == score_interval(look, "look", Bootstrap(seed=0)).to_list()
         low, high = record["intervals"]["mean_retention"]
         assert low <= record["mean_retention"] <= high
+
+
+def test_pathway_contrast_by_hand():
+    def cell(layer, path, group, kl):
+        return {"cell": {"layer": layer, "pathway": path, "group": group, "sparsity": 0.7}, "kl_items": kl}
+
+    records = [{"cell": {"pathway": "dense"}, "kl_items": [0.0, 0.0, 0.0]},
+               cell(0, "text", "attn", [0.4, 0.2, 0.6]), cell(1, "text", "attn", [0.2, 0.2, 0.2]),
+               cell(0, "visual", "attn", [0.1, 0.1, 0.1]), cell(1, "visual", "attn", [0.1, 0.3, 0.2]),
+               cell(0, "text", "ffn", [1.0, 1.0, 1.0]), cell(0, "visual", "ffn", [0.5, 0.5, 0.5])]
+    attn = pathway_contrast(records, "attn", Bootstrap(resamples=300, seed=1))
+    per_prompt = [0.3 - 0.1, 0.2 - 0.2, 0.4 - 0.15]  # mean over layers of text minus visual, per prompt
+    assert attn["text"] == pytest.approx(0.3) and attn["visual"] == pytest.approx(0.15) and attn["cells"] == 4
+    assert attn["diff"] == pytest.approx(sum(per_prompt) / 3)
+    want = mean_interval(per_prompt, "map contrast attn", Bootstrap(resamples=300, seed=1)).to_list()
+    assert attn["diff_ci"] == pytest.approx(want)
+    both = pathway_contrast(records)
+    assert both["cells"] == 6 and both["text"] == pytest.approx((0.4 + 0.2 + 0.6 + 0.6 + 3.0) / 9)
+    with pytest.raises(ToolkitError, match="no visual cells of group 'ffn' with per-prompt KL"):
+        pathway_contrast(records[:-1], "ffn")

@@ -53,7 +53,10 @@ class DemoConfig:
     methods: tuple[str, ...] = option((), "methods on the shared weights, METHOD or METHOD+ALLOCATION (default atv "
                                           "wanda atv+owl, plus atv+map with --allocation-map; quick atv wanda)")
     allocation_map: Path | None = option(None, "a sensitivity map (atv probe --map folder or its "
-                                               "sensitivity_map.json) for the atv+map cells")
+                                               "sensitivity_map.json) for the atv+map cells, instead of the "
+                                               "full demo's own map step")
+    no_map: bool = option(False, "full demo: leave out the sensitivity map step and the atv+map cells")
+    map_items: int = option(16, "prompts of the map step (held-out questions of the suite's train split)")
     batch_size: int = option(16, "evaluation items per forward")
     calib_batch_size: int = option(8, "calibration samples per forward (padded; padding is masked out)")
     run: ExecutorOptions = option(default_factory=ExecutorOptions, cli=False)  # probe and method cells: here or Ray
@@ -64,18 +67,30 @@ class DemoConfig:
         self.n_eval = self.n_eval or (12 if self.quick else 20)
         self.probe_sparsities = tuple(self.probe_sparsities) or ((0.4,) if self.quick else (0.3, 0.4, 0.5))
         self.pools = tuple(self.pools) or (("mixed",) if self.quick else ("text", "visual", "mixed"))
-        with_map = ("atv+map",) if self.allocation_map is not None else ()
+        with_map = ("atv+map",) if self.map_folder is not None else ()
         self.methods = tuple(self.methods) or (("atv", "wanda") if self.quick else ("atv", "wanda", "atv+owl")
                                                + with_map)
         self.settings = tuple(self.settings) or (("40%",) if self.quick else ("40%", "50%"))
         sizes = {"nsamples": self.nsamples, "n_eval": self.n_eval, "batch_size": self.batch_size,
-                 "calib_batch_size": self.calib_batch_size}
+                 "calib_batch_size": self.calib_batch_size, "map_items": self.map_items}
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be >= 1")
         if self.allocation_map is not None:
             self.allocation_map = Path(self.allocation_map)
         self.study_config(), self.compare_config()  # refuses a bad pool, sparsity, method or setting now
+
+    @property
+    def map_step(self) -> bool:
+        """Whether the demo computes its own sensitivity map (the full demo, unless --no-map or a given map)."""
+        return not self.quick and not self.no_map and self.allocation_map is None
+
+    @property
+    def map_folder(self) -> Path | None:
+        """The sensitivity map the atv+map cells read: the given one, the map step's, or none."""
+        if self.allocation_map is not None:
+            return Path(self.allocation_map)
+        return self.out / "map" if self.map_step else None
 
     def study_config(self):
         """The probe grid's :class:`~atv.experiments.probe_study.StudyConfig`."""
@@ -89,7 +104,7 @@ class DemoConfig:
         from .compare import CompareConfig
 
         return CompareConfig(methods=self.methods, settings=self.settings, seed=self.seed, batch_size=self.batch_size,
-                             allocation_map=None if self.allocation_map is None else str(self.allocation_map))
+                             allocation_map=None if self.map_folder is None else str(self.map_folder))
 
 
 @dataclass
@@ -106,6 +121,7 @@ class DemoResult:
     seconds: dict[str, float]                 # wall time per step
     cpu_seconds: dict[str, float]             # CPU time per step (user + system, this process and its children)
     load_average: list[float] | None          # the machine's 1, 5 and 15 minute load averages at the end
+    map_summary: str = ""                     # the map step's text - visual KL contrasts (full demo)
 
 
 def _suite(config: DemoConfig) -> Path:
@@ -176,6 +192,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
             probe = run_probe_cells(ProbeCells(inputs, probe_config), config.out / "probe", executor,
                                     calibration_batches=len(calibration), setup_extra=extra, progress=progress)
             lap("probe")
+            sensitivity = _map_step(model, processor, calibration, config, extra, progress, lap)
             methods = run_compare_cells(CompareCells(inputs, compare_config), config.out / "methods", executor,
                                         calibration_batches=len(calibration), setup_extra=extra, progress=progress,
                                         dense_record=probe.records[0])
@@ -183,6 +200,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
             probe = run_probe_study(model, processor, calibration, benches, config.out / "probe", probe_config,
                                     setup_extra=extra, progress=progress)
             lap("probe")
+            sensitivity = _map_step(model, processor, calibration, config, extra, progress, lap)
             dense_state = copy.deepcopy(model.state_dict())
 
             def fresh_model():
@@ -201,10 +219,12 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     dense = _dense_summary(probe.records[0], suite)
     label = lambda r: f"{r['cell']['method']} {r['cell']['setting']}"  # noqa: E731
     differences = finding_differences(probe.records, methods.records, config.seed)
+    contrasts = map_contrasts(sensitivity.records, config.seed) if sensitivity is not None else {}
     result = DemoResult(config.out, dense, to_markdown(probe_table(probe.records)),
                         to_markdown(method_table(methods.records)), to_markdown(scores_table(methods.records, label)),
-                        to_markdown(differences_summary(differences)), finding_verdicts(differences), made, skipped,
-                        seconds, cpu, _load_average())
+                        to_markdown(differences_summary(differences)),
+                        finding_verdicts(differences) + map_verdicts(contrasts), made, skipped, seconds, cpu,
+                        _load_average(), _contrast_table(contrasts) if contrasts else "")
     _write_report(result, config)
     return result
 
@@ -282,6 +302,66 @@ def finding_differences(probe_records: list[dict[str, Any]], method_records: lis
     return found
 
 
+def _map_step(model, processor, calibration, config: DemoConfig, extra: dict[str, Any], progress: bool, lap):
+    """The full demo's sensitivity map (OUT/map) on the dense model, scored on held-out prompts (OUT/map_prompts:
+    the suite's train split); None when the demo has no map step."""
+    if not config.map_step:
+        return None
+    from atv.suite import IMAGE_BENCHMARKS, write_prompt_suite
+
+    from .sensitivity_map import MapConfig, run_map_study
+
+    folder, per = config.out / "map_prompts", -(-config.map_items // len(IMAGE_BENCHMARKS))
+    summary = folder / "suite.json"
+    if not summary.is_file():
+        write_prompt_suite(folder, seed=config.seed, per_benchmark=per)
+    saved = json.loads(summary.read_text(encoding="utf-8"))
+    if (saved.get("seed"), saved.get("per_benchmark")) != (config.seed, per):
+        raise ConfigError(f"{folder} holds map prompts written for seed {saved.get('seed')} and "
+                          f"{saved.get('per_benchmark')} per benchmark, not {config.seed} and {per}; use another --out")
+    result = run_map_study(model, processor, calibration, _benchmarks(folder), config.out / "map",
+                           MapConfig(map_items=config.map_items, seed=config.seed, batch_size=config.batch_size),
+                           setup_extra=extra, progress=progress)
+    lap("map")
+    return result
+
+
+def map_contrasts(records: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Finding B on the sensitivity map: text − visual KL over every layer, per projection group and for both
+    (:func:`~atv.experiments.sensitivity_map.pathway_contrast`)."""
+    from evaluation.intervals import Bootstrap
+
+    from .sensitivity_map import pathway_contrast
+
+    boot = Bootstrap(seed=seed)
+    return {name: pathway_contrast(records, group, boot) for name, group in (("attn", "attn"), ("ffn", "ffn"),
+                                                                             ("both", None))}
+
+
+def map_verdicts(contrasts: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence for finding B as the map measures it (KL: more is worse, so text − visual > 0 holds)."""
+    if not contrasts:
+        return []
+    verdicts = [_verdict(c["diff_ci"]) for c in contrasts.values()]
+    counts = ", ".join(f"{word} in {verdicts.count(word)}" for word in ("holds", "reversed", "not separated")
+                       if word in verdicts)
+    pairs = "; ".join(f"{name}: {c['diff']:.3g} [{c['diff_ci'][0]:.3g}, {c['diff_ci'][1]:.3g}] nats ({verdict})"
+                      for (name, c), verdict in zip(contrasts.items(), verdicts))
+    return [f"**B (map)**: pruning one layer's text path costs more KL than pruning its visual path (text − visual, "
+            f"mean over layers and held-out prompts). Of {len(contrasts)} group(s): {counts}. {pairs}."]
+
+
+def _contrast_table(contrasts: dict[str, dict[str, Any]]) -> str:
+    lines = ["| projections | cells | text: mean KL | visual: mean KL | text − visual | separates |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, c in contrasts.items():
+        low, high = c["diff_ci"]
+        separates = "yes" if low > 0 or high < 0 else "no"
+        lines.append(f"| {name} | {c['cells']} | {c['text']:.4g} | {c['visual']:.4g} | {c['diff']:.4g} "
+                     f"[{low:.3g}, {high:.3g}] | {separates} |")
+    return "\n".join(lines) + "\n"
+
+
 def _dense_summary(record: dict[str, Any], suite: Path) -> dict[str, Any]:
     summary = json.loads((suite / "suite.json").read_text(encoding="utf-8"))["benchmarks"]
     intervals = (record.get("intervals") or {}).get("scores", {})
@@ -338,6 +418,12 @@ def _write_report(result: DemoResult, config: DemoConfig) -> Path:
         lines.append(f"| {name} | {row['kind']} | {row['score']:.1f} | {interval} | {chance} |")
     lines += ["", "Fidelity scores are top-1 agreement with the dense model (100 by definition when dense).", "",
               "## MoT probe (mean retention, % of dense)", "", result.probe_table,
+              *(["## Sensitivity map (finding B layer by layer)", "",
+                 "One layer's text or visual path pruned at a time (its attention or FFN projections, 70% Wanda, mixed "
+                 "pool), scored by the mean KL of the next-token distributions against the dense model on held-out "
+                 "prompts (the suite's train split); table map/map_table.md, heat map figures/sensitivity_map.png. "
+                 "Per prompt, the mean KL over the text cells minus that over the visual cells; 95% interval over "
+                 "the prompts.", "", result.map_summary] if result.map_summary else []),
               "## Methods on the shared weights (mean retention, % of dense)", "", result.method_table,
               "Per benchmark (scores, %):", "", result.method_scores,
               "## Findings as paired differences (mean retention, % of dense)", "",

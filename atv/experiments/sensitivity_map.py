@@ -328,3 +328,28 @@ def sensitivity_map(records: Sequence[Mapping[str, Any]], num_layers: int, confi
     kl = {(int(r["cell"]["layer"]), r["cell"]["pathway"], r["cell"]["group"]): float(r["kl"])
           for r in records if "layer" in r["cell"]}
     return SensitivityMap(num_layers, config.map_sparsity, kl)
+
+
+def pathway_contrast(records: Sequence[Mapping[str, Any]], group: str | None = None,
+                     boot: Bootstrap | None = None) -> dict[str, Any]:
+    """How much more the text pathway costs than the visual one across the map: per prompt, the mean KL of
+    the text cells (every layer; ``group`` 'attn' or 'ffn' only, or both) minus that of the visual cells, then
+    the mean over the prompts with its 95% bootstrap interval (the prompts are resampled; text and visual
+    cells share them, so the difference is paired). Returns ``{"text", "visual", "diff", "diff_ci", "cells"}``
+    (KL in nats); ToolkitError when a pathway has no cell with per-prompt values."""
+    boot = boot or Bootstrap()
+    per_path, used = {}, 0
+    for path in PATHS:
+        rows = [r["kl_items"] for r in records if r["cell"].get("pathway") == path and "layer" in r["cell"]
+                and (group is None or r["cell"]["group"] == group) and r.get("kl_items")]
+        if not rows or len({len(row) for row in rows}) != 1:
+            raise ToolkitError(f"no {path} cells{'' if group is None else f' of group {group!r}'} with per-prompt KL "
+                               "of the same prompts among these map records")
+        per_path[path], used = [sum(column) / len(rows) for column in zip(*rows)], used + len(rows)
+    text, visual = per_path["text"], per_path["visual"]
+    if len(text) != len(visual):
+        raise ToolkitError("the text and visual cells of this map hold KL of different prompts")
+    diff = [t - v for t, v in zip(text, visual)]
+    interval = mean_interval(diff, f"map contrast {group or 'all'}", boot)
+    return {"text": sum(text) / len(text), "visual": sum(visual) / len(visual), "diff": sum(diff) / len(diff),
+            "diff_ci": interval.to_list(), "cells": used}
