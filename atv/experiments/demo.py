@@ -5,17 +5,19 @@ Steps (each resumable: re-running the same command skips what is finished):
 1. build (or reuse) the default model ``smol-llava`` and write the offline benchmark suite;
 2. evaluate the dense model (scores next to chance);
 3. the MoT probe grid (pathway x calibration pool x sparsity);
-4. ATV vs Wanda vs ATV with the OWL allocation on the shared weights (ATV with a sensitivity map's
-   allocation too, given a map);
-5. analysis artefacts (hidden states, pool masks, drift) and every figure;
-6. ``report.md`` with the tables (every value with its 95% bootstrap interval over items), the paired
+4. full demo: the sensitivity map (one layer's path pruned at a time, scored by KL on held-out prompts from
+   the suite's train split);
+5. ATV vs Wanda vs ATV with the OWL allocation and ATV with the map's allocation on the shared weights;
+6. analysis artefacts (hidden states, pool masks, drift) and every figure;
+7. ``report.md`` with the tables (every value with its 95% bootstrap interval over items), the paired
    differences behind the study's findings and what each shows, the figures and a timing table (wall and
    CPU time per step).
 
 The defaults sit where the 135M default model is not collapsed (30-50% sparsity; at 60% every method keeps
 about a third of the dense scores and the findings drown in noise). ``--quick`` probes both pathways at 40%
 with the mixed pool and compares ATV with Wanda at 40%, on 12 items per benchmark and 8 calibration samples:
-five evaluations, enough items for finding B's paired interval to separate from 0, in a few minutes.
+five evaluations and no map, enough items for finding B's paired interval to separate from 0, in a few
+minutes.
 """
 
 from __future__ import annotations
