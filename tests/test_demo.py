@@ -39,6 +39,7 @@ def test_demo_writes_tables_figures_and_report(demo_run):
     assert len(probe_cells) == 1 + 2  # dense + the two pathways with the mixed pool at one sparsity
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["dense"]) == set(json.loads((out / "suite" / "suite.json").read_text())["benchmarks"])
+    assert summary["skipped"] == {"sensitivity map": "this demo has no map step (the full demo has one)"}
 
 
 def test_demo_report_gives_intervals_findings_and_a_timing_table(demo_run):
