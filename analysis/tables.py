@@ -22,13 +22,16 @@ Table = tuple[list[str], list[list[str]]]  # (header, rows)
 _WITH_INTERVAL = re.compile(r"^([+-]?[0-9.]+) \[[+-]?[0-9.]+, [+-]?[0-9.]+\]$")
 
 
-def _pct(value: float | None, interval: Sequence[float] | None = None) -> str:
+def with_interval(value: float | None, interval: Sequence[float] | None = None) -> str:
     """'71.30', or '71.30 [64.0, 78.1]' with an interval; '–' for a missing value."""
     if value is None:
         return "–"
     if interval is None:
         return f"{value:.2f}"
     return f"{value:.2f} [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
+_pct = with_interval  # the short name the tables below use
 
 
 def record_interval(record: Mapping[str, Any], kind: str, name: str | None = None) -> list[float] | None:

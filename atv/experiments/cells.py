@@ -289,25 +289,33 @@ def record_items(record: Mapping[str, Any]) -> dict[str, list[float]]:
 
 
 def paired_items(record: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
-    """The benchmarks both records hold the same items of (same ids in the same order)."""
+    """The benchmarks both records hold the same items of (same ids in the same order, as many scores)."""
     mine, theirs = record.get("items") or {}, other.get("items") or {}
-    return [name for name in mine if name in theirs and mine[name]["ids"] == theirs[name]["ids"]]
+    return [name for name in mine if name in theirs and mine[name]["ids"] == theirs[name]["ids"]
+            and len(mine[name]["scores"]) == len(theirs[name]["scores"])]
 
 
 def record_intervals(record: Mapping[str, Any], dense: Mapping[str, Any], boot: Bootstrap = DEFAULT_BOOTSTRAP
                      ) -> dict[str, Any]:
     """Score intervals of every benchmark with items; retention intervals of those the dense record holds
     the same items of, and the mean retention's interval when that covers every retention benchmark."""
-    items = record_items(record)
-    dense_items = record_items(dense)
-    out: dict[str, Any] = {**boot.to_dict(),
-                           "scores": {name: score_interval(s, name, boot).to_list() for name, s in items.items()}}
+    scores = {name: score_interval(s, name, boot).to_list() for name, s in record_items(record).items()}
+    return {**boot.to_dict(), "scores": scores, **paired_retention(record, dense, boot)}
+
+
+def paired_retention(record: Mapping[str, Any], dense: Mapping[str, Any], boot: Bootstrap = DEFAULT_BOOTSTRAP
+                     ) -> dict[str, Any]:
+    """``{"retention": {bench: [low, high]}, "mean_retention": [low, high]}`` of a record ("items",
+    "retention") against the dense one's "items": per retention benchmark both hold the same items of (none
+    of them: ``{}``), and the mean when that covers every retention benchmark."""
+    items, dense_items = record_items(record), record_items(dense)
     paired = [name for name in paired_items(record, dense) if name in record["retention"]]
-    if paired:
-        kept = retention_intervals({n: items[n] for n in paired}, {n: dense_items[n] for n in paired}, boot)
-        out["retention"] = {n: None if i is None else i.to_list() for n, i in kept.per_benchmark.items()}
-        if set(paired) == set(record["retention"]) and kept.mean is not None:
-            out["mean_retention"] = kept.mean.to_list()
+    if not paired:
+        return {}
+    kept = retention_intervals({n: items[n] for n in paired}, {n: dense_items[n] for n in paired}, boot)
+    out: dict[str, Any] = {"retention": {n: None if i is None else i.to_list() for n, i in kept.per_benchmark.items()}}
+    if set(paired) == set(record["retention"]) and kept.mean is not None:
+        out["mean_retention"] = kept.mean.to_list()
     return out
 
 

@@ -1,5 +1,6 @@
 """``atv eval``: score one model (a folder, or a probe cell re-created in memory) on harness JSONL
-benchmarks and/or lmms-eval tasks, and its retention against a dense run.
+benchmarks and/or lmms-eval tasks, and its retention against a dense run (with 95% bootstrap intervals
+paired on the items, for the harness tasks whose per-item scores the dense run kept too).
 
 Tasks are told apart by form: an existing file or a name ending in ``.jsonl`` is a harness benchmark
 (:mod:`evaluation.harness`), anything else an lmms-eval task name (through :mod:`evaluation.lmms_bridge`,
@@ -35,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from analysis.tables import with_interval
 from evaluation.benchmarks import FIDELITY, Benchmark, load_benchmark
 from evaluation.harness import evaluate, fidelity_reference
 from evaluation.install import INSTALL_HINT
@@ -45,7 +47,7 @@ from pruning.io import LoadOptions, load_model
 from pruning.options import option
 from pruning.outputs import check_output_file, check_output_path, write_text_atomic
 
-from .cells import prune_summary
+from .cells import compact_items, paired_retention, prune_summary
 from .records import RESULTS, SETUP, read_records, read_setup
 from .share import CARD, append_results, environment, results_section
 
@@ -278,7 +280,7 @@ class EvalJob:
     images: Path | None = option(None, "calibration images (default: the study's, else <calib folder>/images)")
     dense_model: Path | None = option(None, "dense model for fidelity benchmarks (without --probe-from)")
     dense_results: Path | None = option(None, "dense run to compare with: an `atv eval` JSON or a probe "
-                                              "results.jsonl")
+                                              "results.jsonl (with per-item scores: paired retention intervals)")
     out: Path | None = option(None, "write the result JSON here")
     overwrite: bool = option(False, "replace an existing --out file")
     allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
@@ -362,6 +364,7 @@ class TaskScore:
     n: int | None = None
     stderr: float | None = None  # lmms-eval: the main metric's standard error (with --bootstrap-iters > 0)
     interval: list[float] | None = None  # harness: 95% bootstrap interval of the score over the items
+    items: dict[str, Any] | None = None  # harness: per-item scores, {"ids": digest of the item ids, "scores": [...]}
 
 
 @dataclass
@@ -371,6 +374,10 @@ class EvalResult:
     tasks: list[TaskScore]
     retention: dict[str, float] | None = None  # task -> % of the dense score (where the dense score is > 0)
     mean_retention: float | None = None
+    # 95% bootstrap intervals of the retention, paired on the items the dense run scored too (--dense-results
+    # with per-item scores); the mean's only when every retention task is paired
+    retention_intervals: dict[str, list[float] | None] | None = None
+    mean_retention_interval: list[float] | None = None
     seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)  # library versions, device, dtype
     seed: int = 0
@@ -386,8 +393,17 @@ class EvalResult:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def read_dense_scores(path: Path) -> dict[str, float]:
-    """Task -> score from an ``atv eval`` result JSON, or from the dense record of a probe/compare results.jsonl."""
+@dataclass
+class DenseRun:
+    """What ``--dense-results`` holds: task -> score, and task -> per-item scores where it kept them."""
+
+    scores: dict[str, float]
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {"ids": digest, "scores": [...]}
+
+
+def read_dense_run(path: Path) -> DenseRun:
+    """The dense scores (and per-item scores, where present) of an ``atv eval`` result JSON, or of the dense
+    record of a probe/compare results.jsonl. Files written before per-item scores were kept give none."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--dense-results {str(path)!r} does not exist")
@@ -396,12 +412,30 @@ def read_dense_scores(path: Path) -> dict[str, float]:
                  or r.get("cell", {}).get("method") == "dense"]
         if not dense:
             raise ConfigError(f"{path} holds no dense record; give an `atv eval` JSON of the dense model")
-        return {k: float(v) for k, v in dense[0]["scores"].items()}
+        scores, items = dense[0]["scores"], dense[0].get("items") or {}
+    else:
+        try:
+            tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+            scores = {task["name"]: task["score"] for task in tasks}
+            items = {task["name"]: task["items"] for task in tasks if task.get("items")}
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"--dense-results {str(path)!r} is not an `atv eval` result JSON ({err})") from None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {task["name"]: float(task["score"]) for task in data["tasks"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ConfigError(f"--dense-results {str(path)!r} is not an `atv eval` result JSON ({err})") from None
+        run = DenseRun({k: float(v) for k, v in scores.items()},
+                       {k: {"ids": str(v["ids"]), "scores": [float(x) for x in v["scores"]]} for k, v in items.items()})
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"--dense-results {str(path)!r}: unreadable scores or items ({err!r}); give the file "
+                          "`atv eval` or `atv probe` wrote") from None
+    bad = [k for k, v in run.items.items() if not all(0.0 <= x <= 1.0 for x in v["scores"])]
+    if bad:
+        raise ConfigError(f"--dense-results {str(path)!r}: item scores of {bad} are outside [0, 1]; give the file "
+                          "`atv eval` or `atv probe` wrote")
+    return run
+
+
+def read_dense_scores(path: Path) -> dict[str, float]:
+    """Task -> score from an ``atv eval`` result JSON, or from the dense record of a probe/compare results.jsonl."""
+    return read_dense_run(path).scores
 
 
 @dataclass
@@ -411,7 +445,7 @@ class _Plan:
     harness_paths: list[str]
     lmms_names: list[str]
     benches: list[Benchmark]
-    dense: dict[str, float] | None  # the dense run's scores (--dense-results)
+    dense: DenseRun | None  # the dense run's scores and items (--dense-results)
     manager: Any = None  # lmms-eval's task manager
     stock: Any = None  # evaluation.lmms_runs.StockModel (with --lmms-model)
 
@@ -432,7 +466,7 @@ def _plan(job: EvalJob) -> _Plan:
     benches = [load_benchmark(p, job.allow_outside_paths) for p in harness_paths]  # bad files fail before loading
     if lmms_names:
         require_lmms_eval(lmms_names)
-    dense = read_dense_scores(job.dense_results) if job.dense_results else None
+    dense = read_dense_run(job.dense_results) if job.dense_results else None
     plan = _Plan(harness_paths, lmms_names, benches, dense)
     if plan.fidelity and job.probe_from is None and job.dense_model is None:
         raise ConfigError(f"{[b.name for b in plan.fidelity]} measure fidelity to a dense model: pass --dense-model "
@@ -503,7 +537,8 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
                           seed=job.seed, return_items=True)
         boot = Bootstrap(seed=job.seed)
         tasks += [TaskScore(r.name, "harness", f"{r.kind} score (%)", r.score, dict(r.metrics), r.n,
-                            interval=score_interval([i.score for i in r.items], r.name, boot).to_list())
+                            interval=score_interval([i.score for i in r.items], r.name, boot).to_list(),
+                            items=compact_items(r.items))
                   for r in report.results]
     if plan.lmms_names:
         tasks += _lmms_scores(job, plan, loaded)
@@ -514,9 +549,10 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
                         _probe_record(job, loaded), tasks, environment=env, seed=job.seed,
                         lmms=_lmms_record(job, plan) if plan.lmms_names else None)
     if plan.dense is not None:
-        kept = defined_retention(result.scores(), plan.dense)
+        kept = defined_retention(result.scores(), plan.dense.scores)
         if kept is not None:
             result.retention, result.mean_retention = kept.per_benchmark, kept.mean
+            _pair_with_dense(result, plan.dense, Bootstrap(seed=job.seed))
     result.seconds = round(time.perf_counter() - start, 2)
     if is_main():
         if job.out is not None:
@@ -524,6 +560,22 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
         if job.out_card:
             _append_to_card(Path(job.model), result, job.seed)
     return result
+
+
+def _pair_with_dense(result: EvalResult, dense: DenseRun, boot: Bootstrap) -> None:
+    """Retention intervals of the tasks whose items the dense run scored too (same ids, as many); the others
+    keep the point value, and a log line says why."""
+    mine = {t.name: t for t in result.tasks}
+    found = paired_retention({"items": {n: t.items for n, t in mine.items() if t.items},
+                              "retention": result.retention}, {"items": dense.items}, boot)
+    result.retention_intervals = found.get("retention")
+    result.mean_retention_interval = found.get("mean_retention")
+    alone = [name for name in result.retention if name not in (result.retention_intervals or {})]
+    if alone:
+        why = {name: "no per-item scores (lmms-eval task)" if mine[name].items is None else
+               "the dense results hold no per-item scores of it" if name not in dense.items else
+               "the dense run scored other items" for name in alone}
+        log.warning("retention without interval for %s", "; ".join(f"{n}: {w}" for n, w in why.items()))
 
 
 def _lmms_scores(job: EvalJob, plan: _Plan, loaded: LoadedModel | None) -> list[TaskScore]:
@@ -576,11 +628,12 @@ def _probe_record(job: EvalJob, loaded: LoadedModel | None) -> dict[str, Any] | 
 def _append_to_card(folder: Path, result: EvalResult, seed: int) -> None:
     """Append the scores (and retention) to the model card of a pruned folder, atomically."""
     card = folder / CARD
-    kept = result.retention or {}
-    rows = [(t.name, t.metric, t.score, kept.get(t.name)) for t in result.tasks]
+    kept, kept_ci = result.retention or {}, result.retention_intervals or {}
+    rows = [(t.name, t.metric, t.score, t.interval, kept.get(t.name), kept_ci.get(t.name)) for t in result.tasks]
     sources = ", ".join(sorted({t.source for t in result.tasks}))
+    mean = with_interval(result.mean_retention, result.mean_retention_interval)
     title = f"atv eval: {sources}, seed {seed}" + ("" if result.mean_retention is None else
-                                                   f", mean retention {result.mean_retention:.2f}%")
+                                                   f", mean retention {mean} (% of dense)")
     write_text_atomic(card, append_results(card.read_text(encoding="utf-8"), results_section(title, rows)))
 
 
@@ -589,7 +642,8 @@ def _path_of(name: str, paths: list[str]) -> str | None:
     return next((p for p in paths if Path(p).stem == name), None)
 
 
-__all__ = ["EvalJob", "EvalResult", "LoadedModel", "ProbeCell", "StudySetup", "TaskScore", "is_harness_task",
-           "load_cell_for_bridge", "load_eval_model", "lmms_manifest", "read_dense_scores", "read_study_setup",
+__all__ = ["DenseRun", "EvalJob", "EvalResult", "LoadedModel", "ProbeCell", "StudySetup", "TaskScore",
+           "is_harness_task", "load_cell_for_bridge", "load_eval_model", "lmms_manifest", "read_dense_run",
+           "read_dense_scores", "read_study_setup",
            "require_lmms_eval",
            "run_eval_job"]

@@ -16,11 +16,13 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from analysis.tables import with_interval
 from pruning.adapters import get_adapter
 from pruning.engine import PruneReport
 from pruning.io import dtype_name
 
 CARD = "README.md"
+Interval = Sequence[float] | None  # [low, high] of a 95% bootstrap interval, or None
 _PACKAGES = ("atv-toolkit", "torch", "transformers", "accelerate", "lmms-eval")
 
 
@@ -137,11 +139,14 @@ def append_results(card: str, results_markdown: str) -> str:
     return "\n".join(lines).rstrip("\n") + "\n\n" + results_markdown.strip("\n") + "\n"
 
 
-def results_section(title: str, rows: Sequence[tuple[str, str, float, float | None]]) -> str:
-    """An evaluation section for the card: (task, metric, score, retention or None) rows."""
+def results_section(title: str, rows: Sequence[tuple[str, str, float, Interval, float | None, Interval]]) -> str:
+    """An evaluation section for the card: (task, metric, score, its interval, retention, its interval) rows;
+    a value with an interval reads ``71.30 [64.0, 78.1]``, a missing interval (None) leaves the value alone,
+    a missing retention is '-'."""
     lines = [f"### {title}", "", "| task | metric | score | retention (% of dense) |", "|---|---|---:|---:|"]
-    for task, metric, score, kept in rows:
-        lines.append(f"| {task} | {metric} | {score:.2f} | {'-' if kept is None else f'{kept:.2f}'} |")
+    for task, metric, score, score_ci, kept, kept_ci in rows:
+        lines.append(f"| {task} | {metric} | {with_interval(score, score_ci)} | "
+                     f"{'-' if kept is None else with_interval(kept, kept_ci)} |")
     return "\n".join(lines)
 
 
