@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import inspect
 import math
 import textwrap
@@ -334,13 +335,19 @@ def calls_after_layers(language_model: nn.Module, layers: nn.ModuleList) -> list
     loop over ``layers``, in the order they run (inner calls first); None when the forward's source cannot be read or
     holds no loop over ``layers``. Attributes that are not modules are listed too (the caller keeps the modules)."""
     attribute = next((name for name, child in language_model.named_children() if child is layers), None)
+    calls = None if attribute is None else _calls_after_loop(type(language_model), attribute)
+    return None if calls is None else list(calls)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_after_loop(cls: type, attribute: str) -> tuple[tuple[str, int], ...] | None:
+    """:func:`calls_after_layers` for the forward of class ``cls`` and its loop over ``self.<attribute>``, read once."""
     try:
-        source = textwrap.dedent(inspect.getsource(type(language_model).forward))
-    except (OSError, TypeError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
         return None
-    tree = ast.parse(source)
     loops = [node for node in ast.walk(tree) if isinstance(node, ast.For) and _reads_self(node.iter, attribute)]
-    if attribute is None or not loops:
+    if not loops:
         return None
     end = max(loop.end_lineno for loop in loops)
     calls: list[tuple[str, int]] = []
@@ -352,7 +359,7 @@ def calls_after_layers(language_model: nn.Module, layers: nn.ModuleList) -> list
             calls.append((node.func.attr, len(node.args) + len(node.keywords)))
 
     visit(tree)
-    return calls
+    return tuple(calls)
 
 
 def _reads_self(node: ast.AST, attribute: str | None, direct: bool = False) -> bool:
