@@ -223,9 +223,10 @@ def _prompt_batch(model: nn.Module, adapter, chunk: list[Prompt], inputs: dict) 
 
 
 def _scored_logits(model: nn.Module, adapter, hidden: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
-    """The logits (S, V) at the batch's scored positions from the last decoder layer's outputs (B, T, C)."""
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.scored.to(hidden.device))
-    return adapter.logits(model, rows)
+    """The logits (S, V) at the batch's scored positions from the last decoder layer's outputs (B, T, *state): state
+    (C,), or a hyper-connection model's streams, which its final modules reduce and expect as (B, T, ...)."""
+    rows = hidden.flatten(0, 1).index_select(0, batch.scored.to(hidden.device))
+    return adapter.logits(model, rows.unsqueeze(0))[0]
 
 
 def _check_against_forward(model: nn.Module, inputs: dict, batch: PromptBatch, logits: torch.Tensor) -> None:
@@ -238,6 +239,18 @@ def _check_against_forward(model: nn.Module, inputs: dict, batch: PromptBatch, l
         raise UnsupportedModelError(
             f"{type(model).__name__}: the logits replayed from the decoder layers differ from the model's forward by "
             f"{error:.3g} (scale {scale:.3g}); its adapter's replay or final_norm/logits miss what the model does")
+
+
+def check_replayed_logits(model: nn.Module, inputs: dict) -> None:
+    """The check :func:`prompt_states` runs on its first batch, on one batch of encoded ``inputs`` (input_ids,
+    attention_mask, ...): UnsupportedModelError when the logits replayed from the decoder layers at the scored positions
+    differ from the model's forward, or when the adapter cannot compute logits from the last layer's output."""
+    adapter = get_adapter(model)
+    with inference(model):
+        batch = _prompt_batch(model, adapter, [], inputs)
+        running = dataclasses.replace(batch.captured)
+        propagate_(model, adapter, [running], range(len(adapter.decoder_layers(model))))
+        _check_against_forward(model, inputs, batch, _scored_logits(model, adapter, running.hidden, batch))
 
 
 def prompt_states(model: nn.Module, processor, prompts: Sequence[Prompt], *, batch_size: int = 8,

@@ -109,8 +109,14 @@ class ProbeAdapter(Adapter):
         with self.probe.router.route(batch.visual):
             return self.inner.replay(model, index, hidden, batch, layer)
 
+    def final_modules(self, model: nn.Module) -> list[nn.Module]:
+        return self.inner.final_modules(model)
+
     def final_norm(self, model: nn.Module) -> nn.Module:
         return self.inner.final_norm(model)
+
+    def after_head(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        return self.inner.after_head(model, logits)
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return self.inner.logits(model, hidden)

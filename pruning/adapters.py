@@ -28,9 +28,12 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import inspect
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
@@ -276,6 +279,23 @@ class Adapter:
         return self.after_layer(model, index, out, batch.extras)
 
     # -- after the last layer --------------------------------------------------------------
+    def final_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules the language model applies, in order, to the last decoder layer's output: its final norm,
+        and before it, in multi-stream (hyper-connection) models, the step that reduces the streams to one.
+
+        Found in the language model's forward: the child modules it calls after its loop over the decoder layers
+        (:func:`calls_after_layers`); where that source cannot be read, the final norm by its name.
+        UnsupportedModelError when a module called there reads more than the hidden states (earlier layers' states)."""
+        language_model = self.language_model(model)
+        calls = calls_after_layers(language_model, self.decoder_layers(model)) or []
+        called = [(name, n) for name, n in calls if isinstance(getattr(language_model, name, None), nn.Module)]
+        wider = [name for name, n in called if n != 1]
+        if wider:
+            raise UnsupportedModelError(
+                f"{type(language_model).__name__} calls {wider[0]} after its decoder layers with more than their "
+                "output: what follows the last layer reads more than its output, so logits cannot be computed from it")
+        return [getattr(language_model, name) for name, _ in called] or [self.final_norm(model)]
+
     def final_norm(self, model: nn.Module) -> nn.Module:
         """The norm the language model applies to the last decoder layer's output, found by its name."""
         language_model = self.language_model(model)
@@ -287,11 +307,66 @@ class Adapter:
             f"{type(language_model).__name__} has no final norm named {'/'.join(_FINAL_NORMS)}; register an Adapter "
             "whose final_norm returns it")
 
+    def after_head(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to the LM head's outputs, from its text config: Granite's division by
+        ``logits_scaling``, Gemma-style soft-capping ``cap * tanh(logits / cap)`` by ``final_logit_softcapping``
+        (every transformers model whose config holds either applies it, in this arithmetic)."""
+        text = model.config.get_text_config()
+        scaling = getattr(text, "logits_scaling", None)
+        if scaling is not None:
+            logits = logits / scaling
+        cap = getattr(text, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """What the model makes of the last decoder layer's outputs ``hidden`` (..., C): the final norm, then the
-        LM head -> (..., V). Positions are independent here, so any subset of positions can be passed."""
-        norm, head = self.final_norm(model), model.get_output_embeddings()
-        return head(norm(hidden.to(execution_device(norm))).to(execution_device(head)))
+        """What the model makes of the last decoder layer's outputs ``hidden`` (B, T, *state), state (C,) or, with
+        hyper-connections, the streams ((N, C) or (N * C,)): :meth:`final_modules`, the LM head, :meth:`after_head`
+        -> (B, T, V). Positions are independent here, so any subset of positions can be passed as (1, S, *state)."""
+        for module in self.final_modules(model):
+            hidden = module(hidden.to(execution_device(module)))
+        head = model.get_output_embeddings()
+        return self.after_head(model, head(hidden.to(execution_device(head))))
+
+
+def calls_after_layers(language_model: nn.Module, layers: nn.ModuleList) -> list[tuple[str, int]] | None:
+    """(name, number of arguments) of every ``self.<name>(...)`` call that ``language_model``'s forward makes after its
+    loop over ``layers``, in the order they run (inner calls first); None when the forward's source cannot be read or
+    holds no loop over ``layers``. Attributes that are not modules are listed too (the caller keeps the modules)."""
+    attribute = next((name for name, child in language_model.named_children() if child is layers), None)
+    calls = None if attribute is None else _calls_after_loop(type(language_model), attribute)
+    return None if calls is None else list(calls)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_after_loop(cls: type, attribute: str) -> tuple[tuple[str, int], ...] | None:
+    """:func:`calls_after_layers` for the forward of class ``cls`` and its loop over ``self.<attribute>``, read once."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    loops = [node for node in ast.walk(tree) if isinstance(node, ast.For) and _reads_self(node.iter, attribute)]
+    if not loops:
+        return None
+    end = max(loop.end_lineno for loop in loops)
+    calls: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST) -> None:  # children first: the order in which nested calls run
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+        if isinstance(node, ast.Call) and node.lineno > end and _reads_self(node.func, None, direct=True):
+            calls.append((node.func.attr, len(node.args) + len(node.keywords)))
+
+    visit(tree)
+    return tuple(calls)
+
+
+def _reads_self(node: ast.AST, attribute: str | None, direct: bool = False) -> bool:
+    """``node`` is (``direct``) or contains an expression ``self.<attribute>`` (any attribute when None)."""
+    nodes = [node] if direct else list(ast.walk(node))
+    return any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+               and (attribute is None or n.attr == attribute) for n in nodes)
 
 
 def _as_keywords(layer: nn.Module, index: int, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -496,6 +571,34 @@ class Granite4VisionAdapter(GenericAdapter):
         mask = extras["vision_mask"].to(hidden.device)
         features = features.to(hidden.device, hidden.dtype)
         return hidden.masked_scatter(mask, (hidden[mask.squeeze(-1)] + features).view(-1))
+
+
+@register_adapter
+class MuseAdapter(GenericAdapter):
+    """Muse Spark and Muse Glimmer: their forward multiplies the LM head's outputs by the text config's
+    ``output_multiplier`` before the soft-cap; that field also scales the MoE router's logits, so its name alone
+    does not say that the logits are scaled, hence a registered entry (blocks still found by structure)."""
+
+    name = "muse"
+    model_types = ("muse_spark", "muse_glimmer")
+
+    def after_head(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        return super().after_head(model, logits * model.config.get_text_config().output_multiplier)
+
+
+@register_adapter
+class ChameleonAdapter(GenericAdapter):
+    """Chameleon: its forward sets the logits of the image-code vocabulary (the VQ tokens, begin/end-image markers
+    excepted) to the lowest float, so that text generation never samples them; the ids come from the model's
+    vocabulary mapping (blocks still found by structure)."""
+
+    name = "chameleon"
+    model_types = ("chameleon",)
+
+    def after_head(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        logits = super().after_head(model, logits)
+        logits[..., self.language_model(model).vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+        return logits
 
 
 # Replay may differ from the forward by float noise at most (kernels that reduce in another order).

@@ -79,7 +79,9 @@ def check_logits(model: torch.nn.Module, inputs: dict) -> None:
     with torch.no_grad():
         got = get_adapter(model).logits(model, replayed(model, inputs))
     want = logits(model, inputs)
-    assert got.shape == want.shape and torch.equal(got, want), \
+    assert got.shape == want.shape, \
+        f"replayed logits have shape {tuple(got.shape)}, the full forward's {tuple(want.shape)}"
+    assert torch.equal(got, want), \
         f"replayed logits differ from the full forward by {float((got - want).abs().max()):.3g}"
 
 

@@ -6,7 +6,7 @@ import torch
 from family_checks import check_logits, replayed
 from tiny_models import BOI, EOI, FAMILIES, IMAGE, VEND, VIDEO, VSTART, build_tiny
 
-from pruning.adapters import GenericAdapter, get_adapter, supported_model_types
+from pruning.adapters import GenericAdapter, calls_after_layers, get_adapter, supported_model_types
 from pruning.errors import UnsupportedModelError
 
 
@@ -48,6 +48,38 @@ def test_a_language_model_without_a_known_final_norm_is_named():
     del language_model.norm
     with pytest.raises(UnsupportedModelError, match="LlamaModel has no final norm named norm/"):
         get_adapter(model).final_norm(model)
+
+
+class _StreamsLM(torch.nn.Module):
+    """A language model whose forward reduces two residual streams, then norms, after its layer loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+        self.norm, self.reduce, self.scale = torch.nn.LayerNorm(4), torch.nn.Flatten(-2), torch.nn.Identity()
+
+    def forward(self, h):
+        h = self.scale(h)
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(
+            self.reduce(h))
+        return h
+
+
+def test_final_modules_are_the_ones_the_forward_calls_after_its_layer_loop_in_order():
+    lm = _StreamsLM()
+    assert calls_after_layers(lm, lm.blocks) == [("reduce", 1), ("norm", 1)]
+    assert calls_after_layers(lm, torch.nn.ModuleList()) is None  # not its layers: no loop over them
+    adapter = GenericAdapter()
+    adapter.language_model, adapter.decoder_layers = (lambda model: lm), (lambda model: lm.blocks)
+    assert adapter.final_modules(None) == [lm.reduce, lm.norm]
+    namespace = {}  # a class whose source cannot be read: the final norm by its name
+    exec("import torch\nclass Unread(torch.nn.Module):\n    def forward(self, h):\n        return h\n", namespace)
+    unread = namespace["Unread"]()
+    unread.layers, unread.final_layernorm = torch.nn.ModuleList(), torch.nn.LayerNorm(4)
+    adapter.language_model, adapter.decoder_layers = (lambda model: unread), (lambda model: unread.layers)
+    assert adapter.final_modules(None) == [unread.final_layernorm]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
