@@ -119,8 +119,9 @@ def test_demo_config_rejects_bad_counts():
     quick = DemoConfig(quick=True)
     assert (quick.probe_sparsities, quick.pools, quick.methods, quick.settings, quick.n_eval, quick.nsamples) == (
         (0.4,), ("mixed",), ("atv", "wanda"), ("40%",), 12, 8)
-    assert not quick.map_step and quick.map_folder is None
+    assert not quick.map_step and quick.map_folder is None and quick.out == Path("runs/demo-quick")
     full = DemoConfig()
+    assert full.out == Path("runs/demo")  # the quick and full demos do not share a folder
     assert (full.probe_sparsities, full.pools, full.methods, full.settings, full.n_eval, full.nsamples) == (
         (0.3, 0.4, 0.5), ("text", "visual", "mixed"), ("atv", "wanda", "atv+owl", "atv+map"), ("40%", "50%"), 20, 32)
     assert full.map_step and full.map_folder == Path("runs/demo/map") and full.compare_config().allocation_map == \

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    out: Path = option(Path("runs/demo"), "output folder (suite, results, figures, report.md)")
+    out: Path | None = option(None, "output folder (suite, results, figures, report.md; default runs/demo, with "
+                                    "--quick runs/demo-quick)")
     quick: bool = option(False, "smaller grid, fewer items and calibration samples (a few minutes)")
     seed: int = option(0, "seed of the suite, the calibration sampling and the pruners")
     cache_dir: Path | None = option(None, "where the default model is built (default $ATV_CACHE or "
@@ -64,7 +65,7 @@ class DemoConfig:
     run: ExecutorOptions = option(default_factory=ExecutorOptions, cli=False)  # probe and method cells: here or Ray
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
+        self.out = Path(self.out) if self.out is not None else Path("runs/demo-quick" if self.quick else "runs/demo")
         self.nsamples = self.nsamples or (8 if self.quick else 32)
         self.n_eval = self.n_eval or (12 if self.quick else 20)
         self.probe_sparsities = tuple(self.probe_sparsities) or ((0.4,) if self.quick else (0.3, 0.4, 0.5))
