@@ -150,9 +150,13 @@ class RoutedLinear(RoutedModule):
         if mask is None:
             raise RoutingError(f"routed forward needs a modality mask of shape {tuple(x.shape[:-1])}, got None; "
                                "call the model with input_ids (the probe routes by the visual token ids)")
-        if not tokens_align(mask.shape, x.shape[:-1]):
-            return visual(x)  # rows that are not the tokens: the image memory a cross-attention layer reads
         text_idx, visual_idx = self.router.split(x.device)
+        if not tokens_align(mask.shape, x.shape[:-1]):
+            if visual_idx.numel() == 0:
+                raise RoutingError(f"input rows {tuple(x.shape[:-1])} are not the batch's tokens {tuple(mask.shape)} "
+                                   "and the batch holds no image: the probe can route such rows only as the image "
+                                   "memory a cross-attention layer reads")
+            return visual(x)  # rows that are not the tokens: the image memory a cross-attention layer reads
         if visual_idx.numel() == 0:
             return text(x)
         if text_idx.numel() == 0:
