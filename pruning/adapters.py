@@ -471,9 +471,9 @@ def _check_rebuilt(model: nn.Module, loop: LayerLoop, recorded: list[dict[str, A
         if changed:
             raise UnsupportedModelError(
                 f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): its loop over the "
-                f"decoder layers rebuilds the argument {name!r} of layer {changed[0]} from the hidden states of earlier "
-                "layers (e.g. block attention residuals over several residual blocks); the layer-by-layer replay does "
-                "not carry state between layers, so it cannot reproduce this model")
+                f"decoder layers rebuilds the argument {name!r} of layer {changed[0]} from the hidden states of "
+                "earlier layers (e.g. block attention residuals over several residual blocks); the layer-by-layer "
+                "replay does not carry state between layers, so it cannot reproduce this model")
 
 
 def _reads_self(node: ast.AST, attribute: str | None, direct: bool = False) -> bool:
