@@ -12,7 +12,8 @@ structure cannot tell.
 
 Capture works the same way for every family: each decoder layer's ``forward`` is swapped for a
 recorder that stores the keyword arguments the model passes to it (attention mask, rotary
-embeddings, ...) and returns its input unchanged, so one cheap pass records the per-layer
+embeddings, ...) and returns its input unchanged (as ``(hidden, None, ...)`` where the model's loop unpacks a
+tuple from each layer: see :func:`layer_loop`), so one cheap pass records the per-layer
 arguments of every layer, including families whose layers receive different masks or rotary
 tables (Gemma3's sliding and full layers). Families that change the hidden states *between*
 layers (Qwen3-VL's DeepStack) record what they need and re-apply it in :meth:`after_layer`.
@@ -219,7 +220,8 @@ class Adapter:
         """Run ``model`` on ``inputs`` with every decoder layer replaced by a recorder.
 
         The recorders return their input, so the pass costs the embeddings and the vision tower
-        only; the last one stops the forward before the final norm and the LM head.
+        only; the last one stops the forward before the final norm and the LM head. UnsupportedModelError when the
+        model's layer loop rebuilds a layer argument from later layers' hidden states (:func:`layer_loop`).
         """
         if "input_ids" not in inputs:
             raise CalibrationError("calibration inputs need 'input_ids' (to locate visual tokens); got keys "
