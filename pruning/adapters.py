@@ -12,7 +12,8 @@ structure cannot tell.
 
 Capture works the same way for every family: each decoder layer's ``forward`` is swapped for a
 recorder that stores the keyword arguments the model passes to it (attention mask, rotary
-embeddings, ...) and returns its input unchanged, so one cheap pass records the per-layer
+embeddings, ...) and returns its input unchanged (as ``(hidden, None, ...)`` where the model's loop unpacks a
+tuple from each layer: see :func:`layer_loop`), so one cheap pass records the per-layer
 arguments of every layer, including families whose layers receive different masks or rotary
 tables (Gemma3's sliding and full layers). Families that change the hidden states *between*
 layers (Qwen3-VL's DeepStack) record what they need and re-apply it in :meth:`after_layer`.
@@ -219,18 +220,20 @@ class Adapter:
         """Run ``model`` on ``inputs`` with every decoder layer replaced by a recorder.
 
         The recorders return their input, so the pass costs the embeddings and the vision tower
-        only; the last one stops the forward before the final norm and the LM head.
+        only; the last one stops the forward before the final norm and the LM head. UnsupportedModelError when the
+        model's layer loop rebuilds a layer argument from later layers' hidden states (:func:`layer_loop`).
         """
         if "input_ids" not in inputs:
             raise CalibrationError("calibration inputs need 'input_ids' (to locate visual tokens); got keys "
                                    f"{sorted(inputs)}")
         layers = self.decoder_layers(model)
+        loop = layer_loop(self.language_model(model), layers)
         recorded: list[dict[str, Any] | None] = [None] * len(layers)
         first: dict[str, torch.Tensor] = {}
         extras: dict[str, Any] = {}
 
-        def recorder(index: int) -> Callable[..., torch.Tensor]:
-            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def recorder(index: int) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
                 hidden = args[0] if args else kwargs.pop("hidden_states")
                 if len(args) > 1:
                     kwargs = _as_keywords(layers[index], index, args, kwargs)
@@ -239,7 +242,8 @@ class Adapter:
                 recorded[index] = kwargs
                 if index == len(layers) - 1:
                     raise _CaptureDone
-                return hidden
+                # what the layer returns, in structure: the loop unpacks (hidden, *state) from some layers' calls
+                return hidden if loop.arity is None else (hidden,) + (None,) * (loop.arity - 1)
             return forward
 
         # an instance-level forward (e.g. an accelerate offload hook) is put back afterwards
@@ -260,6 +264,7 @@ class Adapter:
                     layer.forward = forward
         if "hidden" not in first or any(kw is None for kw in recorded):
             raise UnsupportedModelError(f"{type(model).__name__}: the forward did not call every decoder layer")
+        _check_rebuilt(model, loop, recorded)
         input_ids = inputs["input_ids"]
         if tuple(first["hidden"].shape[:2]) != tuple(input_ids.shape):
             raise UnsupportedModelError(
@@ -274,9 +279,27 @@ class Adapter:
                layer: nn.Module | None = None) -> torch.Tensor:
         """Run decoder layer ``index`` (or ``layer``, e.g. an offloaded copy) on ``hidden`` as the model would."""
         layer = self.decoder_layers(model)[index] if layer is None else layer
-        out = layer(hidden, **batch.layer_kwargs[index])
+        kwargs = batch.layer_kwargs[index]
+        try:
+            out = layer(hidden, **kwargs)
+        except (ValueError, TypeError, AttributeError) as error:
+            self._explain_carried(model, index, kwargs, error)
+            raise
         out = out[0] if isinstance(out, tuple) else out
         return self.after_layer(model, index, out, batch.extras)
+
+    def _explain_carried(self, model: nn.Module, index: int, kwargs: Mapping[str, Any], error: Exception) -> None:
+        """UnsupportedModelError (from ``error``) when layer ``index`` failed while reading state that the model hands
+        it from the previous layer's output (e.g. a "shared" sparse-attention indexer reusing the previous layer's
+        top-k): the replay passes what capture recorded, None, since it does not carry state between layers."""
+        loop = layer_loop(self.language_model(model), self.decoder_layers(model))
+        missing = [name for name in loop.carried if index > 0 and kwargs.get(name) is None]
+        if missing:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): decoder layer "
+                f"{index} reads {missing[0]!r} from the previous layer's output (e.g. a \"shared\" sparse-attention "
+                "indexer reusing its top-k), state the layer-by-layer replay does not carry between layers, so it "
+                f"cannot replay this model ({error})") from error
 
     # -- after the last layer --------------------------------------------------------------
     def final_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -360,6 +383,99 @@ def _calls_after_loop(cls: type, attribute: str) -> tuple[tuple[str, int], ...] 
 
     visit(tree)
     return tuple(calls)
+
+
+@dataclass(frozen=True)
+class LayerLoop:
+    """What a language model's loop over its decoder layers does around each layer's call, read from its source.
+
+    arity: how many names the loop unpacks each call's result into ((hidden, state...)), None: not unpacked.
+    carried: keyword of the call -> the position of the previous call's result it receives (state between layers).
+    rebuilt: keywords of the call whose values the loop rebuilds from the hidden states (e.g. block residuals).
+    """
+
+    arity: int | None = None
+    carried: dict[str, int] = field(default_factory=dict)
+    rebuilt: tuple[str, ...] = ()
+
+
+def layer_loop(language_model: nn.Module, layers: nn.ModuleList) -> LayerLoop:
+    """The :class:`LayerLoop` of ``language_model``'s forward; the default (nothing between layers) when its source
+    cannot be read or its loop over ``layers`` cannot be found."""
+    attribute = next((name for name, child in language_model.named_children() if child is layers), None)
+    loop = None if attribute is None else _layer_loop(type(language_model), attribute, type(layers[0]))
+    return LayerLoop() if loop is None else loop
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_loop(cls: type, attribute: str, layer_cls: type) -> LayerLoop | None:
+    """:func:`layer_loop` for the forward of class ``cls``, its loop over ``self.<attribute>`` of ``layer_cls``."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for loop in (node for node in ast.walk(tree) if isinstance(node, ast.For) and _reads_self(node.iter, attribute)):
+        call = _layer_call(loop, attribute)
+        if call is not None:
+            return _read_loop(loop, call, layer_cls)
+    return None
+
+
+def _layer_call(loop: ast.For, attribute: str) -> ast.Call | None:
+    """The call of a decoder layer in ``loop``: of the loop variable, or of ``self.<attribute>[...]``."""
+    bound = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+    for node in ast.walk(loop):
+        if isinstance(node, ast.Call) and node.args and (
+                (isinstance(node.func, ast.Name) and node.func.id in bound)
+                or (isinstance(node.func, ast.Subscript) and _reads_self(node.func.value, attribute, direct=True))):
+            return node
+    return None
+
+
+def _read_loop(loop: ast.For, call: ast.Call, layer_cls: type) -> LayerLoop:
+    hidden = call.args[0].id if isinstance(call.args[0], ast.Name) else None
+    unpacked: list[str] = []
+    outputs: set[str] = set()
+    for node in ast.walk(loop):
+        if isinstance(node, ast.Assign) and node.value is call:
+            target = node.targets[0]
+            if isinstance(target, ast.Tuple):
+                unpacked = [t.id if isinstance(t, ast.Name) else "" for t in target.elts]
+            outputs |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    params = [p.name for p in inspect.signature(layer_cls.forward).parameters.values()][2:]  # after self, hidden
+    passed = {params[i]: arg.id for i, arg in enumerate(call.args[1:])
+              if i < len(params) and isinstance(arg, ast.Name)}
+    passed.update({kw.arg: kw.value.id for kw in call.keywords if kw.arg and isinstance(kw.value, ast.Name)})
+    layer_states = outputs | ({hidden} if hidden else set())
+    carried = {key: unpacked.index(name) for key, name in passed.items() if name in unpacked[1:]}
+    rebuilt = tuple(key for key, name in passed.items() if key not in carried and name not in layer_states
+                    and _assigned_from(loop, name, layer_states))
+    return LayerLoop(len(unpacked) or None, carried, rebuilt)
+
+
+def _assigned_from(loop: ast.For, name: str, sources: set[str]) -> bool:
+    """``loop`` assigns ``name`` a value that reads one of ``sources``."""
+    for node in ast.walk(loop):
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(n, ast.Name) and n.id == name for t in targets for n in ast.walk(t)) and any(
+                    isinstance(n, ast.Name) and n.id in sources for n in ast.walk(node.value)):
+                return True
+    return False
+
+
+def _check_rebuilt(model: nn.Module, loop: LayerLoop, recorded: list[dict[str, Any]]) -> None:
+    """UnsupportedModelError when the loop rebuilt an argument from the hidden states after a layer past the first:
+    capture's recorders return their input, so that value (and, after pruning, the replayed one) would be wrong.
+    An update after layer 0 alone reads what capture holds exactly (layer 0's input) and is checked by replay."""
+    for name in loop.rebuilt:
+        changed = [i for i in range(2, len(recorded)) if recorded[i].get(name) is not recorded[i - 1].get(name)]
+        if changed:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): its loop over the "
+                f"decoder layers rebuilds the argument {name!r} of layer {changed[0]} from the hidden states of "
+                "earlier layers (e.g. block attention residuals over several residual blocks); the layer-by-layer "
+                "replay does not carry state between layers, so it cannot reproduce this model")
 
 
 def _reads_self(node: ast.AST, attribute: str | None, direct: bool = False) -> bool:
