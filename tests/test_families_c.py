@@ -10,7 +10,7 @@ import torch
 from family_checks import check_discovery, check_probe, check_replay, check_save, last_layer_output, replayed
 from tiny_families import FamilyUnavailable, build_family
 
-from mot_probe.routing import ModalityRouter, RoutedLinear
+from mot_probe.routing import ModalityRouter, RoutedLinear, RoutingError
 from pruning.adapters import GenericAdapter, get_adapter
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
@@ -114,10 +114,16 @@ def test_a_routed_projection_sends_rows_that_are_not_tokens_through_the_visual_c
     routed = RoutedLinear(torch.nn.Linear(4, 3), router)
     routed.materialise_("visual").weight.data.mul_(-2)
     memory = torch.randn(3, 7, 4)  # e.g. image tiles x patches, read by a cross-attention K/V
-    with router.route(torch.zeros(2, 5, dtype=torch.bool)):
+    with_image = torch.zeros(2, 5, dtype=torch.bool)
+    with_image[0, 1] = True  # the batch's image placeholder
+    with router.route(with_image):
         out = routed(memory)
     assert torch.equal(out, routed.paths["visual"](memory))
     assert not torch.allclose(out, routed.base(memory))
+    # without an image in the batch such rows cannot be the image memory: refused, naming both shapes
+    with router.route(torch.zeros(2, 5, dtype=torch.bool)), \
+            pytest.raises(RoutingError, match=r"input rows \(3, 7\) are not the batch's tokens \(2, 5\)"):
+        routed(memory)
 
 
 def test_capture_refuses_a_decoder_sequence_longer_than_input_ids():

@@ -9,7 +9,7 @@ import torch
 from tiny_families import IMAGE, build_family
 
 from mot_probe import attach_probe_
-from mot_probe.routing import ModalityRouter, RoutedLinear, RoutingError
+from mot_probe.routing import ModalityRouter, RoutedLinear
 from pruning.adapters import get_adapter, tokens_align
 from pruning.config import PruneConfig
 from pruning.engine import _pooled_rows, compute_masks
@@ -124,15 +124,3 @@ def test_moe_shared_experts_reading_flattened_tokens_are_pooled_by_modality():
                                        .pow(2).sum(dim=0) / 2), 0.5)
     assert not torch.equal(everything, want)  # the pool matters for this Linear
 
-
-def test_rows_that_are_not_the_tokens_take_the_visual_copy_only_when_the_batch_has_an_image():
-    router = ModalityRouter()
-    routed = RoutedLinear(torch.nn.Linear(3, 4), router)
-    routed.materialise_("visual").weight.data.zero_()
-    memory = torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(1))  # 7 image-memory rows, not 5 tokens
-    with_image = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    with torch.no_grad(), router.route(with_image):
-        assert torch.equal(routed(memory), routed.paths["visual"](memory))
-    with torch.no_grad(), router.route(torch.zeros(2, 5, dtype=torch.bool)), \
-            pytest.raises(RoutingError, match=r"input rows \(2, 7\) are not the batch's tokens \(2, 5\)"):
-        routed(memory)
