@@ -248,7 +248,7 @@ def check_replayed_logits(model: nn.Module, inputs: dict) -> None:
     adapter = get_adapter(model)
     with inference(model):
         batch = _prompt_batch(model, adapter, [], inputs)
-        running = dataclasses.replace(batch.captured)
+        running = batch.captured.fork()
         propagate_(model, adapter, [running], range(len(adapter.decoder_layers(model))))
         _check_against_forward(model, inputs, batch, _scored_logits(model, adapter, running.hidden, batch))
 
@@ -266,9 +266,11 @@ def prompt_states(model: nn.Module, processor, prompts: Sequence[Prompt], *, bat
     with inference(model):
         for chunk, encoded in _encoded(processor, prompts, batch_size):
             batch = _prompt_batch(model, adapter, chunk, encoded)
-            running = dataclasses.replace(batch.captured)  # its own ``hidden``: the replay chains through it
+            running = batch.captured.fork()  # its own ``hidden``: the replay chains through it
             for step in replay_layers(model, adapter, [running], range(n_layers)):
                 inputs[step.index].append(step.inputs)
+            # the dense state each layer handed the next (if the model passes any), for replays that start mid-stack
+            batch.captured = dataclasses.replace(running, hidden=batch.captured.hidden)
             logits = _scored_logits(model, adapter, running.hidden, batch)
             if not batches:
                 _check_against_forward(model, encoded, batch, logits)
@@ -297,7 +299,7 @@ def replayed_fidelity(model: nn.Module, states: PromptStates, reference: PromptR
     kl, top1 = [], []
     with inference(model):
         for j, batch in enumerate(states.batches):
-            running = dataclasses.replace(batch.captured, hidden=states.inputs[first_layer][j])
+            running = batch.captured.fork(hidden=states.inputs[first_layer][j])
             propagate_(model, adapter, [running], range(first_layer, n_layers))
             logits = _scored_logits(model, adapter, running.hidden, batch)
             for prompt, row_ids, part in zip(batch.prompts, batch.ids, logits.split(batch.counts)):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -90,6 +91,14 @@ class CapturedBatch:
             valid=move(self.valid),
             extras=move(self.extras),
         )
+
+
+    def fork(self, hidden: torch.Tensor | None = None) -> "CapturedBatch":
+        """A copy to replay on its own: its ``hidden`` (``hidden`` or the same tensor) and its own keyword dicts,
+        so the state a layer hands the next (:meth:`Adapter.replay`) is written to this copy only; tensors and
+        extras stay shared."""
+        return dataclasses.replace(self, hidden=self.hidden if hidden is None else hidden,
+                                   layer_kwargs=[dict(kw) for kw in self.layer_kwargs])
 
 
 def tokens_align(mask_shape: torch.Size, token_shape: torch.Size) -> bool:
@@ -285,21 +294,34 @@ class Adapter:
         except (ValueError, TypeError, AttributeError) as error:
             self._explain_carried(model, index, kwargs, error)
             raise
+        if isinstance(out, tuple):
+            self._carry(model, index, out, batch)
         out = out[0] if isinstance(out, tuple) else out
         return self.after_layer(model, index, out, batch.extras)
+
+    def carried(self, model: nn.Module) -> dict[str, int]:
+        """Keyword of a decoder layer's call -> the position of the previous layer's output it receives (state the
+        model's loop hands from layer to layer, e.g. a sparse-attention indexer's top-k); read from the loop."""
+        return layer_loop(self.language_model(model), self.decoder_layers(model)).carried
+
+    def _carry(self, model: nn.Module, index: int, out: tuple, batch: CapturedBatch) -> None:
+        """Hand layer ``index``'s state outputs to the next layer's keywords in ``batch``, as the model's loop does:
+        the replay of layer ``index + 1`` then reads what this replay of layer ``index`` computed."""
+        if index + 1 < len(batch.layer_kwargs):
+            for name, position in self.carried(model).items():
+                batch.layer_kwargs[index + 1][name] = out[position]
 
     def _explain_carried(self, model: nn.Module, index: int, kwargs: Mapping[str, Any], error: Exception) -> None:
         """UnsupportedModelError (from ``error``) when layer ``index`` failed while reading state that the model hands
         it from the previous layer's output (e.g. a "shared" sparse-attention indexer reusing the previous layer's
-        top-k): the replay passes what capture recorded, None, since it does not carry state between layers."""
-        loop = layer_loop(self.language_model(model), self.decoder_layers(model))
-        missing = [name for name in loop.carried if index > 0 and kwargs.get(name) is None]
+        top-k) and that state is missing: this replay did not run layer ``index - 1`` on the batch first."""
+        missing = [name for name in self.carried(model) if index > 0 and kwargs.get(name) is None]
         if missing:
             raise UnsupportedModelError(
                 f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}): decoder layer "
                 f"{index} reads {missing[0]!r} from the previous layer's output (e.g. a \"shared\" sparse-attention "
-                "indexer reusing its top-k), state the layer-by-layer replay does not carry between layers, so it "
-                f"cannot replay this model ({error})") from error
+                f"indexer reusing its top-k), and layer {index - 1} was not replayed on this batch first: replay the "
+                f"layers in order from layer 0, or from a fork of a batch whose replay ran them ({error})") from error
 
     # -- after the last layer --------------------------------------------------------------
     def final_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -761,9 +783,10 @@ def check_replay(adapter: Adapter, model: nn.Module, inputs: dict[str, Any], bat
     finally:
         handle.remove()
     want = adapter.after_layer(model, last, found["out"], batch.extras)
-    got = batch.hidden
+    run = batch.fork()  # the state layers hand on is written to the copy: the captured batch stays as recorded
+    got = run.hidden
     for i in range(last + 1):
-        got = adapter.replay(model, i, got, batch)
+        got = adapter.replay(model, i, got, run)
     error, scale = float((got - want).abs().max()), float(want.abs().max())
     if error > REPLAY_TOLERANCE * scale:
         raise UnsupportedModelError(

@@ -226,7 +226,7 @@ def _outlier_ratios(model: nn.Module, adapter: Adapter, config: PruneConfig, ind
     """OWL's statistic: one dense pass of the decoder (on copies of the captured batches, which the engine's
     own passes still need), every non-padding token feeding the Wanda norms of each pruned layer's Linears
     (MoE expert matrices are left out of the ratio; their layer's sparsity still applies to them)."""
-    batches = [copy.copy(batch) for batch in captured]  # own ``hidden``: the replay chains through the copies
+    batches = [batch.fork() for batch in captured]  # own ``hidden``: the replay chains through the copies
     layers = adapter.decoder_layers(model)
     ratios = {}
     for i in range(indices[-1] + 1):

@@ -100,8 +100,7 @@ def _glm5_next(c):
 
 def _hy_v4_vl(c):
     """Hy4-VL: a HunyuanOCR-like tower (row separators on image positions); a decoder of MLA + DSA layers with
-    learned attention sinks, multi-stream hyper-connections and M-RoPE; layer 1 an MoE (4 experts, top-2). Both
-    indexers "full": a "shared" one reuses the previous layer's top-k, which the replay does not carry (refused)."""
+    learned attention sinks, multi-stream hyper-connections and M-RoPE; layer 1 an MoE (4 experts, top-2)."""
     from transformers.models.hy_v4_vl.configuration_hy_v4_vl import HYV4VLTextConfig
 
     _vision(c, patch_size=2, spatial_merge_size=2, hidden_size=32, intermediate_size=64, max_image_size=8,
@@ -111,8 +110,7 @@ def _hy_v4_vl(c):
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16,
         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=2,
-        hc_mult=2, indexer_types=["full", "full"], max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
-        eos_token_id=2,
+        hc_mult=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
     _tokens(c, image_token_id=IMAGE, video_token_id=VIDEO)
 
