@@ -73,6 +73,10 @@ class ProbeAdapter(Adapter):
         self.name = f"{inner.name}+mot"
         self.prunes_experts = prunes_experts  # False when the experts stay shared: a path's pruning leaves them alone
 
+    @property
+    def rebuilds(self) -> tuple[str, ...]:  # what the family's replay rebuilds between layers
+        return self.inner.rebuilds
+
     def language_model(self, model: nn.Module) -> nn.Module:
         return self.inner.language_model(model)
 

@@ -129,6 +129,8 @@ class Adapter:
 
     name: ClassVar[str] = "generic"
     model_types: ClassVar[tuple[str, ...]] = ()
+    # layer arguments the model's loop rebuilds between layers and this adapter's replay rebuilds the same way
+    rebuilds: ClassVar[tuple[str, ...]] = ()
 
     # -- structure -------------------------------------------------------------------------
     def language_model(self, model: nn.Module) -> nn.Module:
@@ -273,7 +275,7 @@ class Adapter:
                     layer.forward = forward
         if "hidden" not in first or any(kw is None for kw in recorded):
             raise UnsupportedModelError(f"{type(model).__name__}: the forward did not call every decoder layer")
-        _check_rebuilt(model, loop, recorded)
+        _check_rebuilt(model, loop, recorded, self.rebuilds)
         input_ids = inputs["input_ids"]
         if tuple(first["hidden"].shape[:2]) != tuple(input_ids.shape):
             raise UnsupportedModelError(
@@ -303,6 +305,11 @@ class Adapter:
         """Keyword of a decoder layer's call -> the position of the previous layer's output it receives (state the
         model's loop hands from layer to layer, e.g. a sparse-attention indexer's top-k); read from the loop."""
         return layer_loop(self.language_model(model), self.decoder_layers(model)).carried
+
+    def handed_on(self, model: nn.Module) -> tuple[str, ...]:
+        """Layer arguments a replay writes into the batch for the layers after it (:meth:`carried`,
+        :attr:`rebuilds`)."""
+        return tuple(self.carried(model)) + tuple(self.rebuilds)
 
     def _carry(self, model: nn.Module, index: int, out: tuple, batch: CapturedBatch) -> None:
         """Hand layer ``index``'s state outputs to the next layer's keywords in ``batch``, as the model's loop does:
@@ -486,11 +493,12 @@ def _assigned_from(loop: ast.For, name: str, sources: set[str]) -> bool:
     return False
 
 
-def _check_rebuilt(model: nn.Module, loop: LayerLoop, recorded: list[dict[str, Any]]) -> None:
+def _check_rebuilt(model: nn.Module, loop: LayerLoop, recorded: list[dict[str, Any]],
+                   handled: tuple[str, ...] = ()) -> None:
     """UnsupportedModelError when the loop rebuilt an argument from the hidden states after a layer past the first:
     capture's recorders return their input, so that value (and, after pruning, the replayed one) would be wrong.
     An update after layer 0 alone reads what capture holds exactly (layer 0's input) and is checked by replay."""
-    for name in loop.rebuilt:
+    for name in (n for n in loop.rebuilt if n not in handled):
         changed = [i for i in range(2, len(recorded)) if recorded[i].get(name) is not recorded[i - 1].get(name)]
         if changed:
             raise UnsupportedModelError(
@@ -709,6 +717,28 @@ class Granite4VisionAdapter(GenericAdapter):
         mask = extras["vision_mask"].to(hidden.device)
         features = features.to(hidden.device, hidden.dtype)
         return hidden.masked_scatter(mask, (hidden[mask.squeeze(-1)] + features).view(-1))
+
+
+@register_adapter
+class Inkling2Adapter(GenericAdapter):
+    """Inkling-2: every decoder layer also reads ``block_states``, the stacked inputs of the block-boundary layers
+    before it (block attention residuals), which the model's loop grows after each boundary layer; the replay grows
+    it the same way, from the inputs it replays (blocks still found by structure, replay still checked). What
+    follows the last layer mixes ``block_states`` in as well, so logits are not computed from the last output."""
+
+    name = "inkling2"
+    model_types = ("inkling2", "inkling2_text")
+    rebuilds = ("block_states",)
+
+    def replay(self, model: nn.Module, index: int, hidden: torch.Tensor, batch: CapturedBatch,
+               layer: nn.Module | None = None) -> torch.Tensor:
+        out = super().replay(model, index, hidden, batch, layer)
+        if self.decoder_layers(model)[index].is_block_boundary:  # the loop's own rule, after the layer's call
+            states = batch.layer_kwargs[index]["block_states"]
+            grown = torch.cat([states.to(hidden.device), hidden.unsqueeze(-2)], dim=-2)
+            for kwargs in batch.layer_kwargs[index + 1:]:
+                kwargs["block_states"] = grown
+        return out
 
 
 @register_adapter

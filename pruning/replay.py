@@ -60,24 +60,28 @@ def replay_layers(model: nn.Module, adapter: Adapter, captured: Sequence[Capture
     it the batches are left as they are (e.g. a dense pass whose outputs are not propagated).
     """
     layers = adapter.decoder_layers(model)
-    carried = adapter.carried(model)
+    handed_on = adapter.handed_on(model)
     for index in indices:
         device = execution_device(layers[index])
         for batch in captured:
             moved = on_device(batch, device)
             outputs = adapter.replay(model, index, moved.hidden, moved)
-            if moved is not batch and carried and index + 1 < len(batch.layer_kwargs):
-                _keep_carried(moved, batch, index + 1, carried)
+            if moved is not batch and handed_on:
+                _keep_handed_on(moved, batch, index, handed_on)
             yield LayerIO(index, moved.hidden, outputs, moved)
             if chain:
                 batch.hidden = outputs.to(batch.hidden.device)
 
 
-def _keep_carried(moved: CapturedBatch, batch: CapturedBatch, index: int, carried: Mapping[str, int]) -> None:
-    """The state a layer handed layer ``index`` in the device copy ``moved``, kept in ``batch`` (on its device)."""
-    device = batch.hidden.device
-    for name in carried:
-        batch.layer_kwargs[index][name] = map_tensors(moved.layer_kwargs[index].get(name), lambda t: t.to(device))
+def _keep_handed_on(moved: CapturedBatch, batch: CapturedBatch, index: int, names: Sequence[str]) -> None:
+    """The arguments the replay of layer ``index`` wrote for the layers after it in the device copy ``moved``, kept
+    in ``batch`` (on its device)."""
+    device, memo = batch.hidden.device, {}
+    for later in range(index + 1, len(batch.layer_kwargs)):
+        for name in names:
+            if name in moved.layer_kwargs[later]:
+                value = moved.layer_kwargs[later][name]
+                batch.layer_kwargs[later][name] = map_tensors(value, lambda t: t.to(device), memo)
 
 
 def propagate_(model: nn.Module, adapter: Adapter, captured: Sequence[CapturedBatch], indices: Iterable[int]) -> None:

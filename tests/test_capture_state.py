@@ -12,8 +12,7 @@ from recipes_c import RECIPES as RECIPES_C
 from recipes_moe import RECIPES as RECIPES_MOE
 from tiny_families import RECIPES, build_family
 
-from pruning import PruneConfig, prune_
-from pruning.adapters import get_adapter, layer_loop
+from pruning.adapters import GenericAdapter, get_adapter, layer_loop
 from pruning.errors import UnsupportedModelError
 from pruning.replay import propagate_, replay_layers
 
@@ -115,16 +114,38 @@ def _inkling2_blocks(layers: int):
     return dataclasses.replace(recipe, edit=edit)
 
 
-def test_inkling2_with_two_residual_blocks_is_refused_before_the_replay_check(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_inkling2_with_two_residual_blocks_replays_prunes_and_probes_exactly(batch, monkeypatch):
+    """Its loop grows ``block_states`` after each block-boundary layer; the registered adapter's replay grows it
+    the same way: bitwise the model's forward."""
+    monkeypatch.setitem(RECIPES, "inkling2", _inkling2_blocks(4))
+    model, inputs = build_family("inkling2", batch=batch)
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    assert len(layers) == 4 and [layer.is_block_boundary for layer in layers] == [True, False, True, False]
+    assert layer_loop(adapter.language_model(model), layers).rebuilt == ("block_states",) == adapter.rebuilds
+    check_replay(model, inputs)
+    check_prune(model, inputs, "wanda")
+    check_probe(*build_family("inkling2", batch=batch))
+
+
+def test_a_loop_that_rebuilds_layer_arguments_is_refused_without_an_adapter_that_rebuilds_them(monkeypatch):
+    monkeypatch.setitem(RECIPES, "inkling2", _inkling2_blocks(4))
+    model, inputs = build_family("inkling2")
+    with pytest.raises(UnsupportedModelError, match="rebuilds the argument 'block_states' of layer 3"):
+        GenericAdapter().capture(model, inputs)
+
+
+def test_inkling2_block_states_computed_on_a_device_copy_are_kept_in_the_batch(monkeypatch):
     monkeypatch.setitem(RECIPES, "inkling2", _inkling2_blocks(4))
     model, inputs = build_family("inkling2")
     adapter = get_adapter(model)
-    assert len(adapter.decoder_layers(model)) == 4
-    assert layer_loop(adapter.language_model(model), adapter.decoder_layers(model)).rebuilt == ("block_states",)
-    with pytest.raises(UnsupportedModelError, match="rebuilds the argument 'block_states' of layer 3"):
-        adapter.capture(model, inputs)
-    with pytest.raises(UnsupportedModelError, match="block_states"):
-        prune_(model, PruneConfig("wanda", sparsity=0.5), [inputs], progress=False)
+    monkeypatch.setattr("pruning.replay.on_device", lambda batch, device: batch.to(device))
+    with torch.no_grad():
+        batch = adapter.capture(model, inputs).fork()
+        propagate_(model, adapter, [batch], range(4))
+    assert batch.layer_kwargs[3]["block_states"].shape[-2] == 2  # the inputs of layers 0 and 2
+    assert torch.equal(batch.hidden, last_layer_output(model, inputs))
 
 
 def test_inkling2_with_one_residual_block_still_replays_exactly():
