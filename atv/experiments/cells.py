@@ -222,10 +222,16 @@ def measure_cell(cell: Mapping[str, Any], prune: Callable[[], PruneReport | None
     kept them, and how the driver draws their intervals (``boot``)."""
     start = time.perf_counter()
     report = prune()
-    scores = score()
-    out = {"cell": dict(cell), "scores": scores.scores(), "metrics": {r.name: r.metrics for r in scores.results},
-           "prune": None if report is None else prune_summary(report), "seconds": time.perf_counter() - start,
-           "environment": environment(model)}
+    entry = scores_entry(score(), boot)
+    return {"cell": dict(cell), "scores": entry.pop("scores"), "metrics": entry.pop("metrics"),
+            "prune": None if report is None else prune_summary(report), "seconds": time.perf_counter() - start,
+            "environment": environment(model), **entry}
+
+
+def scores_entry(scores: EvalReport, boot: Bootstrap = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """A measurement's benchmark part: ``scores``, ``metrics``, and, when the report kept them, the per-item
+    scores (``items``) and how the driver draws their intervals (``bootstrap``)."""
+    out: dict[str, Any] = {"scores": scores.scores(), "metrics": {r.name: r.metrics for r in scores.results}}
     if any(r.items for r in scores.results):
         out["items"] = {r.name: compact_items(r.items) for r in scores.results if r.items}
         out["bootstrap"] = {"level": boot.level, "resamples": boot.resamples, "seed": boot.seed}
@@ -326,6 +332,14 @@ def evaluate_all(model: nn.Module, processor, benches: Sequence[Any], **kwargs) 
     report = evaluate(model, processor, own, **kwargs) if own else None
     results = [report[b.name] if isinstance(b, Benchmark) else b.evaluate(model, processor) for b in benches]
     return EvalReport(results, seed=kwargs.get("seed", 0))
+
+
+def evaluate_cell(model: nn.Module, processor, benches: Sequence[Any], config: Any, reference: Any,
+                  progress: bool) -> EvalReport:
+    """The benchmarks on ``model`` as every grid scores a cell: ``config``'s batch_size, max_new_tokens and seed,
+    per-item scores kept."""
+    return evaluate_all(model, processor, benches, reference=reference, batch_size=config.batch_size,
+                        max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed, return_items=True)
 
 
 def dense_reference(model: nn.Module, processor, benches: Sequence[Any], progress: bool) -> FidelityReference | None:

@@ -35,7 +35,7 @@ from pruning.options import option
 from .cells import (
     CellInputs,
     dense_reference,
-    evaluate_all,
+    evaluate_cell,
     load_reference,
     measure_cell,
     open_benchmarks,
@@ -193,9 +193,7 @@ def _result(results: ResultLog, config: CompareConfig, computed: int) -> Compare
 def _measure(model: nn.Module, processor, calibration, benches, config: CompareConfig, cell: Mapping[str, str],
              reference, progress: bool) -> dict[str, Any]:
     return measure_cell(cell, lambda: _prune(model, calibration, config, cell),
-                        lambda: evaluate_all(model, processor, benches, reference=reference,
-                                             batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                             progress=progress, seed=config.seed, return_items=True),
+                        lambda: evaluate_cell(model, processor, benches, config, reference, progress),
                         model, Bootstrap(seed=config.seed))
 
 

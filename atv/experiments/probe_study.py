@@ -41,7 +41,7 @@ from .cells import (
     cell_name,
     check_choices,
     dense_reference,
-    evaluate_all,
+    evaluate_cell,
     load_reference,
     measure_cell,
     open_benchmarks,
@@ -209,9 +209,7 @@ def _measure(probe, model: nn.Module, processor, calibration, benches, config: S
              reference, progress: bool) -> dict[str, Any]:
     """One cell on a probed model: prune the cell's path, evaluate (the caller resets the probe)."""
     return measure_cell(cell, lambda: _prune_path(probe, calibration, config, cell),
-                        lambda: evaluate_all(model, processor, benches, reference=reference,
-                                             batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                             progress=progress, seed=config.seed, return_items=True),
+                        lambda: evaluate_cell(model, processor, benches, config, reference, progress),
                         model, Bootstrap(seed=config.seed))
 
 

@@ -57,14 +57,14 @@ from pruning.registry import get_scorer
 from .cells import (
     ITEM_DIGITS,
     check_choices,
-    compact_items,
     complete_record,
     dense_reference,
-    evaluate_all,
+    evaluate_cell,
     load_reference,
     open_benchmarks,
     open_log,
     prune_summary,
+    scores_entry,
 )
 from .cells import run_cells as run_logged_cells
 from .records import ResultLog, study_lock
@@ -291,12 +291,7 @@ def _score(cell, probe: MoTProbe, model, processor, scorer: PromptScorer, config
     record: dict[str, Any] = {"cell": dict(cell), "prune": prune}
     boot = Bootstrap(seed=config.seed)
     if config.map_benchmarks:
-        scores = evaluate_all(model, processor, benches, reference=bench_reference, batch_size=config.batch_size,
-                              max_new_tokens=config.max_new_tokens, progress=progress, seed=config.seed,
-                              return_items=True)
-        record.update(scores=scores.scores(), metrics={r.name: r.metrics for r in scores.results})
-        if any(r.items for r in scores.results):
-            record["items"] = {r.name: compact_items(r.items) for r in scores.results if r.items}
+        record.update(scores_entry(evaluate_cell(model, processor, benches, config, bench_reference, progress), boot))
     record.update(kl=fidelity.kl, top1=fidelity.top1,
                   kl_items=[float(f"{v:.6g}") for v in fidelity.kl_items],  # 6 significant digits: KL can be tiny
                   top1_items=[round(v, ITEM_DIGITS) for v in fidelity.top1_items],
