@@ -14,6 +14,8 @@ scripts/families_table.py. Each check raises AssertionError saying what differs.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from mot_probe import RoutedLinear, attach_probe_
@@ -108,6 +110,17 @@ def check_probe(model: torch.nn.Module, inputs: dict) -> None:
     assert list(model.state_dict()) == keys, "unload changed the state_dict keys"
     assert {n: type(m) for n, m in model.named_modules()} == types, "unload left other module types"
     assert not any(isinstance(m, (RoutedLinear, RoutedExperts)) for m in model.modules()), "a wrapper survived unload"
+
+
+def check_generation_with_probe(model: torch.nn.Module, inputs: dict) -> None:
+    """The attached, unpruned probe generates exactly what the model did: tokens and every step's scores."""
+    original = copy.deepcopy(model)
+    attach_probe_(model)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        got, want = model.generate(**inputs, **kwargs), original.generate(**inputs, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, want.scores))
 
 
 def check_prune(model: torch.nn.Module, inputs: dict, method: str) -> None:

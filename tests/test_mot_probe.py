@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from family_checks import check_generation_with_probe
 from tiny_models import FAMILIES, IMAGE, build_tiny
 from torch import nn
 
@@ -45,14 +46,7 @@ def test_unpruned_probe_computes_exactly_the_original(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unpruned_probe_generates_exactly_the_original(family):
-    model, inputs = build_tiny(family, batch=1)
-    original = copy.deepcopy(model)
-    attach_probe_(model)
-    kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        got, want = model.generate(**inputs, **kwargs), original.generate(**inputs, **kwargs)
-    assert torch.equal(got.sequences, want.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(got.scores, want.scores))
+    check_generation_with_probe(*build_tiny(family, batch=1))
 
 
 def test_unpruned_probe_is_exact_in_bf16():
