@@ -362,8 +362,12 @@ class Adapter:
     def after_head(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         """What the model does to the LM head's outputs, from its text config: Granite's division by
         ``logits_scaling``, Gemma-style soft-capping ``cap * tanh(logits / cap)`` by ``final_logit_softcapping``
-        (every transformers model whose config holds either applies it, in this arithmetic)."""
+        (every transformers model whose config holds either applies it, in this arithmetic), and Cohere's product
+        with ``logit_scale`` where the model's forward reads it (Aya Vision from transformers 5.25 on; Cohere2
+        Vision holds the field but does not apply it)."""
         text = model.config.get_text_config()
+        if getattr(text, "logit_scale", None) is not None and _forward_reads(type(model), "logit_scale"):
+            logits = logits * text.logit_scale
         scaling = getattr(text, "logits_scaling", None)
         if scaling is not None:
             logits = logits / scaling
@@ -392,11 +396,25 @@ def calls_after_layers(language_model: nn.Module, layers: nn.ModuleList) -> list
 
 
 @functools.lru_cache(maxsize=None)
+def _forward_tree(cls: type) -> ast.AST | None:
+    """The syntax tree of ``cls.forward``, parsed once; None when its source cannot be read."""
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _forward_reads(cls: type, name: str) -> bool:
+    """Whether ``cls.forward`` reads an attribute called ``name`` (of anything: ``self.config.x.name``)."""
+    tree = _forward_tree(cls)
+    return tree is not None and any(isinstance(node, ast.Attribute) and node.attr == name for node in ast.walk(tree))
+
+
+@functools.lru_cache(maxsize=None)
 def _calls_after_loop(cls: type, attribute: str) -> tuple[tuple[str, int], ...] | None:
     """:func:`calls_after_layers` for the forward of class ``cls`` and its loop over ``self.<attribute>``, read once."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
+    tree = _forward_tree(cls)
+    if tree is None:
         return None
     loops = [node for node in ast.walk(tree) if isinstance(node, ast.For) and _reads_self(node.iter, attribute)]
     if not loops:
@@ -439,9 +457,8 @@ def layer_loop(language_model: nn.Module, layers: nn.ModuleList) -> LayerLoop:
 @functools.lru_cache(maxsize=None)
 def _layer_loop(cls: type, attribute: str, layer_cls: type) -> LayerLoop | None:
     """:func:`layer_loop` for the forward of class ``cls``, its loop over ``self.<attribute>`` of ``layer_cls``."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
+    tree = _forward_tree(cls)
+    if tree is None:
         return None
     for loop in (node for node in ast.walk(tree) if isinstance(node, ast.For) and _reads_self(node.iter, attribute)):
         call = _layer_call(loop, attribute)

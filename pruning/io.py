@@ -117,7 +117,10 @@ def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str
             raise ConfigError("offload keeps decoder layers on disk with its own map; drop device_map or offload")
         placement.update(_disk_offload(config, options.device, offload_folder))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, config=config, **hub, **placement)
+        # use_kernels=False: transformers 5.25 swaps in Hub kernels by default; the toolkit hooks, replays and
+        # prunes the modules transformers defines (the ones its exactness tests check), on every release alike
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, use_kernels=False, **hub,
+                                                            **placement)
     except ValueError as err:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} in {source!r} is not an image-text-to-text "
@@ -245,7 +248,8 @@ def check_reloads(model: nn.Module, folder: str | Path, out: str | Path | None =
     transformers save/load key mismatch reloads random weights with only a warning). The check loads the
     folder on the meta device: it reads the checkpoint's key names, not its tensors."""
     try:
-        _, info = type(model).from_pretrained(folder, device_map="meta", output_loading_info=True)
+        _, info = type(model).from_pretrained(folder, device_map="meta", use_kernels=False,
+                                              output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - a model the meta load cannot handle is saved unverified
         log.warning("could not verify that the saved model reloads (%s: %s)", type(err).__name__, err)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -177,7 +178,16 @@ def _molmo2_image(config: Any, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def _molmo2_offsets(inputs: dict) -> None:
-    """Molmo2's pooling indices address the patches of all images at once: shift each image's."""
+    """Shift each image's pooling indices onto the batch's patches where the model expects that.
+
+    Up to transformers 5.24 the processor shifted them (the model indexes the patches of all images at
+    once); from 5.25 each image's indices are its own and the model shifts them, given ``image_num_crops``.
+    Told apart by the model's ``get_image_features`` signature, not by a version number.
+    """
+    from transformers.models.molmo2.modeling_molmo2 import Molmo2Model
+
+    if "image_num_crops" in inspect.signature(Molmo2Model.get_image_features).parameters:
+        return
     per_image = inputs["image_token_pooling"].shape[0] // inputs["pixel_values"].shape[0]
     image = torch.arange(inputs["image_token_pooling"].shape[0]) // per_image
     inputs["image_token_pooling"] = inputs["image_token_pooling"] + 16 * image[:, None]
