@@ -81,6 +81,17 @@ def test_dtype_auto_keeps_a_bf16_checkpoint_bf16(tmp_path):
     assert load_model(model_dir, "float32", with_processor=False)[0].dtype == torch.float32  # explicit dtype wins
 
 
+def test_loaded_model_keeps_transformers_modules_and_the_reload_check_runs(folder, tmp_path, caplog):
+    """transformers 5.25 swaps Hub kernels into every from_pretrained by default (and its kernelize refuses the
+    meta device the reload check loads on): the toolkit loads the modules transformers defines, and saving
+    verifies the reload instead of warning that it could not."""
+    model, _ = load_model(folder, with_processor=False)
+    assert not getattr(model, "use_kernels", False)
+    with caplog.at_level("WARNING", logger="pruning.io"):
+        save_pruned(model, None, {}, tmp_path / "out")
+    assert not [r for r in caplog.records if "could not verify" in r.getMessage()]
+
+
 @pytest.mark.parametrize("device_map", ["cpu", "auto", "sequential"])
 def test_device_map_gives_the_same_masks(folder, device_map):
     """On a CPU-only machine every map places the whole model on the CPU (transformers then attaches no
