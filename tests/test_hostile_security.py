@@ -1,0 +1,87 @@
+"""Hostile inputs: files a user did not write (a shipped recipe, links and FIFOs in a study folder, lmms-eval
+model_args) never run a model folder's Python nor write outside the output folder.
+
+The hostile model folder's config names Python code (``auto_map``) that leaves a sentinel file when it runs:
+every case checks the refusal's message, that the sentinel is absent and that nothing outside changed.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir, write_calibration
+
+from atv.cli import main
+
+TASKS = Path(__file__).resolve().parent / "lmms_tasks"
+BENCH = TASKS / "atv_tiny_choice.jsonl"
+EVIL = """from pathlib import Path
+from transformers import LlavaConfig
+
+Path({sentinel!r}).write_text("the model folder's code ran")
+
+
+class EvilConfig(LlavaConfig):
+    pass
+"""
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(folder, hostile folder, sentinel, calib, images): a tiny LLaVA, and a copy whose config names code."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    model, _ = build_tiny("llava")
+    folder = save_model_dir("llava", model, tmp / "model")
+    hostile = save_model_dir("llava", model, tmp / "hostile")
+    sentinel = tmp / "code-ran"
+    (hostile / "evil.py").write_text(EVIL.format(sentinel=str(sentinel)))
+    config = json.loads((hostile / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    (hostile / "config.json").write_text(json.dumps(config))
+    calib, images = write_calibration(tmp / "calib", n=3)
+    return folder, hostile, sentinel, calib, images
+
+
+@pytest.fixture(autouse=True)
+def modules_cache(tmp_path, monkeypatch):
+    """Where transformers would copy a folder's code to import it (kept out of the user's cache)."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+
+
+def _run(capsys, *args):
+    """(exit code, the error lines: stderr without transformers' progress bars)."""
+    code = main([*map(str, args)])
+    return code, "\n".join(line for line in capsys.readouterr().err.splitlines() if line.startswith("atv"))
+
+
+# -- rule 1: remote code only from the command line ----------------------------------------------------
+@pytest.mark.parametrize("command, key", [("prune", "trust_remote_code"), ("prune", "trust-remote-code"),
+                                          ("probe", "trust_remote_code")])
+def test_a_recipe_cannot_turn_on_remote_code(base, tmp_path, capsys, command, key):
+    folder, hostile, sentinel, calib, images = base
+    options = {"prune": {"model": str(hostile), "method": "magnitude", "sparsity": 0.5},
+               "probe": dict(zip(["model", "calib", "images", "bench", "nsamples", "pathways", "pools",
+                                  "sparsities"], [str(hostile), str(calib), str(images), [str(BENCH)], 2, ["text"],
+                                                  ["text"], [0.5]]))}[command]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**options, key: True}))
+    code, err = _run(capsys, command, "--recipe", recipe, "--out", tmp_path / "out")
+    assert code == 2 and f"sets {key}: true" in err and "pass --trust-remote-code on the command line" in err, err
+    assert len(err.splitlines()) == 1 and str(recipe) in err
+    assert not sentinel.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_saved_recipe_never_carries_remote_code(base, tmp_path, capsys):
+    folder, _, _, _, _ = base
+    out = tmp_path / "pruned"
+    code, err = _run(capsys, "prune", "--model", folder, "--method", "magnitude", "--sparsity", "0.5",
+                     "--trust-remote-code", "--out", out)
+    assert code == 0, err
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["method"] == "magnitude" and "trust_remote_code" not in saved
+    code, err = _run(capsys, "prune", "--recipe", out / "recipe.yaml", "--out", tmp_path / "again")
+    assert code == 0, err
