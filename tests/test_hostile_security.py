@@ -6,6 +6,7 @@ every case checks the refusal's message, that the sentinel is absent and that no
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,11 @@ def _run(capsys, *args):
     return code, "\n".join(line for line in capsys.readouterr().err.splitlines() if line.startswith("atv"))
 
 
+def _study(folder, calib, images):
+    return ["--model", folder, "--calib", calib, "--images", images, "--bench", BENCH, "--nsamples", "2",
+            "--pathways", "text", "--pools", "text", "--sparsities", "0.5", "--batch-size", "2"]
+
+
 # -- rule 1: remote code only from the command line ----------------------------------------------------
 @pytest.mark.parametrize("command, key", [("prune", "trust_remote_code"), ("prune", "trust-remote-code"),
                                           ("probe", "trust_remote_code")])
@@ -85,3 +91,31 @@ def test_a_saved_recipe_never_carries_remote_code(base, tmp_path, capsys):
     assert saved["method"] == "magnitude" and "trust_remote_code" not in saved
     code, err = _run(capsys, "prune", "--recipe", out / "recipe.yaml", "--out", tmp_path / "again")
     assert code == 0, err
+
+
+# -- rule 2: never follow a link out of the output folder ----------------------------------------------
+@pytest.mark.parametrize("name, kind", [("results.jsonl", "link"), (".atv-lock", "link"),
+                                        ("records.shard-1-of-2.jsonl", "link"), ("results.jsonl", "fifo")])
+def test_study_files_never_lead_out_of_the_folder(base, tmp_path, capsys, name, kind):
+    folder, _, _, calib, images = base
+    study, outside = tmp_path / "study", tmp_path / "outside.txt"
+    study.mkdir()
+    outside.write_text("a user's own notes")  # no newline at the end: a torn record to the log
+    reader = None
+    if kind == "link":
+        (study / name).symlink_to(outside)
+    else:
+        os.mkfifo(study / name)
+        reader = os.open(study / name, os.O_RDONLY | os.O_NONBLOCK)  # so that a writer's open would not block
+    shard = ["--shard", "1/2"] if "shard" in name else []
+    try:
+        code, err = _run(capsys, "probe", *_study(folder, calib, images), *shard, "--out", study)
+    finally:
+        if reader is not None:
+            os.close(reader)
+    what = "is a symbolic link" if kind == "link" else "is not a regular file"
+    assert code == 2 and what in err and str(study / name) in err and "choose another --out" in err, err
+    assert len(err.splitlines()) == 1
+    assert outside.read_text() == "a user's own notes"
+    left = {p.name for p in study.iterdir()} - {name}  # at most a free lock of its own: nothing else written
+    assert left <= {".atv-lock", ".atv-lock.shard-1-of-2"} and all((study / n).read_text() == "" for n in left)
