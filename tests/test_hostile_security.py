@@ -5,8 +5,11 @@ The hostile model folder's config names Python code (``auto_map``) that leaves a
 every case checks the refusal's message, that the sentinel is absent and that nothing outside changed.
 """
 
+import importlib.util
 import json
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,17 @@ def test_study_files_never_lead_out_of_the_folder(base, tmp_path, capsys, name, 
     assert outside.read_text() == "a user's own notes"
     left = {p.name for p in study.iterdir()} - {name}  # at most a free lock of its own: nothing else written
     assert left <= {".atv-lock", ".atv-lock.shard-1-of-2"} and all((study / n).read_text() == "" for n in left)
+
+
+# -- rule 3: lmms-eval's model_args cannot override --trust-remote-code ----------------------------------
+@pytest.mark.parametrize("model_args", ["trust_remote_code=True", "batch_size=1, trust_remote_code = true",
+                                        "trust_remote_code=False"])
+def test_lmms_model_args_cannot_set_remote_code(base, tmp_path, capsys, monkeypatch, model_args):
+    _, hostile, sentinel, _, _ = base
+    if importlib.util.find_spec("decord") is None:  # llava_hf imports this video reader; image tasks never call it
+        monkeypatch.setitem(sys.modules, "decord", types.SimpleNamespace(VideoReader=None, cpu=None))
+    code, err = _run(capsys, "eval", "--model", hostile, "--tasks", "atv_tiny_open", "--lmms-include", TASKS,
+                     "--no-lmms-defaults", "--lmms-model", "llava_hf", "--lmms-model-args", model_args,
+                     "--device", "cpu", "--out", tmp_path / "r.json")
+    assert code == 2 and "trust_remote_code= is set by --trust-remote-code" in err, err
+    assert not sentinel.exists() and not (tmp_path / "r.json").exists()
