@@ -136,3 +136,16 @@ def test_lmms_model_args_cannot_set_remote_code(base, tmp_path, capsys, monkeypa
                      "--device", "cpu", "--out", tmp_path / "r.json")
     assert code == 2 and "trust_remote_code= is set by --trust-remote-code" in err, err
     assert not sentinel.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_extra_model_args_from_python_cannot_set_remote_code():
+    from evaluation.lmms_runs import stock_model_args
+    from pruning.errors import ConfigError
+    from pruning.io import LoadOptions
+
+    class Stock:  # the shape of lmms-eval's classes
+        def __init__(self, pretrained, trust_remote_code=False, **kwargs):
+            pass
+
+    with pytest.raises(ConfigError, match="trust_remote_code= is set by the loading options"):
+        stock_model_args(Stock, "m", LoadOptions(), "cpu", {"trust_remote_code": "True"})
