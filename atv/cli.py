@@ -100,6 +100,8 @@ def read_recipe(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     with the key named. Keys are option names with or without dashes (``visual-ratio`` or ``visual_ratio``)."""
     import yaml
 
+    from atv.experiments.prune_job import COMMAND_LINE_ONLY
+
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
@@ -114,6 +116,10 @@ def read_recipe(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
         if dest not in actions:
             raise ConfigError(f"recipe {str(path)!r}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}")
         values[dest] = _recipe_value(actions[dest], key, value, path)
+        if dest in COMMAND_LINE_ONLY and values[dest]:
+            raise ConfigError(f"recipe {str(path)!r} sets {key}: true, which a file may not turn on; drop the key and "
+                              f"pass {actions[dest].option_strings[0]} on the command line if you trust the model's "
+                              "code")
     return values
 
 

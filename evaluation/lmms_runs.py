@@ -245,7 +245,9 @@ def stock_model_class(name: str, force_simple: bool = False) -> type:
                            "own dependencies: pip install lmms-eval (or the missing package)") from None
 
 
-OWN_ARGS = {"pretrained": "--model", "device": "--device", "device_map": "--device-map"}  # set by our flags
+# set by our flags (trust_remote_code too: whether a folder's Python runs is --trust-remote-code's call alone)
+OWN_ARGS = {"pretrained": "--model", "device": "--device", "device_map": "--device-map",
+            "trust_remote_code": "--trust-remote-code"}
 
 
 def parse_model_args(text: str) -> dict[str, str]:
@@ -268,6 +270,9 @@ def stock_model_args(cls: type, pretrained: str, load: LoadOptions, device: str 
     """The keyword arguments ``cls(...)`` gets: the folder, and of the toolkit's loading options only those
     that ``cls`` declares (its other ``**kwargs`` are often refused); ``extra`` is passed as given and wins.
     ``trust_remote_code`` is always our flag's value (some classes default it to True)."""
+    if "trust_remote_code" in (extra or {}):
+        raise ConfigError("model_args trust_remote_code= is set by the loading options (LoadOptions.trust_remote_code, "
+                          "--trust-remote-code); give it there instead")
     declared = inspect.signature(cls.__init__).parameters
     placement = load.device or device
     wanted: dict[str, Any] = {"pretrained": pretrained, "trust_remote_code": load.trust_remote_code,

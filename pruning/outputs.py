@@ -10,17 +10,22 @@ Rules, enforced before any work:
   one set aside as ``.NAME.old-PID-xxxx`` and deleted last). A run killed midway leaves such a sibling;
   the next run on the same target removes it, or, when the kill fell between the two renames (target
   missing, old copy present), puts the old folder back;
-* an output file is written to a temporary sibling and renamed over the target.
+* an output file is written to a temporary sibling and renamed over the target;
+* a file an output folder holds and that a run opens in place (a result log, a lock) is never reached
+  through a symbolic link (which could point out of the folder) and must be a regular file (opening a FIFO
+  blocks): :func:`check_plain_file`, :func:`open_plain`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -199,3 +204,49 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _not_plain(path: Path, mode: int, what: str) -> OutputExistsError | None:
+    """The refusal of a file whose ``lstat`` mode is ``mode``, or None for a regular file."""
+    if stat.S_ISLNK(mode):
+        return OutputExistsError(f"{str(path)!r} is a symbolic link, which atv-toolkit does not follow out of "
+                                 f"{what}; remove the link or choose another {what}")
+    if not stat.S_ISREG(mode):
+        return OutputExistsError(f"{str(path)!r} is not a regular file (a FIFO, socket, device or folder); remove "
+                                 f"it or choose another {what}")
+    return None
+
+
+def check_plain_file(path: str | Path, what: str = "--out") -> Path:
+    """Refuse a file of an output folder that is a symbolic link (never followed: it may lead out of the
+    folder) or anything but a regular file (opening a FIFO blocks); a missing one is fine. Returns ``path``."""
+    path = Path(path)
+    try:
+        error = _not_plain(path, path.lstat().st_mode, what)
+    except FileNotFoundError:
+        return path
+    if error is not None:
+        raise error
+    return path
+
+
+def open_plain(path: str | Path, mode: str, what: str = "--out", **kwargs: Any):
+    """``open(path, mode, **kwargs)`` of a file of an output folder, refused as :func:`check_plain_file`
+    says, also when a link or a FIFO takes the file's place after the check: O_NOFOLLOW, and O_NONBLOCK so
+    that opening a FIFO fails or returns at once (it changes nothing for a regular file)."""
+    path = check_plain_file(path, what)
+
+    def opener(name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+
+    try:
+        handle = open(path, mode, opener=opener, **kwargs)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO):  # a link, or a FIFO with no reader, swapped in
+            check_plain_file(path, what)
+        raise
+    error = _not_plain(path, os.fstat(handle.fileno()).st_mode, what)
+    if error is not None:
+        handle.close()
+        raise error
+    return handle

@@ -70,14 +70,18 @@ class PruneJob:
 
 
 RECIPE = "recipe.yaml"  # the options a command ran with; `atv prune --recipe` reads it back
+# options a recipe never carries and a recipe file may not turn on: recipe.yaml ships in every pruned folder (and
+# goes to the Hub), so whether the model repository's Python runs is decided on each command line alone
+COMMAND_LINE_ONLY = ("trust_remote_code",)
 
 
 def recipe_text(recipe: dict[str, Any]) -> str:
-    """A recipe as YAML, keys in the command's option order."""
+    """A recipe as YAML, keys in the command's option order (:data:`COMMAND_LINE_ONLY` left out)."""
     import yaml
 
+    kept = {key: value for key, value in recipe.items() if key not in COMMAND_LINE_ONLY}
     return "# atv-toolkit recipe: re-run with --recipe this-file (flags given on the command line win)\n" + \
-        yaml.safe_dump(recipe, sort_keys=False)
+        yaml.safe_dump(kept, sort_keys=False)
 
 
 def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:

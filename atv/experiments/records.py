@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import read_log
-from pruning.outputs import owner, write_text_atomic
+from pruning.outputs import check_plain_file, open_plain, owner, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def study_lock(out_dir: str | Path, shard: Shard | None = None) -> Iterator[None
         return
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    handle = (out / lock).open("a+", encoding="utf-8")
+    handle = open_plain(out / lock, "a+", encoding="utf-8")  # never through a link: it is truncated below
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -234,6 +234,8 @@ class ResultLog:
         self.setup = json.loads(json.dumps(dict(setup), default=str))
         self.shard = shard
         self.path = self.out_dir / (RESULTS if shard is None else shard.file)
+        for path in (self.out_dir / RESULTS, self.path, *part_files(self.out_dir)):
+            check_plain_file(path)  # before anything is read or written: no link out of the folder, no FIFO
         self.records = read_records(self.out_dir / RESULTS)
         self.measured: dict[str, dict[str, Any]] = {}
         for part in part_files(self.out_dir):
@@ -276,7 +278,7 @@ class ResultLog:
         if self.path.is_file():
             data = self.path.read_bytes()
             if data and not data.endswith(b"\n"):
-                with self.path.open("r+b") as f:
+                with open_plain(self.path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
 
     def done(self, cell: Mapping[str, Any]) -> bool:
@@ -291,7 +293,7 @@ class ResultLog:
     def append(self, record: dict[str, Any]) -> None:
         """Append a complete record to ``results.jsonl`` (a measurement to the shard's file), fsynced."""
         self.pin()
-        with self.path.open("a", encoding="utf-8") as f:
+        with open_plain(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
