@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pruning.errors import ConfigError, ToolkitError
-from pruning.io import read_log
+from pruning.io import read_log, seal_log
 from pruning.outputs import owner, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -272,12 +272,9 @@ class ResultLog:
             self._pinned = True
 
     def _drop_torn_tail(self) -> None:
-        """Cut the file back to its last complete line, so new records start on a line of their own."""
-        if self.path.is_file():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with self.path.open("r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+        """End the file on a line boundary (see :func:`pruning.io.seal_log`), so new records start on a line
+        of their own and no complete record is lost."""
+        seal_log(self.path)
 
     def done(self, cell: Mapping[str, Any]) -> bool:
         """Whether the cell has a record, or a measurement in a shard file."""

@@ -1,0 +1,95 @@
+"""Nothing a user owns is lost, whatever the output options say (reliability round 3).
+
+Each case is a user's folder (a tiny model, calibration data, benchmarks, a finished study, a pruned
+model and the user's own files), a command run in this process through ``atv.cli.main`` (or the job
+function it calls), and then: the exit code or exception is a one-line refusal naming the culprit, and
+every file of the user's folder is byte-identical (or, for the result log, only grew).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir, write_calibration
+
+from atv.cli import main
+
+STUDY = ["probe", "--model", "model", "--calib", "calib/calib.json", "--images", "calib/images", "--bench",
+         "look.jsonl", "--nsamples", "2", "--pathways", "text", "--pools", "text", "--sparsities", "0.5",
+         "--batch-size", "2"]
+PRUNE = ["prune", "--model", "model", "--method", "magnitude"]
+USER_FILES = {"notes.txt": "a user's own file", "recipe.yaml": "# my own recipe\nsparsity: 0.9\n",
+              "probe_table.md": "| my | table |\n", "report.md": "# my report\n", "demo.json": '{"mine": true}',
+              "README.md": "# my model card\n"}
+
+
+def _jsonl(path: Path, items: list[dict]) -> None:
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A user's folder: model, calibration, a benchmark, a finished probe study, a pruned model, user files."""
+    base = tmp_path_factory.mktemp("hostile") / "base"
+    model, _ = build_tiny("llava")
+    save_model_dir("llava", model, base / "model")
+    write_calibration(base / "calib", n=3)
+    _jsonl(base / "look.jsonl", [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown here",
+                                  "options": ["cat", "dog"], "answer": ["cat", "dog"][i % 2]} for i in range(2)])
+    (base / "userdata").mkdir()
+    for name, text in USER_FILES.items():
+        (base / "userdata" / name).write_text(text)
+    here = Path.cwd()
+    os.chdir(base)
+    try:
+        assert main([*STUDY, "--out", "study"]) == 0
+        assert main([*PRUNE, "--out", "pruned"]) == 0
+    finally:
+        os.chdir(here)
+    return base
+
+
+@pytest.fixture
+def user(world, tmp_path, monkeypatch):
+    """A fresh copy of the user's folder, as the working folder."""
+    root = tmp_path / "base"
+    shutil.copytree(world, root, symlinks=True)
+    monkeypatch.chdir(root)
+    return root
+
+
+def _refused(capsys, code: int, culprit: str) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and culprit in errors[0], err[-3000:]
+    return errors[0]
+
+
+# -- 1. the result log keeps every complete record -------------------------------------------------------
+def test_a_resumed_log_keeps_a_complete_last_record_without_its_newline(user, capsys):
+    """A kill between a record and its newline: the record is kept (a torn one is dropped: test_probe_study)."""
+    log = user / "study" / "results.jsonl"
+    whole = log.read_bytes()
+    log.write_bytes(whole.rstrip(b"\n"))
+    assert main([*STUDY, "--out", "study"]) == 0
+    assert "0 cells computed, 2 resumed" in capsys.readouterr().out
+    assert log.read_bytes() == whole
+
+
+def test_an_append_after_an_unterminated_record_starts_a_new_line(tmp_path):
+    from atv.experiments.records import ResultLog
+
+    setup = {"config": {"seed": 0}}
+    first = ResultLog(tmp_path, setup)
+    first.append({"cell": {"pathway": "dense"}, "scores": {}})
+    log = tmp_path / "results.jsonl"
+    complete = log.read_bytes().rstrip(b"\n")
+    log.write_bytes(complete)
+    again = ResultLog(tmp_path, setup)
+    assert len(again.records) == 1 and log.read_bytes() == complete + b"\n"
+    again.append({"cell": {"pathway": "text"}, "scores": {}})
+    assert [json.loads(line)["cell"]["pathway"] for line in log.read_text().splitlines()] == ["dense", "text"]
