@@ -2,8 +2,8 @@
 
 Rules, enforced before any work:
 
-* an output folder is never the working folder, one of its ancestors, nor a folder that holds (or is) an
-  input of the run;
+* an output (file or folder) is never the working folder, one of its ancestors, an input of the run, a
+  folder that holds an input, nor a path inside an input folder;
 * an existing, non-empty output folder is replaced (``overwrite``) only when this toolkit wrote it: every
   folder written through :func:`atomic_folder` carries a marker file, :data:`MARKER`;
 * a folder is written beside its target (``.NAME.partial-PID-xxxx``) and swapped in by renames (the old
@@ -60,7 +60,7 @@ def _contains(folder: Path, path: Path) -> bool:
 
 def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), what: str = "--out") -> Path:
     """Refuse an output path that is the working folder or an ancestor of it, whose parent is a file, or
-    that contains or equals an input. Returns ``out``."""
+    that contains, equals or lies inside an input. Returns ``out``."""
     out = _check_place(out, what)
     _check_inputs(out, inputs, what)
     return out
@@ -84,9 +84,15 @@ def _check_place(out: str | Path, what: str) -> Path:
 def _check_inputs(out: Path, inputs: Iterable[str | Path | None], what: str) -> None:
     resolved = out.resolve()
     for given in inputs:
-        if given is not None and _contains(resolved, Path(given).resolve()):
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if _contains(resolved, source):
             raise OutputExistsError(f"{what} {str(out)!r} holds the input {str(given)!r}; writing there could "
                                     "destroy it: choose another output")
+        if _contains(source, resolved):
+            raise OutputExistsError(f"{what} {str(out)!r} is inside the input {str(given)!r}, which this run reads; "
+                                    "it never writes there (whatever --overwrite says): choose an output outside it")
 
 
 def written_by_toolkit(folder: str | Path) -> bool:

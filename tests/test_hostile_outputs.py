@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_batch import tree
 from tiny_models import build_tiny
 from tiny_processors import save_model_dir, write_calibration
 
@@ -93,3 +94,34 @@ def test_an_append_after_an_unterminated_record_starts_a_new_line(tmp_path):
     assert len(again.records) == 1 and log.read_bytes() == complete + b"\n"
     again.append({"cell": {"pathway": "text"}, "scores": {}})
     assert [json.loads(line)["cell"]["pathway"] for line in log.read_text().splitlines()] == ["dense", "text"]
+
+
+# -- 2. an output never lies inside or over an input -----------------------------------------------------
+EVAL = ["eval", "--tasks", "look.jsonl", "--overwrite"]
+CELL = ["--probe-from", "study:text/text/0.5"]
+INSIDE_INPUTS = {  # name -> (argv, the error line names)
+    "eval-out-over-model-config": ([*EVAL, "--model", "model", "--out", "model/config.json"],
+                                   "inside the input 'model'"),
+    "eval-out-over-model-weights": ([*EVAL, "--model", "model", "--out", "model/model.safetensors"],
+                                    "inside the input 'model'"),
+    "eval-out-over-benchmark-image": ([*EVAL, "--model", "model", "--out", "calib/images/0.png"],
+                                      "holds the input 'calib/images/0.png'"),
+    "eval-out-over-study-calibration": ([*EVAL, *CELL, "--out", "calib/calib.json"],
+                                        "holds the input 'calib/calib.json'"),
+    "eval-out-over-study-results": ([*EVAL, *CELL, "--out", "study/results.jsonl"],
+                                    "holds the input 'study/results.jsonl'"),
+    "eval-out-inside-study-images": ([*EVAL, *CELL, "--out", "calib/images/new.json"],
+                                     "inside the input 'calib/images'"),
+    "eval-output-path-inside-model": (["eval", "--tasks", "mme", "--model", "model", "--output-path", "model/lmms"],
+                                      "inside the input 'model'"),
+}
+
+
+@pytest.mark.parametrize("name", list(INSIDE_INPUTS))
+def test_an_output_inside_or_over_an_input_is_refused(user, capsys, name):
+    argv, culprit = INSIDE_INPUTS[name]
+    if "--output-path" in argv:
+        pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval is not installed (the lmms extra)")
+    before = tree(user)
+    _refused(capsys, main(argv), culprit)
+    assert tree(user) == before
