@@ -227,11 +227,14 @@ def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dic
 
 def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
                 overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
-                extra_files: Mapping[str, str] | None = None) -> Path:
+                extra_files: Mapping[str, str] | None = None,
+                since: Mapping[str, tuple[int, int] | None] | None = None) -> Path:
     """save_pretrained (safetensors) + processor + ``prune_report.json`` (+ ``extra_files``: name -> text),
-    written to a temporary sibling folder and moved into place only when complete."""
+    written to a temporary sibling folder and moved into place only when complete. ``since``: the output
+    folder's :func:`~pruning.outputs.folder_state` when the run started; what appeared or changed in it since
+    is never deleted (see :func:`~pruning.outputs.atomic_folder`)."""
     out = check_output_dir(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
-    with atomic_folder(out, "pruned-model") as tmp:
+    with atomic_folder(out, "pruned-model", since) as tmp:
         shard = save_shard_size(model)  # offloaded weights are materialised one shard at a time
         model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
         if processor is not None:

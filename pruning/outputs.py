@@ -10,6 +10,8 @@ Rules, enforced before any work:
   one set aside as ``.NAME.old-PID-xxxx`` and deleted last). A run killed midway leaves such a sibling;
   the next run on the same target removes it, or, when the kill fell between the two renames (target
   missing, old copy present), puts the old folder back;
+* nothing that appeared or changed in an output folder while a run wrote its replacement is deleted: the
+  swap is refused and the new folder kept beside it (``NAME.new-xxxx``);
 * an output file is written to a temporary sibling and renamed over the target.
 """
 
@@ -23,7 +25,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import OutputExistsError
 
@@ -152,29 +154,67 @@ def _sibling(out: Path, role: str) -> Path:
     return path
 
 
+def folder_state(folder: str | Path) -> dict[str, tuple[int, int] | None]:
+    """Relative path -> (size, mtime in ns) of every file under ``folder`` (None for a subfolder; empty when
+    the folder is missing): what :func:`atomic_folder` compares to find what appeared or changed in its
+    target while a run was writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    state: dict[str, tuple[int, int] | None] = {}
+    for path in folder.rglob("*"):
+        info = path.lstat()
+        state[str(path.relative_to(folder))] = None if path.is_dir() and not path.is_symlink() else \
+            (info.st_size, info.st_mtime_ns)
+    return state
+
+
+def _changed_since(since: Mapping[str, tuple[int, int] | None], out: Path) -> list[str]:
+    """What is in ``out`` now that was not, or not so, in ``since`` (what vanished is not counted)."""
+    now = folder_state(out)
+    return sorted(name for name, value in now.items() if name not in since or since[name] != value)
+
+
 @contextlib.contextmanager
-def atomic_folder(out: str | Path, kind: str = "folder") -> Iterator[Path]:
+def atomic_folder(out: str | Path, kind: str = "folder",
+                  since: Mapping[str, tuple[int, int] | None] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to write into; on success it gets the toolkit's marker (``kind``
     says what it holds) and replaces ``out``: old set aside, new renamed in, old deleted. On any error the
-    partial folder is removed and ``out`` is left as it was."""
+    partial folder is removed and ``out`` is left as it was.
+
+    ``since``: the :func:`folder_state` of ``out`` when the run started (default: on entering). When a file
+    appeared or changed in ``out`` since then, nothing is replaced: the new folder is kept beside ``out``
+    as ``NAME.new-xxxx`` and :class:`OutputExistsError` says where."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(out)
+    since = folder_state(out) if since is None else since
     tmp = _sibling(out, "partial")
     old: Path | None = None
+    changed: list[str] = []
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"written_by": "atv-toolkit", "kind": kind}), encoding="utf-8")
-        if out.exists():
-            old = _sibling(out, "old")
-            old.rmdir()
-            out.rename(old)
-        tmp.rename(out)
+        changed = _changed_since(since, out)
+        if not changed:
+            if out.exists():
+                old = _sibling(out, "old")
+                old.rmdir()
+                out.rename(old)
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not out.exists():
             old.rename(out)
         raise
+    if changed:
+        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.new-", dir=out.parent))
+        kept.rmdir()
+        tmp.rename(kept)  # a visible name: recover_folder never removes it
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise OutputExistsError(f"{str(out)!r} changed while this run was writing its replacement ({shown}), so "
+                                f"nothing in it was replaced or deleted; the new output is in {str(kept)!r}: keep "
+                                "what you need of the old folder, then move the new one into place")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

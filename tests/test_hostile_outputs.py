@@ -125,3 +125,35 @@ def test_an_output_inside_or_over_an_input_is_refused(user, capsys, name):
     before = tree(user)
     _refused(capsys, main(argv), culprit)
     assert tree(user) == before
+
+
+# -- 3. what appears in --out while a run works is never deleted ------------------------------------------
+DURING_RUN = {  # what the user does to --out while atv prune runs -> the path the refusal names
+    "file-added": (lambda out: (out / "notes.txt").write_text("written during the run"), "notes.txt"),
+    "folder-added": (lambda out: (out / "mine").mkdir() or (out / "mine" / "a.txt").write_text("mine"), "mine"),
+    "card-edited": (lambda out: (out / "README.md").write_text("# my edits to the card\n"), "README.md"),
+}
+
+
+@pytest.mark.parametrize("name", list(DURING_RUN))
+def test_the_final_swap_never_deletes_what_appeared_during_the_run(user, capsys, monkeypatch, name):
+    import atv.experiments.prune_job as prune_job
+
+    act, culprit = DURING_RUN[name]
+    real = prune_job.prune_
+
+    def prune_while_the_user_writes(*args, **kwargs):
+        act(user / "pruned")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_job, "prune_", prune_while_the_user_writes)
+    before = tree(user / "pruned")
+    line = _refused(capsys, main([*PRUNE, "--out", "pruned", "--overwrite", "--sparsity", "0.6"]), culprit)
+    after = tree(user / "pruned")
+    assert {k: v for k, v in after.items() if k in before and not k.startswith(culprit)} == \
+        {k: v for k, v in before.items() if not k.startswith(culprit)}  # the old folder as it was, the user's edit kept
+    assert any(k.startswith(culprit) for k in after) and after != before
+    kept = [p for p in user.iterdir() if p.name.startswith("pruned.new-")]
+    assert len(kept) == 1 and repr(kept[0].name) in line.replace(str(user) + "/", "")
+    assert json.loads((kept[0] / "prune_report.json").read_text())["config"]["sparsity"] == 0.6
+    assert not [p for p in user.iterdir() if p.name.startswith(".pruned.")]  # nothing hidden left behind
