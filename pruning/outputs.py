@@ -12,6 +12,8 @@ Rules, enforced before any work:
   missing, old copy present), puts the old folder back;
 * nothing that appeared or changed in an output folder while a run wrote its replacement is deleted: the
   swap is refused and the new folder kept beside it (``NAME.new-xxxx``);
+* a folder the toolkit writes into run after run (a study, the demo; marked by :func:`mark_folder`) is used
+  only when it is new, empty or marked: no user's file in it is ever replaced or appended to;
 * an output file is written to a temporary sibling and renamed over the target.
 """
 
@@ -105,6 +107,40 @@ def written_by_toolkit(folder: str | Path) -> bool:
         return False
 
 
+def _write_marker(folder: Path, kind: str) -> None:
+    (folder / MARKER).write_text(json.dumps({"written_by": "atv-toolkit", "kind": kind}), encoding="utf-8")
+
+
+def mark_folder(folder: str | Path, kind: str) -> Path:
+    """Create ``folder`` if needed and give it the toolkit's marker (``kind`` says what it holds): a folder
+    the toolkit writes into run after run (a study, the demo) rather than swapping it in whole."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not written_by_toolkit(folder):
+        _write_marker(folder, kind)
+    return folder
+
+
+def check_resumable_folder(out: str | Path, inputs: Iterable[str | Path | None] = (), what: str = "--out",
+                           known: Iterable[str] = ()) -> Path:
+    """Refuse (before any work) a folder that a resumable run (a study, the demo) would write into and that
+    holds files this toolkit did not write: a missing or empty folder is fine, a non-empty one must carry the
+    marker (:func:`mark_folder`) or one of the ``known`` files (relative paths that mark a folder of this kind
+    written before folders were marked, e.g. a study's ``study.json``). Place and inputs are checked as by
+    :func:`check_output_path`."""
+    out = check_output_path(out, inputs, what)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{what} {str(out)!r} exists and is not a folder")
+    if not out.is_dir() or written_by_toolkit(out) or any((out / name).exists() for name in known):
+        return out
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise OutputExistsError(f"{what} {str(out)!r} holds files atv-toolkit did not write ({shown}; no {MARKER} "
+                                f"file in it), which this run could replace; choose a new or empty {what}")
+    return out
+
+
 def check_output_folder(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
                         what: str = "--out") -> Path:
     """Refuse (before any work) an output folder this run may not write: see the module rules. An empty or
@@ -194,7 +230,7 @@ def atomic_folder(out: str | Path, kind: str = "folder",
     changed: list[str] = []
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"written_by": "atv-toolkit", "kind": kind}), encoding="utf-8")
+        _write_marker(tmp, kind)
         changed = _changed_since(since, out)
         if not changed:
             if out.exists():

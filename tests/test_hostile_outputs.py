@@ -43,6 +43,8 @@ def world(tmp_path_factory):
     (base / "userdata").mkdir()
     for name, text in USER_FILES.items():
         (base / "userdata" / name).write_text(text)
+    shutil.copytree(base / "model", base / "mymodel")  # a model folder the user wrote, with the user's card
+    (base / "mymodel" / "README.md").write_text(USER_FILES["README.md"])
     here = Path.cwd()
     os.chdir(base)
     try:
@@ -157,3 +159,37 @@ def test_the_final_swap_never_deletes_what_appeared_during_the_run(user, capsys,
     assert len(kept) == 1 and repr(kept[0].name) in line.replace(str(user) + "/", "")
     assert json.loads((kept[0] / "prune_report.json").read_text())["config"]["sparsity"] == 0.6
     assert not [p for p in user.iterdir() if p.name.startswith(".pruned.")]  # nothing hidden left behind
+
+
+# -- 4. no command replaces or appends to a file the toolkit did not write --------------------------------
+FOREIGN = {  # name -> (working folder, argv, the error line names, the folder that must stay byte-identical)
+    "demo-out-is-the-working-folder": ("userdata", ["demo", "--quick", "--out", "."], "working folder", "userdata"),
+    "demo-out-is-a-users-model": (".", ["demo", "--quick", "--out", "model"], "did not write", "model"),
+    "demo-out-is-user-data": (".", ["demo", "--quick", "--out", "userdata"], "did not write", "userdata"),
+    "probe-out-is-user-data": (".", [*STUDY, "--out", "userdata"], "did not write", "userdata"),
+    "eval-card-of-a-users-model": (".", ["eval", "--tasks", "look.jsonl", "--model", "mymodel", "--out-card"],
+                                   "not written by atv-toolkit", "mymodel"),
+}
+
+
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_a_file_the_toolkit_did_not_write_is_never_replaced(user, capsys, monkeypatch, name):
+    import atv.default_model
+
+    def no_build(*args, **kwargs):  # the refusal comes first; never fetch the default model in a test
+        raise RuntimeError("the demo started working on a folder it should have refused")
+
+    monkeypatch.setattr(atv.default_model, "build_default_model", no_build)
+    cwd, argv, culprit, watched = FOREIGN[name]
+    monkeypatch.chdir(user / cwd)
+    before = tree(user / watched)
+    _refused(capsys, main(argv), culprit)
+    assert tree(user / watched) == before
+
+
+def test_a_study_folder_is_marked_and_resumed(user, capsys):
+    """A new study folder gets the toolkit's marker, so the same command resumes it."""
+    from pruning.outputs import written_by_toolkit
+
+    assert written_by_toolkit(user / "study")
+    assert main([*STUDY, "--out", "study"]) == 0 and "0 cells computed, 2 resumed" in capsys.readouterr().out

@@ -45,7 +45,7 @@ from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions, load_model
 from pruning.options import option
-from pruning.outputs import check_output_file, check_output_path, write_text_atomic
+from pruning.outputs import MARKER, check_output_file, check_output_path, write_text_atomic, written_by_toolkit
 
 from .cells import compact_items, paired_retention, prune_summary
 from .records import RESULTS, SETUP, read_records, read_setup
@@ -324,6 +324,9 @@ class EvalJob:
         if self.out_card and (self.model is None or not (Path(self.model) / CARD).is_file()):
             raise ConfigError(f"--out-card appends to the model card of a pruned folder; {self.model!r} holds no "
                               f"{CARD} (prune it with atv prune, or drop --out-card)")
+        if self.out_card and not written_by_toolkit(self.model):
+            raise ConfigError(f"--out-card appends to the model card atv prune wrote; {self.model!r} was not written "
+                              f"by atv-toolkit (no {MARKER} file in it), so its {CARD} is left alone: drop --out-card")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"--tasks names a task twice: {list(self.tasks)}")
         self._check_lmms_options()
