@@ -85,13 +85,13 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     """Validate everything cheap first, then load, calibrate, prune and save atomically.
 
     ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
-    check_output_dir(job.out, job.overwrite, job.inputs)
-    since = folder_state(job.out)  # what the swap may replace: nothing added to --out while the run works
     if job.config.needs_calibration and job.calib_dataset is None and (job.calib is None or job.images is None):
         needs = f"method {job.config.method!r}" if job.config.pool is not None else "allocation 'owl'"
         raise CalibrationError(f"{needs} needs --calib and --images, or --calib-dataset")
     if job.calib is not None and job.calib_dataset is not None:
         raise CalibrationError("give --calib or --calib-dataset, not both")
+    check_output_dir(job.out, job.overwrite, job.inputs)
+    since = folder_state(job.out)  # what the swap may replace: nothing added to --out while the run works
     plan = memory_plan(job)
     log.info("%s", plan.summary())
     if job.memory_check:
