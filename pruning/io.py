@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,11 +227,14 @@ def _disk_offload(config, device: str | None, offload_folder: str | Path) -> dic
 
 def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_dir: str | Path,
                 overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
-                extra_files: Mapping[str, str] | None = None) -> Path:
+                extra_files: Mapping[str, str] | None = None,
+                since: Mapping[str, tuple[int, int] | None] | None = None) -> Path:
     """save_pretrained (safetensors) + processor + ``prune_report.json`` (+ ``extra_files``: name -> text),
-    written to a temporary sibling folder and moved into place only when complete."""
+    written to a temporary sibling folder and moved into place only when complete. ``since``: the output
+    folder's :func:`~pruning.outputs.folder_state` when the run started; what appeared or changed in it since
+    is never deleted (see :func:`~pruning.outputs.atomic_folder`)."""
     out = check_output_dir(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
-    with atomic_folder(out, "pruned-model") as tmp:
+    with atomic_folder(out, "pruned-model", since) as tmp:
         shard = save_shard_size(model)  # offloaded weights are materialised one shard at a time
         model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
         if processor is not None:
@@ -271,7 +275,8 @@ def _transformers_version() -> str:
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of an append-only JSON Lines log (blank lines skipped); a torn last line, left by a run
-    killed mid-write, is dropped with a warning, while a corrupt line before it is an error naming it."""
+    killed mid-write, is dropped with a warning, while a corrupt line before it is an error naming it. A
+    complete last record without its newline (a kill between the two) is a record like any other."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -282,14 +287,44 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
+        record = _log_record(line)
+        if record is None:
             if number != len(lines):  # a finished line (a kill tears only the unterminated last one)
                 raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
             log.warning("%s: dropping an unfinished last record", path)
             continue
         records.append(record)
     return records
+
+
+def seal_log(path: str | Path) -> None:
+    """Make a JSON Lines log end on a line boundary before appending to it: a complete last record without
+    its newline gets the newline; a torn last line (no JSON record, as :func:`read_log` drops it) is cut off.
+    Nothing :func:`read_log` returns is ever removed."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with path.open("r+b") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            torn = _log_record(data[start:].decode("utf-8")) is None and bool(data[start:].strip())
+        except UnicodeDecodeError:
+            torn = True
+        if torn:
+            f.truncate(start)
+        else:
+            f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _log_record(line: str) -> dict[str, Any] | None:
+    """A log line's record, or None when it is not a JSON object (torn or corrupt)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None

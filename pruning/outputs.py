@@ -2,14 +2,18 @@
 
 Rules, enforced before any work:
 
-* an output folder is never the working folder, one of its ancestors, nor a folder that holds (or is) an
-  input of the run;
+* an output (file or folder) is never the working folder, one of its ancestors, an input of the run, a
+  folder that holds an input, nor a path inside an input folder;
 * an existing, non-empty output folder is replaced (``overwrite``) only when this toolkit wrote it: every
   folder written through :func:`atomic_folder` carries a marker file, :data:`MARKER`;
 * a folder is written beside its target (``.NAME.partial-PID-xxxx``) and swapped in by renames (the old
   one set aside as ``.NAME.old-PID-xxxx`` and deleted last). A run killed midway leaves such a sibling;
   the next run on the same target removes it, or, when the kill fell between the two renames (target
   missing, old copy present), puts the old folder back;
+* nothing that appeared or changed in an output folder while a run wrote its replacement is deleted: the
+  swap is refused and the new folder kept beside it (``NAME.new-xxxx``);
+* a folder the toolkit writes into run after run (a study, the demo; marked by :func:`mark_folder`) is used
+  only when it is new, empty or marked: no user's file in it is ever replaced or appended to;
 * an output file is written to a temporary sibling and renamed over the target;
 * a file an output folder holds and that a run opens in place (a result log, a lock) is never reached
   through a symbolic link (which could point out of the folder) and must be a regular file (opening a FIFO
@@ -28,7 +32,7 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import OutputExistsError
 
@@ -65,7 +69,7 @@ def _contains(folder: Path, path: Path) -> bool:
 
 def check_output_path(out: str | Path, inputs: Iterable[str | Path | None] = (), what: str = "--out") -> Path:
     """Refuse an output path that is the working folder or an ancestor of it, whose parent is a file, or
-    that contains or equals an input. Returns ``out``."""
+    that contains, equals or lies inside an input. Returns ``out``."""
     out = _check_place(out, what)
     _check_inputs(out, inputs, what)
     return out
@@ -89,9 +93,15 @@ def _check_place(out: str | Path, what: str) -> Path:
 def _check_inputs(out: Path, inputs: Iterable[str | Path | None], what: str) -> None:
     resolved = out.resolve()
     for given in inputs:
-        if given is not None and _contains(resolved, Path(given).resolve()):
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if _contains(resolved, source):
             raise OutputExistsError(f"{what} {str(out)!r} holds the input {str(given)!r}; writing there could "
                                     "destroy it: choose another output")
+        if _contains(source, resolved):
+            raise OutputExistsError(f"{what} {str(out)!r} is inside the input {str(given)!r}, which this run reads; "
+                                    "it never writes there (whatever --overwrite says): choose an output outside it")
 
 
 def written_by_toolkit(folder: str | Path) -> bool:
@@ -100,6 +110,40 @@ def written_by_toolkit(folder: str | Path) -> bool:
         return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8")).get("written_by") == "atv-toolkit"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _write_marker(folder: Path, kind: str) -> None:
+    (folder / MARKER).write_text(json.dumps({"written_by": "atv-toolkit", "kind": kind}), encoding="utf-8")
+
+
+def mark_folder(folder: str | Path, kind: str) -> Path:
+    """Create ``folder`` if needed and give it the toolkit's marker (``kind`` says what it holds): a folder
+    the toolkit writes into run after run (a study, the demo) rather than swapping it in whole."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not written_by_toolkit(folder):
+        _write_marker(folder, kind)
+    return folder
+
+
+def check_resumable_folder(out: str | Path, inputs: Iterable[str | Path | None] = (), what: str = "--out",
+                           known: Iterable[str] = ()) -> Path:
+    """Refuse (before any work) a folder that a resumable run (a study, the demo) would write into and that
+    holds files this toolkit did not write: a missing or empty folder is fine, a non-empty one must carry the
+    marker (:func:`mark_folder`) or one of the ``known`` files (relative paths that mark a folder of this kind
+    written before folders were marked, e.g. a study's ``study.json``). Place and inputs are checked as by
+    :func:`check_output_path`."""
+    out = check_output_path(out, inputs, what)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{what} {str(out)!r} exists and is not a folder")
+    if not out.is_dir() or written_by_toolkit(out) or any((out / name).exists() for name in known):
+        return out
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise OutputExistsError(f"{what} {str(out)!r} holds files atv-toolkit did not write ({shown}; no {MARKER} "
+                                f"file in it), which this run could replace; choose a new or empty {what}")
+    return out
 
 
 def check_output_folder(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
@@ -151,29 +195,67 @@ def _sibling(out: Path, role: str) -> Path:
     return path
 
 
+def folder_state(folder: str | Path) -> dict[str, tuple[int, int] | None]:
+    """Relative path -> (size, mtime in ns) of every file under ``folder`` (None for a subfolder; empty when
+    the folder is missing): what :func:`atomic_folder` compares to find what appeared or changed in its
+    target while a run was writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    state: dict[str, tuple[int, int] | None] = {}
+    for path in folder.rglob("*"):
+        info = path.lstat()
+        state[str(path.relative_to(folder))] = None if path.is_dir() and not path.is_symlink() else \
+            (info.st_size, info.st_mtime_ns)
+    return state
+
+
+def _changed_since(since: Mapping[str, tuple[int, int] | None], out: Path) -> list[str]:
+    """What is in ``out`` now that was not, or not so, in ``since`` (what vanished is not counted)."""
+    now = folder_state(out)
+    return sorted(name for name, value in now.items() if name not in since or since[name] != value)
+
+
 @contextlib.contextmanager
-def atomic_folder(out: str | Path, kind: str = "folder") -> Iterator[Path]:
+def atomic_folder(out: str | Path, kind: str = "folder",
+                  since: Mapping[str, tuple[int, int] | None] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to write into; on success it gets the toolkit's marker (``kind``
     says what it holds) and replaces ``out``: old set aside, new renamed in, old deleted. On any error the
-    partial folder is removed and ``out`` is left as it was."""
+    partial folder is removed and ``out`` is left as it was.
+
+    ``since``: the :func:`folder_state` of ``out`` when the run started (default: on entering). When a file
+    appeared or changed in ``out`` since then, nothing is replaced: the new folder is kept beside ``out``
+    as ``NAME.new-xxxx`` and :class:`OutputExistsError` says where."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(out)
+    since = folder_state(out) if since is None else since
     tmp = _sibling(out, "partial")
     old: Path | None = None
+    changed: list[str] = []
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"written_by": "atv-toolkit", "kind": kind}), encoding="utf-8")
-        if out.exists():
-            old = _sibling(out, "old")
-            old.rmdir()
-            out.rename(old)
-        tmp.rename(out)
+        _write_marker(tmp, kind)
+        changed = _changed_since(since, out)
+        if not changed:
+            if out.exists():
+                old = _sibling(out, "old")
+                old.rmdir()
+                out.rename(old)
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not out.exists():
             old.rename(out)
         raise
+    if changed:
+        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.new-", dir=out.parent))
+        kept.rmdir()
+        tmp.rename(kept)  # a visible name: recover_folder never removes it
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise OutputExistsError(f"{str(out)!r} changed while this run was writing its replacement ({shown}), so "
+                                f"nothing in it was replaced or deleted; the new output is in {str(kept)!r}: keep "
+                                "what you need of the old folder, then move the new one into place")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -18,6 +18,7 @@ from tiny_models import build_tiny
 from tiny_processors import save_model_dir, write_calibration
 
 from atv.cli import main
+from pruning.outputs import MARKER, mark_folder
 
 TASKS = Path(__file__).resolve().parent / "lmms_tasks"
 BENCH = TASKS / "atv_tiny_choice.jsonl"
@@ -102,7 +103,7 @@ def test_a_saved_recipe_never_carries_remote_code(base, tmp_path, capsys):
 def test_study_files_never_lead_out_of_the_folder(base, tmp_path, capsys, name, kind):
     folder, _, _, calib, images = base
     study, outside = tmp_path / "study", tmp_path / "outside.txt"
-    study.mkdir()
+    mark_folder(study, "study")  # a study folder of the toolkit's (an unmarked one is refused as a user's)
     outside.write_text("a user's own notes")  # no newline at the end: a torn record to the log
     reader = None
     if kind == "link":
@@ -120,7 +121,7 @@ def test_study_files_never_lead_out_of_the_folder(base, tmp_path, capsys, name, 
     assert code == 2 and what in err and str(study / name) in err and "choose another --out" in err, err
     assert len(err.splitlines()) == 1
     assert outside.read_text() == "a user's own notes"
-    left = {p.name for p in study.iterdir()} - {name}  # at most a free lock of its own: nothing else written
+    left = {p.name for p in study.iterdir()} - {name, MARKER}  # at most a free lock of its own: nothing else
     assert left <= {".atv-lock", ".atv-lock.shard-1-of-2"} and all((study / n).read_text() == "" for n in left)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from pruning.errors import ConfigError
 from pruning.options import option
+from pruning.outputs import MARKER, check_resumable_folder, mark_folder, write_text_atomic
 
 from .executors import ExecutorOptions
 
@@ -127,6 +128,15 @@ class DemoResult:
     map_summary: str = ""                     # the map step's text - visual KL contrasts (full demo)
 
 
+def check_demo_folder(config: DemoConfig) -> Path:
+    """Refuse (before any work) an --out the demo may not write into: the working folder, one holding or inside
+    the model cache, or a non-empty folder atv-toolkit did not write (a demo folder written before folders
+    were marked is known by its suite's marker)."""
+    from atv.default_model import cache_root
+
+    return check_resumable_folder(config.out, [cache_root(config.cache_dir)], known=(f"suite/{MARKER}",))
+
+
 def _suite(config: DemoConfig) -> Path:
     from atv.suite import write_suite
 
@@ -171,7 +181,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
         seconds[name], cpu[name] = round(now - clock, 1), round(cpu_now - cpu_clock, 1)
         clock, cpu_clock = now, cpu_now
 
-    config.out.mkdir(parents=True, exist_ok=True)
+    check_demo_folder(config)
+    mark_folder(config.out, "demo")
     set_seed(config.seed)
     model_dir = build_default_model(config.cache_dir, progress=progress)
     suite = _suite(config)
@@ -450,10 +461,9 @@ def _write_report(result: DemoResult, config: DemoConfig) -> Path:
     lines += ["", "## Time", "", "Wall and CPU time (user + system, this process and its children) per step; "
               "'setup' includes building the default model when it is not cached." + load, "",
               timing_table(result.seconds, result.cpu_seconds)]
-    path = result.out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    (result.out / "demo.json").write_text(json.dumps({"config": asdict(config), **asdict(result)}, indent=2,
-                                                     default=str), encoding="utf-8")
+    path = write_text_atomic(result.out / "report.md", "\n".join(lines))
+    write_text_atomic(result.out / "demo.json", json.dumps({"config": asdict(config), **asdict(result)}, indent=2,
+                                                           default=str))
     return path
 
 

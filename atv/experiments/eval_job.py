@@ -45,7 +45,7 @@ from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions, load_model
 from pruning.options import option
-from pruning.outputs import check_output_file, check_output_path, write_text_atomic
+from pruning.outputs import MARKER, check_output_file, check_output_path, write_text_atomic, written_by_toolkit
 
 from .cells import compact_items, paired_retention, prune_summary
 from .records import RESULTS, SETUP, read_records, read_setup
@@ -193,12 +193,13 @@ class LoadedModel:
 def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, calib: Path | None = None,
                     images: Path | None = None, load: LoadOptions | None = None,
                     reference_benchmarks: list[Benchmark] | None = None, progress: bool = False,
-                    processor=None, allow_outside: bool = False) -> LoadedModel:
+                    processor=None, allow_outside: bool = False, setup: StudySetup | None = None) -> LoadedModel:
     """A model folder, or (``cell``) the probe cell re-created in memory, with its processor.
 
     ``load``: revision, dtype, device and device map (a probe cell's dtype 'auto' is the study's).
     ``reference_benchmarks``: fidelity benchmarks whose dense reference is computed before the path is
-    pruned (the study's reference). ``processor`` overrides the one saved with the model.
+    pruned (the study's reference). ``processor`` overrides the one saved with the model. ``setup``: the
+    cell's study setup when already read (:func:`read_study_setup`).
     """
     load = load or LoadOptions()
 
@@ -217,7 +218,7 @@ def load_eval_model(model_dir: Path | None, cell: ProbeCell | None = None, *, ca
     from pruning.config import PruneConfig
     from pruning.data import load_llava_conversations
 
-    setup = read_study_setup(cell, model=model_dir, calib=calib, images=images)
+    setup = setup or read_study_setup(cell, model=model_dir, calib=calib, images=images)
     set_seed(setup.seed)  # as run_probe_job, before loading model and calibration
     if load.dtype == "auto":
         load = dataclasses.replace(load, dtype=setup.dtype)
@@ -323,6 +324,9 @@ class EvalJob:
         if self.out_card and (self.model is None or not (Path(self.model) / CARD).is_file()):
             raise ConfigError(f"--out-card appends to the model card of a pruned folder; {self.model!r} holds no "
                               f"{CARD} (prune it with atv prune, or drop --out-card)")
+        if self.out_card and not written_by_toolkit(self.model):
+            raise ConfigError(f"--out-card appends to the model card atv prune wrote; {self.model!r} was not written "
+                              f"by atv-toolkit (no {MARKER} file in it), so its {CARD} is left alone: drop --out-card")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"--tasks names a task twice: {list(self.tasks)}")
         self._check_lmms_options()
@@ -446,6 +450,7 @@ class _Plan:
     lmms_names: list[str]
     benches: list[Benchmark]
     dense: DenseRun | None  # the dense run's scores and items (--dense-results)
+    setup: StudySetup | None = None  # the pinned setup of --probe-from's study
     manager: Any = None  # lmms-eval's task manager
     stock: Any = None  # evaluation.lmms_runs.StockModel (with --lmms-model)
 
@@ -458,16 +463,19 @@ def _plan(job: EvalJob) -> _Plan:
     """Every cheap check: outputs, benchmark files, lmms-eval, tasks, the stock class and its arguments."""
     harness_paths = [t for t in job.tasks if is_harness_task(t)]
     lmms_names = [t for t in job.tasks if not is_harness_task(t)]
-    inputs = [*harness_paths, job.model, job.calib, job.images, job.dense_model, job.dense_results]
+    benches = [load_benchmark(p, job.allow_outside_paths) for p in harness_paths]  # bad files fail before loading
+    setup = None if job.probe_from is None else read_study_setup(job.probe_from, model=job.model, calib=job.calib,
+                                                                  images=job.images)
+    inputs = [*harness_paths, *(i.image for b in benches for i in b.items), job.model, job.calib, job.images,
+              job.dense_model, job.dense_results, *job.lmms_include, *_study_files(job.probe_from, setup)]
     if job.out is not None:  # a bad --out fails now, not after the evaluation
         check_output_file(job.out, job.overwrite, inputs)
     if job.output_path is not None:
         check_output_path(job.output_path, inputs, what="--output-path")
-    benches = [load_benchmark(p, job.allow_outside_paths) for p in harness_paths]  # bad files fail before loading
     if lmms_names:
         require_lmms_eval(lmms_names)
     dense = read_dense_run(job.dense_results) if job.dense_results else None
-    plan = _Plan(harness_paths, lmms_names, benches, dense)
+    plan = _Plan(harness_paths, lmms_names, benches, dense, setup)
     if plan.fidelity and job.probe_from is None and job.dense_model is None:
         raise ConfigError(f"{[b.name for b in plan.fidelity]} measure fidelity to a dense model: pass --dense-model "
                           "DIR (or --probe-from, whose dense model is the reference)")
@@ -482,6 +490,13 @@ def _plan(job: EvalJob) -> _Plan:
         if job.lmms_model is not None:
             plan.stock = _stock_model(job)
     return plan
+
+
+def _study_files(cell: ProbeCell | None, setup: StudySetup | None) -> list[Path]:
+    """What re-creating a probe cell reads: the study's records and setup, its model, calibration and images."""
+    if cell is None:
+        return []
+    return [cell.results, cell.results.parent / SETUP, setup.model, setup.calib, setup.images]
 
 
 def _stock_model(job: EvalJob):
@@ -523,7 +538,8 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     if plan.benches or (plan.lmms_names and plan.stock is None):  # a stock class loads the folder itself
         loaded = load_eval_model(job.model, job.probe_from, calib=job.calib, images=job.images, load=load,
                                  progress=progress, processor=processor, allow_outside=job.allow_outside_paths,
-                                 reference_benchmarks=plan.fidelity if job.probe_from is not None else None)
+                                 reference_benchmarks=plan.fidelity if job.probe_from is not None else None,
+                                 setup=plan.setup)
         reference = reference if reference is not None else loaded.reference
     env = environment(loaded.model if loaded is not None else None)
 

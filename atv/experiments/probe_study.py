@@ -32,7 +32,7 @@ from pruning.engine import PruneReport
 from pruning.errors import ConfigError
 from pruning.io import LoadOptions, dtype_name, resolve_model
 from pruning.options import option
-from pruning.outputs import check_output_path, write_text_atomic
+from pruning.outputs import write_text_atomic
 
 from .cells import (
     CellInputs,
@@ -50,7 +50,7 @@ from .cells import (
 )
 from .executors import ExecutorOptions, InProcess, RayExecutor, make_executor
 from .prune_job import RECIPE, recipe_text
-from .records import ResultLog, check_inputs, file_digest, model_inputs, read_setup, study_lock
+from .records import ResultLog, check_inputs, check_study_folder, file_digest, model_inputs, read_setup, study_lock
 from .sensitivity_map import MapConfig, MapResult, run_map_study
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None,
     load their own model and this process loads none; the map runs in this process."""
     # every check that needs no model first: benchmark files, paths, the inputs of a study being resumed
     benches = [load_benchmark(path, job.allow_outside_paths) for path in job.benchmarks]
-    check_output_path(job.out, job.inputs)
+    check_study_folder(job.out, [*job.inputs, *(item.image for bench in benches for item in bench.items)])
     check_calibration_paths(job.calib, job.images)
     source = resolve_model(job.model)  # a folder with config.json, or a Hub id
     revision = job.load.revision or "main"

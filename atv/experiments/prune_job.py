@@ -20,6 +20,7 @@ from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, check_output_dir, load_config, load_model, save_pruned
 from pruning.memory import MemoryPlan, check_memory, plan_memory
 from pruning.options import option
+from pruning.outputs import folder_state
 
 from .share import CARD, environment, model_card, push_folder, sparsity_config
 
@@ -88,12 +89,13 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     """Validate everything cheap first, then load, calibrate, prune and save atomically.
 
     ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
-    check_output_dir(job.out, job.overwrite, job.inputs)
     if job.config.needs_calibration and job.calib_dataset is None and (job.calib is None or job.images is None):
         needs = f"method {job.config.method!r}" if job.config.pool is not None else "allocation 'owl'"
         raise CalibrationError(f"{needs} needs --calib and --images, or --calib-dataset")
     if job.calib is not None and job.calib_dataset is not None:
         raise CalibrationError("give --calib or --calib-dataset, not both")
+    check_output_dir(job.out, job.overwrite, job.inputs)
+    since = folder_state(job.out)  # what the swap may replace: nothing added to --out while the run works
     plan = memory_plan(job)
     log.info("%s", plan.summary())
     if job.memory_check:
@@ -101,7 +103,7 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     set_seed(job.seed)  # python, numpy and torch
     start = time.perf_counter()
     with _offload_folder(job) as folder:
-        return _load_prune_save(job, start, progress, processor, folder)
+        return _load_prune_save(job, start, progress, processor, folder, since)
 
 
 def memory_plan(job: PruneJob) -> MemoryPlan:
@@ -140,7 +142,8 @@ def _key_value(item: str) -> tuple[str, str]:
     return key, value
 
 
-def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, offload_folder: str | None) -> PruneReport:
+def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, offload_folder: str | None,
+                     since: dict[str, Any]) -> PruneReport:
     model, loaded = load_model(job.model, job.load, with_processor=processor is None,
                                offload_folder=offload_folder)
     processor = processor if processor is not None else loaded
@@ -158,7 +161,7 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
                               command=job.command or "(run from Python)")}
     if job.recipe is not None:
         extra[RECIPE] = recipe_text(job.recipe)
-    save_pruned(model, processor, record, job.out, job.overwrite, job.inputs, extra_files=extra)
+    save_pruned(model, processor, record, job.out, job.overwrite, job.inputs, extra_files=extra, since=since)
     if job.push_to_hub:
         log.info("uploaded to %s", push_folder(job.out, job.push_to_hub, private=job.private))
     return report

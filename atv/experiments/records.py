@@ -4,7 +4,8 @@ A study folder holds ``results.jsonl`` (the records) and ``study.json`` (the pin
 fingerprints of the inputs: model config and weights, calibration file, benchmark files and their
 images). Opening a log on a folder with another setup, or whose inputs changed, is refused naming what
 changed; a record torn by a kill (the last line) is dropped, so re-running the same command computes only
-the missing cells. One run at a time holds a study folder (:func:`study_lock`).
+the missing cells. One run at a time holds a study folder (:func:`study_lock`); a new or empty one gets the
+toolkit's marker, and a non-empty folder without it is never written into (:func:`check_study_folder`).
 
 A shard of the grid (``--shard i/n``, e.g. one job of a Slurm array) writes its own file
 ``records.shard-i-of-n.jsonl`` and holds its own lock, so the n shards may run at once in one folder. A
@@ -26,11 +27,19 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from pruning.errors import ConfigError, ToolkitError
-from pruning.io import read_log
-from pruning.outputs import check_plain_file, open_plain, owner, write_text_atomic
+from pruning.io import read_log, seal_log
+from pruning.outputs import (
+    MARKER,
+    check_plain_file,
+    check_resumable_folder,
+    mark_folder,
+    open_plain,
+    owner,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +174,13 @@ def check_inputs(out_dir: str | Path, inputs: Mapping[str, str]) -> None:
                            "a new study")
 
 
+def check_study_folder(out_dir: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse (before any work) a study folder this run may not write into: one holding or inside an input,
+    or a non-empty folder this toolkit did not write (no marker, and no ``study.json`` of a study written
+    before folders were marked): a run writes study.json, results.jsonl, recipe.yaml and tables there."""
+    return check_resumable_folder(out_dir, inputs, known=(SETUP,))
+
+
 # -- the study lock -------------------------------------------------------------------------------------
 LOCK = ".atv-lock"
 _held: dict[tuple[Path, str], Any] = {}  # (study folder, lock name) -> open lock file: re-entrant in a process
@@ -190,6 +206,7 @@ def study_lock(out_dir: str | Path, shard: Shard | None = None) -> Iterator[None
         yield
         return
     created = not out.exists()
+    fresh = created or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     handle = open_plain(out / lock, "a+", encoding="utf-8")  # never through a link: it is truncated below
     try:
@@ -205,6 +222,8 @@ def study_lock(out_dir: str | Path, shard: Shard | None = None) -> Iterator[None
     handle.truncate()
     handle.write(json.dumps(owner()))
     handle.flush()
+    if fresh:
+        mark_folder(out, "study")  # the toolkit's from now on (see check_study_folder)
     _held[out, lock] = handle
     try:
         yield
@@ -212,7 +231,7 @@ def study_lock(out_dir: str | Path, shard: Shard | None = None) -> Iterator[None
         del _held[out, lock]
         handle.seek(0)
         handle.truncate()  # a free lock names nobody (and a failed run leaves the file as it found it)
-        if created and [p.name for p in out.iterdir()] == [lock]:
+        if created and {p.name for p in out.iterdir()} <= {lock, MARKER}:
             shutil.rmtree(out, ignore_errors=True)
         handle.close()
 
@@ -274,12 +293,9 @@ class ResultLog:
             self._pinned = True
 
     def _drop_torn_tail(self) -> None:
-        """Cut the file back to its last complete line, so new records start on a line of their own."""
-        if self.path.is_file():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open_plain(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+        """End the file on a line boundary (see :func:`pruning.io.seal_log`), so new records start on a line
+        of their own and no complete record is lost."""
+        seal_log(check_plain_file(self.path))
 
     def done(self, cell: Mapping[str, Any]) -> bool:
         """Whether the cell has a record, or a measurement in a shard file."""
