@@ -1,8 +1,9 @@
-"""Hostile calibration batches: a pool that selects no token, image tokens without image features. Each is
-refused in one line before any weight changes, never a silent mask."""
+"""Hostile calibration batches: a pool that selects no token, a pool of very few tokens, image tokens without
+image features. Each is refused (or flagged) in one line before any weight changes, never a silent mask."""
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
@@ -93,6 +94,24 @@ def test_the_mot_probe_refuses_an_empty_pool_and_leaves_both_paths_dense():
     assert probe.extra_parameters() == 0  # no path copy left behind
     unloaded = probe.unload()
     assert all(torch.equal(before[k], v) for k, v in unloaded.state_dict().items())
+
+
+def test_a_pool_with_fewer_tokens_than_the_narrowest_input_is_flagged_and_logged(caplog):
+    model, inputs = _model_and_inputs("llava")
+    one = {k: v[:1] for k, v in inputs.items()}
+    widths = [lin.in_features for lin in get_adapter(model).named_linears(model, 0).values()]
+    n_text = int((one["attention_mask"].bool() & ~_visual(model, one)).sum())
+    assert n_text < min(widths) <= int(one["attention_mask"].sum()) * 2  # the batch sits on both sides
+    with caplog.at_level(logging.WARNING, logger="pruning.engine"):
+        thin = compute_masks(copy.deepcopy(model), PruneConfig("wanda", pool="text"), [one], progress=False)
+    assert [layer.thin_pool for layer in thin.layers] == [True, True]
+    assert f"decoder layer 0: the 'text' calibration pool selected {n_text} tokens, fewer than the narrowest " \
+           f"target input ({min(widths)} features)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pruning.engine"):
+        full = compute_masks(copy.deepcopy(model), PruneConfig("wanda"), [one, one], progress=False)
+    assert [layer.thin_pool for layer in full.layers] == [False, False]
+    assert "calibration pool selected" not in caplog.text
 
 
 @pytest.mark.parametrize("family", TINY + FAMILIES)
