@@ -126,6 +126,13 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict
     return obj
 
 
+def _takes_image_inputs(model: nn.Module) -> bool:
+    """True when the model's forward names an image input (``pixel_values``, ``image_patches``, ``flattened_patches``
+    ...)."""
+    names = inspect.signature(model.forward).parameters
+    return any(word in name for name in names for word in ("pixel", "image", "patches"))
+
+
 def _holds_floats(obj: Any) -> bool:
     """True when a floating-point tensor sits anywhere inside nested dicts/lists/tuples."""
     if isinstance(obj, torch.Tensor):
@@ -219,8 +226,11 @@ class Adapter:
         """CalibrationError when ``inputs`` mark visual positions but carry no image data. Image data reaches a
         model as floating-point inputs (``pixel_values``, ``flattened_patches``, ``image_embeds``...), the other
         inputs are integer or bool; without any, the placeholders would enter the statistics as if they were
-        image features (or the forward fails deep inside). A family whose image data is not floating point
-        overrides this."""
+        image features (or the forward fails deep inside). A model whose forward takes no image input (a text
+        model with placeholder positions marked visual) has no image data to miss. A family whose image data is
+        not floating point overrides this."""
+        if not _takes_image_inputs(model):
+            return
         n_visual = int(self.visual_mask_of(model, inputs).sum())
         data = [value for name, value in inputs.items() if name not in _NOT_IMAGE_DATA]
         if n_visual and not _holds_floats(data):
