@@ -56,6 +56,8 @@ _TOKEN_ID_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "vid
 # Model inputs that mark the visual positions themselves, (B, T), for families whose image positions carry no
 # dedicated token id (Kosmos-2's processor writes ordinary vocabulary ids there).
 _VISUAL_POSITION_INPUTS = ("image_embeds_position_mask",)
+# Floating-point model inputs that are not image data (a float attention mask, ready embeddings of the ids).
+_NOT_IMAGE_DATA = ("attention_mask", "inputs_embeds")
 
 
 class _CaptureDone(Exception):
@@ -122,6 +124,22 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict
         mapped = [map_tensors(v, fn, memo) for v in obj]
         return type(obj)(mapped) if isinstance(obj, list) else tuple(mapped)
     return obj
+
+
+def _takes_image_inputs(model: nn.Module) -> bool:
+    """True when the model's forward names an image input (``pixel_values``, ``image_patches``, ``flattened_patches``
+    ...)."""
+    names = inspect.signature(model.forward).parameters
+    return any(word in name for name in names for word in ("pixel", "image", "patches"))
+
+
+def _holds_floats(obj: Any) -> bool:
+    """True when a floating-point tensor sits anywhere inside nested dicts/lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.is_floating_point()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return isinstance(obj, (list, tuple)) and any(_holds_floats(v) for v in obj)
 
 
 class Adapter:
@@ -204,6 +222,23 @@ class Adapter:
             mask = mask | marked.to(device=mask.device, dtype=torch.bool)
         return mask
 
+    def check_image_inputs(self, model: nn.Module, inputs: Mapping[str, Any]) -> None:
+        """CalibrationError when ``inputs`` mark visual positions but carry no image data. Image data reaches a
+        model as floating-point inputs (``pixel_values``, ``flattened_patches``, ``image_embeds``...), the other
+        inputs are integer or bool; without any, the placeholders would enter the statistics as if they were
+        image features (or the forward fails deep inside). A model whose forward takes no image input (a text
+        model with placeholder positions marked visual) has no image data to miss. A family whose image data is
+        not floating point overrides this."""
+        if not _takes_image_inputs(model):
+            return
+        n_visual = int(self.visual_mask_of(model, inputs).sum())
+        data = [value for name, value in inputs.items() if name not in _NOT_IMAGE_DATA]
+        if n_visual and not _holds_floats(data):
+            raise CalibrationError(
+                f"calibration batch has {n_visual} image/video token positions (ids {self.visual_token_ids(model)}) "
+                f"but no image features (no floating-point input among {sorted(inputs)}); pass the processor's "
+                "pixel_values with the batch, or remove the image tokens to calibrate on text")
+
     # -- mixture of experts ------------------------------------------------------------------
     def expert_tokens(self, layer_kwargs: Mapping[str, Any], name: str, shape: torch.Size) -> torch.Tensor | None:
         """(B, T) bool mask (``shape``) of the tokens that experts module ``name`` (block-relative) reads, in (B, T)
@@ -237,6 +272,7 @@ class Adapter:
         if "input_ids" not in inputs:
             raise CalibrationError("calibration inputs need 'input_ids' (to locate visual tokens); got keys "
                                    f"{sorted(inputs)}")
+        self.check_image_inputs(model, inputs)
         layers = self.decoder_layers(model)
         loop = layer_loop(self.language_model(model), layers)
         recorded: list[dict[str, Any] | None] = [None] * len(layers)

@@ -4,7 +4,8 @@ Schedule per decoder layer (two forward passes of the layer):
 
 1. *dense pass*: replay the unpruned layer on every calibration batch with pre-hooks on the target
    Linears; the same pass gives each token's drift (ATV) and the pooled activations feed the
-   statistics;
+   statistics; a layer whose pool selected no token is refused here, before any of its weights change
+   (zero statistics tie every score), one with fewer pooled tokens than its narrowest target input is flagged;
 2. masks from statistics (pure functions in scores/masks/sparsegpt), applied to the weights;
 3. *pruned pass*: replay the pruned layer to produce the next layer's inputs (or keep the dense
    outputs with ``propagate='dense'``).
@@ -65,6 +66,8 @@ class LayerReport:
     #                                   routed_tokens (per expert) and unrouted (experts pruned by magnitude)
     memory_inputs: list[str] = field(default_factory=list)  # Linears reading another sequence than the tokens
     #                                   (cross-attention memory, e.g. Mllama's image K/V): all their rows pooled
+    thin_pool: bool = False           # pooled_tokens < the narrowest input of the layer's targets: every target's
+    #                                   statistic (X^T X, rank <= tokens) is rank-deficient; logged as a warning
 
 
 @dataclass
@@ -335,7 +338,10 @@ class LayerPruner:
 
     def _run(self, masks_out: dict[str, torch.Tensor] | None) -> None:
         originals = {} if self.apply else {n: t.weight.detach().clone() for n, t in self.targets.items()}
-        stats, dense_outs = self._statistics() if self.scorer.needs is not None else ({}, None)
+        stats, dense_outs = ({}, None)
+        if self.scorer.needs is not None:
+            stats, dense_outs = self._statistics()
+            self._check_pool()
         masks, new_weights = self._masks(stats)
         self._apply(masks, new_weights)
         if self.captured:
@@ -478,6 +484,24 @@ class LayerPruner:
         self._count(batch, torch.zeros_like(batch.valid))
         self.report.pooled_tokens += round(pooled / len(stats))
         self.report.visual_selected += round(visual_chosen / len(stats))
+
+    def _check_pool(self) -> None:
+        """Refuse a layer whose pool selected no token (zero statistics tie every score and the masks would be
+        arbitrary), before any of its weights change; flag and log one with fewer tokens than the narrowest
+        target input. An expert that no pooled token reached is not an empty pool (it is pruned by magnitude)."""
+        report = self.report
+        if report.pooled_tokens == 0:
+            raise CalibrationError(
+                f"decoder layer {self.index}: the {self.pool.name!r} calibration pool selected no token in any batch "
+                f"({report.text_tokens + report.visual_tokens} non-padding tokens: {report.text_tokens} text, "
+                f"{report.visual_tokens} visual); calibrate on samples holding tokens this pool keeps, or choose "
+                "another pool")
+        floor = min((target.in_features for target in self.targets.values()), default=0)
+        report.thin_pool = report.pooled_tokens < floor
+        if report.thin_pool:
+            log.warning("decoder layer %d: the %r calibration pool selected %d tokens, fewer than the narrowest "
+                        "target input (%d features), so the statistics are rank-deficient; calibrate on more samples",
+                        self.index, self.pool.name, report.pooled_tokens, floor)
 
     def _count(self, batch: CapturedBatch, pool: torch.Tensor) -> None:
         visual, valid = batch.visual & batch.valid, batch.valid & ~batch.visual
