@@ -191,10 +191,21 @@ def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, cali
             reports.append(report)
             log.info("layer %d: sparsity %s", i, report.sparsity)
         del layers
+    _warn_thin_pools(reports, config.pool)
     samples = sum(int(b.hidden.shape[0]) for b in captured)
     return PruneReport(getattr(model.config, "model_type", "?"), config.to_dict(), reports, samples,
                        time.perf_counter() - start, apply, masks if keep_masks else None, execution.to_dict(),
                        None if allocation is None else allocation.to_dict())
+
+
+def _warn_thin_pools(reports: list[LayerReport], pool: str | None) -> None:
+    """One warning for the layers whose pool held fewer tokens than their narrowest target input."""
+    thin = [r for r in reports if r.thin_pool]
+    if thin:
+        log.warning("%d of %d layers: the %r calibration pool selected fewer tokens than a target has input features "
+                    "(fewest: %d at layer %d), so each X^T X statistic is rank-deficient (SparseGPT's Hessian is "
+                    "carried by its dampening); calibrate on more samples for steadier masks", len(thin), len(reports),
+                    pool, min(r.pooled_tokens for r in thin), min(thin, key=lambda r: r.pooled_tokens).index)
 
 
 # -- allocation --------------------------------------------------------------------------------
@@ -498,10 +509,9 @@ class LayerPruner:
                 "another pool")
         floor = min((target.in_features for target in self.targets.values()), default=0)
         report.thin_pool = report.pooled_tokens < floor
-        if report.thin_pool:
-            log.warning("decoder layer %d: the %r calibration pool selected %d tokens, fewer than the narrowest "
-                        "target input (%d features), so the statistics are rank-deficient; calibrate on more samples",
-                        self.index, self.pool.name, report.pooled_tokens, floor)
+        if report.thin_pool:  # one warning per run (see _warn_thin_pools); the per-layer detail when asked
+            log.debug("decoder layer %d: the %r calibration pool selected %d tokens, fewer than the narrowest "
+                      "target input (%d features)", self.index, self.pool.name, report.pooled_tokens, floor)
 
     def _count(self, batch: CapturedBatch, pool: torch.Tensor) -> None:
         visual, valid = batch.visual & batch.valid, batch.valid & ~batch.visual
