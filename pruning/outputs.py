@@ -104,10 +104,11 @@ def _check_inputs(out: Path, inputs: Iterable[str | Path | None], what: str) -> 
                                     "it never writes there (whatever --overwrite says): choose an output outside it")
 
 
-def written_by_toolkit(folder: str | Path) -> bool:
-    """Whether ``folder`` carries the marker :func:`atomic_folder` writes."""
+def written_by_toolkit(folder: str | Path, kind: str | None = None) -> bool:
+    """Whether ``folder`` carries the marker :func:`atomic_folder` writes (of this ``kind``, when given)."""
     try:
-        return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8")).get("written_by") == "atv-toolkit"
+        marker = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+        return marker.get("written_by") == "atv-toolkit" and kind in (None, marker.get("kind"))
     except (OSError, ValueError, AttributeError):
         return False
 
