@@ -86,8 +86,20 @@ def _check_place(out: str | Path, what: str) -> Path:
             if not parent.is_dir():
                 raise OutputExistsError(f"{what} {str(out)!r} cannot be created: {str(parent)!r} is a file, "
                                         "not a folder")
+            _check_writable(out, resolved if resolved.is_dir() else parent, what)
             break
     return out
+
+
+def _check_writable(out: Path, folder: Path, what: str) -> None:
+    """Refuse an output whose nearest existing folder ``folder`` this process cannot write in: tried (an empty
+    hidden folder made and removed) rather than read from the permission bits, which a read-only file system
+    or an administrator's rights make wrong."""
+    try:
+        Path(tempfile.mkdtemp(prefix=".atv-write-check-", dir=folder)).rmdir()
+    except OSError as err:
+        raise OutputExistsError(f"{what} {str(out)!r} cannot be written: {str(folder)!r} is not writable "
+                                f"({err.strerror}); choose another {what}") from None
 
 
 def _check_inputs(out: Path, inputs: Iterable[str | Path | None], what: str) -> None:

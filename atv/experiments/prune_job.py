@@ -22,7 +22,7 @@ from pruning.memory import MemoryPlan, check_memory, plan_memory
 from pruning.options import option
 from pruning.outputs import folder_state
 
-from .share import CARD, environment, model_card, push_folder, sparsity_config
+from .share import CARD, check_repo_id, environment, model_card, push_folder, sparsity_config
 
 log = logging.getLogger(__name__)
 PLAN_TOKENS = 2048  # tokens per calibration sample assumed by the memory plan when --max-length is not given
@@ -63,6 +63,11 @@ class PruneJob:
         self.calib_filter = tuple(self.calib_filter)
         for item in self.calib_filter:
             _key_value(item)  # checked before any work
+        if self.private and not self.push_to_hub:
+            raise ConfigError("--private makes the Hub repository of --push-to-hub private; give --push-to-hub "
+                              "REPO too, or leave --private out")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub)
 
     @property
     def inputs(self) -> tuple[Path | None, ...]:
