@@ -201,6 +201,25 @@ def recover_folder(out: str | Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_folder(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A new hidden folder ``PREFIX<pid>-xxxx`` in ``parent`` for a run's working files (e.g. offloaded layers),
+    removed at the end. A killed run cannot remove its own: those of dead processes are removed first (as
+    :func:`recover_folder` removes the partial folders of killed runs)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    owned = re.compile(re.escape(prefix) + r"(?P<pid>\d+)-")
+    for entry in sorted(parent.iterdir()):
+        match = owned.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _sibling(out: Path, role: str) -> Path:
     """A new, empty hidden folder beside ``out``, with the user's usual permissions (umask)."""
     path = Path(tempfile.mkdtemp(prefix=f".{out.name}.{role}-{os.getpid()}-", dir=out.parent))
