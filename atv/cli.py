@@ -324,11 +324,16 @@ def _add_figures(sub: argparse._SubParsersAction) -> None:
 
 def _figures(args: argparse.Namespace) -> int:
     from analysis.figures import make_figures
+    from pruning.outputs import check_resumable_folder, mark_folder
 
+    # --out may lie inside --results (the demo keeps its figures there): only the output rules of a folder the
+    # toolkit writes into run after run apply; a non-empty folder it did not write is refused before any work
+    check_resumable_folder(args.out)
     report = make_figures(args.results, args.out, tuple(args.formats), seed=args.seed)
     if not report.made:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped.items())
         raise ToolkitError(f"no figure made from {args.results} ({' '.join(reasons.split())})")
+    mark_folder(args.out, "figures")
     print(report.summary())
     return 0
 

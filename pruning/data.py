@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .errors import CalibrationError
+from .templates import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def encode_records(records: list[Mapping[str, Any]], images: list, processor) ->
     if getattr(processor, "chat_template", None) is None:
         raise CalibrationError(f"the processor {type(processor).__name__} has no chat template; "
                                "set processor.chat_template before loading calibration data")
-    prompts = [processor.apply_chat_template(to_messages(r), tokenize=False) for r in records]
+    prompts = [render_chat(processor, to_messages(r)) for r in records]
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:

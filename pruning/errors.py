@@ -30,3 +30,7 @@ class OutputExistsError(ToolkitError):
 
 class InsufficientMemoryError(ToolkitError):
     """The memory plan of a run exceeds the memory available on a device."""
+
+
+class ChatTemplateError(ToolkitError):
+    """A model's chat template loops too long, is refused by the jinja sandbox, or raises."""

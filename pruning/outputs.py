@@ -86,8 +86,20 @@ def _check_place(out: str | Path, what: str) -> Path:
             if not parent.is_dir():
                 raise OutputExistsError(f"{what} {str(out)!r} cannot be created: {str(parent)!r} is a file, "
                                         "not a folder")
+            _check_writable(out, resolved if resolved.is_dir() else parent, what)
             break
     return out
+
+
+def _check_writable(out: Path, folder: Path, what: str) -> None:
+    """Refuse an output whose nearest existing folder ``folder`` this process cannot write in: tried (an empty
+    hidden folder made and removed) rather than read from the permission bits, which a read-only file system
+    or an administrator's rights make wrong."""
+    try:
+        Path(tempfile.mkdtemp(prefix=".atv-write-check-", dir=folder)).rmdir()
+    except OSError as err:
+        raise OutputExistsError(f"{what} {str(out)!r} cannot be written: {str(folder)!r} is not writable "
+                                f"({err.strerror}); choose another {what}") from None
 
 
 def _check_inputs(out: Path, inputs: Iterable[str | Path | None], what: str) -> None:
@@ -104,10 +116,11 @@ def _check_inputs(out: Path, inputs: Iterable[str | Path | None], what: str) -> 
                                     "it never writes there (whatever --overwrite says): choose an output outside it")
 
 
-def written_by_toolkit(folder: str | Path) -> bool:
-    """Whether ``folder`` carries the marker :func:`atomic_folder` writes."""
+def written_by_toolkit(folder: str | Path, kind: str | None = None) -> bool:
+    """Whether ``folder`` carries the marker :func:`atomic_folder` writes (of this ``kind``, when given)."""
     try:
-        return json.loads((Path(folder) / MARKER).read_text(encoding="utf-8")).get("written_by") == "atv-toolkit"
+        marker = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+        return marker.get("written_by") == "atv-toolkit" and kind in (None, marker.get("kind"))
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -186,6 +199,25 @@ def recover_folder(out: str | Path) -> None:
             sibling.rename(out)
         else:
             shutil.rmtree(sibling, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A new hidden folder ``PREFIX<pid>-xxxx`` in ``parent`` for a run's working files (e.g. offloaded layers),
+    removed at the end. A killed run cannot remove its own: those of dead processes are removed first (as
+    :func:`recover_folder` removes the partial folders of killed runs)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    owned = re.compile(re.escape(prefix) + r"(?P<pid>\d+)-")
+    for entry in sorted(parent.iterdir()):
+        match = owned.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _sibling(out: Path, role: str) -> Path:

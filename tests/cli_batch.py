@@ -5,7 +5,8 @@ modules its commands use) once, and with MODEL_DIR resolves that model's config,
 (transformers imports them lazily, seconds each; no tensor is computed before a fork), then forks one
 child per case; the child changes into the case's ``cwd`` and runs
 ``python -m atv.cli ARGV`` as the interpreter would (uncaught exception: traceback on stderr, exit 1;
-SystemExit: its code). A case may set ``kill_at_rename: N``: the child SIGKILLs itself on its Nth call
+SystemExit: its code). A case may set ``timeout: SECONDS`` (a child still running then is killed, code
+``-9``) and ``kill_at_rename: N``: the child SIGKILLs itself on its Nth call
 of ``Path.rename`` (a kill at an exact point of a folder swap). For each case the parent records the exit
 code (``-9`` for a kill), stdout, stderr, and the files under ``watch`` whose bytes changed, appeared or
 vanished, and the seconds it took.
@@ -70,6 +71,19 @@ def _warm(model_dir: str) -> None:
     AutoProcessor.from_pretrained(model_dir)
 
 
+def _wait(pid: int, timeout: float | None) -> int:
+    """The child's wait status; with ``timeout`` (seconds) a child still running then is SIGKILLed (code -9)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitpid(pid, 0)[1]
+        time.sleep(0.05)
+
+
 def run(cases: list[dict], scratch: Path, warm: str | None = None) -> list[dict]:
     import atv.cli  # noqa: F401 - imported once, before the forks
     import atv.experiments.eval_job  # noqa: F401
@@ -88,7 +102,7 @@ def run(cases: list[dict], scratch: Path, warm: str | None = None) -> list[dict]
         pid = os.fork()
         if pid == 0:
             _child(case, str(out), str(err))
-        _, status = os.waitpid(pid, 0)
+        status = _wait(pid, case.get("timeout"))
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         after = tree(case.get("watch"))
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

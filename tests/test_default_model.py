@@ -15,6 +15,7 @@ from atv import default_model as dm
 from atv.suite import make_items
 from evaluation.model_io import build_prompt
 from pruning.errors import ConfigError, OutputExistsError
+from pruning.outputs import mark_folder
 
 TINY = dm.DefaultModelConfig(image_size=16, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
                              vision_intermediate=64)  # 4 visual tokens per image
@@ -105,7 +106,7 @@ def test_failed_write_leaves_nothing(tiny_lm, tiny_parts, tmp_path, monkeypatch)
 
 def test_build_reuses_the_cache_and_reports_missing_parts(tmp_path, monkeypatch):
     cached = tmp_path / "cache" / dm.MODEL_NAME
-    cached.mkdir(parents=True)
+    mark_folder(cached, dm.BUILD_KIND)  # only the toolkit's own build is reused
     (cached / "config.json").write_text("{}")
     assert dm.build_default_model(tmp_path / "cache", assets_dir=tmp_path / "none") == cached  # no work done
     monkeypatch.setenv("ATV_CACHE", str(tmp_path / "env"))

@@ -66,6 +66,7 @@ class DemoConfig:
     run: ExecutorOptions = option(default_factory=ExecutorOptions, cli=False)  # probe and method cells: here or Ray
 
     def __post_init__(self) -> None:
+        given = {"nsamples": self.nsamples, "n_eval": self.n_eval}  # 0 is refused below, not taken as "default"
         self.out = Path(self.out) if self.out is not None else Path("runs/demo-quick" if self.quick else "runs/demo")
         self.nsamples = self.nsamples or (8 if self.quick else 32)
         self.n_eval = self.n_eval or (12 if self.quick else 20)
@@ -77,6 +78,7 @@ class DemoConfig:
         self.settings = tuple(self.settings) or (("40%",) if self.quick else ("40%", "50%"))
         sizes = {"nsamples": self.nsamples, "n_eval": self.n_eval, "batch_size": self.batch_size,
                  "calib_batch_size": self.calib_batch_size, "map_items": self.map_items}
+        sizes.update({k: v for k, v in given.items() if v is not None})
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be >= 1")
@@ -168,6 +170,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     from atv.experiments.executors import make_executor
     from atv.experiments.probe_study import ProbeCells, run_probe_cells, run_probe_study
     from atv.experiments.records import file_digest, model_inputs
+    from pruning.allocation import read_sensitivity_map
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
@@ -182,6 +185,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
         clock, cpu_clock = now, cpu_now
 
     check_demo_folder(config)
+    if config.allocation_map is not None:
+        read_sensitivity_map(config.allocation_map)  # a missing or broken map is named now, not after the grid
     mark_folder(config.out, "demo")
     set_seed(config.seed)
     model_dir = build_default_model(config.cache_dir, progress=progress)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, check_output_dir, load_config, load_model, save_pruned
 from pruning.memory import MemoryPlan, check_memory, plan_memory
 from pruning.options import option
-from pruning.outputs import folder_state
+from pruning.outputs import folder_state, scratch_folder
 
-from .share import CARD, environment, model_card, push_folder, sparsity_config
+from .share import CARD, check_repo_id, environment, model_card, push_folder, sparsity_config
 
 log = logging.getLogger(__name__)
+OFFLOAD_PREFIX = ".atv-offload-"  # + pid: the folder of a killed run is known and removed by the next one
 PLAN_TOKENS = 2048  # tokens per calibration sample assumed by the memory plan when --max-length is not given
 
 
@@ -63,6 +63,11 @@ class PruneJob:
         self.calib_filter = tuple(self.calib_filter)
         for item in self.calib_filter:
             _key_value(item)  # checked before any work
+        if self.private and not self.push_to_hub:
+            raise ConfigError("--private makes the Hub repository of --push-to-hub private; give --push-to-hub "
+                              "REPO too, or leave --private out")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub)
 
     @property
     def inputs(self) -> tuple[Path | None, ...]:
@@ -116,12 +121,11 @@ def memory_plan(job: PruneJob) -> MemoryPlan:
 
 
 def _offload_folder(job: PruneJob) -> contextlib.AbstractContextManager:
-    """With ``execution.offload``: a temporary folder beside the output for the pruned, disk-offloaded layers."""
+    """With ``execution.offload``: a temporary folder beside the output for the pruned, disk-offloaded layers
+    (those a killed run left are removed first)."""
     if not job.execution.offload:
         return contextlib.nullcontext(None)
-    parent = Path(job.out).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=".atv-offload-", dir=parent)
+    return scratch_folder(Path(job.out).resolve().parent, OFFLOAD_PREFIX)
 
 
 def _calibration(job: PruneJob, processor) -> tuple[list, Any]:

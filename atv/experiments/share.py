@@ -19,6 +19,7 @@ from torch import nn
 from analysis.tables import with_interval
 from pruning.adapters import get_adapter
 from pruning.engine import PruneReport
+from pruning.errors import ConfigError
 from pruning.io import dtype_name
 
 CARD = "README.md"
@@ -150,6 +151,18 @@ def results_section(title: str, rows: Sequence[tuple[str, str, float, Interval, 
     return "\n".join(lines)
 
 
+def check_repo_id(repo: str) -> str:
+    """Refuse (before any work) a Hub repository id the Hub would reject (``org/name`` or ``name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ConfigError(f"--push-to-hub {repo!r} is not a Hub repository id: give org/name (letters, digits, "
+                          "'-', '_' and '.', at most 96 characters)") from None
+    return repo
+
+
 def push_folder(folder: str | Path, repo: str, *, private: bool = False) -> str:
     """Upload a saved folder (weights, card, recipe, report) to a Hub model repository, creating it if
     needed; returns the repository's URL. Needs a Hub token (``huggingface-cli login``)."""
@@ -162,5 +175,5 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False) -> str:
     return str(url)
 
 
-__all__ = ["CARD", "append_results", "command_line", "environment", "model_card", "push_folder", "results_section",
-           "sparsity_config"]
+__all__ = ["CARD", "append_results", "check_repo_id", "command_line", "environment", "model_card", "push_folder",
+           "results_section", "sparsity_config"]
