@@ -77,6 +77,13 @@ CASES = {
     "config-seed-2**32": (_prune_config(seed=2**32), SEED + BIG),
     "map-config-seed-negative": (_map_config(seed=-5), SEED + "-5"),
     "train-config-seed-2**32": (_train_config(seed=2**32), SEED + BIG),
+    # 2. device strings torch cannot parse, and the meta device (no data: nothing to load or prune)
+    "device-not-parsable": (PRUNE + ["--device", "cuda:abc", "--out", "new"], r"device 'cuda:abc' is not a torch"),
+    "device-meta": (PRUNE + ["--device", "meta", "--out", "new"], r"device 'meta' holds no data"),
+    "eval-device-meta": (["eval", "--tasks", "look.jsonl", "--model", "model", "--device", "meta"],
+                         r"device 'meta' holds no data"),
+    "offload-device-meta": (PRUNE + ["--offload-device", "meta", "--out", "new"],
+                            r"offload_device must be a device that holds data .*got 'meta'"),
 }
 
 
