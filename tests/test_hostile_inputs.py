@@ -39,6 +39,9 @@ def world(tmp_path_factory) -> Path:
     _jsonl(base / "look.jsonl", [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown",
                                   "options": ["cat", "dog"], "answer": ["cat", "dog"][i % 2]} for i in range(2)])
     (base / "seed.yaml").write_text(f"model: model\nmethod: magnitude\nseed: {BIG}\n")
+    (base / "null_model.yaml").write_text("model: null\nmethod: magnitude\n")
+    (base / "null_nsamples.yaml").write_text("model: model\nmethod: magnitude\nnsamples: null\n")
+    (base / "null_method.yaml").write_text("model: model\nmethod: null\n")
     return base
 
 
@@ -84,6 +87,13 @@ CASES = {
                          r"device 'meta' holds no data"),
     "offload-device-meta": (PRUNE + ["--offload-device", "meta", "--out", "new"],
                             r"offload_device must be a device that holds data .*got 'meta'"),
+    # 3. null for a key a recipe must give a value for
+    "recipe-null-required": (["prune", "--recipe", "null_model.yaml", "--out", "new"],
+                             r"key 'model' is null, but --model is required"),
+    "recipe-null-number": (["prune", "--recipe", "null_nsamples.yaml", "--out", "new"],
+                           r"key 'nsamples' is null: give a value, or drop the key for the default \(128\)"),
+    "recipe-null-choice": (["prune", "--recipe", "null_method.yaml", "--out", "new"],
+                           r"key 'method' is null: give a value, or drop the key for the default \(atv\)"),
 }
 
 
