@@ -29,6 +29,32 @@ def _jsonl(path: Path, items: list[dict]) -> None:
     path.write_text("".join(json.dumps(x) + "\n" for x in items))
 
 
+def _record(turns: list | None = None, image: str = "0.png") -> dict:
+    return {"id": "s0", "image": image, "conversations": turns or [
+        {"from": "human", "value": "<image>\ndescribe the image"}, {"from": "gpt", "value": "a red cat"}]}
+
+
+def _calibration_files(base: Path) -> None:
+    """Hostile calibration files (and decompression bombs: 1-bit PNGs of a few kB, above PIL's pixel limit
+    once, which PIL warns about, and twice, which it refuses)."""
+    from PIL import Image
+
+    Image.new("1", (14000, 14000)).save(base / "calib" / "images" / "bomb.png")
+    Image.new("1", (10000, 10000)).save(base / "calib" / "images" / "bomb_warned.png")
+    (base / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    files = {
+        "surrogate.json": [_record([{"from": "human", "value": "<image>\nx \ud800"}, {"from": "gpt", "value": "a"}])],
+        "from_list.json": [_record([{"from": ["human"], "value": "<image>\nwhat"}, {"from": "gpt", "value": "a"}])],
+        "from_dict.json": [_record([{"from": {"who": 1}, "value": "<image>\nwhat"}, {"from": "gpt", "value": "a"}])],
+        "two_tags.json": [_record([{"from": "human", "value": "<image>\nwhat"}, {"from": "gpt", "value": "a"},
+                                   {"from": "human", "value": "<image>\nand"}, {"from": "gpt", "value": "b"}])],
+        "bomb.json": [_record(image="bomb.png")],
+        "bomb_warned.json": [_record(image="bomb_warned.png")],
+    }
+    for name, records in files.items():
+        (base / name).write_text(json.dumps(records))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """The user's folder every case runs in."""
@@ -42,6 +68,7 @@ def world(tmp_path_factory) -> Path:
     (base / "null_model.yaml").write_text("model: null\nmethod: magnitude\n")
     (base / "null_nsamples.yaml").write_text("model: model\nmethod: magnitude\nnsamples: null\n")
     (base / "null_method.yaml").write_text("model: model\nmethod: null\n")
+    _calibration_files(base)
     return base
 
 
@@ -61,6 +88,11 @@ def _train_config(**kwargs):
     from atv.default_model import TrainConfig
 
     return lambda base: TrainConfig(**kwargs)
+
+
+def _calib(name: str) -> list[str]:
+    return ["prune", "--model", "model", "--method", "wanda", "--calib", name, "--images", "calib/images",
+            "--nsamples", "1", "--out", "new"]
 
 
 SEED = r"seed must be in \[0, 2\*\*32\), got "
@@ -94,6 +126,14 @@ CASES = {
                            r"key 'nsamples' is null: give a value, or drop the key for the default \(128\)"),
     "recipe-null-choice": (["prune", "--recipe", "null_method.yaml", "--out", "new"],
                            r"key 'method' is null: give a value, or drop the key for the default \(atv\)"),
+    # 5. calibration files that used to end in a traceback (a bomb is an unreadable image: skipped and counted)
+    "calib-nested-deeply": (_calib("deep.json"), r"'deep.json' holds JSON nested too deeply"),
+    "calib-lone-surrogate": (_calib("surrogate.json"), r"record 's0': a turn's text holds '\\ud800', half of a"),
+    "calib-from-list": (_calib("from_list.json"), r"record 's0': unknown speaker \['human'\]"),
+    "calib-from-dict": (_calib("from_dict.json"), r"record 's0': unknown speaker \{'who': 1\}"),
+    "calib-more-tags-than-images": (_calib("two_tags.json"), r"record 's0' has 2 turns with an <image> tag but one"),
+    "calib-decompression-bomb": (_calib("bomb.json"), r"0 usable .*'unreadable_image': 1"),
+    "calib-decompression-bomb-warned": (_calib("bomb_warned.json"), r"0 usable .*'unreadable_image': 1"),
 }
 
 
