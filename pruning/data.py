@@ -7,15 +7,14 @@ The LLaVA conversation format::
       "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
                         {"from": "gpt", "value": "A cat."}]}, ...]
 
-Policy for unusable records (reported, never silent): a record without an image, whose image file
-is missing or unreadable (corrupt, truncated, not an image, above PIL's decompression-bomb limit), or whose
-tokenised text is longer than
-``max_length`` is *skipped* and counted in the returned :class:`CalibrationReport`; too few usable
-records to reach ``nsamples`` is an error, as is a malformed record (not an object, missing
+Policy for unusable records (reported, never silent): a record without an image, whose image file is missing
+or unreadable (corrupt, truncated, not an image, above PIL's decompression-bomb limit), or whose tokenised
+text is longer than ``max_length`` is *skipped* and counted in the returned :class:`CalibrationReport`; too
+few usable records to reach ``nsamples`` is an error, as is a malformed record (not an object, missing
 ``conversations``, a turn that is not an object, a speaker that is not a known name, text that is not
-Unicode (a lone surrogate), an ``image`` that is not one path string, an image without exactly one ``<image>``
-tag in its turns, JSON nested too deeply to read) and an image path that leads outside the image folder
-(unless ``allow_outside``).
+Unicode (a lone surrogate), an ``image`` that is not one path string, an image without exactly one
+``<image>`` tag in its turns, JSON nested too deeply to read) and an image path that leads outside the image
+folder (unless ``allow_outside``).
 """
 
 from __future__ import annotations
