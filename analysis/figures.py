@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from pruning.errors import ToolkitError
 from pruning.io import read_log
+from pruning.options import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
 
     results, out = Path(results_dir), Path(out_dir)
     formats = check_formats(formats)
+    check_seed(seed)
     if not results.is_dir():
         raise ToolkitError(f"results folder {results} does not exist")
     created = not out.exists()

@@ -35,14 +35,18 @@ def _unpack(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
+def _shown(value: Any) -> str:
+    """A default as the help text and messages show it (a tuple's items joined by spaces)."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _help(text: str, default: Any, choices: Any) -> str:
     text = text.replace("%", "%%")
     choices = choices() if callable(choices) else choices
     if choices:
         text += " {" + ", ".join(map(str, choices)) + "}"
     if not any(default is hidden for hidden in (None, False, True, dataclasses.MISSING)) and default != ():
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        text += f" (default: {shown})"
+        text += f" (default: {_shown(default)})"
     return text
 
 
@@ -129,7 +133,12 @@ def _recipe_value(action: argparse.Action, key: str, value: Any, path: Path) -> 
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
-    if value is None:
+    if value is None:  # null leaves the option unset: only an option whose default is unset may be null
+        if action.required:
+            raise ConfigError(f"{where} is null, but {action.option_strings[0]} is required: give a value")
+        if action.default is not None:
+            raise ConfigError(f"{where} is null: give a value, or drop the key for the default "
+                              f"({_shown(action.default)})")
         return None
     many = action.nargs == "+"
     if isinstance(value, list) and not many:

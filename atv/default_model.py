@@ -38,6 +38,7 @@ from torch import nn
 
 from evaluation.model_io import build_prompt, encode
 from pruning.errors import ConfigError, OutputExistsError, ToolkitError
+from pruning.options import check_seed
 from pruning.outputs import MARKER, atomic_folder, written_by_toolkit
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,7 @@ class TrainConfig:
     log_every: int = 20  # loss curve resolution (steps)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         for name in ("stage1_steps", "stage2_steps", "stage1_batch", "stage2_batch", "n_train", "n_check",
                      "log_every"):
             if getattr(self, name) < (0 if name.endswith("_steps") else 1):

@@ -33,6 +33,7 @@ import numpy as np
 
 from evaluation.benchmarks import CHOICE, FIDELITY, OPEN
 from pruning.errors import ConfigError
+from pruning.options import check_seed
 from pruning.outputs import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
@@ -415,6 +416,7 @@ class SuiteConfig:
     benchmarks: tuple[str, ...] = field(default_factory=lambda: tuple(BENCHMARKS))
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if self.n_eval < 1:
             raise ConfigError(f"n_eval must be >= 1, got {self.n_eval}")
         if self.n_calib < 1:
@@ -494,6 +496,7 @@ def write_prompt_suite(out_dir: str | Path, seed: int = 0, per_benchmark: int = 
     """Write question items of every image benchmark from the *train* split (``per_benchmark`` each) to
     ``out_dir``, as harness files with their images and a ``suite.json``: prompts held out from the eval and
     calib splits (no shared image), e.g. for the sensitivity map (``atv probe --map --bench``)."""
+    check_seed(seed)
     if per_benchmark < 1:
         raise ConfigError(f"per_benchmark must be >= 1, got {per_benchmark}")
     out = check_output_folder(out_dir, overwrite)

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions
+from pruning.options import check_seed
 
 from . import processes
 from .install import INSTALL_HINT
@@ -62,8 +63,7 @@ class LmmsRun:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.bootstrap_iters < 0:
             raise ConfigError(f"bootstrap_iters must be >= 0 (0: no standard errors), got {self.bootstrap_iters}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         if self.log_samples and self.output_path is None:
             raise ConfigError("--log-samples writes one samples file per task into --output-path; give "
                               "--output-path DIR")

@@ -30,7 +30,7 @@ from . import pools, scores, sparsegpt, tamp  # noqa: F401  (they register the b
 from .adapters import DECODER_PROJ
 from .allocation import ALLOCATIONS
 from .errors import ConfigError
-from .options import option
+from .options import check_seed, option
 from .registry import POOLS, get_pool, get_scorer, lookup
 
 # method -> (scorer, default pool); None = the scorer uses no calibration data
@@ -85,6 +85,7 @@ class PruneConfig:
         bad = {k: v for k, v in vars(self).items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:
             raise ConfigError(f"numbers must be finite, got {bad}")
+        check_seed(self.seed)
         self._resolve_method()
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")

@@ -7,13 +7,14 @@ The LLaVA conversation format::
       "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
                         {"from": "gpt", "value": "A cat."}]}, ...]
 
-Policy for unusable records (reported, never silent): a record without an image, whose image file
-is missing or unreadable (corrupt, truncated, not an image), or whose tokenised text is longer than
-``max_length`` is *skipped* and counted in the returned :class:`CalibrationReport`; too few usable
-records to reach ``nsamples`` is an error, as is a malformed record (not an object, missing
-``conversations``, a turn that is not an object, an ``image`` that is not one path string, an image
-without an ``<image>`` tag in its turns) and an image path that leads outside the image folder
-(unless ``allow_outside``).
+Policy for unusable records (reported, never silent): a record without an image, whose image file is missing
+or unreadable (corrupt, truncated, not an image, above PIL's decompression-bomb limit), or whose tokenised
+text is longer than ``max_length`` is *skipped* and counted in the returned :class:`CalibrationReport`; too
+few usable records to reach ``nsamples`` is an error, as is a malformed record (not an object, missing
+``conversations``, a turn that is not an object, a speaker that is not a known name, text that is not
+Unicode (a lone surrogate), an ``image`` that is not one path string, an image without exactly one
+``<image>`` tag in its turns, JSON nested too deeply to read) and an image path that leads outside the image
+folder (unless ``allow_outside``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -66,6 +68,12 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise CalibrationError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                except RecursionError:
+                    raise CalibrationError(f"{path}:{number}: JSON nested too deeply to read; a record is an object "
+                                           "of 'image' and 'conversations'") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise CalibrationError(f"calibration file {str(path)!r} holds JSON nested too deeply to read; a record is "
+                               "an object of 'image' and 'conversations'") from None
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise CalibrationError(f"{path}: record {bad} is a {type(records[bad]).__name__}, not an object with "
@@ -83,10 +91,18 @@ def to_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(turn, dict):
             raise CalibrationError(f"record {record.get('id', '?')!r}: a turn is a {type(turn).__name__}, not an "
                                    "object with 'from' and 'value'")
-        role = _ROLES.get(turn.get("from"))
+        speaker = turn.get("from")
+        role = _ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
-            raise CalibrationError(f"record {record.get('id', '?')!r}: unknown speaker {turn.get('from')!r}")
+            raise CalibrationError(f"record {record.get('id', '?')!r}: unknown speaker {speaker!r}; 'from' is one "
+                                   f"of {', '.join(_ROLES)}")
         value = str(turn.get("value", ""))
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates, which are no text
+            raise CalibrationError(f"record {record.get('id', '?')!r}: a turn's text holds "
+                                   f"{value[err.start]!r}, half of a UTF-16 surrogate pair, which is not text; "
+                                   "fix the record's escapes") from None
         content: list[dict[str, Any]] = []
         if IMAGE_TAG in value:
             before, _, after = value.partition(IMAGE_TAG)
@@ -101,11 +117,19 @@ def to_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def open_image(path: str | Path):
-    """The image at ``path`` as an RGB ``PIL.Image`` (loaded, file closed): calibration and evaluation alike."""
+    """The image at ``path`` as an RGB ``PIL.Image`` (loaded, file closed): calibration and evaluation alike.
+
+    An image above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, warned about or refused by PIL)
+    is a ValueError, as a corrupt file is: it is never decoded."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image {str(path)!r} is too large to decode safely ({err})") from None
 
 
 def image_file(record: Mapping[str, Any], image_dir: Path, allow_outside: bool = False) -> Path:
@@ -113,9 +137,13 @@ def image_file(record: Mapping[str, Any], image_dir: Path, allow_outside: bool =
     value, where = record["image"], f"record {record.get('id', '?')!r}"
     if not isinstance(value, str):
         raise CalibrationError(f"{where}: 'image' must be one path string, got {type(value).__name__} {value!r}")
-    if not any(part["type"] == "image" for message in to_messages(record) for part in message["content"]):
+    tags = sum(part["type"] == "image" for message in to_messages(record) for part in message["content"])
+    if tags == 0:
         raise CalibrationError(f"{where} has an image but no {IMAGE_TAG} tag in its turns; put {IMAGE_TAG} where "
                                "the image goes (e.g. at the start of the first human turn)")
+    if tags > 1:
+        raise CalibrationError(f"{where} has {tags} turns with an {IMAGE_TAG} tag but one image; keep the tag "
+                               "only where the image goes")
     path = image_dir / value
     if not allow_outside and not inside(path, image_dir):
         raise CalibrationError(f"{where}: image {value!r} is outside the image folder {str(image_dir)!r}; fix the "

@@ -22,9 +22,12 @@ def _device(name: str, value: str | None) -> torch.device | None:
     if value is None:
         return None
     try:
-        return torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError):
         raise ConfigError(f"{name} must name a torch device (e.g. 'cpu', 'cuda:0'), got {value!r}") from None
+    if device.type == "meta":  # shapes without data: no layer runs, no activation is kept there
+        raise ConfigError(f"{name} must be a device that holds data (e.g. 'cpu', 'cuda:0'), got {value!r}")
+    return device
 
 
 @dataclass

@@ -57,6 +57,7 @@ class LoadOptions:
                               "give one")
         if self.max_memory is not None and self.device_map is None:
             raise ConfigError("max_memory caps a dispatch: give device_map too (e.g. auto)")
+        check_device(self.device)  # refused where it enters, before any output is checked or made
         self.max_memory = None if self.max_memory is None else tuple(self.max_memory)
         _max_memory(self.max_memory)  # validates
 
@@ -184,7 +185,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def check_device(device: str | None) -> None:
-    """Refuse (before loading) a device string torch cannot parse or this machine does not have."""
+    """Refuse (before loading) a device string torch cannot parse, ``meta`` (shapes without data: no weights to
+    load or prune), or a device this machine does not have."""
     if device is None:
         return
     try:
@@ -192,7 +194,10 @@ def check_device(device: str | None) -> None:
     except (RuntimeError, ValueError) as err:
         raise UnsupportedModelError(f"device {device!r} is not a torch device ({_one_line(err)}); e.g. cpu or "
                                     "cuda:0") from None
-    if parsed.type in ("cpu", "meta"):
+    if parsed.type == "meta":
+        raise UnsupportedModelError(f"device {device!r} holds no data (shapes only), so no model can be loaded or "
+                                    "pruned on it; pass --device cpu or a present accelerator")
+    if parsed.type == "cpu":
         return
     count = _device_count(parsed.type)
     if (parsed.index or 0) >= count:

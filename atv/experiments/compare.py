@@ -30,7 +30,7 @@ from pruning.allocation import ALLOCATIONS
 from pruning.config import METHODS, PruneConfig, parse_pattern
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
-from pruning.options import option
+from pruning.options import check_seed, option
 
 from .cells import (
     CellInputs,
@@ -88,6 +88,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         self.methods, self.settings = tuple(self.methods), tuple(self.settings)
+        check_seed(self.seed)
         if not self.methods:
             raise ConfigError(f"methods is empty; choose from {sorted(METHODS)}")
         for method in self.methods:
@@ -282,6 +283,7 @@ class CompareCellsJob:
 
     def __post_init__(self) -> None:
         self.results = Path(self.results)
+        check_seed(self.seed)
         self.bootstrap()  # refuses a bad level, resamples or seed now
 
     def bootstrap(self) -> Bootstrap:

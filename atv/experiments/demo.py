@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pruning.errors import ConfigError
-from pruning.options import option
+from pruning.options import check_seed, option
 from pruning.outputs import MARKER, check_resumable_folder, mark_folder, write_text_atomic
 
 from .executors import ExecutorOptions
@@ -82,6 +82,7 @@ class DemoConfig:
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be >= 1")
+        check_seed(self.seed)
         if self.allocation_map is not None:
             self.allocation_map = Path(self.allocation_map)
         self.study_config(), self.compare_config()  # refuses a bad pool, sparsity, method or setting now

@@ -44,7 +44,7 @@ from evaluation.intervals import Bootstrap, score_interval
 from evaluation.reports import defined_retention
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions, load_model
-from pruning.options import option
+from pruning.options import check_seed, option
 from pruning.outputs import MARKER, check_output_file, check_output_path, write_text_atomic, written_by_toolkit
 
 from .cells import compact_items, paired_retention, prune_summary
@@ -317,8 +317,7 @@ class EvalJob:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
                               f"{self.max_new_tokens}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         if self.model is None and self.probe_from is None:
             raise ConfigError("give --model DIR, or --probe-from RESULTS:pathway/pool/sparsity")
         if self.out_card and (self.model is None or not (Path(self.model) / CARD).is_file()):

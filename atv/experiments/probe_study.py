@@ -31,7 +31,7 @@ from pruning.data import check_calibration_paths
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError
 from pruning.io import LoadOptions, dtype_name, resolve_model
-from pruning.options import option
+from pruning.options import check_seed, option
 from pruning.outputs import write_text_atomic
 
 from .cells import (
@@ -81,8 +81,7 @@ class StudyConfig:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
                               f"{self.max_new_tokens}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         if self.method not in METHODS or self.method in ("magnitude", "atv", "tamp"):
             raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', "
                               f"got {self.method!r}")

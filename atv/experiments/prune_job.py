@@ -18,7 +18,7 @@ from pruning.errors import CalibrationError, ConfigError
 from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, check_output_dir, load_config, load_model, save_pruned
 from pruning.memory import MemoryPlan, check_memory, plan_memory
-from pruning.options import option
+from pruning.options import check_seed, option
 from pruning.outputs import folder_state, scratch_folder
 
 from .share import CARD, check_repo_id, environment, model_card, push_folder, sparsity_config
@@ -58,8 +58,7 @@ class PruneJob:
     def __post_init__(self) -> None:
         if self.nsamples < 1 or self.batch_size < 1:
             raise ConfigError(f"nsamples and batch_size must be >= 1, got {self.nsamples} and {self.batch_size}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         self.calib_filter = tuple(self.calib_filter)
         for item in self.calib_filter:
             _key_value(item)  # checked before any work

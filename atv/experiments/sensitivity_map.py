@@ -50,7 +50,7 @@ from pruning.config import PruneConfig
 from pruning.engine import compute_masks
 from pruning.errors import ConfigError, ToolkitError, UnsupportedModelError
 from pruning.masks import apply_mask_
-from pruning.options import option
+from pruning.options import check_seed, option
 from pruning.outputs import write_text_atomic
 from pruning.registry import get_scorer
 
@@ -96,6 +96,7 @@ class MapConfig:
         check_choices("pathway", self.pathways, PATHS)
         check_choices("map group", self.map_groups, GROUPS)
         probe_pool(self.map_pool)
+        check_seed(self.seed)
         if not 0.0 < self.map_sparsity < 1.0:
             raise ConfigError(f"map_sparsity must be in (0, 1), got {self.map_sparsity}")
         if self.map_items < 1 or self.batch_size < 1 or self.max_new_tokens < 1:

@@ -1,0 +1,158 @@
+"""Hostile inputs end in one clear line, each refused where it enters (reliability round 3).
+
+Each case is a command line run in this process through ``atv.cli.main`` in a user's folder (a tiny model,
+calibration data, a benchmark and broken variants of them), or a callable given that folder (a library entry
+point). A command must exit 2 with one ``error:`` line matching the case's pattern and no traceback; a callable
+must raise a one-line ToolkitError matching it. Either way no file of the folder changes or appears.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from cli_batch import tree
+from tiny_models import build_tiny
+from tiny_processors import save_model_dir, write_calibration
+
+from atv.cli import main
+from pruning.errors import ToolkitError
+
+PRUNE = ["prune", "--model", "model", "--method", "magnitude"]
+WANDA = ["prune", "--model", "model", "--method", "wanda", "--calib", "calib/calib.json", "--images", "calib/images"]
+PROBE = ["probe", "--model", "model", "--calib", "calib/calib.json", "--images", "calib/images", "--bench",
+         "look.jsonl", "--nsamples", "2", "--pathways", "text", "--pools", "text", "--sparsities", "0.5"]
+BIG = str(2**32)
+
+
+def _jsonl(path: Path, items: list[dict]) -> None:
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+
+
+def _record(turns: list | None = None, image: str = "0.png") -> dict:
+    return {"id": "s0", "image": image, "conversations": turns or [
+        {"from": "human", "value": "<image>\ndescribe the image"}, {"from": "gpt", "value": "a red cat"}]}
+
+
+def _calibration_files(base: Path) -> None:
+    """Hostile calibration files (and decompression bombs: 1-bit PNGs of a few kB, above PIL's pixel limit
+    once, which PIL warns about, and twice, which it refuses)."""
+    from PIL import Image
+
+    Image.new("1", (14000, 14000)).save(base / "calib" / "images" / "bomb.png")
+    Image.new("1", (10000, 10000)).save(base / "calib" / "images" / "bomb_warned.png")
+    (base / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    files = {
+        "surrogate.json": [_record([{"from": "human", "value": "<image>\nx \ud800"}, {"from": "gpt", "value": "a"}])],
+        "from_list.json": [_record([{"from": ["human"], "value": "<image>\nwhat"}, {"from": "gpt", "value": "a"}])],
+        "from_dict.json": [_record([{"from": {"who": 1}, "value": "<image>\nwhat"}, {"from": "gpt", "value": "a"}])],
+        "two_tags.json": [_record([{"from": "human", "value": "<image>\nwhat"}, {"from": "gpt", "value": "a"},
+                                   {"from": "human", "value": "<image>\nand"}, {"from": "gpt", "value": "b"}])],
+        "bomb.json": [_record(image="bomb.png")],
+        "bomb_warned.json": [_record(image="bomb_warned.png")],
+    }
+    for name, records in files.items():
+        (base / name).write_text(json.dumps(records))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The user's folder every case runs in."""
+    base = tmp_path_factory.mktemp("hostile_inputs") / "base"
+    model, _ = build_tiny("llava")
+    save_model_dir("llava", model, base / "model")
+    write_calibration(base / "calib", n=3)
+    _jsonl(base / "look.jsonl", [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown",
+                                  "options": ["cat", "dog"], "answer": ["cat", "dog"][i % 2]} for i in range(2)])
+    (base / "seed.yaml").write_text(f"model: model\nmethod: magnitude\nseed: {BIG}\n")
+    (base / "null_model.yaml").write_text("model: null\nmethod: magnitude\n")
+    (base / "null_nsamples.yaml").write_text("model: model\nmethod: magnitude\nnsamples: null\n")
+    (base / "null_method.yaml").write_text("model: model\nmethod: null\n")
+    _calibration_files(base)
+    return base
+
+
+def _prune_config(**kwargs):
+    from pruning.config import PruneConfig
+
+    return lambda base: PruneConfig("magnitude", **kwargs)
+
+
+def _map_config(**kwargs):
+    from atv.experiments.sensitivity_map import MapConfig
+
+    return lambda base: MapConfig(**kwargs)
+
+
+def _train_config(**kwargs):
+    from atv.default_model import TrainConfig
+
+    return lambda base: TrainConfig(**kwargs)
+
+
+def _calib(name: str) -> list[str]:
+    return ["prune", "--model", "model", "--method", "wanda", "--calib", name, "--images", "calib/images",
+            "--nsamples", "1", "--out", "new"]
+
+
+SEED = r"seed must be in \[0, 2\*\*32\), got "
+# name -> (argv, or a callable given the folder; regex the error line must match)
+CASES = {
+    # 1. seeds numpy cannot take, refused where they enter (options, recipes, library configs)
+    "prune-seed-2**32": (PRUNE + ["--seed", BIG, "--out", "new"], SEED + BIG),
+    "prune-seed-negative": (PRUNE + ["--seed", "-1", "--out", "new"], SEED + "-1"),
+    "recipe-seed-2**32": (["prune", "--recipe", "seed.yaml", "--out", "new"], SEED + BIG),
+    "probe-seed-2**32": (PROBE + ["--seed", BIG, "--out", "new"], SEED + BIG),
+    "eval-seed-2**32": (["eval", "--tasks", "look.jsonl", "--model", "model", "--seed", BIG], SEED + BIG),
+    "demo-seed-negative": (["demo", "--quick", "--seed", "-1", "--out", "new"], SEED + "-1"),
+    "suite-seed-2**32": (["suite", "--out", "new", "--seed", BIG], SEED + BIG),
+    "figures-seed-negative": (["figures", "--results", "calib", "--out", "new", "--seed", "-1"], SEED + "-1"),
+    "compare-seed-2**32": (["compare", "--results", "look.jsonl", "--a", "x", "--b", "y", "--seed", BIG],
+                           SEED + BIG),
+    "config-seed-2**32": (_prune_config(seed=2**32), SEED + BIG),
+    "map-config-seed-negative": (_map_config(seed=-5), SEED + "-5"),
+    "train-config-seed-2**32": (_train_config(seed=2**32), SEED + BIG),
+    # 2. device strings torch cannot parse, and the meta device (no data: nothing to load or prune)
+    "device-not-parsable": (PRUNE + ["--device", "cuda:abc", "--out", "new"], r"device 'cuda:abc' is not a torch"),
+    "device-meta": (PRUNE + ["--device", "meta", "--out", "new"], r"device 'meta' holds no data"),
+    "eval-device-meta": (["eval", "--tasks", "look.jsonl", "--model", "model", "--device", "meta"],
+                         r"device 'meta' holds no data"),
+    "offload-device-meta": (PRUNE + ["--offload-device", "meta", "--out", "new"],
+                            r"offload_device must be a device that holds data .*got 'meta'"),
+    # 3. null for a key a recipe must give a value for
+    "recipe-null-required": (["prune", "--recipe", "null_model.yaml", "--out", "new"],
+                             r"key 'model' is null, but --model is required"),
+    "recipe-null-number": (["prune", "--recipe", "null_nsamples.yaml", "--out", "new"],
+                           r"key 'nsamples' is null: give a value, or drop the key for the default \(128\)"),
+    "recipe-null-choice": (["prune", "--recipe", "null_method.yaml", "--out", "new"],
+                           r"key 'method' is null: give a value, or drop the key for the default \(atv\)"),
+    # 5. calibration files that used to end in a traceback (a bomb is an unreadable image: skipped and counted)
+    "calib-nested-deeply": (_calib("deep.json"), r"'deep.json' holds JSON nested too deeply"),
+    "calib-lone-surrogate": (_calib("surrogate.json"), r"record 's0': a turn's text holds '\\ud800', half of a"),
+    "calib-from-list": (_calib("from_list.json"), r"record 's0': unknown speaker \['human'\]"),
+    "calib-from-dict": (_calib("from_dict.json"), r"record 's0': unknown speaker \{'who': 1\}"),
+    "calib-more-tags-than-images": (_calib("two_tags.json"), r"record 's0' has 2 turns with an <image> tag but one"),
+    "calib-decompression-bomb": (_calib("bomb.json"), r"0 usable .*'unreadable_image': 1"),
+    "calib-decompression-bomb-warned": (_calib("bomb_warned.json"), r"0 usable .*'unreadable_image': 1"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_input_is_one_line_and_writes_nothing(world, monkeypatch, capsys, name):
+    what, pattern = CASES[name]
+    monkeypatch.chdir(world)
+    before = tree(world)
+    if callable(what):
+        with pytest.raises(ToolkitError) as info:
+            what(world)
+        line = str(info.value)
+        assert "\n" not in line
+    else:
+        code = main(what)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert len(errors) == 1, err[-3000:]
+        line = errors[0]
+    assert re.search(pattern, line), line
+    assert tree(world) == before
