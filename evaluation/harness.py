@@ -24,7 +24,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -294,10 +294,13 @@ class FidelityReference:
 
     texts: benchmark name -> item id -> :class:`ReferenceText`.
     top_k: how many log-probs are kept per position (None: the full vocabulary).
+    source: what it was computed from, as its caller fingerprints it (e.g. a study's setup), kept by
+    :meth:`save` so a stored reference can be matched to its model and benchmarks (None: not recorded).
     """
 
     texts: dict[str, dict[str, ReferenceText]]
     top_k: int | None
+    source: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
@@ -317,7 +320,7 @@ class FidelityReference:
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (torch.save of plain tensors; reload with :meth:`load`)."""
-        payload = {"top_k": self.top_k, "texts": {
+        payload = {"top_k": self.top_k, "source": self.source, "texts": {
             name: {item_id: {"ids": ref.ids, **vars(ref.distribution)} for item_id, ref in texts.items()}
             for name, texts in self.texts.items()}}
         torch.save(payload, Path(path))
@@ -327,7 +330,7 @@ class FidelityReference:
         payload = torch.load(Path(path), weights_only=True)
         texts = {name: {item_id: ReferenceText(entry.pop("ids"), metrics.ReferenceDistribution(**entry))
                         for item_id, entry in held.items()} for name, held in payload["texts"].items()}
-        return cls(texts, payload["top_k"])
+        return cls(texts, payload["top_k"], payload.get("source"))
 
 
 def _text_rows(model: nn.Module, processor, items: Sequence[TextItem]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -121,8 +121,11 @@ def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str
     try:
         # use_kernels=False: transformers 5.25 swaps in Hub kernels by default; the toolkit hooks, replays and
         # prunes the modules transformers defines (the ones its exactness tests check), on every release alike
-        model = AutoModelForImageTextToText.from_pretrained(source, config=config, use_kernels=False, **hub,
-                                                            **placement)
+        # ignore_mismatched_sizes: a weight of another shape is reported in the loading info (refused below),
+        # not raised as a RuntimeError pointing at a table in the log
+        model, info = AutoModelForImageTextToText.from_pretrained(source, config=config, use_kernels=False,
+                                                                  output_loading_info=True,
+                                                                  ignore_mismatched_sizes=True, **hub, **placement)
     except ValueError as err:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} in {source!r} is not an image-text-to-text "
@@ -130,12 +133,30 @@ def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str
     except (OSError, SafetensorError) as err:
         raise UnsupportedModelError(f"cannot read the weights of {source!r} (missing, truncated or corrupt: "
                                     f"{_one_line(err)}); re-save or re-download the model") from None
+    check_complete(source, info)
     get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
     if options.device is not None and offload_folder is None:
         model.to(options.device)
     if not with_processor:
         return model.eval(), None
     return model.eval(), _load_processor(source, hub)
+
+
+def check_complete(source: str, info: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose weights do not fill the model its config builds: transformers initialises
+    the missing (and the mis-shaped) ones at random and drops the unexpected ones, and pruning that model
+    would save a random one. ``info``: from_pretrained's loading info (missing, unexpected, mismatched keys)."""
+    found = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of another shape than the config's")):
+        names = sorted(k if isinstance(k, str) else k[0] for k in info.get(key) or ())
+        if names:
+            more = f", ... ({len(names)} in all)" if len(names) > 3 else ""
+            found.append(f"{what}: {', '.join(names[:3])}{more}")
+    if found:
+        raise UnsupportedModelError(f"the checkpoint in {source!r} is incomplete or does not match its config.json "
+                                    f"(weights {'; '.join(found)}); re-save the model with save_pretrained or fix "
+                                    "its config")
 
 
 def dtype_name(model: nn.Module) -> str:

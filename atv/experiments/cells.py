@@ -45,7 +45,7 @@ from pruning.io import LoadOptions
 from pruning.options import option
 
 from .executors import InProcess, Measure, RayExecutor
-from .records import ResultLog, Shard, cell_key, file_digest
+from .records import ResultLog, Shard, cell_key, file_digest, prints_differ
 from .share import environment
 
 REFERENCE = "fidelity_reference.pt"
@@ -351,18 +351,27 @@ def dense_reference(model: nn.Module, processor, benches: Sequence[Any], progres
 def load_reference(results: ResultLog, benches: Sequence[Any],
                    compute: Callable[[], FidelityReference | None]) -> FidelityReference | None:
     """The dense model's fidelity reference (``compute()``, e.g. :func:`dense_reference`), computed once and
-    kept in the study folder (the setup is pinned before it is written; shards running at once each write
-    a whole file)."""
+    kept in the study folder with the fingerprint of the study's setup it was computed under (the setup is
+    pinned before it is written; shards running at once each write a whole file). A stored reference of
+    another setup (another model or benchmarks, a file placed by hand) is refused."""
     if not any(getattr(b, "kind", None) == "fidelity" for b in benches):
         return None
     path = results.out_dir / REFERENCE
     if path.is_file():
         try:
-            return FidelityReference.load(path)
+            stored = FidelityReference.load(path)
         except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
             raise ToolkitError(f"{path} is corrupt ({type(err).__name__}); delete it to recompute the dense "
                                "reference, or choose another --out") from None
+        differs = prints_differ(stored.source, results.prints)
+        if differs is None or differs:
+            why = ("it records no setup it was computed from" if differs is None else
+                   f"its setup differs in {', '.join(differs)}")
+            raise ToolkitError(f"{path} is not this study's dense reference ({why}); delete it to recompute it, or "
+                               "choose another --out")
+        return stored
     reference = compute()
+    reference.source = results.prints
     results.pin()
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:

@@ -48,7 +48,7 @@ from pruning.options import check_seed, option
 from pruning.outputs import MARKER, check_output_file, check_output_path, write_text_atomic, written_by_toolkit
 
 from .cells import compact_items, paired_retention, prune_summary
-from .records import RESULTS, SETUP, read_records, read_setup
+from .records import RESULTS, SETUP, file_digest, inputs_changed, model_inputs, read_records, read_setup
 from .share import CARD, append_results, environment, results_section
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,30 @@ def read_study_setup(cell: ProbeCell, *, model: Path | None = None, calib: Path 
     if not image_dir.is_dir():
         raise ConfigError(f"calibration image folder {str(image_dir)!r} does not exist; pass --images (the folder "
                           "atv probe --images was given)")
+    _check_study_inputs(study_dir, setup, model_dir, model, calib_path, calib)
     return StudySetup(model_dir, calib_path, image_dir, config["method"], int(config["seed"]), int(setup["nsamples"]),
                       setup.get("dtype", "float32"), record, setup.get("max_length"),
                       int(setup.get("calib_batch_size", 1)), setup.get("calibration_ids"))
+
+
+def _check_study_inputs(study_dir: Path, setup: dict[str, Any], model_dir: Path, model: Path | None,
+                        calib_path: Path, calib: Path | None) -> None:
+    """Refuse to re-create a cell from a model folder or calibration file whose fingerprints changed since the
+    study pinned them (as a resume does); an explicit --model / --calib other than the study's is used as asked."""
+    def own(given: Path | None, key: str) -> bool:
+        return given is None or key not in setup or Path(setup[key]).resolve() == Path(given).resolve()
+
+    current = {}
+    if own(model, "model") and model_dir.is_dir():
+        current.update(model_inputs(model_dir))
+    if own(calib, "calib"):
+        current["calibration file"] = file_digest(calib_path)
+    changed = inputs_changed(study_dir, current, subset=True,
+                             remedy="re-run the study in a new --out to re-create its cells")
+    if changed:
+        raise ToolkitError(f"input changed since the study in {study_dir} ran: {', '.join(changed)}; its cells were "
+                           "computed on the old input(s) and cannot be re-created from these. Restore them, or re-run "
+                           "the study in a new --out")
 
 
 # -- loading ------------------------------------------------------------------------------------------

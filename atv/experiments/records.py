@@ -9,9 +9,12 @@ toolkit's marker, and a non-empty folder without it is never written into (:func
 
 A shard of the grid (``--shard i/n``, e.g. one job of a Slurm array) writes its own file
 ``records.shard-i-of-n.jsonl`` and holds its own lock, so the n shards may run at once in one folder. A
-shard's lines are *measurements*: records without retention (the dense cell may be in another shard). A
-run on the whole log (a rerun, ``--merge``) reads every shard file and appends their cells to
-``results.jsonl`` as complete records; ``results.jsonl`` has one writer at a time.
+shard's lines are *measurements*: records without retention (the dense cell may be in another shard), each
+carrying the fingerprints of the setup and inputs it was measured under (``study``). A run on the whole log
+(a rerun, ``--merge``) reads every shard file and appends their cells to ``results.jsonl`` as complete
+records; ``results.jsonl`` has one writer at a time. A shard file with a measurement of another setup (a
+shard run with another model, a file copied in from another study) is refused, naming the file and what
+differs; so is a ``study.json`` without its fingerprints, when this run has some to compare.
 """
 
 from __future__ import annotations
@@ -164,10 +167,51 @@ def read_setup(out_dir: str | Path) -> dict[str, Any] | None:
     return setup
 
 
-def check_inputs(out_dir: str | Path, inputs: Mapping[str, str]) -> None:
-    """Refuse to resume a study whose inputs (fingerprinted) changed since its records were computed."""
+def inputs_changed(out_dir: str | Path, inputs: Mapping[str, str], subset: bool = False,
+                   remedy: str = "pass a new --out to start a new study") -> list[str]:
+    """The inputs whose fingerprint differs from the one the study in ``out_dir`` pinned (none without a
+    study.json); with ``subset``, only those of ``inputs`` the study pinned are compared. A setup without its
+    fingerprints (or with garbled ones) cannot be verified against ``inputs``: refused."""
     saved = read_setup(out_dir)
-    changed = changed_inputs(saved["inputs"], inputs) if saved is not None and "inputs" in saved else []
+    if saved is None:
+        return []
+    pinned = saved.get("inputs")
+    if not (isinstance(pinned, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in pinned.items())):
+        if not inputs:
+            return []  # a study run from Python without fingerprints, checked against none
+        state = "has no 'inputs' entry" if pinned is None else "has a garbled 'inputs' entry"
+        raise ToolkitError(f"{Path(out_dir) / SETUP} {state} (the fingerprints of the model, calibration and "
+                           f"benchmark files): its records cannot be verified against this run's inputs; {remedy}")
+    if subset:
+        inputs = {k: v for k, v in inputs.items() if k in pinned}
+        pinned = {k: v for k, v in pinned.items() if k in inputs}
+    return changed_inputs(pinned, inputs)
+
+
+def setup_prints(setup: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a result computed under ``setup`` carries of it, to be matched later: a short fingerprint of each
+    setup entry, and the inputs' fingerprints as they are."""
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    inputs = setup.get("inputs")
+    return {"setup": {k: digest(v) for k, v in setup.items() if k != "inputs"},
+            "inputs": dict(inputs) if isinstance(inputs, dict) else {"inputs": digest(inputs)}}
+
+
+def prints_differ(carried: Any, prints: Mapping[str, Any]) -> list[str] | None:
+    """The setup entries and inputs in which ``carried`` differs from ``prints`` (both :func:`setup_prints`);
+    None when ``carried`` is not such a fingerprint at all."""
+    if not (isinstance(carried, dict) and isinstance(carried.get("setup"), dict)
+            and isinstance(carried.get("inputs"), dict)):
+        return None
+    return changed_inputs(carried["setup"], prints["setup"]) + changed_inputs(carried["inputs"], prints["inputs"])
+
+
+def check_inputs(out_dir: str | Path, inputs: Mapping[str, str]) -> None:
+    """Refuse to resume a study whose inputs (fingerprinted) changed since its records were computed, or whose
+    fingerprints are missing (see :func:`inputs_changed`)."""
+    changed = inputs_changed(out_dir, inputs)
     if changed:
         raise ToolkitError(f"input changed since the study in {out_dir} started: {', '.join(changed)}; its records "
                            "were computed on the old input(s). Restore them to resume, or pass a new --out to start "
@@ -256,11 +300,15 @@ class ResultLog:
         for path in (self.out_dir / RESULTS, self.path, *part_files(self.out_dir)):
             check_plain_file(path)  # before anything is read or written: no link out of the folder, no FIFO
         self.records = read_records(self.out_dir / RESULTS)
+        self.prints = setup_prints(self.setup)  # what each measurement in a shard's file carries
+        parts = {part: read_records(part) for part in part_files(self.out_dir)}
         self.measured: dict[str, dict[str, Any]] = {}
-        for part in part_files(self.out_dir):
-            for record in read_records(part):
+        for measurements in parts.values():
+            for record in measurements:
                 self.measured.setdefault(cell_key(record["cell"]), record)
         self._pinned = self._check_setup()
+        for part, measurements in parts.items():
+            self._check_part(part, measurements)
         self._drop_torn_tail()
 
     def _computed(self) -> bool:
@@ -283,7 +331,21 @@ class ResultLog:
         if differs:
             raise ToolkitError(f"{self.out_dir} holds a study with a different setup (differs in {differs}); "
                                "re-run with the same arguments to resume, or choose another --out")
-        return True  # a study pinned before inputs were fingerprinted
+        return True  # the same study (a setup without fingerprints is refused above when this run has some)
+
+    def _check_part(self, part: Path, measurements: list[dict[str, Any]]) -> None:
+        """Refuse a shard file with a measurement of another setup or inputs (a shard run with other options or
+        another model, a file copied in from another study): it would be merged into this study's table."""
+        for i, record in enumerate(measurements, 1):
+            differs = prints_differ(record.get("study"), self.prints)
+            if differs is None:
+                raise ToolkitError(f"{part}: record {i} carries no fingerprint of its study's setup (a shard file of "
+                                   "an older version or not written by atv); its cells cannot be verified: move it "
+                                   "out of the folder and re-run that shard")
+            if differs:
+                raise ToolkitError(f"{part}: record {i} was measured with another setup or inputs (differs in "
+                                   f"{', '.join(differs)}) than the study in {self.out_dir}: move it out of the "
+                                   "folder, or re-run that shard with this study's options and inputs")
 
     def pin(self) -> None:
         """Write ``study.json`` (once), before the first result this setup produces."""
@@ -309,6 +371,8 @@ class ResultLog:
     def append(self, record: dict[str, Any]) -> None:
         """Append a complete record to ``results.jsonl`` (a measurement to the shard's file), fsynced."""
         self.pin()
+        if self.shard is not None:
+            record = {**record, "study": self.prints}  # checked when the shards are merged
         with open_plain(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
