@@ -144,15 +144,20 @@ def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str
 
 def check_complete(source: str, info: Mapping[str, Any]) -> None:
     """Refuse a checkpoint whose weights do not fill the model its config builds: transformers initialises
-    the missing (and the mis-shaped) ones at random and drops the unexpected ones, and pruning that model
-    would save a random one. ``info``: from_pretrained's loading info (missing, unexpected, mismatched keys)."""
-    found = []
-    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
-                      ("mismatched_keys", "of another shape than the config's")):
+    the missing (and the mis-shaped) ones at random, and pruning that model would save a random one. Weights
+    the model does not use (unexpected keys) are dropped with a warning. ``info``: from_pretrained's loading
+    info (missing, unexpected, mismatched keys)."""
+    def listed(key: str) -> str:
         names = sorted(k if isinstance(k, str) else k[0] for k in info.get(key) or ())
-        if names:
-            more = f", ... ({len(names)} in all)" if len(names) > 3 else ""
-            found.append(f"{what}: {', '.join(names[:3])}{more}")
+        more = f", ... ({len(names)} in all)" if len(names) > 3 else ""
+        return f"{', '.join(names[:3])}{more}" if names else ""
+
+    found = [f"{what}: {listed(key)}" for key, what in (("missing_keys", "missing"),
+                                                        ("mismatched_keys", "of another shape than the config's"))
+             if listed(key)]
+    if listed("unexpected_keys"):  # dropped, the model is whole: many Hub checkpoints carry an unused head
+        log.warning("%s: the checkpoint holds weights the model does not use (%s); they are ignored", source,
+                    listed("unexpected_keys"))
     if found:
         raise UnsupportedModelError(f"the checkpoint in {source!r} is incomplete or does not match its config.json "
                                     f"(weights {'; '.join(found)}); re-save the model with save_pretrained or fix "

@@ -195,3 +195,21 @@ def test_an_incomplete_checkpoint_is_refused(files, tmp_path, capsys, damage, na
                    f"the checkpoint in {str(model)!r} is incomplete or does not match its config.json", named)
     assert "re-save the model with save_pretrained or fix its config" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_the_model_does_not_use_are_dropped_with_a_warning(files, tmp_path, caplog):
+    """An unused weight (many Hub checkpoints carry a head the model class has no place for) leaves the model
+    whole: it loads, with the weight named in a warning, and prunes exactly as the clean folder does."""
+    import torch
+
+    from pruning.io import load_model
+
+    model_dir = shutil.copytree(files[1][0], tmp_path / "model")
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({**weights, "unused_head.weight": torch.ones(2, 2)}, model_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="pruning.io"):
+        loaded, _ = load_model(model_dir, with_processor=False)
+    assert "unused_head.weight" in caplog.text and "they are ignored" in caplog.text
+    clean, _ = load_model(files[1][0], with_processor=False)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), clean.state_dict().values()))
