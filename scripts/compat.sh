@@ -6,6 +6,7 @@
 #
 #   bash scripts/compat.sh                 # lowest and newest
 #   bash scripts/compat.sh newest          # one environment (the table then holds that row only)
+#   COMPAT_KEEP=1 bash scripts/compat.sh   # keep the environments (their paths are printed) to look into a failure
 #
 # Torch builds other than 2.13.0 come from PyPI as CUDA builds (several GB each, deleted afterwards); the
 # tests run on the CPU. compressed-tensors (dev extra) needs torch >= 2.10, so these environments leave it
@@ -16,7 +17,7 @@ root=$(pwd)
 
 # name: torch transformers accelerate lmms-eval ray
 declare -A ENVS=(
-  [lowest]="2.6.0 5.0.0 1.2.0 0.7.3 2.40.0"
+  [lowest]="2.6.0 5.24.0 1.2.0 0.7.3 2.40.0"
   [newest]="2.15.0 5.25.0 1.16.0 0.7.3 2.60.0"
 )
 TESTS=(tests/test_families.py tests/test_families_c.py                       # every family: replay, probe, prune, save
@@ -53,7 +54,7 @@ for name in "${names[@]}"; do
   set -e
   end=$(date +%s)
   summary=$(grep -E '^=*\s*[0-9]+ (passed|failed)' "$work/tests.log" | tail -n 1 | sed -E 's/=//g; s/ in [0-9.]+s.*//; s/^ +//')
-  failures=$(grep -E '^(FAILED|ERROR) ' "$work/tests.log" | sed -E 's/ - .*//' || true)
+  failures=$(grep -E '^(FAILED|ERROR) ' "$work/tests.log" | cut -c1-220 || true)
   count() { grep -oE "[0-9]+ $1" <<< "$summary" | grep -oE '[0-9]+' || echo 0; }
   passed=$(count passed); skipped=$(count skipped)
   failed=$(( $(count failed) + $(count 'errors?') ))
@@ -62,7 +63,7 @@ for name in "${names[@]}"; do
   if [ -n "$failures" ]; then
     details+=("" "Failures in \`$name\`:" "" "$(sed 's/^/- /' <<< "$failures")")
   fi
-  rm -rf "$work"
+  if [ -n "${COMPAT_KEEP:-}" ]; then echo "   kept: $work"; else rm -rf "$work"; fi
 done
 
 {
