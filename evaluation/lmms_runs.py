@@ -162,7 +162,8 @@ def evaluate_tasks(model: Any, tasks: Sequence[str], *, manager=None, run: LmmsR
                               batch_size=batch_size, device=device, force_simple=force_simple, limit=run.limit,
                               bootstrap_iters=run.bootstrap_iters, log_samples=run.log_samples,
                               evaluation_tracker=tracker, datetime_str=date, random_seed=run.seed,
-                              numpy_random_seed=run.seed, torch_random_seed=run.seed, fewshot_random_seed=run.seed)
+                              numpy_random_seed=run.seed, torch_random_seed=run.seed, fewshot_random_seed=run.seed,
+                              distributed_executor_backend=_executor_backend())
         if out is None and processes.launched_processes() == 1:  # lmms-eval returns None on processes > 0
             raise ToolkitError("lmms-eval returned no results")
         scores = [task_score(name, out) for name in tasks] if out is not None else None
@@ -246,6 +247,14 @@ def stock_model_class(name: str, force_simple: bool = False) -> type:
 
 
 # set by our flags (trust_remote_code too: whether a folder's Python runs is --trust-remote-code's call alone)
+def _executor_backend() -> str:
+    """lmms-eval's collectives under several processes: torch.distributed's own ('torchrun'), in the process
+    group accelerate set up. Its 'accelerate' path gathers each process's request count as a 0-d tensor,
+    which torch 2.15 hands back 0-d (lmms-eval 0.7.3 then fails iterating an int); one process keeps lmms-eval's
+    default."""
+    return "torchrun" if processes.launched_processes() > 1 else "accelerate"
+
+
 OWN_ARGS = {"pretrained": "--model", "device": "--device", "device_map": "--device-map",
             "trust_remote_code": "--trust-remote-code"}
 
