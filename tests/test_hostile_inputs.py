@@ -95,6 +95,26 @@ def _calib(name: str) -> list[str]:
             "--nsamples", "1", "--out", "new"]
 
 
+def _hub_offline(base: Path) -> None:
+    """A Hub dataset id with the Hub unreachable (offline mode: no network is tried)."""
+    from unittest import mock
+
+    import datasets
+    import huggingface_hub.constants
+
+    from pruning.data import load_calibration_dataset
+
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+            mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):
+        load_calibration_dataset("org/llava-like", None, nsamples=1)
+
+
+def _dataset(name: str) -> list[str]:
+    return ["prune", "--model", "model", "--method", "wanda", "--calib-dataset", name, "--nsamples", "1",
+            "--out", "new"]
+
+
+MISSING = r"--calib-dataset '{}' looks like a local path but does not exist"
 SEED = r"seed must be in \[0, 2\*\*32\), got "
 # name -> (argv, or a callable given the folder; regex the error line must match)
 CASES = {
@@ -134,6 +154,13 @@ CASES = {
     "calib-more-tags-than-images": (_calib("two_tags.json"), r"record 's0' has 2 turns with an <image> tag but one"),
     "calib-decompression-bomb": (_calib("bomb.json"), r"0 usable .*'unreadable_image': 1"),
     "calib-decompression-bomb-warned": (_calib("bomb_warned.json"), r"0 usable .*'unreadable_image': 1"),
+    # round 3, second pass
+    # 1. a --calib-dataset that looks like a local path but is missing is not taken for a Hub id; the Hub offline
+    "dataset-missing-file": (_dataset("data/calib.parquet"), MISSING.format("data/calib.parquet")),
+    "dataset-missing-relative": (_dataset("./nope"), MISSING.format(r"\./nope")),
+    "dataset-missing-nested": (_dataset("a/b/c"), MISSING.format("a/b/c")),
+    "dataset-missing-jsonl": (_dataset("calib.jsonl"), MISSING.format(r"calib\.jsonl")),
+    "dataset-hub-offline": (_hub_offline, r"the Hub is unreachable, so calibration dataset 'org/llava-like' cannot"),
 }
 
 
