@@ -69,7 +69,40 @@ def world(tmp_path_factory) -> Path:
     (base / "null_nsamples.yaml").write_text("model: model\nmethod: magnitude\nnsamples: null\n")
     (base / "null_method.yaml").write_text("model: model\nmethod: null\n")
     _calibration_files(base)
+    _compare_logs(base)
     return base
+
+
+def _cell(cell: dict, look: list, fid: list, ids: str = "ab") -> dict:
+    items = {"look": {"ids": ids, "scores": look}, "fid": {"ids": "cd", "scores": fid}}
+    scores = {name: 100 * sum(v["scores"]) / len(v["scores"]) for name, v in items.items()}
+    return {"cell": cell, "scores": scores, "retention": dict(scores), "mean_retention": 50.0, "items": items}
+
+
+def _compare_logs(base: Path) -> None:
+    """A probe log of three cells (compare/good) and broken variants of its text/text/0.5 cell."""
+    def log(name: str, **text) -> None:
+        cells = [_cell({"pathway": "dense"}, [1, 1, 1, 1], [1.0, 1.0]),
+                 _cell({"pathway": "text", "pool": "text", "sparsity": 0.5}, [1, 0, 1, 0], [0.5, 0.25]),
+                 _cell({"pathway": "visual", "pool": "text", "sparsity": 0.5}, [1, 1, 1, 0], [0.5, 0.75])]
+        for key, value in text.items():
+            key, _, name_ = key.partition("__")
+            if name_:
+                cells[1][key][name_] = value
+            else:
+                cells[1][key] = value
+        (base / "compare" / name).mkdir(parents=True)
+        _jsonl(base / "compare" / name / "results.jsonl", cells)
+
+    log("good")
+    log("score_string", scores__look="50")
+    log("score_null", scores__look=None)
+    log("score_nan", scores__look=float("nan"))
+    log("mean_string", mean_retention="high")
+    log("item_nan", items__look={"ids": "ab", "scores": [1, float("nan"), 1, 0]})
+    log("item_string", items__look={"ids": "ab", "scores": [1, "x", 1, 0]})
+    log("items_not_a_list", items__look={"ids": "ab", "scores": "abcd"})
+    log("other_items", items__look={"ids": "zz", "scores": [1, 0, 1, 0]})
 
 
 def _prune_config(**kwargs):
@@ -114,6 +147,12 @@ def _dataset(name: str) -> list[str]:
             "--out", "new"]
 
 
+def _compare(log: str) -> list[str]:
+    return ["compare", "--results", f"compare/{log}", "--a", "visual/text/0.5", "--b", "text/text/0.5",
+            "--resamples", "50"]
+
+
+DAMAGED = r"cell 'text/text/0\.5': {} is {}, not a finite number.*re-run that cell"
 MISSING = r"--calib-dataset '{}' looks like a local path but does not exist"
 SEED = r"seed must be in \[0, 2\*\*32\), got "
 # name -> (argv, or a callable given the folder; regex the error line must match)
@@ -161,6 +200,14 @@ CASES = {
     "dataset-missing-nested": (_dataset("a/b/c"), MISSING.format("a/b/c")),
     "dataset-missing-jsonl": (_dataset("calib.jsonl"), MISSING.format(r"calib\.jsonl")),
     "dataset-hub-offline": (_hub_offline, r"the Hub is unreachable, so calibration dataset 'org/llava-like' cannot"),
+    # 2. atv compare: scores that are not finite numbers (a string, null, NaN) in a compared cell
+    "compare-score-string": (_compare("score_string"), DAMAGED.format(r"scores\['look'\]", "'50'")),
+    "compare-score-null": (_compare("score_null"), DAMAGED.format(r"scores\['look'\]", "None")),
+    "compare-score-nan": (_compare("score_nan"), DAMAGED.format(r"scores\['look'\]", "nan")),
+    "compare-mean-string": (_compare("mean_string"), DAMAGED.format("mean_retention", "'high'")),
+    "compare-item-nan": (_compare("item_nan"), r"item score 1 of 'look' is nan, not a finite number in \[0, 1\]"),
+    "compare-item-string": (_compare("item_string"), DAMAGED.format("item score 1 of 'look'", "'x'")),
+    "compare-items-not-a-list": (_compare("items_not_a_list"), r"items\['look'\] is not \{'ids': str, 'scores'"),
 }
 
 
@@ -183,3 +230,20 @@ def test_hostile_input_is_one_line_and_writes_nothing(world, monkeypatch, capsys
         line = errors[0]
     assert re.search(pattern, line), line
     assert tree(world) == before
+
+
+def test_compare_says_which_benchmark_it_leaves_out_and_why(world, monkeypatch, capsys, caplog):
+    """Cells that scored different items of a benchmark are compared on the others, and the one left out (and
+    the mean retention it breaks) is named with the reason, in the result and as a warning."""
+    from atv.experiments.compare import compare_cells
+    from atv.experiments.records import read_records
+
+    records = read_records(world / "compare" / "other_items" / "results.jsonl")
+    difference = compare_cells(records, "visual/text/0.5", "text/text/0.5")
+    assert list(difference["rows"]) == ["fid"]
+    assert difference["left_out"] == {"look": "the two cells scored different items", "mean retention":
+                                      "the dense record and both cells do not hold the same items of every "
+                                      "benchmark their retention averages"}
+    assert "look left out: the two cells scored different items" in caplog.text
+    good = compare_cells(read_records(world / "compare" / "good" / "results.jsonl"), "visual/text/0.5", "dense")
+    assert list(good["rows"]) == ["look", "fid", "mean retention"] and good["left_out"] == {}

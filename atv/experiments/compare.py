@@ -17,6 +17,7 @@ their paired difference per benchmark and in mean retention, with bootstrap inte
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -244,14 +245,19 @@ def compare_cells(records: Sequence[Mapping[str, Any]], a: str, b: str,
     and of the log's dense record: per benchmark in score points (%), and in mean retention when both cells
     and the dense record hold the items of every benchmark their retention averages.
 
-    Returns ``{"a", "b", "rows": {name: {"a", "a_ci", "b", "b_ci", "diff", "diff_ci"}}, "bootstrap": {...}}``
-    (:func:`analysis.tables.difference_table` writes it)."""
+    Returns ``{"a", "b", "rows": {name: {"a", "a_ci", "b", "b_ci", "diff", "diff_ci"}}, "bootstrap": {...},
+    "left_out": {name: why}}`` (:func:`analysis.tables.difference_table` writes it); each benchmark (or the mean
+    retention) left out is also logged as a warning with its reason. A cell (or the dense record) whose values
+    are not finite numbers is refused by :func:`check_numbers`."""
     first, second = find_cell(records, a), find_cell(records, b)
+    dense = next((r for r in records if cell_label(r) == "dense"), None)
+    for record in (first, second, dense):
+        if record is not None:
+            check_numbers(record)
     shared = paired_items(first, second)
     if not shared:
         raise ToolkitError(f"cells {a!r} and {b!r} hold no per-item scores of the same items (records written "
                            "before per-item scores were kept): re-run those cells in a new --out to compare them")
-    dense = next((r for r in records if cell_label(r) == "dense"), None)
     retained = [n for n in paired_items(first, dense) if n in first["retention"]] if dense is not None else []
     items_a, items_b = record_items(first), record_items(second)
     dense_items = {n: record_items(dense)[n] for n in retained if n in shared}
@@ -264,7 +270,68 @@ def compare_cells(records: Sequence[Mapping[str, Any]], a: str, b: str,
         rows[MEAN_ROW] = _row(first["mean_retention"], record_interval(first, "mean_retention"),
                               second["mean_retention"], record_interval(second, "mean_retention"),
                               differences.mean_retention)
-    return {"a": cell_label(first), "b": cell_label(second), "rows": rows, "bootstrap": boot.to_dict()}
+    left_out = {name: _why_unpaired(first, second, name) for name in dict.fromkeys([*first["scores"],
+                                                                                    *second["scores"]])
+                if name not in rows}
+    if MEAN_ROW not in rows:
+        left_out[MEAN_ROW] = "the log holds no dense record" if dense is None else \
+            "the dense record and both cells do not hold the same items of every benchmark their retention averages"
+    for name, why in left_out.items():
+        log.warning("compare %s vs %s: %s left out: %s", cell_label(first), cell_label(second), name, why)
+    return {"a": cell_label(first), "b": cell_label(second), "rows": rows, "bootstrap": boot.to_dict(),
+            "left_out": left_out}
+
+
+def _why_unpaired(first: Mapping[str, Any], second: Mapping[str, Any], name: str) -> str:
+    """Why benchmark ``name`` of either cell has no paired row."""
+    for record in (first, second):
+        if name not in record["scores"]:
+            return f"only cell {cell_label(second if record is first else first)!r} scored it"
+        if name not in (record.get("items") or {}):
+            return f"cell {cell_label(record)!r} holds no per-item scores of it"
+    if first["items"][name]["ids"] != second["items"][name]["ids"]:
+        return "the two cells scored different items"
+    return "the two cells hold different numbers of item scores"
+
+
+def check_numbers(record: Mapping[str, Any]) -> None:
+    """Refuse a record whose scores, retention, mean retention, item scores or intervals are not finite numbers
+    (a hand-edited or foreign log): a string, null or NaN would end in a traceback or be printed as 'nan'."""
+    label = cell_label(record)
+
+    def number(where: str, value: Any, low: float = -math.inf, high: float = math.inf) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+        if not ok:  # NaN fails the comparison too
+            bounds = "" if math.isinf(low) else f" in [{low:g}, {high:g}]"
+            raise ToolkitError(f"cell {label!r}: {where} is {value!r}, not a finite number{bounds}; the result log "
+                               "is damaged: re-run that cell in a new --out")
+
+    def table(key: str) -> dict:
+        found = record.get(key)
+        if found is not None and not isinstance(found, dict):
+            raise ToolkitError(f"cell {label!r}: {key!r} is {found!r}, not an object of benchmarks; the result "
+                               "log is damaged: re-run that cell in a new --out")
+        return found or {}
+
+    for key in ("scores", "retention"):
+        for name, value in table(key).items():
+            number(f"{key}[{name!r}]", value)
+    if "mean_retention" in record:
+        number("mean_retention", record["mean_retention"])
+    for name, entry in table("items").items():
+        scores = entry.get("scores") if isinstance(entry, dict) else None
+        if not isinstance(scores, list) or not isinstance(entry.get("ids"), str):
+            raise ToolkitError(f"cell {label!r}: items[{name!r}] is not {{'ids': str, 'scores': [...]}}; the "
+                               "result log is damaged: re-run that cell in a new --out")
+        for i, value in enumerate(scores):
+            number(f"item score {i} of {name!r}", value, 0.0, 1.0)
+    intervals = table("intervals")
+    found = [(f"intervals[{k!r}][{n!r}]", v) for k in ("scores", "retention")
+             for n, v in (intervals.get(k) or {}).items()] + [("intervals['mean_retention']",
+                                                                intervals.get("mean_retention"))]
+    for where, interval in found:
+        for value in interval if isinstance(interval, list) else ():
+            number(where, value)
 
 
 def _row(a: float, a_ci, b: float, b_ci, difference) -> dict[str, Any]:
