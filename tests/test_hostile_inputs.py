@@ -70,7 +70,41 @@ def world(tmp_path_factory) -> Path:
     (base / "null_method.yaml").write_text("model: model\nmethod: null\n")
     _calibration_files(base)
     _compare_logs(base)
+    _figure_inputs(base)
     return base
+
+
+def _figure_inputs(base: Path) -> None:
+    """Results folders (figs/NAME) that each hold one malformed log or foreign ``.pt`` file, and nothing else."""
+    import torch
+
+    dense = {"cell": {"pathway": "dense"}, "mean_retention": 100.0, "scores": {"look": 80.0}}
+    probe = {"cell": {"pathway": "text", "pool": "text", "sparsity": 0.5}, "mean_retention": 90.0}
+    logs = {
+        "probe_no_mean": ("probe", [dense, dict(probe)]),
+        "probe_lacks_key": ("probe", [dense, {"cell": {"pathway": "text", "pool": "text"}, "mean_retention": 9.0}]),
+        "probe_mean_string": ("probe", [dense, {**probe, "mean_retention": "high"}]),
+        "probe_sparsity_string": ("probe", [dense, {**probe, "cell": {**probe["cell"], "sparsity": "half"}}]),
+        "probe_cell_string": ("probe", [dense, {"cell": "text", "mean_retention": 9.0}]),
+        "methods_scores_string": ("methods", [{"cell": {"method": "atv", "setting": "50%"}, "scores": "x"}]),
+        "map_kl_null": ("map", [{"cell": {"layer": 0, "pathway": "text", "group": "attn", "sparsity": 0.5},
+                                 "kl": None, "top1": 90.0}]),
+    }
+    del logs["probe_no_mean"][1][1]["mean_retention"]
+    for name, (kind, records) in logs.items():
+        (base / "figs" / name / kind).mkdir(parents=True)
+        _jsonl(base / "figs" / name / kind / "results.jsonl", records)
+    saved = {"hidden_states_tensor": ("hidden_states.pt", torch.zeros(3)),
+             "pool_masks_dict": ("pool_masks.pt", {"masks": 1}),
+             "pool_masks_foreign": ("pool_masks.pt", {"method": "wanda", "sparsity": 0.5, "pools": ["text"],
+                                                      "packed": {"text": {"w": "bits"}}, "shapes": {"w": [2, 2]}}),
+             "drift_garbage": ("drift.pt", None)}
+    for name, (file, content) in saved.items():
+        (base / "figs" / name / "analysis").mkdir(parents=True)
+        if content is None:
+            (base / "figs" / name / "analysis" / file).write_bytes(b"\x00not a torch file" * 8)
+        else:
+            torch.save(content, base / "figs" / name / "analysis" / file)
 
 
 def _cell(cell: dict, look: list, fid: list, ids: str = "ab") -> dict:
@@ -152,6 +186,11 @@ def _compare(log: str) -> list[str]:
             "--resamples", "50"]
 
 
+def _figures(name: str) -> list[str]:
+    return ["figures", "--results", f"figs/{name}", "--out", "new", "--formats", "png"]
+
+
+RECORD = r"\(sensitivity: figs/{}/probe/results.jsonl: record 2 \(cell .*\)"
 DAMAGED = r"cell 'text/text/0\.5': {} is {}, not a finite number.*re-run that cell"
 MISSING = r"--calib-dataset '{}' looks like a local path but does not exist"
 SEED = r"seed must be in \[0, 2\*\*32\), got "
@@ -207,6 +246,27 @@ CASES = {
     "compare-mean-string": (_compare("mean_string"), DAMAGED.format("mean_retention", "'high'")),
     "compare-item-nan": (_compare("item_nan"), r"item score 1 of 'look' is nan, not a finite number in \[0, 1\]"),
     "compare-item-string": (_compare("item_string"), DAMAGED.format("item score 1 of 'look'", "'x'")),
+    # 3. atv figures: result records that miss keys or hold wrong types, .pt files that are not what they should be
+    "figures-probe-lacks-mean": (_figures("probe_no_mean"), RECORD.format("probe_no_mean") + " lacks 'mean_retention'"),
+    "figures-probe-lacks-cell-key": (_figures("probe_lacks_key"),
+                                     RECORD.format("probe_lacks_key") + " lacks cell 'sparsity'"),
+    "figures-probe-mean-string": (_figures("probe_mean_string"),
+                                  RECORD.format("probe_mean_string") + ": mean_retention is 'high', not a finite"),
+    "figures-probe-sparsity-string": (_figures("probe_sparsity_string"),
+                                      RECORD.format("probe_sparsity_string") + ": cell 'sparsity' is 'half', not a"),
+    "figures-probe-cell-string": (_figures("probe_cell_string"),
+                                    r"probe/results.jsonl: record 2 has no 'cell' object"),
+    "figures-methods-scores-string": (_figures("methods_scores_string"),
+                                      r"figs/methods_scores_string/methods/results.jsonl: record 1 .*'scores' is 'x'"),
+    "figures-map-kl-null": (_figures("map_kl_null"), r"map/results.jsonl: record 1 .*: kl is None, not a finite"),
+    "figures-pt-tensor": (_figures("hidden_states_tensor"),
+                          r"tsne: figs/hidden_states_tensor/analysis/hidden_states.pt holds a Tensor, not the dict"),
+    "figures-pt-lacks-keys": (_figures("pool_masks_dict"), r"pool_masks.pt lacks \['method', 'sparsity', 'pools'"),
+    "figures-pt-foreign-masks": (_figures("pool_masks_foreign"),
+                                 r"pool_masks.pt: 'packed' and 'shapes' are not the bit-packed masks"),
+    "figures-pt-garbage": (_figures("drift_garbage"),
+                           r"drift: figs/drift_garbage/analysis/drift.pt is not a file torch.load reads with "
+                           r"weights_only=True \(UnpicklingError\)"),
     "compare-items-not-a-list": (_compare("items_not_a_list"), r"items\['look'\] is not \{'ids': str, 'scores'"),
 }
 

@@ -17,13 +17,13 @@ their paired difference per benchmark and in mean retention, with bootstrap inte
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
+from analysis.records import check_numbers
 from analysis.tables import difference_table, record_interval, scores_table, write_table
 from evaluation import Benchmark
 from evaluation.intervals import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, DEFAULT_RESAMPLES, Bootstrap, paired_differences
@@ -248,12 +248,12 @@ def compare_cells(records: Sequence[Mapping[str, Any]], a: str, b: str,
     Returns ``{"a", "b", "rows": {name: {"a", "a_ci", "b", "b_ci", "diff", "diff_ci"}}, "bootstrap": {...},
     "left_out": {name: why}}`` (:func:`analysis.tables.difference_table` writes it); each benchmark (or the mean
     retention) left out is also logged as a warning with its reason. A cell (or the dense record) whose values
-    are not finite numbers is refused by :func:`check_numbers`."""
+    are not finite numbers is refused by :func:`analysis.records.check_numbers`."""
     first, second = find_cell(records, a), find_cell(records, b)
     dense = next((r for r in records if cell_label(r) == "dense"), None)
     for record in (first, second, dense):
         if record is not None:
-            check_numbers(record)
+            check_numbers(record, f"cell {cell_label(record)!r}")
     shared = paired_items(first, second)
     if not shared:
         raise ToolkitError(f"cells {a!r} and {b!r} hold no per-item scores of the same items (records written "
@@ -292,46 +292,6 @@ def _why_unpaired(first: Mapping[str, Any], second: Mapping[str, Any], name: str
     if first["items"][name]["ids"] != second["items"][name]["ids"]:
         return "the two cells scored different items"
     return "the two cells hold different numbers of item scores"
-
-
-def check_numbers(record: Mapping[str, Any]) -> None:
-    """Refuse a record whose scores, retention, mean retention, item scores or intervals are not finite numbers
-    (a hand-edited or foreign log): a string, null or NaN would end in a traceback or be printed as 'nan'."""
-    label = cell_label(record)
-
-    def number(where: str, value: Any, low: float = -math.inf, high: float = math.inf) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-        if not ok:  # NaN fails the comparison too
-            bounds = "" if math.isinf(low) else f" in [{low:g}, {high:g}]"
-            raise ToolkitError(f"cell {label!r}: {where} is {value!r}, not a finite number{bounds}; the result log "
-                               "is damaged: re-run that cell in a new --out")
-
-    def table(key: str) -> dict:
-        found = record.get(key)
-        if found is not None and not isinstance(found, dict):
-            raise ToolkitError(f"cell {label!r}: {key!r} is {found!r}, not an object of benchmarks; the result "
-                               "log is damaged: re-run that cell in a new --out")
-        return found or {}
-
-    for key in ("scores", "retention"):
-        for name, value in table(key).items():
-            number(f"{key}[{name!r}]", value)
-    if "mean_retention" in record:
-        number("mean_retention", record["mean_retention"])
-    for name, entry in table("items").items():
-        scores = entry.get("scores") if isinstance(entry, dict) else None
-        if not isinstance(scores, list) or not isinstance(entry.get("ids"), str):
-            raise ToolkitError(f"cell {label!r}: items[{name!r}] is not {{'ids': str, 'scores': [...]}}; the "
-                               "result log is damaged: re-run that cell in a new --out")
-        for i, value in enumerate(scores):
-            number(f"item score {i} of {name!r}", value, 0.0, 1.0)
-    intervals = table("intervals")
-    found = [(f"intervals[{k!r}][{n!r}]", v) for k in ("scores", "retention")
-             for n, v in (intervals.get(k) or {}).items()] + [("intervals['mean_retention']",
-                                                                intervals.get("mean_retention"))]
-    for where, interval in found:
-        for value in interval if isinstance(interval, list) else ():
-            number(where, value)
 
 
 def _row(a: float, a_ci, b: float, b_ci, difference) -> dict[str, Any]:
