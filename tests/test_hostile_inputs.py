@@ -71,6 +71,11 @@ def world(tmp_path_factory) -> Path:
     _calibration_files(base)
     _compare_logs(base)
     _figure_inputs(base)
+    for name, kl in {"negative": -0.5, "nan": float("nan"), "inf": float("inf")}.items():
+        cells = [{"layer": i, "path": "text", "group": g, "kl": kl if (i, g) == (1, "ffn") else 0.1}
+                 for i in range(2) for g in ("attn", "ffn")]
+        (base / f"map_{name}.json").write_text(json.dumps({"format": "atv-sensitivity-map", "version": 1,
+                                                           "num_layers": 2, "sparsity": 0.5, "cells": cells}))
     return base
 
 
@@ -186,6 +191,13 @@ def _compare(log: str) -> list[str]:
             "--resamples", "50"]
 
 
+def _map(name: str) -> list[str]:
+    return PRUNE + ["--allocation", "map", "--allocation-map", f"map_{name}.json", "--out", "new"]
+
+
+KL = r"sensitivity map 'map_{}.json': cell \(layer 1, path 'text', group 'ffn'\) has KL {}, not a finite number >= 0"
+
+
 def _figures(name: str) -> list[str]:
     return ["figures", "--results", f"figs/{name}", "--out", "new", "--formats", "png"]
 
@@ -267,6 +279,10 @@ CASES = {
     "figures-pt-garbage": (_figures("drift_garbage"),
                            r"drift: figs/drift_garbage/analysis/drift.pt is not a file torch.load reads with "
                            r"weights_only=True \(UnpicklingError\)"),
+    # 4. a sensitivity map whose KL is negative or not finite, refused naming the cell
+    "map-kl-negative": (_map("negative"), KL.format("negative", "-0.5")),
+    "map-kl-nan": (_map("nan"), KL.format("nan", "nan")),
+    "map-kl-inf": (_map("inf"), KL.format("inf", "inf")),
     "compare-items-not-a-list": (_compare("items_not_a_list"), r"items\['look'\] is not \{'ids': str, 'scores'"),
 }
 
