@@ -8,6 +8,7 @@ must raise a one-line ToolkitError matching it. Either way no file of the folder
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,10 @@ def world(tmp_path_factory) -> Path:
     _calibration_files(base)
     _compare_logs(base)
     _figure_inputs(base)
+    shutil.copytree(base / "model", base / "no_layers")
+    config = json.loads((base / "no_layers" / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 0
+    (base / "no_layers" / "config.json").write_text(json.dumps(config))
     for name, kl in {"negative": -0.5, "nan": float("nan"), "inf": float("inf")}.items():
         cells = [{"layer": i, "path": "text", "group": g, "kl": kl if (i, g) == (1, "ffn") else 0.1}
                  for i in range(2) for g in ("attn", "ffn")]
@@ -191,6 +196,20 @@ def _compare(log: str) -> list[str]:
             "--resamples", "50"]
 
 
+def _prune_no_layers(base: Path) -> None:
+    """prune_ on an in-memory model whose decoder has no layers."""
+    from pruning.adapters import get_adapter
+    from pruning.config import PruneConfig
+    from pruning.engine import prune_
+
+    model, _ = build_tiny("llava")
+    del get_adapter(model).decoder_layers(model)[:]
+    prune_(model, PruneConfig("magnitude"), [], progress=False)
+
+
+NO_LAYERS = r"model 'no_layers' has 0 decoder layers \(num_hidden_layers = 0 in its config\)"
+
+
 def _map(name: str) -> list[str]:
     return PRUNE + ["--allocation", "map", "--allocation-map", f"map_{name}.json", "--out", "new"]
 
@@ -283,6 +302,11 @@ CASES = {
     "map-kl-negative": (_map("negative"), KL.format("negative", "-0.5")),
     "map-kl-nan": (_map("nan"), KL.format("nan", "nan")),
     "map-kl-inf": (_map("inf"), KL.format("inf", "inf")),
+    # 5. a model whose config has no decoder layers, refused before any weight is read
+    "prune-no-layers": (["prune", "--model", "no_layers", "--method", "magnitude", "--out", "new"], NO_LAYERS),
+    "probe-no-layers": (["probe", "--model", "no_layers", *PROBE[3:], "--out", "new"], NO_LAYERS),
+    "eval-no-layers": (["eval", "--tasks", "look.jsonl", "--model", "no_layers"], NO_LAYERS),
+    "library-no-layers": (_prune_no_layers, r"the llava model has no decoder layers: there is nothing to prune"),
     "compare-items-not-a-list": (_compare("items_not_a_list"), r"items\['look'\] is not \{'ids': str, 'scores'"),
 }
 
