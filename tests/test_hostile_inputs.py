@@ -307,6 +307,12 @@ CASES = {
     "probe-no-layers": (["probe", "--model", "no_layers", *PROBE[3:], "--out", "new"], NO_LAYERS),
     "eval-no-layers": (["eval", "--tasks", "look.jsonl", "--model", "no_layers"], NO_LAYERS),
     "library-no-layers": (_prune_no_layers, r"the llava model has no decoder layers: there is nothing to prune"),
+    # 6. an empty --targets names no Linear (it used to be looked up as the decoder block itself)
+    "targets-empty-string": (PRUNE + ["--targets", "", "--out", "new"],
+                             r"targets is empty \(got \[''\]\): name at least one Linear"),
+    "targets-blank-among-names": (PRUNE + ["--targets", "mlp.down_proj", " ", "--out", "new"],
+                                  r"targets holds ' ', not a Linear name, in \['mlp.down_proj', ' '\]"),
+    "config-targets-empty-string": (_prune_config(targets=("",)), r"targets is empty \(got \[''\]\)"),
     "compare-items-not-a-list": (_compare("items_not_a_list"), r"items\['look'\] is not \{'ids': str, 'scores'"),
 }
 
