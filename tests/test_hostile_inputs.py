@@ -6,6 +6,7 @@ point). A command must exit 2 with one ``error:`` line matching the case's patte
 must raise a one-line ToolkitError matching it. Either way no file of the folder changes or appears.
 """
 
+import contextlib
 import json
 import re
 import shutil
@@ -72,6 +73,7 @@ def world(tmp_path_factory) -> Path:
     _calibration_files(base)
     _compare_logs(base)
     _figure_inputs(base)
+    _studies(base)
     shutil.copytree(base / "model", base / "no_layers")
     config = json.loads((base / "no_layers" / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] = 0
@@ -115,6 +117,20 @@ def _figure_inputs(base: Path) -> None:
             (base / "figs" / name / "analysis" / file).write_bytes(b"\x00not a torch file" * 8)
         else:
             torch.save(content, base / "figs" / name / "analysis" / file)
+
+
+def _studies(base: Path) -> None:
+    """A finished probe study (study/), a copy whose results.jsonl holds one cell twice (study_twice/) and one
+    with a record of a cell outside the grid (study_forged/)."""
+    with contextlib.chdir(base):
+        assert main(PROBE + ["--out", "study"]) == 0
+    lines = (base / "study" / "results.jsonl").read_text().splitlines(keepends=True)
+    forged = json.loads(lines[-1])
+    forged["cell"]["sparsity"] = 0.9
+    for name, text in {"twice": "".join(lines + lines[-1:]), "forged": "".join(lines) + json.dumps(forged) + "\n"
+                       }.items():
+        shutil.copytree(base / "study", base / f"study_{name}")
+        (base / f"study_{name}" / "results.jsonl").write_text(text)
 
 
 def _cell(cell: dict, look: list, fid: list, ids: str = "ab") -> dict:
@@ -313,6 +329,11 @@ CASES = {
     "targets-blank-among-names": (PRUNE + ["--targets", "mlp.down_proj", " ", "--out", "new"],
                                   r"targets holds ' ', not a Linear name, in \['mlp.down_proj', ' '\]"),
     "config-targets-empty-string": (_prune_config(targets=("",)), r"targets is empty \(got \[''\]\)"),
+    # 7. a probe study's results.jsonl with a cell twice, or a cell that is not in its grid
+    "probe-log-cell-twice": (PROBE + ["--out", "study_twice"], r"study_twice/results.jsonl: record 3 is a second "
+                             r"record of cell \{'pathway': 'text', 'pool': 'text', 'sparsity': 0.5\}; delete one"),
+    "probe-log-cell-forged": (PROBE + ["--out", "study_forged"], r"study_forged/results.jsonl: record 3 is of cell "
+                              r"\{'pathway': 'text', 'pool': 'text', 'sparsity': 0.9\}, which is not in this study's"),
     "compare-items-not-a-list": (_compare("items_not_a_list"), r"items\['look'\] is not \{'ids': str, 'scores'"),
 }
 
