@@ -41,6 +41,7 @@ from pruning.errors import CalibrationError, ConfigError
 from pruning.pools import atv_pool, drift
 from pruning.replay import capture, check_layers, replay_layers
 
+from .records import load_saved
 from .style import DENSE_COLOR, MODALITY_COLORS, PALETTE, new_figure, style_context
 
 log = logging.getLogger(__name__)
@@ -147,11 +148,7 @@ def save_drift(data: Mapping[str, Any], path: str | Path, image: Any = None, ima
 
 
 def load_drift(path: str | Path) -> dict[str, Any]:
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    missing = [k for k in ("layers", "drift", "k", "selected", "n_visual") if k not in data]
-    if missing:
-        raise ConfigError(f"{path} lacks {missing}; write it with save_drift(collect_drift(...))")
-    return data
+    return load_saved(path, ("layers", "drift", "k", "selected", "n_visual"), "save_drift(collect_drift(...))")
 
 
 # -- figures -------------------------------------------------------------------------------------

@@ -29,9 +29,15 @@ from pruning.errors import ToolkitError
 from pruning.io import read_log
 from pruning.options import check_seed
 
+from .records import check_records
+
 log = logging.getLogger(__name__)
 
 PROBE_RECORDS = Path("probe") / "results.jsonl"
+# what each log's cells (but the dense one) hold: cell keys, record keys
+PROBE_KEYS = ("pathway", "pool", "sparsity"), ("mean_retention",)
+METHOD_KEYS = ("method", "setting"), ("scores",)
+MAP_KEYS = ("layer", "pathway", "group"), ("kl", "top1")
 METHOD_RECORDS = Path("methods") / "results.jsonl"
 MAP_RECORDS = Path("map") / "results.jsonl"
 HIDDEN_STATES = Path("analysis") / "hidden_states.pt"
@@ -80,7 +86,7 @@ class _Maker:
             return loader(path)
         except ToolkitError as err:
             for name in names:
-                self.skip(name, f"{path}: {err}")
+                self.skip(name, str(err) if str(path) in str(err) else f"{path}: {err}")
             return None
 
     def figure(self, name: str, build: Callable[[], Any]) -> None:
@@ -144,11 +150,16 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
     return maker.report
 
 
+def _reader(cell_keys: Sequence[str], values: Sequence[str]) -> Callable[[Path], list[dict[str, Any]]]:
+    """A result log's records, refused (naming the file and record) when one lacks what the figures read."""
+    return lambda path: check_records(read_log(path), path, cell_keys, values)
+
+
 def _probe(maker: _Maker) -> None:
     from .sensitivity import sensitivity_figure
     from .tables import probe_table
 
-    records = maker.load(["sensitivity", "probe_table"], PROBE_RECORDS, read_log)
+    records = maker.load(["sensitivity", "probe_table"], PROBE_RECORDS, _reader(*PROBE_KEYS))
     if records is None:
         return
     maker.figure("sensitivity", lambda: sensitivity_figure(records))
@@ -159,7 +170,7 @@ def _methods(maker: _Maker) -> None:
     from .sensitivity import method_figure
     from .tables import method_table
 
-    records = maker.load(["methods_retention", "methods_scores", "method_table"], METHOD_RECORDS, read_log)
+    records = maker.load(["methods_retention", "methods_scores", "method_table"], METHOD_RECORDS, _reader(*METHOD_KEYS))
     if records is None:
         return
     maker.figure("methods_retention", lambda: method_figure(records, "retention"))
@@ -170,7 +181,7 @@ def _methods(maker: _Maker) -> None:
 def _map(maker: _Maker) -> None:
     from .sensitivity_map import map_figure, map_table
 
-    records = maker.load(["sensitivity_map", "map_table", "map_top1"], MAP_RECORDS, read_log)
+    records = maker.load(["sensitivity_map", "map_table", "map_top1"], MAP_RECORDS, _reader(*MAP_KEYS))
     if records is None:
         return
     maker.figure("sensitivity_map", lambda: map_figure(records))

@@ -29,6 +29,7 @@ from torch import nn
 from pruning.config import PruneConfig
 from pruning.errors import ConfigError
 
+from .records import load_saved
 from .style import color_for, new_figure, style_context
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,13 @@ def save_pool_masks(pool_masks: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def load_pool_masks(path: str | Path) -> dict[str, Any]:
-    saved = torch.load(Path(path), map_location="cpu", weights_only=True)
-    masks = {pool: {name: unpack_mask(p, saved["shapes"][name]) for name, p in packed.items()}
-             for pool, packed in saved["packed"].items()}
+    saved = load_saved(path, ("method", "sparsity", "pools", "packed", "shapes"), "save_pool_masks")
+    try:
+        masks = {pool: {name: unpack_mask(p, saved["shapes"][name]) for name, p in packed.items()}
+                 for pool, packed in saved["packed"].items()}
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:  # foreign 'packed' / 'shapes'
+        raise ConfigError(f"{path}: 'packed' and 'shapes' are not the bit-packed masks save_pool_masks writes "
+                          f"({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
     return {"method": saved["method"], "sparsity": saved["sparsity"], "pools": saved["pools"], "masks": masks}
 
 

@@ -32,6 +32,7 @@ from pruning.adapters import get_adapter
 from pruning.errors import CalibrationError, ConfigError
 from pruning.replay import capture, check_layers, replay_layers
 
+from .records import load_saved
 from .style import MODALITY_COLORS, new_figure, style_context
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def save_hidden_states(states: Mapping[str, Any], path: str | Path) -> Path:
 
 def load_hidden_states(path: str | Path) -> dict[str, Any]:
     """Read a dict written by :func:`save_hidden_states` (tensors and ints only: weights_only load)."""
-    states = torch.load(Path(path), map_location="cpu", weights_only=True)
+    states = load_saved(path, ("layers", "states"), "save_hidden_states")
     _check_states(states)
     return states
 
@@ -133,6 +134,9 @@ def _check_states(states: Mapping[str, Any]) -> None:
     missing = [k for k in ("layers", "states") if k not in states]
     if missing:
         raise ConfigError(f"hidden states dict lacks {missing}; build it with collect_hidden_states")
+    if not isinstance(states["states"], Mapping) or not isinstance(states["layers"], (list, tuple)):
+        raise ConfigError("hidden states dict must map 'layers' to a list and 'states' to a dict of layers; "
+                          "build it with collect_hidden_states")
     for i in states["layers"]:
         if set(states["states"].get(i, {})) != set(MODALITIES):
             raise ConfigError(f"hidden states of layer {i} must hold 'text' and 'visual' tensors")

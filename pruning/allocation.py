@@ -44,6 +44,7 @@ MAP_FILE = "sensitivity_map.json"
 MAP_FORMAT = "atv-sensitivity-map"
 _FFN_WORDS = ("mlp", "feed_forward", "ffn", "experts", "moe")
 _LOG_FLOOR = 1e-6  # nats added before the log of a map's KL (a cell whose pruning changed nothing has KL 0)
+KL_ROUNDING = 1e-7  # nats a map's KL (a mean of float sums) may fall below 0 by rounding; below that it is refused
 
 
 def projection_group(name: str) -> str:
@@ -209,6 +210,12 @@ def read_sensitivity_map(path: str | Path) -> SensitivityMap:
                           "atv probe --map")
     try:
         kl = {(int(c["layer"]), str(c["path"]), str(c["group"])): float(c["kl"]) for c in data["cells"]}
-        return SensitivityMap(int(data["num_layers"]), float(data["sparsity"]), kl)
+        found = SensitivityMap(int(data["num_layers"]), float(data["sparsity"]), kl)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"sensitivity map {str(path)!r} is malformed ({type(err).__name__}: {err})") from None
+    for (layer, pathway, group), value in kl.items():
+        if not math.isfinite(value) or value < -KL_ROUNDING:
+            raise ConfigError(f"sensitivity map {str(path)!r}: cell (layer {layer}, path {pathway!r}, group "
+                              f"{group!r}) has KL {value!r}, not a finite number >= 0 (a KL divergence is); remake "
+                              "the map with atv probe --map")
+    return found

@@ -107,11 +107,20 @@ class PruneConfig:
                               "drop visual_ratio or choose one of those")
         if self.propagate not in ("pruned", "dense"):
             raise ConfigError(f"propagate must be 'pruned' or 'dense', got {self.propagate!r}")
-        if not self.targets:
-            raise ConfigError("targets is empty: name at least one Linear, e.g. 'mlp.down_proj'")
+        self._check_targets()
         if self.blocksize < 1 or self.percdamp <= 0:
             raise ConfigError(f"blocksize must be >= 1 and percdamp > 0, got {self.blocksize}, {self.percdamp}")
         self._check_allocation(nm)
+
+    def _check_targets(self) -> None:
+        """At least one Linear name; none blank (``--targets ''`` would name the decoder block itself)."""
+        names = [t for t in self.targets if isinstance(t, str) and t.strip()]
+        if not names:
+            got = "" if not self.targets else f" (got {list(self.targets)!r})"
+            raise ConfigError(f"targets is empty{got}: name at least one Linear, e.g. 'mlp.down_proj'")
+        if len(names) < len(self.targets):
+            bad = next(t for t in self.targets if t not in names)
+            raise ConfigError(f"targets holds {bad!r}, not a Linear name, in {list(self.targets)!r}; drop it")
 
     def _check_allocation(self, nm: tuple[int, int] | None) -> None:
         if self.allocation not in ALLOCATIONS:

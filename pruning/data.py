@@ -237,22 +237,42 @@ def load_calibration_dataset(source: str | Path, processor, nsamples: int = 128,
     return _sample(candidates, image_of, processor, nsamples, max_length, batch_size, repr(str(source)))
 
 
+DATASET_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
+
+
+def check_dataset_source(source: str | Path) -> None:
+    """Refuse a ``--calib-dataset`` that looks like a local path but is not there (else it would be taken for
+    a Hub id). Path-looking: a :class:`Path`, a name starting with ``.``, ``/`` or ``~``, holding a backslash or
+    more than the one ``/`` of ``org/name``, or ending in a dataset file's suffix."""
+    text = str(source)
+    looks_local = (isinstance(source, Path) or text.startswith((".", "/", "~")) or "\\" in text
+                   or text.count("/") > 1 or Path(text).suffix.lower() in DATASET_SUFFIXES)
+    if looks_local and not Path(text).expanduser().exists():
+        raise CalibrationError(f"--calib-dataset {text!r} looks like a local path but does not exist; give an "
+                               f"existing .parquet/.arrow/.json(l) file or folder, or a Hub id like org/name")
+
+
 def _open_dataset(source: str | Path, split: str):
     """A local dataset as a list of records, or a streamed Hub dataset."""
     try:
         import datasets
     except ImportError:
         raise CalibrationError("--calib-dataset needs the datasets library: pip install datasets") from None
-    path = Path(source)
+    check_dataset_source(source)
+    path = Path(source).expanduser()
     try:
         if path.is_file():
-            kind = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}.get(path.suffix)
+            kind = DATASET_SUFFIXES.get(path.suffix)
             if kind is None:
                 raise CalibrationError(f"{str(source)!r}: a calibration dataset file is .parquet, .arrow or .json(l)")
             return list(datasets.load_dataset(kind, data_files=str(path), split=split))
         if path.is_dir():
             return list(datasets.load_dataset(str(path), split=split))
         return datasets.load_dataset(str(source), split=split, streaming=True)
+    except ConnectionError as err:  # datasets' own, offline (HF_HUB_OFFLINE) or with no network alike
+        raise CalibrationError(f"the Hub is unreachable, so calibration dataset {str(source)!r} cannot be opened "
+                               f"({' '.join(str(err).split())[:200]}); connect, or give a local file or folder"
+                               ) from None
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         raise CalibrationError(f"cannot open calibration dataset {str(source)!r} (split {split!r}): "
                                f"{' '.join(str(err).split())[:300]}") from None

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors, tokens_align
 from .allocation import Allocation, allocate, map_units, outlier_ratio, owl_units, read_sensitivity_map
 from .config import PruneConfig
-from .errors import CalibrationError, ConfigError
+from .errors import CalibrationError, ConfigError, UnsupportedModelError
 from .execution import ExecutionConfig
 from .experts import ROUTED, block_targets, check_config, eager_experts
 from .masks import apply_mask_, sparsity_of
@@ -121,6 +121,9 @@ def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[M
 # -- validation --------------------------------------------------------------------------------
 def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: list[Mapping[str, Any]]) -> list[int]:
     n_layers = len(adapter.decoder_layers(model))
+    if n_layers == 0:
+        raise UnsupportedModelError(f"the {getattr(model.config, 'model_type', '?')} model has no decoder layers: "
+                                    "there is nothing to prune")
     indices = list(range(n_layers)) if config.layers is None else check_layers(config.layers, n_layers)
     linears, experts = block_targets(adapter, model, indices[0] if indices else 0, config.targets)  # MoE hook
     needs_attention = config.pool is not None and get_pool(config.pool).needs_attention

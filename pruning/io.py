@@ -180,12 +180,18 @@ def _load_config(source: str, hub: dict[str, Any]):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, **hub)
+        config = AutoConfig.from_pretrained(source, **hub)
     except (OSError, ValueError, KeyError) as err:  # offline and not cached, unknown id or revision, bad config
         if Path(source).is_dir():
             raise UnsupportedModelError(f"cannot read the config.json of {source!r}: {_one_line(err)}; fix it or "
                                         "re-save the model with save_pretrained") from None
         raise UnsupportedModelError(f"cannot load model {source!r}{_revision(hub)}: {_one_line(err)}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 1:  # refused before any weight is read: nothing to prune or probe
+        raise UnsupportedModelError(f"model {source!r} has {layers} decoder layers (num_hidden_layers = {layers} "
+                                    "in its config): there is nothing to prune or probe; check the model")
+    return config
 
 
 def _load_processor(source: str, hub: dict[str, Any]):

@@ -45,7 +45,7 @@ from pruning.io import LoadOptions
 from pruning.options import option
 
 from .executors import InProcess, Measure, RayExecutor
-from .records import ResultLog, Shard, cell_key, file_digest, prints_differ
+from .records import RESULTS, ResultLog, Shard, cell_key, file_digest, prints_differ
 from .share import environment
 
 REFERENCE = "fidelity_reference.pt"
@@ -151,6 +151,7 @@ def run_cells(results: ResultLog, cells: list[dict[str, Any]], measure: Measure 
     record on the whole log, as a measurement in a shard's file. ``cells[0]`` is the dense cell; records
     measured before it wait for it. On the whole log, shards' measurements are merged in first. Returns
     how many cells were computed; ``on_cell`` is called with each new record."""
+    check_log_cells(results, cells)
     writer = _Writer(results, cells[0], on_cell, record or complete_record)
     if results.shard is None:
         writer.merge(cells)
@@ -169,6 +170,21 @@ def run_cells(results: ResultLog, cells: list[dict[str, Any]], measure: Measure 
         if hasattr(measured, "close"):  # a generator stopped early drops its pending cells
             measured.close()
     return len(todo)
+
+
+def check_log_cells(results: ResultLog, cells: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a results.jsonl that holds two records of one cell, or a record of a cell outside the study's
+    grid (an edited or foreign line): the study would resume on, and tabulate, one of them silently."""
+    grid, seen = {cell_key(c) for c in cells}, set()
+    for n, record in enumerate(results.records, 1):
+        key = cell_key(record["cell"])
+        if key not in grid:
+            raise ToolkitError(f"{results.out_dir / RESULTS}: record {n} is of cell {record['cell']}, which is not "
+                               "in this study's grid; delete that line or use a new --out")
+        if key in seen:
+            raise ToolkitError(f"{results.out_dir / RESULTS}: record {n} is a second record of cell "
+                               f"{record['cell']}; delete one of them or use a new --out")
+        seen.add(key)
 
 
 class _Writer:

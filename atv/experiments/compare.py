@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
+from analysis.records import check_numbers
 from analysis.tables import difference_table, record_interval, scores_table, write_table
 from evaluation import Benchmark
 from evaluation.intervals import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, DEFAULT_RESAMPLES, Bootstrap, paired_differences
@@ -244,14 +245,19 @@ def compare_cells(records: Sequence[Mapping[str, Any]], a: str, b: str,
     and of the log's dense record: per benchmark in score points (%), and in mean retention when both cells
     and the dense record hold the items of every benchmark their retention averages.
 
-    Returns ``{"a", "b", "rows": {name: {"a", "a_ci", "b", "b_ci", "diff", "diff_ci"}}, "bootstrap": {...}}``
-    (:func:`analysis.tables.difference_table` writes it)."""
+    Returns ``{"a", "b", "rows": {name: {"a", "a_ci", "b", "b_ci", "diff", "diff_ci"}}, "bootstrap": {...},
+    "left_out": {name: why}}`` (:func:`analysis.tables.difference_table` writes it); each benchmark (or the mean
+    retention) left out is also logged as a warning with its reason. A cell (or the dense record) whose values
+    are not finite numbers is refused by :func:`analysis.records.check_numbers`."""
     first, second = find_cell(records, a), find_cell(records, b)
+    dense = next((r for r in records if cell_label(r) == "dense"), None)
+    for record in (first, second, dense):
+        if record is not None:
+            check_numbers(record, f"cell {cell_label(record)!r}")
     shared = paired_items(first, second)
     if not shared:
         raise ToolkitError(f"cells {a!r} and {b!r} hold no per-item scores of the same items (records written "
                            "before per-item scores were kept): re-run those cells in a new --out to compare them")
-    dense = next((r for r in records if cell_label(r) == "dense"), None)
     retained = [n for n in paired_items(first, dense) if n in first["retention"]] if dense is not None else []
     items_a, items_b = record_items(first), record_items(second)
     dense_items = {n: record_items(dense)[n] for n in retained if n in shared}
@@ -264,7 +270,28 @@ def compare_cells(records: Sequence[Mapping[str, Any]], a: str, b: str,
         rows[MEAN_ROW] = _row(first["mean_retention"], record_interval(first, "mean_retention"),
                               second["mean_retention"], record_interval(second, "mean_retention"),
                               differences.mean_retention)
-    return {"a": cell_label(first), "b": cell_label(second), "rows": rows, "bootstrap": boot.to_dict()}
+    left_out = {name: _why_unpaired(first, second, name) for name in dict.fromkeys([*first["scores"],
+                                                                                    *second["scores"]])
+                if name not in rows}
+    if MEAN_ROW not in rows:
+        left_out[MEAN_ROW] = "the log holds no dense record" if dense is None else \
+            "the dense record and both cells do not hold the same items of every benchmark their retention averages"
+    for name, why in left_out.items():
+        log.warning("compare %s vs %s: %s left out: %s", cell_label(first), cell_label(second), name, why)
+    return {"a": cell_label(first), "b": cell_label(second), "rows": rows, "bootstrap": boot.to_dict(),
+            "left_out": left_out}
+
+
+def _why_unpaired(first: Mapping[str, Any], second: Mapping[str, Any], name: str) -> str:
+    """Why benchmark ``name`` of either cell has no paired row."""
+    for record in (first, second):
+        if name not in record["scores"]:
+            return f"only cell {cell_label(second if record is first else first)!r} scored it"
+        if name not in (record.get("items") or {}):
+            return f"cell {cell_label(record)!r} holds no per-item scores of it"
+    if first["items"][name]["ids"] != second["items"][name]["ids"]:
+        return "the two cells scored different items"
+    return "the two cells hold different numbers of item scores"
 
 
 def _row(a: float, a_ci, b: float, b_ci, difference) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from transformers import set_seed
 
 from pruning.config import PruneConfig
-from pruning.data import load_calibration_dataset, load_llava_conversations
+from pruning.data import check_dataset_source, load_calibration_dataset, load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError, ConfigError
 from pruning.execution import ExecutionConfig
@@ -62,6 +62,8 @@ class PruneJob:
         self.calib_filter = tuple(self.calib_filter)
         for item in self.calib_filter:
             _key_value(item)  # checked before any work
+        if self.calib_dataset is not None:
+            check_dataset_source(self.calib_dataset)
         if self.private and not self.push_to_hub:
             raise ConfigError("--private makes the Hub repository of --push-to-hub private; give --push-to-hub "
                               "REPO too, or leave --private out")
