@@ -26,8 +26,9 @@ def launched_processes() -> int:
 
 
 def _accelerator_present() -> bool:
-    api = getattr(torch, "accelerator", None)  # torch >= 2.6: whichever accelerator is present
-    return api is not None and api.current_accelerator() is not None
+    from pruning.io import current_accelerator
+
+    return current_accelerator() is not None
 
 
 def accelerator():

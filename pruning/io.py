@@ -237,11 +237,20 @@ def check_device(device: str | None) -> None:
                                     f"{parsed.type} device(s); pass --device cpu or a present accelerator")
 
 
+def current_accelerator() -> torch.device | None:
+    """The accelerator this torch would use (its device type), or None when there is none. torch 2.6's
+    ``current_accelerator`` raises without one (later releases return None): asked only when one is available."""
+    api = getattr(torch, "accelerator", None)
+    if api is None or not api.is_available():
+        return None
+    return api.current_accelerator()
+
+
 def _device_count(kind: str) -> int:
     """How many devices of type ``kind`` this torch can use (0 when none)."""
     api = getattr(torch, "accelerator", None)  # torch >= 2.6: whichever accelerator is present
     if api is not None:
-        current = api.current_accelerator()
+        current = current_accelerator()
         return api.device_count() if current is not None and current.type == kind else 0
     backend = getattr(torch, kind, None)  # older torch: the backend module of that device type
     available = getattr(backend, "is_available", None)

@@ -141,3 +141,20 @@ def test_a_checkpoint_that_would_not_reload_is_refused_and_nothing_is_written(tm
     with pytest.raises(UnsupportedModelError, match=r"would not reload: transformers finds \d+ weights missing"):
         save_pruned(model, None, {}, tmp_path / "out")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_no_accelerator_is_none_even_where_torch_raises(monkeypatch):
+    """torch 2.6's current_accelerator() raises when there is none (later releases return None): the toolkit
+    asks it only when one is available, so a CPU-only machine with a CUDA build of torch 2.6 loads and evaluates."""
+    from evaluation import processes
+    from pruning import io
+
+    def raises():
+        raise RuntimeError("Cannot access accelerator device when none is available.")
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", raises)
+    assert io.current_accelerator() is None and not processes._accelerator_present()
+    assert io._device_count("cuda") == 0
+    with pytest.raises(UnsupportedModelError, match="is not available: this torch sees 0 cuda device"):
+        io.check_device("cuda:0")
