@@ -17,7 +17,7 @@ root=$(pwd)
 
 # name: torch transformers accelerate lmms-eval ray
 declare -A ENVS=(
-  [lowest]="2.6.0 5.24.0 1.2.0 0.7.3 2.40.0"
+  [lowest]="2.8.0 5.24.0 1.2.0 0.7.3 2.40.0"
   [newest]="2.15.0 5.25.0 1.16.0 0.7.3 2.60.0"
 )
 TESTS=(tests/test_families.py tests/test_families_c.py                       # every family: replay, probe, prune, save
