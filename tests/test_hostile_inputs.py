@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cli_batch import tree
 from tiny_models import build_tiny
-from tiny_processors import save_model_dir, write_calibration
+from tiny_processors import write_jsonl, write_user_folder
 
 from atv.cli import main
 from pruning.errors import ToolkitError
@@ -25,10 +25,6 @@ WANDA = ["prune", "--model", "model", "--method", "wanda", "--calib", "calib/cal
 PROBE = ["probe", "--model", "model", "--calib", "calib/calib.json", "--images", "calib/images", "--bench",
          "look.jsonl", "--nsamples", "2", "--pathways", "text", "--pools", "text", "--sparsities", "0.5"]
 BIG = str(2**32)
-
-
-def _jsonl(path: Path, items: list[dict]) -> None:
-    path.write_text("".join(json.dumps(x) + "\n" for x in items))
 
 
 def _record(turns: list | None = None, image: str = "0.png") -> dict:
@@ -61,11 +57,7 @@ def _calibration_files(base: Path) -> None:
 def world(tmp_path_factory) -> Path:
     """The user's folder every case runs in."""
     base = tmp_path_factory.mktemp("hostile_inputs") / "base"
-    model, _ = build_tiny("llava")
-    save_model_dir("llava", model, base / "model")
-    write_calibration(base / "calib", n=3)
-    _jsonl(base / "look.jsonl", [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown",
-                                  "options": ["cat", "dog"], "answer": ["cat", "dog"][i % 2]} for i in range(2)])
+    write_user_folder(base)
     (base / "seed.yaml").write_text(f"model: model\nmethod: magnitude\nseed: {BIG}\n")
     (base / "null_model.yaml").write_text("model: null\nmethod: magnitude\n")
     (base / "null_nsamples.yaml").write_text("model: model\nmethod: magnitude\nnsamples: null\n")
@@ -105,7 +97,7 @@ def _figure_inputs(base: Path) -> None:
     del logs["probe_no_mean"][1][1]["mean_retention"]
     for name, (kind, records) in logs.items():
         (base / "figs" / name / kind).mkdir(parents=True)
-        _jsonl(base / "figs" / name / kind / "results.jsonl", records)
+        write_jsonl(base / "figs" / name / kind / "results.jsonl", records)
     saved = {"hidden_states_tensor": ("hidden_states.pt", torch.zeros(3)),
              "pool_masks_dict": ("pool_masks.pt", {"masks": 1}),
              "pool_masks_foreign": ("pool_masks.pt", {"method": "wanda", "sparsity": 0.5, "pools": ["text"],
@@ -152,7 +144,7 @@ def _compare_logs(base: Path) -> None:
             else:
                 cells[1][key] = value
         (base / "compare" / name).mkdir(parents=True)
-        _jsonl(base / "compare" / name / "results.jsonl", cells)
+        write_jsonl(base / "compare" / name / "results.jsonl", cells)
 
     log("good")
     log("score_string", scores__look="50")

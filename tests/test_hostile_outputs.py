@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli_batch import tree
-from tiny_models import build_tiny
-from tiny_processors import save_model_dir, write_calibration
+from tiny_processors import write_user_folder
 
 from atv.cli import main
 
@@ -27,19 +26,11 @@ USER_FILES = {"notes.txt": "a user's own file", "recipe.yaml": "# my own recipe\
               "README.md": "# my model card\n"}
 
 
-def _jsonl(path: Path, items: list[dict]) -> None:
-    path.write_text("".join(json.dumps(x) + "\n" for x in items))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A user's folder: model, calibration, a benchmark, a finished probe study, a pruned model, user files."""
     base = tmp_path_factory.mktemp("hostile") / "base"
-    model, _ = build_tiny("llava")
-    save_model_dir("llava", model, base / "model")
-    write_calibration(base / "calib", n=3)
-    _jsonl(base / "look.jsonl", [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown here",
-                                  "options": ["cat", "dog"], "answer": ["cat", "dog"][i % 2]} for i in range(2)])
+    write_user_folder(base)
     (base / "userdata").mkdir()
     for name, text in USER_FILES.items():
         (base / "userdata" / name).write_text(text)

@@ -7,6 +7,7 @@ ids the model config names, and the family's own image processor sized to the ti
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -101,8 +102,6 @@ def save_model_dir(family: str, model, path: Path) -> Path:
 
 def write_calibration(folder: Path, n: int = 4, seed: int = 0, with_bad: bool = False) -> tuple[Path, Path]:
     """A LLaVA-conversation JSON with ``n`` random 16x16 images (plus unusable records if ``with_bad``)."""
-    import json
-
     import numpy as np
     from PIL import Image
 
@@ -122,3 +121,21 @@ def write_calibration(folder: Path, n: int = 4, seed: int = 0, with_bad: bool = 
     path = Path(folder) / "calib.json"
     path.write_text(json.dumps(records), encoding="utf-8")
     return path, images
+
+
+def write_jsonl(path: Path, items: list[dict]) -> None:
+    """``items`` as JSON Lines (one object a line, each ending in a newline)."""
+    Path(path).write_text("".join(json.dumps(x) + "\n" for x in items))
+
+
+def write_user_folder(base: Path) -> Path:
+    """A user's folder as the hostile-input tests start from: a tiny LLaVA in ``model``, three calibration
+    records in ``calib`` and a two-item multiple-choice benchmark ``look.jsonl`` over their images."""
+    from tiny_models import build_tiny
+
+    model, _ = build_tiny("llava")
+    save_model_dir("llava", model, base / "model")
+    write_calibration(base / "calib", n=3)
+    write_jsonl(base / "look.jsonl", [{"id": f"q{i}", "image": f"calib/images/{i}.png", "question": "what is shown",
+                                       "options": ["cat", "dog"], "answer": ["cat", "dog"][i % 2]} for i in range(2)])
+    return base
