@@ -10,8 +10,10 @@ same command runs on a laptop (``torchrun --nproc_per_node 2``) and on a multi-G
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,10 +35,28 @@ def _accelerator_present() -> bool:
 
 def accelerator():
     """accelerate's ``Accelerator`` for this process (a CPU process group when no accelerator is present,
-    which accelerate otherwise leaves uninitialised)."""
+    which accelerate otherwise leaves uninitialised). Under several processes the group is set up with the
+    process's standard output pointed at its standard error: gloo's C++ code prints its connections there
+    (torch 2.8), and the commands keep standard output for their JSON reports."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not _accelerator_present())
+    quiet = _stdout_to_stderr() if launched_processes() > 1 else contextlib.nullcontext()
+    with quiet:
+        return Accelerator(cpu=not _accelerator_present())
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 writes to descriptor 2 in this block (what C++ code prints included)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def process_device() -> torch.device | None:

@@ -69,7 +69,7 @@ done
 {
   echo "# Supported versions, measured"
   echo
-  echo "Written by \`bash scripts/compat.sh\` on $(date -u +%Y-%m-%d) ($(nproc) CPU cores, Python $(python3 -c 'import sys; print(sys.version.split()[0])')). Each row is a"
+  echo "Written by \`bash scripts/compat.sh\` on $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') ($(nproc) CPU cores, Python $(python3 -c 'import sys; print(sys.version.split()[0])')). Each row is a"
   echo "fresh environment with these versions; every other package is the newest release they allow. Tests run:"
   echo "the family tests (replay, probe, prune, save of every family the installed transformers has; the others"
   echo "skip), the masks against references and by hand, the CLI, the Ray executor and the lmms-eval bridge."
