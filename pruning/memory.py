@@ -45,6 +45,10 @@ SPARSEGPT_COPIES = 3         # SparseGPT's solver: Hessian, its inverse and Chol
 # Linear name (its last dotted part) -> which input it reads; Linears reading the same input share statistics
 _INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
            "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
+PRUNE_REMEDIES = ("Keep decoder layers on disk with --offload, use fewer --nsamples (or a smaller --max-length), "
+                  "or --schedule three-pass (no activation stash); --no-memory-check runs it anyway")
+EVAL_REMEDIES = ("Load it in a smaller dtype (--dtype bfloat16), spread it over devices (--device-map auto), or use a "
+                 "smaller --batch-size; --no-memory-check runs it anyway")
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -214,6 +218,27 @@ def plan_memory(config: PruneConfig, execution: ExecutionConfig, model_config: A
     return MemoryPlan(weights, activations, statistics, stash, workspace, schedule, devices)
 
 
+def plan_eval_memory(model_config: Any, batch_size: int, seq_len: int, dtype: str | torch.dtype, *,
+                     device: str | None = None, dispatched: bool = False, probed: bool = False) -> MemoryPlan:
+    """Peak memory of scoring a model of ``model_config`` (``atv eval``; no model is built).
+
+    weights: every parameter (``probed``: plus the visual copy of each decoder layer's QKV and FFN that the
+    MoT probe adds); activations: one batch's hidden states and MLP intermediates (``batch_size x seq_len``
+    tokens, model dtype); workspace: that batch's fp32 logits and one layer's attention probabilities.
+    """
+    shape, b = model_shape(model_config), dtype_bytes(dtype, model_config)
+    weights = shape.total_params * b
+    if probed:  # o_proj is shared by both paths; q, k, v and the MLP are duplicated
+        weights += shape.layers * (shape.layer_params - shape.attn_out * shape.hidden) * b
+    tokens = batch_size * seq_len
+    activations = tokens * (4 * shape.hidden + 2 * shape.intermediate) * b
+    workspace = tokens * shape.vocab * STATS_BYTES + batch_size * shape.heads * seq_len * seq_len * b
+    compute = str(device or "cpu")
+    devices = {name: compute for name in ("activations", "statistics", "stash", "workspace")}
+    devices["weights"] = "dispatched" if dispatched and compute != "cpu" else compute
+    return MemoryPlan(weights, activations, 0, 0, workspace, "eval", devices)
+
+
 def _out_features(shape: ModelShape, target: str) -> int:
     group = _INPUTS.get(target.rsplit(".", 1)[-1])
     return {"attn_in": shape.attn_out, "attn_out": shape.hidden, "mlp_in": shape.intermediate,
@@ -256,11 +281,12 @@ def _accelerate_cpu_memory() -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
-def check_memory(plan: MemoryPlan, available: Callable[[str], int | None] | None = None) -> dict[str, int]:
+def check_memory(plan: MemoryPlan, available: Callable[[str], int | None] | None = None,
+                 remedies: str = PRUNE_REMEDIES) -> dict[str, int]:
     """Raise :class:`InsufficientMemoryError` when a device's planned peak exceeds what ``available`` reports;
     returns the planned peak per checked device. Devices whose free memory is unknown, and weights dispatched
     by an accelerate device map (capped by its max_memory), are not checked. ``available``: device ->
-    free bytes or None (default :func:`available_memory`)."""
+    free bytes or None (default :func:`available_memory`); ``remedies``: what the message suggests."""
     available = available or available_memory
     checked = {}
     for device, need in plan.by_device().items():
@@ -274,6 +300,5 @@ def check_memory(plan: MemoryPlan, available: Callable[[str], int | None] | None
         if need > free:
             raise InsufficientMemoryError(
                 f"this run needs about {_gib(need)} on {device} but {_gib(free)} is free ({plan.summary()}). "
-                "Keep decoder layers on disk with --offload, use fewer --nsamples (or a smaller --max-length), "
-                "or --schedule three-pass (no activation stash); --no-memory-check runs it anyway")
+                + remedies)
     return checked

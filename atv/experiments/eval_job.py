@@ -26,13 +26,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -42,7 +43,7 @@ from evaluation.harness import evaluate, fidelity_reference
 from evaluation.install import INSTALL_HINT
 from evaluation.intervals import Bootstrap, score_interval
 from evaluation.reports import defined_retention
-from pruning.errors import ConfigError, ToolkitError
+from pruning.errors import ConfigError, ToolkitError, forward_failed
 from pruning.io import LoadOptions, load_model
 from pruning.options import check_seed, option
 from pruning.outputs import MARKER, check_output_file, check_output_path, write_text_atomic, written_by_toolkit
@@ -52,6 +53,7 @@ from .records import RESULTS, SETUP, file_digest, inputs_changed, model_inputs, 
 from .share import CARD, append_results, environment, results_section
 
 log = logging.getLogger(__name__)
+EVAL_TOKENS = 2048  # tokens per item (its image's tokens and the text) assumed by the memory plan
 
 
 # -- probe cells -------------------------------------------------------------------------------------
@@ -326,6 +328,8 @@ class EvalJob:
     lmms_defaults: bool = option(True, "index only --lmms-include tasks (faster)", flag="--no-lmms-defaults")
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
     seed: int = option(0, "seed of the evaluation (and lmms-eval's samplers)")
+    memory_check: bool = option(True, "skip the memory plan's check (load even when it predicts too little free "
+                                      "memory)", flag="--no-memory-check")
     out_card: bool = option(False, "append the results to the model card (README.md) of the --model folder that "
                                    "atv prune wrote")
 
@@ -529,6 +533,34 @@ def _stock_model(job: EvalJob):
                        extra_args=parse_model_args(job.lmms_model_args), force_simple=job.lmms_force_simple)
 
 
+@contextlib.contextmanager
+def _forwards(what: str) -> Iterator[None]:
+    """Model forwards on inputs its own processor built: transformers' own refusals (an image size, a token
+    count, a shape its files disagree about) become one :class:`~pruning.errors.ForwardError` line."""
+    try:
+        yield
+    except ToolkitError:
+        raise
+    except (RuntimeError, ValueError) as err:
+        raise forward_failed(err, what) from err
+
+
+def _check_memory(job: EvalJob, plan: _Plan, load: LoadOptions) -> None:
+    """Refuse, before loading, a model that will not fit: the memory plan of each model the run loads (the
+    dense reference is freed before the model itself is loaded), from its config alone."""
+    from pruning.io import load_config
+    from pruning.memory import EVAL_REMEDIES, check_memory, plan_eval_memory
+
+    models = [(job.dense_model, False)] if plan.fidelity and job.probe_from is None else []
+    models.append((plan.setup.model if plan.setup is not None else job.model, job.probe_from is not None))
+    dispatched = load.device_map not in (None, "cpu")
+    for model, probed in models:
+        memory = plan_eval_memory(load_config(model, load), job.batch_size, EVAL_TOKENS, load.dtype,
+                                  device=load.device, dispatched=dispatched, probed=probed)
+        log.info("%s: %s", model, memory.summary())
+        check_memory(memory, remedies=EVAL_REMEDIES)
+
+
 def _process_load(load: LoadOptions) -> LoadOptions:
     """Several processes (torchrun / accelerate launch): each loads on its own device unless --device or
     --device-map say where."""
@@ -548,10 +580,13 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     start = time.perf_counter()
     plan = _plan(job)
     load = _process_load(job.load)
+    if job.memory_check:
+        _check_memory(job, plan, load)
     reference = None
     if plan.fidelity and job.probe_from is None:  # the dense model's reference, then the model itself
-        dense_loaded = load_eval_model(job.dense_model, load=load, reference_benchmarks=plan.fidelity,
-                                       progress=progress, processor=processor)
+        with _forwards("the fidelity reference's items"):
+            dense_loaded = load_eval_model(job.dense_model, load=load, reference_benchmarks=plan.fidelity,
+                                           progress=progress, processor=processor)
         reference = dense_loaded.reference
         del dense_loaded
     loaded = None
@@ -568,9 +603,10 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
         if launched_processes() > 1:
             log.warning("harness benchmarks are not split between processes: each of the %d scores all of them",
                         launched_processes())
-        report = evaluate(loaded.model, loaded.processor, plan.benches, reference=reference,
-                          batch_size=job.batch_size, max_new_tokens=job.max_new_tokens, progress=progress,
-                          seed=job.seed, return_items=True)
+        with _forwards("the benchmark items"):
+            report = evaluate(loaded.model, loaded.processor, plan.benches, reference=reference,
+                              batch_size=job.batch_size, max_new_tokens=job.max_new_tokens, progress=progress,
+                              seed=job.seed, return_items=True)
         boot = Bootstrap(seed=job.seed)
         tasks += [TaskScore(r.name, "harness", f"{r.kind} score (%)", r.score, dict(r.metrics), r.n,
                             interval=score_interval([i.score for i in r.items], r.name, boot).to_list(),
