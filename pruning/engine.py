@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors, tokens_align
 from .allocation import Allocation, allocate, map_units, outlier_ratio, owl_units, read_sensitivity_map
 from .config import PruneConfig
-from .errors import CalibrationError, ConfigError, UnsupportedModelError
+from .errors import CalibrationError, ConfigError, ToolkitError, UnsupportedModelError, forward_failed
 from .execution import ExecutionConfig
 from .experts import ROUTED, block_targets, check_config, eager_experts
 from .masks import apply_mask_, sparsity_of
@@ -302,8 +302,15 @@ def _offloading(layers: nn.ModuleList, execution: ExecutionConfig) -> contextlib
 
 def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, Any]], offload: torch.device,
                  progress: bool) -> list[CapturedBatch]:
-    return [capture(model, adapter, inputs).to(offload)
-            for inputs in tqdm(batches, desc="capture", disable=not progress or not batches)]
+    captured = []
+    for i, inputs in enumerate(tqdm(batches, desc="capture", disable=not progress or not batches), 1):
+        try:
+            captured.append(capture(model, adapter, inputs).to(offload))
+        except ToolkitError:
+            raise
+        except (RuntimeError, ValueError) as err:  # transformers' own checks (image size, token counts, shapes)
+            raise forward_failed(err, f"calibration batch {i}") from err
+    return captured
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .errors import ConfigError, ToolkitError, UnsupportedModelError
+from .errors import ConfigError, ToolkitError, UnsupportedModelError, one_line
 from .offload import save_shard_size
 from .options import option
 from .outputs import atomic_folder, check_output_folder
@@ -129,17 +130,44 @@ def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str
     except ValueError as err:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} in {source!r} is not an image-text-to-text "
-            f"architecture transformers knows ({_one_line(err)})") from None
+            f"architecture transformers knows ({one_line(err)})") from None
     except (OSError, SafetensorError) as err:
         raise UnsupportedModelError(f"cannot read the weights of {source!r} (missing, truncated or corrupt: "
-                                    f"{_one_line(err)}); re-save or re-download the model") from None
+                                    f"{one_line(err)}); re-save or re-download the model") from None
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met a pickle that would run code
+        called = re.search(r"unsupported GLOBAL (\S+)", str(err))
+        raise UnsupportedModelError(
+            f"the pickled weights of {source!r} (a .bin or .pt checkpoint) would run code "
+            f"({called.group(1) if called else 'an object torch.load does not allow'}) when read, so they are "
+            "not read; use a safetensors copy of the model, or convert one you trust") from None
+    except ImportError as err:  # e.g. a quantization_config whose package is not installed
+        quantized = getattr(config, "quantization_config", None)
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else \
+            getattr(quantized, "quant_method", None)
+        what = f"{source!r} is quantized ({method}), which" if method else f"loading {source!r}"
+        raise UnsupportedModelError(f"{what} needs a package that is not installed ({one_line(err)}); the "
+                                    "toolkit prunes floating-point weights: prune the unquantized model "
+                                    "(quantize the pruned one afterwards)") from None
     check_complete(source, info)
+    check_floating_point(source, model)
     get_adapter(model)  # raises UnsupportedModelError with the candidates it saw
     if options.device is not None and offload_folder is None:
         model.to(options.device)
     if not with_processor:
         return model.eval(), None
     return model.eval(), _load_processor(source, hub)
+
+
+def check_floating_point(source: str, model: nn.Module) -> None:
+    """Refuse a model whose Linear weights are not floating point (packed or integer quantized weights, e.g.
+    bitsandbytes' 4-bit): scores and masks over packed values would prune the wrong weights."""
+    packed = sorted({str(m.weight.dtype) for m in model.modules()
+                     if isinstance(m, nn.Linear) and isinstance(m.weight, torch.Tensor)
+                     and not m.weight.is_floating_point()})
+    if packed:
+        raise UnsupportedModelError(
+            f"{source!r} holds Linear weights of dtype {', '.join(packed)} (a quantized checkpoint); the toolkit "
+            "prunes floating-point weights: prune the unquantized model (quantize the pruned one afterwards)")
 
 
 def check_complete(source: str, info: Mapping[str, Any]) -> None:
@@ -183,9 +211,9 @@ def _load_config(source: str, hub: dict[str, Any]):
         config = AutoConfig.from_pretrained(source, **hub)
     except (OSError, ValueError, KeyError) as err:  # offline and not cached, unknown id or revision, bad config
         if Path(source).is_dir():
-            raise UnsupportedModelError(f"cannot read the config.json of {source!r}: {_one_line(err)}; fix it or "
+            raise UnsupportedModelError(f"cannot read the config.json of {source!r}: {one_line(err)}; fix it or "
                                         "re-save the model with save_pretrained") from None
-        raise UnsupportedModelError(f"cannot load model {source!r}{_revision(hub)}: {_one_line(err)}") from None
+        raise UnsupportedModelError(f"cannot load model {source!r}{_revision(hub)}: {one_line(err)}") from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None)
     if isinstance(layers, int) and layers < 1:  # refused before any weight is read: nothing to prune or probe
@@ -201,19 +229,13 @@ def _load_processor(source: str, hub: dict[str, Any]):
         return AutoProcessor.from_pretrained(source, **hub)
     except (AttributeError, ImportError, ValueError, OSError) as err:
         raise UnsupportedModelError(
-            f"cannot load the processor of {source!r} ({type(err).__name__}: {_one_line(err)}). Some "
+            f"cannot load the processor of {source!r} ({type(err).__name__}: {one_line(err)}). Some "
             "transformers processors (e.g. Qwen2-VL's video processor) need torchvision: install the torchvision "
             "build that matches your torch") from None
 
 
 def _revision(hub: dict[str, Any]) -> str:
     return f" at revision {hub['revision']!r}" if hub.get("revision") else ""
-
-
-def _one_line(err: BaseException) -> str:
-    """An exception's message on one line, cut to a readable length."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def check_device(device: str | None) -> None:
@@ -224,7 +246,7 @@ def check_device(device: str | None) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise UnsupportedModelError(f"device {device!r} is not a torch device ({_one_line(err)}); e.g. cpu or "
+        raise UnsupportedModelError(f"device {device!r} is not a torch device ({one_line(err)}); e.g. cpu or "
                                     "cuda:0") from None
     if parsed.type == "meta":
         raise UnsupportedModelError(f"device {device!r} holds no data (shapes only), so no model can be loaded or "
