@@ -14,6 +14,7 @@ import logging
 import math
 import shlex
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -431,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     from atv import __version__
 
     parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details (and, on an error, where it was raised)")
     parser.add_argument("--version", action="version", version=f"atv-toolkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_prune, _add_probe, _add_demo, _add_default_model, _add_suite, _add_figures, _add_compare,
@@ -455,8 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ToolkitError as err:
+        if args.verbose:  # -v: where it was raised, for a bug report
+            traceback.print_exc()
         print(f"atv {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"atv {args.command}: interrupted: partial outputs were removed and nothing was replaced (a probe "
+              "or map study keeps its complete records and resumes from them)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

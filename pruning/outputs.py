@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,9 +35,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, OutputWriteError
+
+log = logging.getLogger(__name__)
 
 MARKER = ".atv-toolkit"  # JSON {"written_by": "atv-toolkit", "kind": ...}: this toolkit wrote the folder
+NO_ROOM = {errno.ENOSPC: "no space is left on the device", errno.EFBIG: "a file grew past the size limit",
+           errno.EDQUOT: "the disk quota is used up", errno.EROFS: "the file system is read-only"}
 _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<role>partial|old)-(?P<pid>\d+)-")
 
@@ -209,10 +214,16 @@ def scratch_folder(parent: str | Path, prefix: str) -> Iterator[Path]:
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     owned = re.compile(re.escape(prefix) + r"(?P<pid>\d+)-")
+    unowned = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}$")  # earlier versions' names: no PID to check
     for entry in sorted(parent.iterdir()):
         match = owned.match(entry.name)
         if match and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(match["pid"])):
             shutil.rmtree(entry, ignore_errors=True)
+        elif unowned.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink())
+            log.warning("%s (%.1f MB) was left by a run of an earlier atv-toolkit version that was killed; it holds "
+                        "only that run's working files, and its name does not say whether that run still works: "
+                        "delete it when no such run is going on", entry, size / 2**20)
     path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     try:
         yield path
@@ -275,10 +286,12 @@ def atomic_folder(out: str | Path, kind: str = "folder",
                 old.rmdir()
                 out.rename(old)
             tmp.rename(out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not out.exists():
             old.rename(out)
+        if no_room(err) is not None:
+            raise room_error(err, out, f"the partial output was removed and {str(out)!r} left as it was") from err
         raise
     if changed:
         kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.new-", dir=out.parent))
@@ -290,6 +303,33 @@ def atomic_folder(out: str | Path, kind: str = "folder",
                                 "what you need of the old folder, then move the new one into place")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def no_room(err: BaseException) -> int | None:
+    """The errno of a write that failed for lack of room (:data:`NO_ROOM`), from an OSError or from a
+    writer that reports it in its message (safetensors' "os error 28"); None for any other error."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in NO_ROOM else None
+    found = re.search(r"os error (\d+)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    return int(found[1]) if found and int(found[1]) in NO_ROOM else None
+
+
+def room_error(err: BaseException, path: str | Path, left: str) -> OutputWriteError:
+    """One line for a write that failed for lack of room: what happened, where, what is left on disk."""
+    code = no_room(err)
+    return OutputWriteError(f"{NO_ROOM[code]} ({errno.errorcode[code]}) while writing {str(path)!r}; {left}: make "
+                            "room (or write elsewhere) and run again")
+
+
+@contextlib.contextmanager
+def room_to_write(path: str | Path, left: str = "what was written before is kept") -> Iterator[None]:
+    """Turn a write that fails for lack of room into one :class:`OutputWriteError` line."""
+    try:
+        yield
+    except Exception as err:
+        if no_room(err) is None:
+            raise
+        raise room_error(err, path, left) from err
 
 
 def check_output_file(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
@@ -314,8 +354,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if no_room(err) is not None:
+            raise room_error(err, path, f"{str(path)!r} was left as it was") from err
         raise
     return path
 

@@ -39,8 +39,10 @@ from pruning.outputs import (
     check_plain_file,
     check_resumable_folder,
     mark_folder,
+    no_room,
     open_plain,
     owner,
+    room_error,
     write_text_atomic,
 )
 
@@ -373,10 +375,20 @@ class ResultLog:
         self.pin()
         if self.shard is not None:
             record = {**record, "study": self.prints}  # checked when the shards are merged
-        with open_plain(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        with open_plain(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write leaves nothing to flush
+            size = os.fstat(f.fileno()).st_size
+            try:
+                written = 0
+                while written < len(line):
+                    written += f.write(line[written:])
+                os.fsync(f.fileno())
+            except OSError as err:  # no torn record is left behind: the log ends with its last complete one
+                os.ftruncate(f.fileno(), size)
+                if no_room(err) is None:
+                    raise
+                raise room_error(err, self.path, "the records before this one are kept and the study resumes "
+                                                 "from them") from err
         if self.shard is None:
             self.records.append(record)
         else:
