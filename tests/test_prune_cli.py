@@ -177,6 +177,10 @@ def test_eval_appends_to_the_card_and_push_uploads_the_folder(tmp_path, capsys, 
     uploads = []
 
     class FakeApi:  # offline: the Hub calls are recorded, not made
+        def whoami(self):
+            uploads.append(("whoami",))
+            return {"name": "me"}
+
         def create_repo(self, repo, private, exist_ok, repo_type):
             uploads.append(("create", repo, private))
             return f"https://huggingface.co/{repo}"
@@ -188,8 +192,9 @@ def test_eval_appends_to_the_card_and_push_uploads_the_folder(tmp_path, capsys, 
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(_checkpoint(tmp_path, "llava")), "--method", "magnitude", "--out", str(out),
                  "--push-to-hub", "me/tiny-pruned", "--private"]) == 0, capsys.readouterr().err
-    assert uploads[0] == ("create", "me/tiny-pruned", True)
-    assert {"README.md", "recipe.yaml", "prune_report.json", "config.json", "model.safetensors"} <= set(uploads[1][2])
+    assert uploads[0] == ("whoami",)  # the Hub and the token checked before any work
+    assert uploads[1] == ("create", "me/tiny-pruned", True)
+    assert {"README.md", "recipe.yaml", "prune_report.json", "config.json", "model.safetensors"} <= set(uploads[2][2])
     bench = str(Path(__file__).resolve().parent / "lmms_tasks" / "atv_tiny_choice.jsonl")
     assert main(["eval", "--model", str(out), "--tasks", bench, "--out-card"]) == 0, capsys.readouterr().err
     card = (out / "README.md").read_text()

@@ -14,14 +14,14 @@ from transformers import set_seed
 from pruning.config import PruneConfig
 from pruning.data import check_dataset_source, load_calibration_dataset, load_llava_conversations
 from pruning.engine import PruneReport, prune_
-from pruning.errors import CalibrationError, ConfigError
+from pruning.errors import CalibrationError, ConfigError, HubError, one_line
 from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, check_output_dir, load_config, load_model, save_pruned
 from pruning.memory import MemoryPlan, check_memory, plan_memory
 from pruning.options import check_seed, option
 from pruning.outputs import folder_state, scratch_folder
 
-from .share import CARD, check_repo_id, environment, model_card, push_folder, sparsity_config
+from .share import CARD, check_hub_access, check_repo_id, environment, model_card, push_folder, sparsity_config
 
 log = logging.getLogger(__name__)
 OFFLOAD_PREFIX = ".atv-offload-"  # + pid: the folder of a killed run is known and removed by the next one
@@ -101,6 +101,8 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     if job.calib is not None and job.calib_dataset is not None:
         raise CalibrationError("give --calib or --calib-dataset, not both")
     check_output_dir(job.out, job.overwrite, job.inputs)
+    if job.push_to_hub:
+        check_hub_access(job.push_to_hub, job.out)
     since = folder_state(job.out)  # what the swap may replace: nothing added to --out while the run works
     plan = memory_plan(job)
     log.info("%s", plan.summary())
@@ -168,5 +170,10 @@ def _load_prune_save(job: PruneJob, start: float, progress: bool, processor, off
         extra[RECIPE] = recipe_text(job.recipe)
     save_pruned(model, processor, record, job.out, job.overwrite, job.inputs, extra_files=extra, since=since)
     if job.push_to_hub:
-        log.info("uploaded to %s", push_folder(job.out, job.push_to_hub, private=job.private))
+        try:
+            log.info("uploaded to %s", push_folder(job.out, job.push_to_hub, private=job.private))
+        except Exception as err:  # noqa: BLE001 - the network or the Hub failed after the model was saved
+            raise HubError(f"the pruned model is saved in {str(job.out)!r}, but uploading it to "
+                              f"{job.push_to_hub!r} failed ({type(err).__name__}: {one_line(err)}); upload the "
+                              f"folder when the Hub can be reached: hf upload {job.push_to_hub} {job.out}") from None
     return report

@@ -19,7 +19,7 @@ from torch import nn
 from analysis.tables import with_interval
 from pruning.adapters import get_adapter
 from pruning.engine import PruneReport
-from pruning.errors import ConfigError
+from pruning.errors import ConfigError, HubError, one_line
 from pruning.io import dtype_name
 
 CARD = "README.md"
@@ -163,6 +163,24 @@ def check_repo_id(repo: str) -> str:
     return repo
 
 
+def check_hub_access(repo: str, out: str | Path) -> str:
+    """Before any work: ``--push-to-hub`` will be able to upload (the Hub not switched off, reachable, and a
+    token it accepts); returns the Hub user name. ``out``: the folder the upload would send, for the hint."""
+    from huggingface_hub import HfApi, constants
+
+    later = f"or drop --push-to-hub and upload the folder when you can (hf upload {repo} {out})"
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"--push-to-hub {repo!r}: the Hub is switched off here (HF_HUB_OFFLINE is set); unset "
+                          f"it, {later}")
+    try:
+        user = HfApi().whoami()
+    except Exception as err:  # noqa: BLE001 - a probe: no network, no token and a refused token all end here
+        raise HubError(f"--push-to-hub {repo!r}: the Hub cannot be reached with a token it accepts "
+                          f"({type(err).__name__}: {one_line(err)}); check the network and log in with "
+                          f"`hf auth login` (or set HF_TOKEN), {later}") from None
+    return str(user.get("name", "")) if isinstance(user, dict) else ""
+
+
 def push_folder(folder: str | Path, repo: str, *, private: bool = False) -> str:
     """Upload a saved folder (weights, card, recipe, report) to a Hub model repository, creating it if
     needed; returns the repository's URL. Needs a Hub token (``huggingface-cli login``)."""
@@ -175,5 +193,5 @@ def push_folder(folder: str | Path, repo: str, *, private: bool = False) -> str:
     return str(url)
 
 
-__all__ = ["CARD", "append_results", "check_repo_id", "command_line", "environment", "model_card", "push_folder",
-           "results_section", "sparsity_config"]
+__all__ = ["CARD", "append_results", "check_hub_access", "check_repo_id", "command_line", "environment",
+           "model_card", "push_folder", "results_section", "sparsity_config"]
