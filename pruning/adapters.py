@@ -1070,9 +1070,32 @@ def check_in_scope(model: nn.Module) -> None:
             "layer-by-layer replay does not capture; only decoder-only language models are supported")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} ({type(model).__name__}) has no causal LM head (get_output_embeddings() "
-            "is None); load it with AutoModelForImageTextToText (or AutoModelForCausalLM) to prune it")
+        raise UnsupportedModelError(f"model_type {model_type!r} ({type(model).__name__}) {_headless_reason(model)}")
+
+
+def _headless_reason(model: nn.Module) -> str:
+    """Why a model that exposes no LM head (``get_output_embeddings()`` is None) cannot be pruned here, from its
+    structure: a text decoder that reads the image through cross-attention, a model that predicts something
+    other than tokens, or a base class loaded where the class with the head exists."""
+    from transformers.models.auto import modeling_auto
+
+    crossing = next((name for name, module in model.named_modules() if module is not model and
+                     "encoder_hidden_states" in inspect.signature(type(module).forward).parameters), None)
+    if crossing is not None:
+        return (f"has a text decoder ({crossing}) that reads the image through cross-attention "
+                "(encoder_hidden_states), not as image tokens of its sequence, so it has neither a visual pathway "
+                "for ATV's pools and the MoT probe nor the decoder-only layer stack the replay prunes; only "
+                "decoder-only LVLMs are supported")
+    headed = {name for mapping in (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                                   modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) for name in mapping.values()}
+    if type(model).__name__ in headed:
+        outputs = ", ".join(name for name, _ in model.named_children())
+        return (f"has no causal LM head (get_output_embeddings() is None): its forward returns no next-token "
+                f"logits (its top-level modules: {outputs}), e.g. robot actions "
+                "or embeddings, and calibration, the probe and evaluation all score next-token logits; only LVLMs "
+                "that generate text are supported")
+    return ("has no causal LM head (get_output_embeddings() is None); load it with AutoModelForImageTextToText (or "
+            "AutoModelForCausalLM) to get the class with the head")
 
 
 def supported_model_types() -> list[str]:

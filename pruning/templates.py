@@ -68,6 +68,9 @@ def render_chat(processor, messages: list[dict[str, Any]], **kwargs: Any) -> str
         raise ChatTemplateError(f"the chat template of {template_source(processor)!r} did not finish within "
                                 f"{TEMPLATE_SECONDS:g} s (a loop that never ends?); fix or replace the model's "
                                 "chat template") from None
+    except (MemoryError, OverflowError) as err:  # e.g. a string multiplied by a huge number
+        raise ChatTemplateError(f"the chat template of {template_source(processor)!r} built a value too large to "
+                                f"hold ({type(err).__name__}); fix or replace the model's chat template") from None
     except jinja2.TemplateError as err:
         kind = "the jinja sandbox refused" if isinstance(err, jinja2.exceptions.SecurityError) else "failed on"
         raise ChatTemplateError(f"{kind} the chat template of {template_source(processor)!r} "

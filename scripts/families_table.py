@@ -86,9 +86,9 @@ def sweep_row(model_type: str) -> str:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
-        config = shrink(CONFIG_MAPPING[model_type]())
+        config = _fill_counts(shrink(CONFIG_MAPPING[model_type]()))
         with torch.device("meta"):
-            model = tf.AutoModelForImageTextToText.from_config(config)
+            model = _build(tf, model_type, config)
     except Exception as err:  # noqa: BLE001
         return f"| {model_type} | not built from a shrunk default config: {type(err).__name__} |||||||"
     try:
@@ -98,6 +98,33 @@ def sweep_row(model_type: str) -> str:
     refusal = _structural_refusal(model)
     status = f"refused: {refusal}" if refusal else "no input recipe"
     return f"| {model_type} | {blocks} | {projections} | {skipped} | {status} | | | |"
+
+
+# mixture-of-experts sizes some default configs leave None (their checkpoints set them): small values that build
+_COUNTS = {"num_experts": 2, "num_local_experts": 2, "top_k_experts": 1, "num_experts_per_tok": 1}
+
+
+def _fill_counts(config):
+    """``config`` with expert counts and sizes its defaults leave None set small (in every sub-config)."""
+    for sub in [config, *(getattr(config, key) for key in getattr(config, "sub_configs", {}) if
+                          getattr(config, key, None) is not None)]:
+        for key, value in _COUNTS.items():
+            if hasattr(sub, key) and getattr(sub, key) is None:
+                setattr(sub, key, value)
+        if hasattr(sub, "moe_intermediate_size") and sub.moe_intermediate_size is None:
+            sub.moe_intermediate_size = getattr(sub, "intermediate_size", None) or 64
+    return config
+
+
+def _build(tf, model_type: str, config):
+    """The image-text-to-text class of ``model_type``: through the Auto class, else (a class the Auto class does
+    not accept for its config, e.g. evolla) the class the mapping names, directly."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        return tf.AutoModelForImageTextToText.from_config(config)
+    except ValueError:
+        return getattr(tf, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])._from_config(config)
 
 
 def _structural_refusal(model) -> str | None:
