@@ -559,6 +559,11 @@ def _suite(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``atv`` parser with every command (prune, probe, demo, default-model, suite, figures, compare, eval).
+
+    Returns:
+        The parser; ``parser.commands`` maps each command name to its subparser.
+    """
     from atv import __version__
 
     parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models. "
@@ -575,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``atv`` command (the ``atv`` console script calls this).
+
+    Args:
+        argv: the arguments after ``atv``; None reads ``sys.argv``.
+
+    Returns:
+        The exit code: 0 on success, 2 when the toolkit refused the request (the message is printed to stderr).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
