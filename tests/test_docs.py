@@ -309,3 +309,27 @@ def test_readme_blocks_run_on_a_tiny_model(readme_folder):
                                   and any(b.kind in ("tiny", "run") for b in read_blocks(p))])
 def test_page_blocks_run_on_a_tiny_model(page, tiny, readme_folder, tmp_path, capsys, monkeypatch):
     assert run_page(page, tmp_path / Path(page).stem, tiny, capsys, monkeypatch, readme_folder) > 0
+
+
+# -- the README's links and the citation ---------------------------------------------------------------------
+def test_readme_links_and_figure_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if "://" not in t]
+    assert any(t.startswith("docs/") for t in local) and "figures/sensitivity.png" in local
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+    assert "https://arxiv.org/abs/2603.16001" in readme and "@inproceedings{" in readme
+
+
+def test_citation_file_is_cff_1_2():
+    import yaml
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    assert cff["cff-version"] == "1.2.0"
+    assert cff["title"] and cff["message"] and cff["authors"]
+    paper = cff["preferred-citation"]
+    assert paper["type"] == "conference-paper" and paper["year"] == 2026 and paper["authors"]
+    assert "2603.16001" in paper["url"]
+    for author in cff["authors"] + paper["authors"]:
+        assert "name" in author or "family-names" in author  # an entity or a person, as CFF requires
