@@ -217,7 +217,7 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
 
     Args:
         model: the model.
-        processor: its processor.
+        processor (transformers.ProcessorMixin): its processor.
         benchmark: a choice benchmark.
         batch_size: items (or options) per forward.
         fast_path: score single-token options from one batched forward of the prompts.
@@ -281,7 +281,7 @@ def score_open(model: nn.Module, processor, benchmark: Benchmark, *, batch_size:
 
     Args:
         model: the model.
-        processor: its processor.
+        processor (transformers.ProcessorMixin): its processor.
         benchmark: an open benchmark.
         batch_size: items per generate call.
         max_new_tokens: answer length.
@@ -374,7 +374,7 @@ def fidelity_reference(dense_model: nn.Module, processor, benchmarks: Benchmarks
 
     Args:
         dense_model: the dense model.
-        processor: its processor.
+        processor (transformers.ProcessorMixin): its processor.
         benchmarks: benchmarks (objects or JSONL paths); only the fidelity ones are read.
         top_k: log-probs kept per position (None: the full vocabulary).
         batch_size: texts per forward.
@@ -404,7 +404,7 @@ def score_fidelity(model: nn.Module, processor, benchmark: Benchmark, reference:
 
     Args:
         model: the model.
-        processor: its processor.
+        processor (transformers.ProcessorMixin): its processor.
         benchmark: a fidelity benchmark.
         reference: the dense reference holding this benchmark's texts.
         batch_size: texts per forward.
@@ -472,7 +472,7 @@ def evaluate(model: nn.Module, processor, benchmarks: Benchmarks, *, reference: 
 
     Args:
         model: the model to score: plain, pruned or a probe.
-        processor: its processor.
+        processor (transformers.ProcessorMixin): its processor.
         benchmarks: :class:`Benchmark` objects or paths of JSONL files.
         reference: the dense reference, needed when a fidelity benchmark is among ``benchmarks``.
         batch_size: items per forward.

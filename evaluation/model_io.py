@@ -65,7 +65,7 @@ def build_prompt(processor, question: str, with_image: bool | int) -> str:
     '<|im_start|>user\\n<image>\\nWhat colour is the square?<|im_end|>\\n<|im_start|>assistant\\n'
 
     Args:
-        processor: the model's processor (its chat template renders the turn).
+        processor (transformers.ProcessorMixin): the model's processor (its chat template renders the turn).
         question: the question text.
         with_image: whether there is an image, or how many there are (one image item each).
 

@@ -190,7 +190,7 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
     Args:
         path: the JSON or JSONL file of conversation records.
         image_dir: the folder the records' image paths are relative to.
-        processor: the model's processor (it builds the prompt and the pixel inputs).
+        processor (transformers.ProcessorMixin): the model's processor (it builds the prompt and the pixel inputs).
         nsamples: how many usable records to take.
         seed: seed of the order the records are read in.
         max_length: skip records longer than this many tokens.

@@ -577,7 +577,7 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     Args:
         job: the job.
         progress: show progress bars.
-        processor: overrides the one saved with the model (e.g. one built in memory).
+        processor (transformers.ProcessorMixin): overrides the one saved with the model (e.g. one built in memory).
 
     Returns:
         Every task's score with its interval, and the retention against the dense run when one is given.

@@ -292,7 +292,7 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None,
     Args:
         job: the job.
         progress: show progress bars.
-        processor: overrides the one saved with the model (e.g. one built in memory).
+        processor (transformers.ProcessorMixin): overrides the one saved with the model (e.g. one built in memory).
         executor: where the cells run; None = the one ``job.run`` names.
 
     Returns:

@@ -124,7 +124,7 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
     Args:
         job: the job.
         progress: show progress bars.
-        processor: overrides the one saved with the model (e.g. one built in memory).
+        processor (transformers.ProcessorMixin): overrides the one saved with the model (e.g. one built in memory).
 
     Returns:
         The prune report (also saved as ``prune_report.json`` in ``job.out``).
