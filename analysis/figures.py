@@ -47,6 +47,13 @@ DRIFT = Path("analysis") / "drift.pt"
 
 @dataclass
 class FiguresReport:
+    """What :func:`make_figures` wrote, and what it did not make and why.
+
+    Args:
+        made: figure files written.
+        tables: table files written.
+        skipped: figure or table name -> why it was not made.
+    """
     made: list[Path] = field(default_factory=list)           # figure files written
     tables: list[Path] = field(default_factory=list)         # table files written
     skipped: dict[str, str] = field(default_factory=dict)    # figure/table name -> why it was not made
@@ -120,9 +127,20 @@ def make_figures(results_dir: str | Path, out_dir: str | Path, formats: Sequence
                  seed: int = 0) -> FiguresReport:
     """Make every figure and table the results folder has data for (layout in the module docstring).
 
-    Returns a report listing the written files and, per figure/table not made, the reason (an ``out_dir``
-    this call created stays only when something was made). Raises ToolkitError only when ``results_dir``
-    does not exist, ``out_dir`` cannot be created, or ``formats`` is bad.
+    Args:
+        results_dir: a results folder (``probe/results.jsonl``, ``methods/results.jsonl``, ``map/results.jsonl``,
+            ``analysis/*.pt``), e.g. a demo's.
+        out_dir: where the figures and tables go (an ``out_dir`` this call created stays only when something was
+            made).
+        formats: figure formats, from ``png``, ``pdf``, ``svg``.
+        seed: the t-SNE seed.
+
+    Returns:
+        A report listing the written files and, per figure or table not made, the reason.
+
+    Raises:
+        ToolkitError: only when ``results_dir`` does not exist, ``out_dir`` cannot be created, or ``formats``
+            (or ``seed``) is bad.
     """
     from .style import check_formats
 

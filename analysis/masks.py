@@ -41,7 +41,15 @@ _LAYER_RE = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
 
 # -- pure math -----------------------------------------------------------------------------------
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|a ∧ b| / |a ∨ b| of two bool masks of the same shape (True = pruned); 1.0 when both are empty."""
+    """|a ∧ b| / |a ∨ b| of two bool masks of the same shape (True = pruned); 1.0 when both are empty.
+
+    Args:
+        a: a bool mask.
+        b: a bool mask of the same shape.
+
+    Returns:
+        The intersection over union, in [0, 1].
+    """
     if a.shape != b.shape:
         raise ConfigError(f"masks must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     a, b = a.bool(), b.bool()

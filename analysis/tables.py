@@ -139,6 +139,14 @@ def _numeric_columns(table: Table) -> list[bool]:
 
 
 def to_markdown(table: Table) -> str:
+    """A Markdown table (numeric columns right-aligned).
+
+    Args:
+        table: ``(header, rows)``, every cell a string.
+
+    Returns:
+        The table's Markdown, ending with a newline.
+    """
     header, rows = table
     align = ["---:" if numeric else "---" for numeric in _numeric_columns(table)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
@@ -147,6 +155,14 @@ def to_markdown(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
+    """The table as CSV.
+
+    Args:
+        table: ``(header, rows)``, every cell a string.
+
+    Returns:
+        The CSV text, header first.
+    """
     header, rows = table
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -163,7 +179,15 @@ def _latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table, caption: str | None = None) -> str:
-    """A booktabs tabular (in a table environment when ``caption`` is given)."""
+    """A booktabs tabular (in a table environment when ``caption`` is given).
+
+    Args:
+        table: ``(header, rows)``, every cell a string (LaTeX's special characters are escaped).
+        caption: the table's caption; None gives the bare tabular.
+
+    Returns:
+        The LaTeX source.
+    """
     header, rows = table
     spec = "".join("r" if numeric else "l" for numeric in _numeric_columns(table))
     body = [r"\begin{tabular}{" + spec + "}", r"\toprule",

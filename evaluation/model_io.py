@@ -61,10 +61,16 @@ def _padding_side(processor, side: str) -> Iterator[None]:
 def build_prompt(processor, question: str, with_image: bool | int) -> str:
     """The fixed prompt: one user turn (the image(s) first, then the question) and the generation prompt.
 
-    ``with_image``: whether there is an image, or how many there are (one image item each).
-
     >>> build_prompt(processor, "What colour is the square?", True)  # doctest: +SKIP
     '<|im_start|>user\\n<image>\\nWhat colour is the square?<|im_end|>\\n<|im_start|>assistant\\n'
+
+    Args:
+        processor (transformers.ProcessorMixin): the model's processor (its chat template renders the turn).
+        question: the question text.
+        with_image: whether there is an image, or how many there are (one image item each).
+
+    Returns:
+        The prompt text, placeholders included.
     """
     content: list[dict[str, str]] = [{"type": "image"}] * int(with_image)
     content.append({"type": "text", "text": question})

@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 class ItemResult:
     """One item's outcome.
 
-    prediction: the chosen option (choice), the generated text (open), None (fidelity).
-    score: in [0, 1]: correct or not (choice), VQA accuracy (open), top-1 agreement (fidelity).
-    details: e.g. {"logprobs": [...]} per option (choice), {"kl": ...} (fidelity).
+    Args:
+        id: the item's id.
+        prediction: the chosen option (choice), the generated text (open), None (fidelity).
+        score: in [0, 1]: correct or not (choice), VQA accuracy (open), top-1 agreement (fidelity).
+        details: e.g. ``{"logprobs": [...]}`` per option (choice), ``{"kl": ...}`` (fidelity).
     """
 
     id: str
@@ -39,10 +41,14 @@ class ItemResult:
 class BenchmarkResult:
     """One benchmark's score.
 
-    score: % correct (choice), % VQA accuracy (open), % top-1 agreement with the dense model (fidelity).
-    chance: % expected from uniform guessing (choice: mean of 100 / number of options), else None.
-    metrics: further numbers, e.g. {"kl": mean KL(dense || model)} for fidelity.
-    items: per-item results when asked for (``return_items=True``), else None.
+    Args:
+        name: the benchmark's name.
+        kind: ``'choice'``, ``'open'`` or ``'fidelity'``.
+        n: items scored.
+        score: % correct (choice), % VQA accuracy (open), % top-1 agreement with the dense model (fidelity).
+        chance: % expected from uniform guessing (choice: mean of 100 / number of options), else None.
+        metrics: further numbers, e.g. ``{"kl": mean KL(dense || model)}`` for fidelity.
+        items: per-item results when asked for (``return_items=True``), else None.
     """
 
     name: str
@@ -67,7 +73,12 @@ class BenchmarkResult:
 
 @dataclass
 class EvalReport:
-    """All benchmarks of one evaluation, in the order they were given."""
+    """All benchmarks of one evaluation, in the order they were given.
+
+    Args:
+        results: one result per benchmark.
+        seed: the evaluation's seed.
+    """
 
     results: list[BenchmarkResult]
     seed: int = 0
@@ -96,7 +107,12 @@ class EvalReport:
 
 @dataclass
 class RetentionReport:
-    """Pruned score / dense score x 100 per benchmark, and their mean (the paper's "Mean" column)."""
+    """Pruned score / dense score x 100 per benchmark, and their mean (the paper's "Mean" column).
+
+    Args:
+        per_benchmark: benchmark name -> retention (%).
+        mean: the mean of ``per_benchmark``.
+    """
 
     per_benchmark: dict[str, float]
     mean: float
@@ -112,10 +128,15 @@ def _scores(report: EvalReport | Mapping[str, float]) -> dict[str, float]:
 def retention(pruned: EvalReport | Mapping[str, float], dense: EvalReport | Mapping[str, float]) -> RetentionReport:
     """Retention (%) of the pruned model's scores relative to the dense model's, benchmark by benchmark.
 
-    Both arguments are reports or {name: score} mappings over the same benchmarks.
-
     >>> retention({"a": 30.0, "b": 45.0}, {"a": 60.0, "b": 50.0}).to_dict()
     {'per_benchmark': {'a': 50.0, 'b': 90.0}, 'mean': 70.0}
+
+    Args:
+        pruned: the pruned model's report, or ``{name: score}``.
+        dense: the dense model's report, or ``{name: score}``, over the same benchmarks.
+
+    Returns:
+        Retention per benchmark and their mean.
     """
     pruned_scores, dense_scores = _scores(pruned), _scores(dense)
     if set(pruned_scores) != set(dense_scores):
@@ -133,10 +154,17 @@ def retention(pruned: EvalReport | Mapping[str, float], dense: EvalReport | Mapp
 
 def defined_retention(pruned: Mapping[str, float], dense: Mapping[str, float]) -> RetentionReport | None:
     """:func:`retention` over the benchmarks it is defined on: those of ``pruned`` that ``dense`` scores
-    above 0 (the rest are named in a warning); None when there is none.
+    above 0 (the rest are named in a warning).
 
     >>> defined_retention({"a": 30.0, "b": 5.0, "c": 1.0}, {"a": 60.0, "b": 0.0}).to_dict()
     {'per_benchmark': {'a': 50.0}, 'mean': 50.0}
+
+    Args:
+        pruned: ``{name: score}`` of the pruned model.
+        dense: ``{name: score}`` of the dense model.
+
+    Returns:
+        The retention over the defined benchmarks, or None when there is none.
     """
     shared = [name for name in pruned if dense.get(name, 0) > 0 and math.isfinite(dense[name])]
     skipped = sorted(set(pruned) - set(shared))

@@ -69,6 +69,10 @@ class RoutedExperts(RoutedModule):
     Invariants: with no copy (or with copies equal to ``base``) it computes exactly what ``base`` computes;
     ``gate_up_proj``/``down_proj`` are the active path's parameters (what the engine prunes); ``path(name)``
     is a module of ``base``'s own type, so unloading puts back the original module type and state_dict keys.
+
+    Args:
+        base: the original experts module (3-D ``gate_up_proj`` / ``down_proj`` parameters).
+        router: the router holding the current visual-token mask, shared by every routed module of the model.
     """
 
     def __init__(self, base: nn.Module, router: ModalityRouter):

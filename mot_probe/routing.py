@@ -127,6 +127,10 @@ class RoutedLinear(RoutedModule):
 
     ``active`` names the path that pruning tools see through :attr:`weight` (the engine treats a
     routed Linear as the Linear of its active path).
+
+    Args:
+        base: the original Linear; both paths start as it (no copy until a path is pruned).
+        router: the router holding the current visual-token mask, shared by every routed module of the model.
     """
 
     def __init__(self, base: nn.Linear, router: ModalityRouter):

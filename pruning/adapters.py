@@ -588,7 +588,14 @@ _REGISTRY: dict[str, Adapter] = {}
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: make ``cls`` the adapter of every ``model_type`` it lists."""
+    """Class decorator: make ``cls`` the adapter of every ``model_type`` it lists.
+
+    Args:
+        cls: an :class:`Adapter` subclass with ``model_types``.
+
+    Returns:
+        ``cls`` unchanged (an instance is registered).
+    """
     for model_type in cls.model_types:
         _REGISTRY[model_type] = cls()
     return cls
@@ -1034,10 +1041,18 @@ ATTACHED_ADAPTER = "_atv_adapter"
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter attached to ``model``, else the one registered for ``model.config.model_type``,
-    else the introspecting fallback.
+    """The adapter of ``model``: the one attached to it, else the one registered for
+    ``model.config.model_type``, else the introspecting fallback (structural discovery).
 
-    Raises UnsupportedModelError when none can locate the decoder layers.
+    Args:
+        model: a Hugging Face model.
+
+    Returns:
+        The adapter that finds the model's decoder layers, projections and visual tokens.
+
+    Raises:
+        UnsupportedModelError: when no adapter can locate the decoder layers (the message names the model
+            type and the obstacle).
     """
     attached = getattr(model, ATTACHED_ADAPTER, None)
     if attached is not None:

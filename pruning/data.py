@@ -184,9 +184,25 @@ def load_llava_conversations(path: str | Path, image_dir: str | Path, processor,
                              seed: int = 0, max_length: int | None = None,
                              batch_size: int = 1, allow_outside: bool = False,
                              ) -> tuple[list[dict[str, torch.Tensor]], CalibrationReport]:
-    """Sample ``nsamples`` usable records (seeded order) and encode them in batches of ``batch_size``.
-    Image paths must stay inside ``image_dir`` unless ``allow_outside``. Returns (batches of model inputs,
-    report)."""
+    """Sample ``nsamples`` usable records of a LLaVA-conversation file (ShareGPT4V / LLaVA-NeXT-Data format)
+    in a seeded order and encode them in batches of ``batch_size``.
+
+    Args:
+        path: the JSON or JSONL file of conversation records.
+        image_dir: the folder the records' image paths are relative to.
+        processor (transformers.ProcessorMixin): the model's processor (it builds the prompt and the pixel inputs).
+        nsamples: how many usable records to take.
+        seed: seed of the order the records are read in.
+        max_length: skip records longer than this many tokens.
+        batch_size: samples per batch (right-padded; padding never counts in the statistics).
+        allow_outside: accept image paths outside ``image_dir``.
+
+    Returns:
+        ``(batches of model inputs, report)``; the report counts the records skipped and why.
+
+    Raises:
+        CalibrationError: ``nsamples`` or ``batch_size`` below 1, or fewer usable records than asked for.
+    """
     if nsamples < 1 or batch_size < 1:
         raise CalibrationError(f"nsamples and batch_size must be >= 1, got {nsamples} and {batch_size}")
     check_calibration_paths(path, image_dir)

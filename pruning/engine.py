@@ -72,6 +72,19 @@ class LayerReport:
 
 @dataclass
 class PruneReport:
+    """What a prune (or :func:`compute_masks`) did, layer by layer; ``to_dict()`` is ``prune_report.json``.
+
+    Args:
+        model_type: the model's ``config.model_type``.
+        config: the pruning configuration, as a dict.
+        layers: one report per pruned decoder layer (sparsity per Linear, tokens per pool, ATV's k, drift).
+        samples: calibration samples used.
+        seconds: wall time of the run.
+        applied: whether the masks were applied to the weights (False for :func:`compute_masks`).
+        masks: full dotted name -> bool mask (True = pruned), when kept.
+        execution: the execution configuration of the run, as a dict.
+        allocation: for non-uniform allocations, every layer's (group's) value and sparsity.
+    """
     model_type: str
     config: dict[str, Any]
     layers: list[LayerReport]
@@ -96,15 +109,29 @@ class PruneReport:
 
 def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
            *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True) -> PruneReport:
-    """Prune ``model`` in place and return a report.
-
-    calibration: model input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...), each a
-    batch; every row counts as one sample. Not needed for ``method='magnitude'``.
-    execution: how to run (offloading, pass schedule); None = ``ExecutionConfig()``. Masks do not depend on it.
+    """Prune ``model`` in place, layer by layer, and return a report.
 
     Example::
 
         report = prune_(model, PruneConfig("atv", sparsity=0.5), batches)
+
+    Args:
+        model: a Hugging Face vision-language model (or a decoder-only LM); its decoder layers are found by
+            :func:`get_adapter`.
+        config: what to prune and how (method, sparsity or N:M pattern, pool, targets, allocation).
+        calibration: model input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...), each a
+            batch; every row counts as one sample. Not needed for ``method='magnitude'``.
+        execution: how to run (offloading, pass schedule); None = ``ExecutionConfig()``. Masks do not
+            depend on it.
+        keep_masks: also keep every mask in ``report.masks`` (full dotted name -> bool, True = pruned).
+        progress: show a progress bar over the layers.
+
+    Returns:
+        The per-layer report: sparsity per Linear, tokens per pool, ATV's k per sample and mean drift, time.
+
+    Raises:
+        ToolkitError: a subclass naming the problem (an unsupported model, calibration data that does not fit
+            the method, a bad configuration), raised before any weight changes where it can be checked first.
     """
     return _run(model, config, execution or ExecutionConfig(), calibration, apply=True, keep_masks=keep_masks,
                 progress=progress)
@@ -112,8 +139,24 @@ def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[
 
 def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
                   *, execution: ExecutionConfig | None = None, progress: bool = True) -> PruneReport:
-    """Same schedule as :func:`prune_` (later layers see pruned inputs) but the model's weights are
-    restored afterwards; ``report.masks`` holds the masks."""
+    """The masks :func:`prune_` would apply, with the model's weights restored afterwards.
+
+    Same schedule as :func:`prune_` (later layers see pruned inputs, unless ``config.propagate`` is
+    ``'dense'``), so analysis can compare masks (IoU) without pruning twice.
+
+    Args:
+        model: the model, as for :func:`prune_`; its weights are unchanged on return.
+        config: what to prune and how.
+        calibration: model input dicts, each a batch (see :func:`prune_`).
+        execution: how to run; None = ``ExecutionConfig()``.
+        progress: show a progress bar over the layers.
+
+    Returns:
+        A report whose ``masks`` holds every mask (full dotted name -> bool tensor, True = pruned).
+
+    Raises:
+        ToolkitError: as :func:`prune_`.
+    """
     return _run(model, config, execution or ExecutionConfig(), calibration, apply=False, keep_masks=True,
                 progress=progress)
 

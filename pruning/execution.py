@@ -32,6 +32,19 @@ def _device(name: str, value: str | None) -> torch.device | None:
 
 @dataclass
 class ExecutionConfig:
+    """How a prune runs (where layers and activations live, how many passes); masks do not depend on it.
+
+    Args:
+        offload: keep decoder layers on disk and load one at a time (memory bounded by about one layer).
+        execution_device: with ``offload``: where each layer runs (default: where it is).
+        offload_device: where calibration activations live between layers (default: cpu).
+        schedule: ATV's alpha rule: ``two-pass`` stashes the dense pass's activations, ``three-pass`` runs an
+            extra drift pass, ``auto`` picks two-pass when the stash fits ``stash_budget_gb``.
+        stash_budget_gb: the ``auto`` schedule's budget for the stash, in GB.
+
+    Raises:
+        ConfigError: a bad value, named with the fix (e.g. ``execution_device`` without ``offload``).
+    """
     offload: bool = option(False, "keep decoder layers on disk and load one at a time (memory bounded by one "
                                   "layer; accelerate hooks unless the model is already dispatched)")
     execution_device: str | None = option(None, "with --offload: where each layer runs (default: where it is)")

@@ -37,7 +37,16 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Itera
 
 @dataclass
 class LoadOptions:
-    """How a model is found and placed: shared by ``atv prune``, ``atv probe`` and ``atv eval``."""
+    """How a model is found and placed: shared by ``atv prune``, ``atv probe`` and ``atv eval``.
+
+    Args:
+        revision: Hub branch, tag or commit, with a Hub id as the model.
+        trust_remote_code: run Python code shipped with the model repository (only for repositories you trust).
+        dtype: dtype in memory; ``auto`` = the checkpoint's own (statistics stay fp32).
+        device: device to run on, e.g. ``cpu`` or ``cuda:0`` (default: where the model loads).
+        device_map: accelerate dispatch over the devices (``auto``, ``balanced``, ...).
+        max_memory: caps for ``device_map``, e.g. ``("0=20GiB", "1=20GiB", "cpu=60GiB")``.
+    """
 
     revision: str | None = option(None, "Hub branch, tag or commit, with a Hub id as --model")
     trust_remote_code: bool = option(False, "run Python code shipped with the model repository (only for "
@@ -101,11 +110,25 @@ def resolve_model(model: str | Path) -> str:
 def load_model(model: str | Path, dtype: str | LoadOptions = "auto", device: str | None = None,
                with_processor: bool = True, offload_folder: str | Path | None = None) -> tuple[nn.Module, Any]:
     """Load an HF vision-language model and (unless ``with_processor=False``) its processor from a local
-    folder or a Hub id. ``dtype`` is a dtype name or a full :class:`LoadOptions`.
+    folder or a Hub id.
 
     With ``offload_folder``, the decoder layers stay on disk (read memory-mapped from the checkpoint's
     safetensors by accelerate's hooks, one layer at a time; pruned weights are written to the folder)
-    and the other modules load on ``device`` (default CPU)."""
+    and the other modules load on ``device`` (default CPU).
+
+    Args:
+        model: a local folder or a Hub id.
+        dtype: a dtype name (``auto``, ``float32``, ``bfloat16``, ``float16``) or a full :class:`LoadOptions`.
+        device: device to load onto (ignored when ``dtype`` is a :class:`LoadOptions`, which has its own).
+        with_processor: also load the processor.
+        offload_folder: keep the decoder layers on disk, writing pruned weights here.
+
+    Returns:
+        ``(model, processor)``; the processor is None with ``with_processor=False``.
+
+    Raises:
+        ToolkitError: a subclass naming the problem (a missing or incomplete checkpoint, a bad device).
+    """
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
 

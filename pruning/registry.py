@@ -77,7 +77,23 @@ POOLS: dict[str, Pool] = {}
 
 
 def register_scorer(name: str, *, needs: str | None, updates_weights: bool = False) -> Callable[[F], F]:
-    """Register ``fn`` as scorer ``name`` (the function is returned unchanged)."""
+    """Decorator: register ``fn`` as scorer ``name`` (the function is returned unchanged).
+
+    A scorer maps a weight (out, in) and, if it needs one, a statistic of the inputs to scores of the same
+    shape; the lowest scores are pruned. Add the method to ``pruning.config.METHODS`` to use it by name.
+
+    Args:
+        name: the scorer's name.
+        needs: the statistic it reads: None (weights only), ``'sq_norms'`` (per input column, as Wanda) or
+            ``'hessian'`` (as SparseGPT).
+        updates_weights: ``fn`` returns ``(new_weight, mask)`` instead of scores (SparseGPT's OBS update).
+
+    Returns:
+        The decorator.
+
+    Raises:
+        ConfigError: ``needs`` is not one of the known statistics.
+    """
     if needs not in STATISTICS:
         raise ConfigError(f"scorer {name!r}: needs must be one of {STATISTICS}, got {needs!r}")
 
@@ -89,7 +105,20 @@ def register_scorer(name: str, *, needs: str | None, updates_weights: bool = Fal
 
 def register_pool(name: str, *, needs_visual: bool = False, needs_drift: bool = False,
                   needs_attention: bool = False) -> Callable[[F], F]:
-    """Register ``fn`` as calibration pool ``name`` (the function is returned unchanged)."""
+    """Decorator: register ``fn`` as calibration pool ``name`` (the function is returned unchanged).
+
+    A pool chooses which tokens of a calibration batch feed the statistics (padding never does).
+
+    Args:
+        name: the pool's name (``--pool NAME``).
+        needs_visual: calibration data must hold visual tokens.
+        needs_drift: ``fn`` reads each token's drift through the dense block (as ATV's pool).
+        needs_attention: the selection is per Linear, from the layer's attention probabilities (eager
+            attention; as TAMP's pool).
+
+    Returns:
+        The decorator.
+    """
     def register(fn: F) -> F:
         POOLS[name] = Pool(name, fn, needs_visual, needs_drift, needs_attention)
         return fn

@@ -1,4 +1,5 @@
-"""Which image-text-to-text families the toolkit handles: a markdown table for the README.
+"""Which image-text-to-text families the toolkit handles: a markdown table for the documentation
+(docs/families.md embeds the file it writes, benchmarks/results/families.md).
 
 For every family with a tiny recipe (tests/tiny_families.py) it builds a random tiny model and runs
 the checks of tests/family_checks.py: structural discovery (blocks, projections), exact replay,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the test stack into the active Python environment (a venv): the CPU torch, the project with the
-# extras the tests use (dev, ray, lmms-core) and lmms-eval without its declared dependencies (they include
+# extras the tests use (dev, ray, lmms-core, docs) and lmms-eval without its declared dependencies (they include
 # torchvision, which would replace the CPU torch).
 #
 #   bash scripts/setup_env.sh                   # the verified stack: every version from constraints.txt
@@ -32,5 +32,5 @@ if [ -n "$constraints" ]; then
 fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "${pin[@]}" "$torch_spec"
-python -m pip install --quiet "${pin[@]}" -e ".[dev,ray,lmms-core]"
+python -m pip install --quiet "${pin[@]}" -e ".[dev,ray,lmms-core,docs]"
 python -m pip install --quiet "${pin[@]}" --no-deps "$lmms_spec"

@@ -301,6 +301,16 @@ def _row(a: float, a_ci, b: float, b_ci, difference) -> dict[str, Any]:
 
 @dataclass
 class CompareCellsJob:
+    """``atv compare``: two cells of a result log, compared on the same items.
+
+    Args:
+        results: a study folder (its ``results.jsonl``) or a results ``.jsonl`` file.
+        a: cell A, its values joined by ``/``, e.g. ``text/text/0.6`` (probe) or ``atv/50%`` (methods).
+        b: cell B, the same way; the table gives A - B.
+        level: confidence level of the intervals.
+        resamples: bootstrap resamples.
+        seed: seed of the bootstrap.
+    """
     results: Path = option(help="a study folder (its results.jsonl) or a results .jsonl file")
     a: str = option(help="cell A: its values joined by '/', e.g. text/text/0.6 (probe) or atv/50% (methods)")
     b: str = option(help="cell B, the same way; the table gives A - B")
@@ -321,7 +331,17 @@ class CompareCellsJob:
 
 
 def run_compare_job(job: CompareCellsJob) -> tuple[dict[str, Any], tuple[list[str], list[list[str]]]]:
-    """``atv compare``: read the log, compare the two cells; returns the difference and its table."""
+    """``atv compare``: read the log and compare the two cells, paired on their items.
+
+    Args:
+        job: the job.
+
+    Returns:
+        The difference (A, B and A - B with their intervals) and its table ``(header, rows)``.
+
+    Raises:
+        ToolkitError: a cell that is not in the log, or records without per-item scores (re-run them).
+    """
     boot = job.bootstrap()
     path = job.results / RESULTS if job.results.is_dir() else job.results
     if not path.is_file():

@@ -42,6 +42,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
+    """``atv demo``: the whole study on the embedded default model (the quick variant with ``quick``).
+
+    Args:
+        out: output folder (suite, results, figures, report.md; default ``runs/demo``, quick ``runs/demo-quick``).
+        quick: smaller grid, fewer items and calibration samples (a few minutes).
+        seed: seed of the suite, the calibration sampling and the pruners.
+        cache_dir: where the default model is built (default ``$ATV_CACHE`` or ``~/.cache/atv-toolkit``).
+        nsamples: calibration samples (default 32, quick 8).
+        n_eval: items per benchmark (default 20, quick 12).
+        probe_sparsities: probe sparsities (default 0.3 0.4 0.5, quick 0.4).
+        pools: probe calibration pools (default text visual mixed, quick mixed).
+        settings: method settings, e.g. ``50%`` or ``2:4`` (default 40% 50%, quick 40%).
+        methods: methods on the shared weights, ``METHOD`` or ``METHOD+ALLOCATION``.
+        allocation_map: a sensitivity map for the ``atv+map`` cells instead of the full demo's own map step.
+        no_map: full demo: leave out the sensitivity map step and the ``atv+map`` cells.
+        map_items: prompts of the map step.
+        batch_size: evaluation items per forward.
+        calib_batch_size: calibration samples per forward.
+        run: where the cells run (in this process, or as Ray tasks).
+    """
     out: Path | None = option(None, "output folder (suite, results, figures, report.md; default runs/demo, with "
                                     "--quick runs/demo-quick)")
     quick: bool = option(False, "smaller grid, fewer items and calibration samples (a few minutes)")
@@ -161,7 +181,18 @@ def _benchmarks(suite: Path) -> list[Path]:
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
-    """Run (or resume) every step of the demo; see the module docstring."""
+    """Run (or resume) every step of the demo; see the module docstring.
+
+    Args:
+        config: the demo's options.
+        progress: show progress bars.
+
+    Returns:
+        The tables, findings, figures and timings also written to ``report.md`` in the output folder.
+
+    Raises:
+        ToolkitError: a subclass naming what to change (e.g. an output folder the toolkit did not write).
+    """
     from transformers import set_seed
 
     from analysis.tables import differences_summary, method_table, probe_table, scores_table, to_markdown

@@ -294,6 +294,36 @@ def require_lmms_eval(tasks: list[str]) -> None:
 
 @dataclass
 class EvalJob:
+    """Everything ``atv eval`` does: what is scored (a model folder or a re-created probe cell), on which tasks,
+    compared with which dense run, and where the results go. :func:`run_eval_job` runs it.
+
+    Args:
+        tasks: harness ``.jsonl`` files and/or lmms-eval task names (those need the lmms extra).
+        model: HF model folder or Hub id (default with ``probe_from``: the study's).
+        probe_from: a probe cell to re-create, e.g. ``runs/probe/results.jsonl:text/visual/0.5``.
+        calib: overrides the study's calibration file.
+        images: calibration images (default: the study's, else ``<calib folder>/images``).
+        dense_model: dense model for fidelity benchmarks (without ``probe_from``).
+        dense_results: the dense run to compare with: an ``atv eval`` JSON or a probe ``results.jsonl``.
+        out: write the result JSON here.
+        overwrite: replace an existing ``out`` file.
+        allow_outside_paths: accept benchmark and calibration image paths outside their folder.
+        batch_size: items per forward.
+        max_new_tokens: answer length of harness open answers (lmms-eval tasks set their own).
+        limit: lmms-eval: at most this many items per task.
+        bootstrap_iters: lmms-eval: bootstrap iterations of the standard errors (0: none).
+        log_samples: lmms-eval: keep every item's prompt, answer and score (in ``output_path``).
+        output_path: lmms-eval: write its own result files into this folder.
+        lmms_model: score lmms-eval tasks with lmms-eval's own model class for the family (``auto``: from
+            config.json).
+        lmms_model_args: with ``lmms_model``: more model_args, ``k=v,...``.
+        lmms_force_simple: with ``lmms_model``: lmms-eval's simple class even where it has a chat one.
+        lmms_include: folders of extra lmms-eval task YAMLs.
+        lmms_defaults: also index lmms-eval's own tasks (False: only ``lmms_include``).
+        load: how the model loads.
+        seed: seed of the evaluation (and lmms-eval's samplers).
+        out_card: append the results to the model card of the ``model`` folder that ``atv prune`` wrote.
+    """
     tasks: tuple[str, ...] = option(help="harness .jsonl files and/or lmms-eval task names (those need the "
                                          "lmms extra)")
     model: str | None = option(None, "HF model folder or Hub id (default with --probe-from: the study's)")
@@ -574,7 +604,20 @@ def run_eval_job(job: EvalJob, progress: bool = True, processor=None) -> EvalRes
     """Check everything cheap, load (or re-create) the model, score every task, compare to the dense run.
 
     Under several processes every process scores (lmms-eval tasks split between them) and returns the same
-    result; process 0 alone writes ``out``, ``output_path`` and the model card."""
+    result; process 0 alone writes ``out``, ``output_path`` and the model card.
+
+    Args:
+        job: the job.
+        progress: show progress bars.
+        processor (transformers.ProcessorMixin): overrides the one saved with the model (e.g. one built in memory).
+
+    Returns:
+        Every task's score with its interval, and the retention against the dense run when one is given.
+
+    Raises:
+        ToolkitError: a subclass naming what to change (a bad task or probe cell, a missing extra, an output
+            that may not be replaced), before the model loads where it can.
+    """
     from evaluation.processes import is_main, launched_processes
 
     start = time.perf_counter()

@@ -58,6 +58,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StudyConfig:
+    """The grid of an MoT probe study: pathway x calibration pool x sparsity, plus the dense cell.
+
+    Args:
+        pathways: the pruned pathway(s); the other stays dense.
+        pools: calibration pool(s) of the pruner (``text``, ``visual``, ``mixed``).
+        sparsities: unstructured sparsities, per output row.
+        method: the pruner used on the path (``wanda`` or ``sparsegpt``: one that takes the pool as given).
+        seed: seed of the calibration sampling and the pruner.
+        batch_size: evaluation batch size.
+        max_new_tokens: answer length on open-answer benchmarks.
+    """
     pathways: tuple[str, ...] = option(PATHS, "pruned pathway(s); the other stays dense", choices=PATHS)
     pools: tuple[str, ...] = option(tuple(PROBE_POOLS), "calibration pool(s)", choices=tuple(PROBE_POOLS))
     sparsities: tuple[float, ...] = option((0.5, 0.6), "unstructured sparsities, per output row")
@@ -223,6 +234,26 @@ def _prune_path(probe, calibration, config: StudyConfig, cell: dict[str, Any]) -
 
 @dataclass
 class ProbeJob:
+    """Everything ``atv probe`` does: the model, calibration data and benchmarks, the grid (or the sensitivity
+    map), where the study folder is and how the cells run. :func:`run_probe_job` runs it.
+
+    Args:
+        model: HF vision-language model: a local folder (with its processor) or a Hub id.
+        calib: LLaVA-conversation JSON/JSONL for the pruner.
+        images: the image folder of the calibration records.
+        benchmarks: benchmark JSONL files.
+        out: the study folder; re-running the same job resumes it.
+        config: the grid.
+        map: run the sensitivity map instead of the grid.
+        map_config: the map's options.
+        nsamples: calibration samples.
+        max_length: skip calibration records longer than this many tokens.
+        load: how the model loads.
+        recipe: the options as a recipe, saved as ``recipe.yaml``.
+        allow_outside_paths: accept benchmark and calibration image paths outside their folder.
+        run: where the cells run (in this process, or as Ray tasks).
+        selection: which cells this run computes (patterns, a shard, or a merge).
+    """
     model: str = option(help="HF vision-language model: a local folder (with its processor) or a Hub id")
     calib: Path = option(help="LLaVA-conversation JSON/JSONL for the pruner")
     images: Path = option(help="image folder of the calibration records")
@@ -256,7 +287,21 @@ def run_probe_job(job: ProbeJob, progress: bool = True, processor=None,
                   executor: InProcess | RayExecutor | None = None) -> StudyResult | MapResult:
     """Load the model and the calibration data, then run or resume the study (``atv probe``): the grid, or
     the sensitivity map with ``job.map``. With the Ray executor (``job.run`` or ``executor``) the grid's cells
-    load their own model and this process loads none; the map runs in this process."""
+    load their own model and this process loads none; the map runs in this process.
+
+    Args:
+        job: the job.
+        progress: show progress bars.
+        processor (transformers.ProcessorMixin): overrides the one saved with the model (e.g. one built in memory).
+        executor: where the cells run; None = the one ``job.run`` names.
+
+    Returns:
+        The grid's records and table, or the map's result with ``job.map``.
+
+    Raises:
+        ToolkitError: a subclass naming what to change (a changed input of a study being resumed, a folder in
+            use, a bad benchmark or grid), before any work where it can.
+    """
     # every check that needs no model first: benchmark files, paths, the inputs of a study being resumed
     benches = [load_benchmark(path, job.allow_outside_paths) for path in job.benchmarks]
     check_study_folder(job.out, [*job.inputs, *(item.image for bench in benches for item in bench.items)])

@@ -30,6 +30,33 @@ PLAN_TOKENS = 2048  # tokens per calibration sample assumed by the memory plan w
 
 @dataclass
 class PruneJob:
+    """Everything ``atv prune`` does: which model, which calibration data, the pruning configuration, where the
+    result goes. The command line builds one from its options; :func:`run_prune_job` runs it.
+
+    Args:
+        model: HF vision-language model: a local folder (with its processor) or a Hub id.
+        out: output folder for the pruned model, its processor and ``prune_report.json``.
+        config: what to prune and how (method, sparsity, pool, allocation).
+        calib: LLaVA-conversation JSON/JSONL (ShareGPT4V / LLaVA-NeXT-Data format).
+        images: the folder the calibration records' image paths are relative to.
+        calib_dataset: calibration records from the datasets library instead of ``calib`` (a Hub dataset,
+            streamed, or a local parquet/arrow/json file or folder).
+        calib_split: split of ``calib_dataset``.
+        calib_filter: keep ``calib_dataset`` records whose fields match, e.g. ``source=coco``.
+        nsamples: calibration samples.
+        seed: seed of the calibration sampling (and of the pruner's random choices).
+        max_length: skip calibration records longer than this many tokens.
+        batch_size: calibration samples per forward (right-padded; padding never counts).
+        overwrite: replace an existing output folder (only one this toolkit wrote).
+        allow_outside_paths: accept calibration image paths outside ``images``.
+        memory_check: refuse to start when the memory plan predicts too little free memory.
+        execution: how to run (offloading, pass schedule).
+        load: how the model loads (dtype, devices, revision, remote code).
+        recipe: the options as a recipe, saved as ``recipe.yaml`` in ``out``.
+        command: the command line, recorded in the report and the model card.
+        push_to_hub: after saving, upload the folder to this Hub repository (``org/name``).
+        private: with ``push_to_hub``: create the repository as private.
+    """
     model: str = option(help="HF vision-language model: a local folder (with its processor) or a Hub id")
     out: Path = option(help="output folder for the pruned model, its processor and prune_report.json")
     config: PruneConfig = option(cli=False)
@@ -94,7 +121,18 @@ def recipe_text(recipe: dict[str, Any]) -> str:
 def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> PruneReport:
     """Validate everything cheap first, then load, calibrate, prune and save atomically.
 
-    ``processor`` overrides the one saved with the model (e.g. one built in memory)."""
+    Args:
+        job: the job.
+        progress: show progress bars.
+        processor (transformers.ProcessorMixin): overrides the one saved with the model (e.g. one built in memory).
+
+    Returns:
+        The prune report (also saved as ``prune_report.json`` in ``job.out``).
+
+    Raises:
+        ToolkitError: a subclass naming what to change (missing calibration data, an output folder that may not
+            be replaced, too little memory for the plan, an unsupported model), before any work where it can.
+    """
     if job.config.needs_calibration and job.calib_dataset is None and (job.calib is None or job.images is None):
         needs = f"method {job.config.method!r}" if job.config.pool is not None else "allocation 'owl'"
         raise CalibrationError(f"{needs} needs --calib and --images, or --calib-dataset")
