@@ -1101,6 +1101,13 @@ def _headless_reason(model: nn.Module) -> str:
                 "(encoder_hidden_states), not as image tokens of its sequence, so it has neither a visual pathway "
                 "for ATV's pools and the MoT probe nor the decoder-only layer stack the replay prunes; only "
                 "decoder-only LVLMs are supported")
+    inner = next((name for name, module in model.named_modules() if module is not model
+                  and callable(getattr(module, "get_output_embeddings", None))
+                  and module.get_output_embeddings() is not None), None)
+    if inner is not None:
+        return (f"exposes no causal LM head (get_output_embeddings() is None) although its {inner} has one: the "
+                "toolkit finds the head through that call, so this family needs a registered adapter that "
+                "says where its head is (see the guide 'Study a new LVLM')")
     headed = {name for mapping in (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
                                    modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) for name in mapping.values()}
     if type(model).__name__ in headed:

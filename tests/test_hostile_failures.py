@@ -330,3 +330,15 @@ def test_an_earlier_versions_offload_folder_is_named_and_kept(tmp_path, caplog):
     with scratch_folder(tmp_path, ".atv-offload-") as path:
         assert path.is_dir()
     assert legacy.is_dir() and ".atv-offload-k3j_9x0a (1.0 MB) was left by a run of an earlier" in caplog.text
+
+
+def test_a_head_hidden_inside_the_language_model_is_named_not_called_missing():
+    """nemotron_h_omni returns logits from its language_model's own head, which get_output_embeddings() does
+    not expose: the refusal says so (an adapter could name the head), not that the model predicts no tokens."""
+    from pruning.adapters import get_adapter
+
+    with pytest.raises(UnsupportedModelError) as info:
+        get_adapter(_meta_model("nemotron_h_omni"))
+    message = str(info.value)
+    assert "exposes no causal LM head (get_output_embeddings() is None) although its language_model has one" in message
+    assert "returns no next-token logits" not in message
