@@ -95,27 +95,31 @@ class PruneReport:
 
 
 def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-           *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True) -> PruneReport:
+           *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True,
+           adapter: Adapter | None = None) -> PruneReport:
     """Prune ``model`` in place and return a report.
 
     calibration: model input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...), each a
     batch; every row counts as one sample. Not needed for ``method='magnitude'``.
     execution: how to run (offloading, pass schedule); None = ``ExecutionConfig()``. Masks do not depend on it.
+    adapter: how to find, capture and replay the decoder layers; None = the model's own (``get_adapter(model)``).
+        The MoT probe passes its routing adapter here.
 
     Example::
 
         report = prune_(model, PruneConfig("atv", sparsity=0.5), batches)
     """
-    return _run(model, config, execution or ExecutionConfig(), calibration, apply=True, keep_masks=keep_masks,
-                progress=progress)
+    return _run(model, adapter or get_adapter(model), config, execution or ExecutionConfig(), calibration,
+                apply=True, keep_masks=keep_masks, progress=progress)
 
 
 def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-                  *, execution: ExecutionConfig | None = None, progress: bool = True) -> PruneReport:
+                  *, execution: ExecutionConfig | None = None, progress: bool = True,
+                  adapter: Adapter | None = None) -> PruneReport:
     """Same schedule as :func:`prune_` (later layers see pruned inputs) but the model's weights are
-    restored afterwards; ``report.masks`` holds the masks."""
-    return _run(model, config, execution or ExecutionConfig(), calibration, apply=False, keep_masks=True,
-                progress=progress)
+    restored afterwards; ``report.masks`` holds the masks. ``adapter`` as for :func:`prune_`."""
+    return _run(model, adapter or get_adapter(model), config, execution or ExecutionConfig(), calibration,
+                apply=False, keep_masks=True, progress=progress)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -163,10 +167,9 @@ def _untargeted_experts(adapter, model: nn.Module, indices: list[int], targets) 
     return left
 
 
-def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, calibration: Iterable[Mapping[str, Any]],
-         *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
+def _run(model: nn.Module, adapter: Adapter, config: PruneConfig, execution: ExecutionConfig,
+         calibration: Iterable[Mapping[str, Any]], *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
     start = time.perf_counter()
-    adapter = get_adapter(model)
     batches = list(calibration) if config.needs_calibration else []
     indices = _validate(model, adapter, config, batches)
     dense_experts = _untargeted_experts(adapter, model, indices, config.targets)
