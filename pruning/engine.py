@@ -27,7 +27,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -269,14 +269,10 @@ def _dense_norms(model: nn.Module, adapter: Adapter, batches: list[CapturedBatch
     norms: dict[str, SquaredNorms] = {}
     with record_inputs(linears) as acts:
         for step in replay_layers(model, adapter, batches, [index]):
-            owners: dict[int, SquaredNorms] = {}
-            for name, linear in linears.items():
-                x = acts[name]
-                if name not in norms:
-                    norms[name] = owners.get(id(x)) or SquaredNorms(linear.in_features, device=device)
-                if id(x) not in owners:
-                    owners[id(x)] = norms[name]
-                    norms[name].add(_pooled_rows(x, step.batch.valid), samples=int(step.batch.hidden.shape[0]))
+            if not norms:
+                norms = _shared_accumulators(linears, acts, lambda width: SquaredNorms(width, device=device))
+            for acc, x in _distinct_inputs(norms, acts):
+                acc.add(_pooled_rows(x, step.batch.valid), samples=int(step.batch.hidden.shape[0]))
     return norms
 
 
@@ -378,17 +374,10 @@ class LayerPruner:
 
     # -- statistics ------------------------------------------------------------------------
     def _accumulators(self, acts: dict[str, torch.Tensor]) -> dict[str, SquaredNorms | Hessian]:
-        """One accumulator per distinct input tensor: Linears fed the same activations (q/k/v, gate/up)
-        share it, so their statistics are computed once (attention pools select tokens per Linear: never shared)."""
+        """The statistics of this layer's Linears (attention pools select tokens per Linear: never shared)."""
         kind = ACCUMULATORS[self.scorer.needs]
-        by_input: dict[Any, SquaredNorms | Hessian] = {}
-        stats = {}
-        for name, linear in self.linears.items():
-            key = name if self.pool.needs_attention else id(acts[name])
-            if key not in by_input:
-                by_input[key] = kind(linear.in_features, device=self.device)
-            stats[name] = by_input[key]
-        return stats
+        return _shared_accumulators(self.linears, acts, lambda width: kind(width, device=self.device),
+                                    shared=not self.pool.needs_attention)
 
     def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
         with record_inputs(self.linears) as acts, self._record_attention() as attention, \
@@ -587,6 +576,22 @@ def _as_tokens(x: torch.Tensor, tokens: torch.Size) -> torch.Tensor:
         raise CalibrationError(f"a Linear's input of shape {tuple(x.shape)} does not line up with the "
                                f"(B, T) = {tuple(tokens)} tokens; its statistics cannot be pooled by token")
     return x.reshape(*tokens, x.shape[-1])
+
+
+def _shared_accumulators(linears: Mapping[str, nn.Module], acts: Mapping[str, torch.Tensor],
+                         new: Callable[[int], SquaredNorms | Hessian], *, shared: bool = True
+                         ) -> dict[str, SquaredNorms | Hessian]:
+    """Linear name -> its accumulator (``new(in_features)``), one per distinct input tensor in ``acts``: Linears fed
+    the same activations (q/k/v, gate/up) share it, so their statistics are computed once (:func:`_distinct_inputs`
+    feeds each once per batch). Without ``shared``, one per Linear."""
+    by_input: dict[Any, SquaredNorms | Hessian] = {}
+    stats = {}
+    for name, linear in linears.items():
+        key = id(acts[name]) if shared else name
+        if key not in by_input:
+            by_input[key] = new(linear.in_features)
+        stats[name] = by_input[key]
+    return stats
 
 
 def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],
