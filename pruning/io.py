@@ -15,6 +15,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import ConfigError, ToolkitError, UnsupportedModelError
+from .jsonlines import JsonLineError, json_lines, read_text
 from .offload import save_shard_size
 from .options import option
 from .outputs import atomic_folder, check_output_folder
@@ -324,22 +325,23 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     killed mid-write, is dropped with a warning, while a corrupt line before it is an error naming it. A
     complete last record without its newline (a kill between the two) is a record like any other."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ToolkitError(f"{path}: corrupt result log (not UTF-8 text); use a new --out") from None
-    lines = text.split("\n")
+    text = read_text(path, lambda _: ToolkitError(f"{path}: corrupt result log (not UTF-8 text); use a new --out"))
+    last = text.count("\n") + 1
+
+    def torn(number: int) -> None:
+        if number != last:  # a finished line (a kill tears only the unterminated last one)
+            raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
+        log.warning("%s: dropping an unfinished last record", path)
+
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record = _log_record(line)
-        if record is None:
-            if number != len(lines):  # a finished line (a kill tears only the unterminated last one)
-                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
-            log.warning("%s: dropping an unfinished last record", path)
-            continue
-        records.append(record)
+    try:
+        for number, record in json_lines(text):
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                torn(number)
+    except JsonLineError as err:
+        torn(err.number)
     return records
 
 
