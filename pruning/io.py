@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -29,9 +30,9 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Refuse (before any work) an output folder this run may not write (see :mod:`pruning.outputs`): one
-    that holds an input or the working folder, or a non-empty one without ``overwrite`` or not written by
-    this toolkit."""
+    """Deprecated alias of :func:`pruning.outputs.check_output_folder`."""
+    warnings.warn("pruning.io.check_output_dir is deprecated; use pruning.outputs.check_output_folder",
+                  DeprecationWarning, stacklevel=2)
     return check_output_folder(out_dir, overwrite, inputs)
 
 
@@ -280,7 +281,7 @@ def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_di
     written to a temporary sibling folder and moved into place only when complete. ``since``: the output
     folder's :func:`~pruning.outputs.folder_state` when the run started; what appeared or changed in it since
     is never deleted (see :func:`~pruning.outputs.atomic_folder`)."""
-    out = check_output_dir(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
+    out = check_output_folder(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
     with atomic_folder(out, "pruned-model", since) as tmp:
         shard = save_shard_size(model)  # offloaded weights are materialised one shard at a time
         model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
