@@ -42,7 +42,7 @@ def measure(model, batches, repeats: int) -> dict:
         for name, m in variants.items():
             times[name].append(forward_time(m, batches))
     median = {k: statistics.median(v) for k, v in times.items()}
-    routed_weights = sum(p.numel() for r in probe.routed_linears() for p in r.base.parameters())
+    routed_weights = sum(p.numel() for r in probe.routed_linears() for p in r.base_layer.parameters())
     return {
         "seconds": median,
         "ratio_probe": median["probe"] / median["original"],

@@ -18,7 +18,6 @@ Every problem is a :class:`BenchmarkError` that names the file and the line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -27,6 +26,7 @@ from PIL import Image
 
 from pruning.data import inside
 from pruning.errors import ToolkitError
+from pruning.jsonlines import JsonLineError, json_lines, read_text
 
 CHOICE, OPEN, FIDELITY = "choice", "open", "fidelity"
 KINDS = (CHOICE, OPEN, FIDELITY)
@@ -262,33 +262,28 @@ def load_benchmark(path: str | Path, allow_outside: bool = False) -> Benchmark:
     items: list[Item] = []
     first: tuple[str, int] | None = None  # (kind, line) of the first item
     seen: dict[str, int] = {}  # id -> line
+    text = read_text(path, lambda err: BenchmarkError(f"benchmark file {str(path)!r} is not UTF-8 text (byte "
+                                                       f"{err.start}); save it as UTF-8 JSON Lines"))
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise BenchmarkError(f"benchmark file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as "
-                             "UTF-8 JSON Lines") from None
-    for number, line in enumerate(text.split("\n"), 1):  # as a file reads lines (not str.splitlines)
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BenchmarkError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        try:
-            item = parse_item(record, path.parent, allow_outside)
-        except ValueError as err:
-            raise BenchmarkError(f"{where}: {err}") from None
-        kind = item_kind(record)
-        if first is None:
-            first = (kind, number)
-        elif kind != first[0]:
-            raise BenchmarkError(f"{where}: a {kind} item in a file of {first[0]} items (line {first[1]}); "
-                                 "put each kind of item in its own file")
-        if item.id in seen:
-            raise BenchmarkError(f"{where}: item id {item.id!r} already used on line {seen[item.id]}")
-        seen[item.id] = number
-        items.append(item)
+        for number, record in json_lines(text):
+            where = f"{path}:{number}"
+            try:
+                item = parse_item(record, path.parent, allow_outside)
+            except ValueError as err:
+                raise BenchmarkError(f"{where}: {err}") from None
+            kind = item_kind(record)
+            if first is None:
+                first = (kind, number)
+            elif kind != first[0]:
+                raise BenchmarkError(f"{where}: a {kind} item in a file of {first[0]} items (line {first[1]}); "
+                                     "put each kind of item in its own file")
+            if item.id in seen:
+                raise BenchmarkError(f"{where}: item id {item.id!r} already used on line {seen[item.id]}")
+            seen[item.id] = number
+            items.append(item)
+    except JsonLineError as err:
+        why = "JSON nested too deeply to read" if err.too_deep else f"not valid JSON ({err.msg} at column {err.colno})"
+        raise BenchmarkError(f"{path}:{err.number}: {why}") from None
     if first is None:
         raise BenchmarkError(f"benchmark file {str(path)!r} holds no items")
     return Benchmark(name=path.stem, kind=first[0], items=items, path=path)

@@ -46,7 +46,17 @@ from .benchmarks import (
     TextItem,
     load_benchmark,
 )
-from .model_io import build_prompt, common_prefix, encode, forward_rows, inference, real_ids, to_model, tokenizer_of
+from .model_io import (
+    build_prompt,
+    common_prefix,
+    encode,
+    forward_rows,
+    greedy_generate,
+    inference,
+    real_ids,
+    to_model,
+    tokenizer_of,
+)
 from .reports import BenchmarkResult, EvalReport, ItemResult
 
 log = logging.getLogger(__name__)
@@ -267,12 +277,7 @@ def _generate(model: nn.Module, processor, items: list[OpenItem], max_new_tokens
     """Greedy answers for items that all have an image, or all have none (left-padded batch)."""
     images = [open_image(i.image) for i in items if i.image is not None]
     prompts = [build_prompt(processor, i.question, i.image is not None) for i in items]
-    inputs = encode(processor, prompts, images, "left")
-    tokenizer = tokenizer_of(processor)
-    out = model.generate(**to_model(inputs, model), do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id)
-    new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [text.strip() for text in greedy_generate(model, processor, prompts, images, max_new_tokens)]
 
 
 def score_open(model: nn.Module, processor, benchmark: Benchmark, *, batch_size: int = 8, max_new_tokens: int = 8,

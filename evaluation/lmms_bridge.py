@@ -43,7 +43,6 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from PIL import Image
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from pruning.data import open_image
 from pruning.errors import ConfigError, ToolkitError
@@ -52,7 +51,7 @@ from . import metrics, processes
 from .benchmarks import CHOICE, OPEN, Benchmark, load_benchmark
 from .install import INSTALL_HINT
 from .lmms_runs import BRIDGE, LmmsRun, LmmsScore, evaluate_tasks, format_model_args, task_manager
-from .model_io import build_prompt, common_prefix, encode, forward_rows, inference, real_ids, to_model, tokenizer_of
+from .model_io import build_prompt, common_prefix, encode, forward_rows, greedy_generate, inference, real_ids
 from .reports import BenchmarkResult
 
 log = logging.getLogger(__name__)
@@ -113,23 +112,6 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
     """
     cut = min((i for i in (text.find(s) for s in until if s) if i >= 0), default=len(text))
     return text[:cut].strip()
-
-
-class _StopSequences(StoppingCriteria):
-    """Per row: stop once the decoded new tokens contain a stop sequence (the text is cut afterwards).
-
-    Not ``generate(stop_strings=...)``: transformers' ``StopStringCriteria`` matches the end of the whole
-    sequence, prompt included (a stop sequence spanning the prompt's last tokens halts generation before
-    the answer holds it), and it cannot index every tokenizer's vocabulary (it raises on a WordLevel one).
-    """
-
-    def __init__(self, tokenizer, prompt_length: int, until: Sequence[str]):
-        self.tokenizer, self.prompt_length, self.until = tokenizer, prompt_length, [s for s in until if s]
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        done = [any(s in text for s in self.until) for text in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 # -- requests ----------------------------------------------------------------------------------------
@@ -316,15 +298,8 @@ class ATVModel(lmms):
         """The harness's generate call (left-padded, greedy, pad id), stopped and cut at ``until``."""
         prompts = [build_prompt(self.processor, r.context, len(r.images)) for r in group]
         images = [image for r in group for image in r.images] or None
-        inputs = encode(self.processor, prompts, images, "left")
-        tokenizer = tokenizer_of(self.processor)
-        prompt_length = inputs["input_ids"].shape[1]
         until = group[0].until
-        stop = StoppingCriteriaList([_StopSequences(tokenizer, prompt_length, until)]) if until else None
-        out = self.model.generate(**to_model(inputs, self.model), do_sample=False, num_beams=1,
-                                  max_new_tokens=group[0].max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  stopping_criteria=stop)
-        texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)  # (B,) new text
+        texts = greedy_generate(self.model, self.processor, prompts, images, group[0].max_new_tokens, until)
         return [cut_at_stop(text, until) for text in texts]
 
     def loglikelihood(self, requests: list[Instance]) -> list[Any]:

@@ -1,5 +1,5 @@
 """Model I/O shared by the harness, the lmms-eval bridge and the default-model trainer: the chat prompt,
-encoding, device placement, forwards read back per row, and the token-level common prefix.
+encoding, device placement, forwards read back per row, greedy generation, and the token-level common prefix.
 
 One place for each, so the harness, the bridge and the trainer build the same prompt and read the same
 tokens. The device and float dtype always come from the model's parameters; opening an image is
@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from pruning.templates import render_chat
 
@@ -84,6 +85,38 @@ def encode(processor, texts: list[str], images: list[Image.Image] | None, side: 
         if images:
             return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
         return dict(processor(text=texts, padding=True, return_tensors="pt"))
+
+
+class _StopSequences(StoppingCriteria):
+    """Per row: stop once the decoded new tokens contain a stop sequence (the text is cut afterwards).
+
+    Not ``generate(stop_strings=...)``: transformers' ``StopStringCriteria`` matches the end of the whole
+    sequence, prompt included (a stop sequence spanning the prompt's last tokens halts generation before
+    the answer holds it), and it cannot index every tokenizer's vocabulary (it raises on a WordLevel one).
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, until: Sequence[str]):
+        self.tokenizer, self.prompt_length, self.until = tokenizer, prompt_length, [s for s in until if s]
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        done = [any(s in text for s in self.until) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def greedy_generate(model: nn.Module, processor, prompts: list[str], images: list[Image.Image] | None,
+                    max_new_tokens: int, until: Sequence[str] = ()) -> list[str]:
+    """Greedy continuations of ``prompts`` (with their images, in order, or none), one left-padded batch: per prompt
+    its new text, special tokens dropped, not stripped. With ``until``, a row stops generating once its new text
+    holds one of those sequences (the caller cuts the text there). The harness and the lmms-eval bridge both answer
+    through this one call."""
+    inputs = encode(processor, prompts, images, "left")
+    tokenizer = tokenizer_of(processor)
+    prompt_length = inputs["input_ids"].shape[1]
+    stop = StoppingCriteriaList([_StopSequences(tokenizer, prompt_length, until)]) if until else None
+    out = model.generate(**to_model(inputs, model), do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
+    return tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)  # (B,) new text
 
 
 def real_positions(attention_mask: torch.Tensor) -> list[torch.Tensor]:

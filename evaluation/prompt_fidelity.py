@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from pruning.adapters import REPLAY_TOLERANCE, CapturedBatch, get_adapter
+from pruning.adapters import REPLAY_TOLERANCE, Adapter, CapturedBatch, get_adapter
 from pruning.data import open_image
 from pruning.errors import UnsupportedModelError
 from pruning.replay import capture, propagate_, replay_layers
@@ -241,11 +241,12 @@ def _check_against_forward(model: nn.Module, inputs: dict, batch: PromptBatch, l
             f"{error:.3g} (scale {scale:.3g}); its adapter's replay or final_norm/logits miss what the model does")
 
 
-def check_replayed_logits(model: nn.Module, inputs: dict) -> None:
+def check_replayed_logits(model: nn.Module, inputs: dict, *, adapter: Adapter | None = None) -> None:
     """The check :func:`prompt_states` runs on its first batch, on one batch of encoded ``inputs`` (input_ids,
     attention_mask, ...): UnsupportedModelError when the logits replayed from the decoder layers at the scored positions
-    differ from the model's forward, or when the adapter cannot compute logits from the last layer's output."""
-    adapter = get_adapter(model)
+    differ from the model's forward, or when the adapter cannot compute logits from the last layer's output.
+    ``adapter``: the one that replays ``model`` (None: ``get_adapter(model)``; a probed model: ``probe.adapter``)."""
+    adapter = adapter or get_adapter(model)
     with inference(model):
         batch = _prompt_batch(model, adapter, [], inputs)
         running = batch.captured.fork()
@@ -254,12 +255,14 @@ def check_replayed_logits(model: nn.Module, inputs: dict) -> None:
 
 
 def prompt_states(model: nn.Module, processor, prompts: Sequence[Prompt], *, batch_size: int = 8,
-                  top_k: int | None = DEFAULT_TOP_K) -> tuple[PromptStates, PromptReference]:
+                  top_k: int | None = DEFAULT_TOP_K, adapter: Adapter | None = None
+                  ) -> tuple[PromptStates, PromptReference]:
     """One dense pass over the prompts: every decoder layer's inputs, and the reference distributions.
 
     The reference comes from the replayed logits (the same arithmetic as every :func:`replayed_fidelity`, so
-    the dense model scores KL 0 exactly); the first batch is checked against the model's full forward."""
-    adapter = get_adapter(model)
+    the dense model scores KL 0 exactly); the first batch is checked against the model's full forward.
+    ``adapter`` as for :func:`check_replayed_logits`."""
+    adapter = adapter or get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     batches, inputs = [], [[] for _ in range(n_layers)]
     ids, positions, dists = {}, {}, {}
@@ -282,7 +285,7 @@ def prompt_states(model: nn.Module, processor, prompts: Sequence[Prompt], *, bat
 
 
 def replayed_fidelity(model: nn.Module, states: PromptStates, reference: PromptReference,
-                      first_layer: int = 0) -> PromptFidelity:
+                      first_layer: int = 0, *, adapter: Adapter | None = None) -> PromptFidelity:
     """Mean KL and top-1 agreement of ``model`` to the reference, per prompt, for a model that equals the dense
     model of ``states`` before decoder layer ``first_layer``: layers ``first_layer``.. are replayed from the kept
     inputs, then the final norm and the LM head at the scored positions only.
@@ -290,8 +293,10 @@ def replayed_fidelity(model: nn.Module, states: PromptStates, reference: PromptR
         states, reference = prompt_states(dense, processor, prompts)
         ...prune decoder layer 12 of dense...
         scores = replayed_fidelity(dense, states, reference, first_layer=12)
+
+    ``adapter`` as for :func:`check_replayed_logits` (a probed model's layers replay with its probe's routing).
     """
-    adapter = get_adapter(model)
+    adapter = adapter or get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     if not 0 <= first_layer < n_layers or len(states.inputs) != n_layers:
         raise ValueError(f"first_layer must be in [0, {n_layers}) for states of the same model, got {first_layer} "

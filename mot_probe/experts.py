@@ -66,9 +66,9 @@ def route_experts(base: nn.Module, router: ModalityRouter) -> RoutedExperts:
 class RoutedExperts(RoutedModule):
     """Text and visual copies of a fused experts module; each token goes through its own modality's copy.
 
-    Invariants: with no copy (or with copies equal to ``base``) it computes exactly what ``base`` computes;
+    Invariants: with no copy (or with copies equal to ``base_layer``) it computes exactly what ``base_layer`` computes;
     ``gate_up_proj``/``down_proj`` are the active path's parameters (what the engine prunes); ``path(name)``
-    is a module of ``base``'s own type, so unloading puts back the original module type and state_dict keys.
+    is a module of ``base_layer``'s own type, so unloading puts back the original module type and state_dict keys.
 
     Args:
         base: the original experts module (3-D ``gate_up_proj`` / ``down_proj`` parameters).
@@ -90,7 +90,7 @@ class RoutedExperts(RoutedModule):
     @property
     def config(self) -> Any:
         """The wrapped module's config (its top-k), shared by the copies."""
-        return getattr(self.base, "config", None)
+        return getattr(self.base_layer, "config", None)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

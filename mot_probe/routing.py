@@ -2,10 +2,11 @@
 experts of ``mot_probe/experts.py``).
 
 A :class:`RoutedLinear` stands where a decoder projection (q/k/v, gate/up/down) was. It keeps the
-original ``nn.Linear`` as ``base`` and serves both modalities with it until one path is about to
-diverge (be pruned): only then is that path materialised as its own copy in ``paths``. So an
-unpruned probe costs no extra weight memory and computes exactly what the original model computes,
-and a probe with one pruned path holds exactly one extra copy of that path's Linears.
+original ``nn.Linear`` as ``base_layer`` (peft's name; :meth:`RoutedModule.get_base_layer`) and serves
+both modalities with it until one path is about to diverge (be pruned): only then is that path
+materialised as its own copy in ``paths``. So an unpruned probe costs no extra weight memory and
+computes exactly what the original model computes, and a probe with one pruned path holds exactly
+one extra copy of that path's Linears.
 
 Each token goes through its own modality's copy only; attention still mixes all tokens because only
 the projections are routed. The (B, T) modality mask is held by a :class:`ModalityRouter` shared by
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Iterator
 
 import torch
@@ -89,30 +91,42 @@ def check_path(path: str) -> str:
 
 
 class RoutedModule(nn.Module):
-    """Text and visual copies of one module ``base``; what the routed Linear and the routed experts share.
+    """Text and visual copies of one module ``base_layer``; what the routed Linear and the routed experts share.
 
-    Both paths are served by ``base`` until one is about to diverge (be pruned): only then does that path get
-    its own copy in ``paths``. ``active`` names the path that pruning tools see through the weight properties.
+    Both paths are served by ``base_layer`` (the original module, as peft's wrappers keep it) until one is about to
+    diverge (be pruned): only then does that path get its own copy in ``paths``. ``active`` names the path that
+    pruning tools see through the weight properties.
     """
 
     def __init__(self, base: nn.Module, router: ModalityRouter):
         super().__init__()
-        self.base = base
+        self.base_layer = base
         self.paths = nn.ModuleDict()  # 'text' / 'visual' -> own copy, only once that path diverges
         self.active = "text"
         object.__setattr__(self, "router", router)  # shared, not a submodule
 
+    def get_base_layer(self) -> nn.Module:
+        """The original module (peft's accessor): both paths' module until a path gets its own copy."""
+        return self.base_layer
+
+    @property
+    def base(self) -> nn.Module:
+        """Deprecated name of :attr:`base_layer`."""
+        warnings.warn("RoutedModule.base is deprecated; use base_layer or get_base_layer()", DeprecationWarning,
+                      stacklevel=2)
+        return self.base_layer
+
     def path(self, name: str) -> nn.Module:
-        """The module that serves path ``name`` (its own copy, or the shared base)."""
-        return self.paths[name] if name in self.paths else self.base
+        """The module that serves path ``name`` (its own copy, or the shared base layer)."""
+        return self.paths[name] if name in self.paths else self.base_layer
 
     def materialise_(self, name: str) -> nn.Module:
         """Give path ``name`` its own copy of the base weights (same device and dtype; a ``config`` attribute, as
         transformers' experts hold, stays the shared object so that switching implementations reaches the copy)."""
         check_path(name)
         if name not in self.paths:
-            config = getattr(self.base, "config", None)
-            self.paths[name] = copy.deepcopy(self.base, {} if config is None else {id(config): config})
+            config = getattr(self.base_layer, "config", None)
+            self.paths[name] = copy.deepcopy(self.base_layer, {} if config is None else {id(config): config})
         return self.paths[name]
 
     def reset_(self, name: str | None = None) -> None:
@@ -153,7 +167,8 @@ class RoutedLinear(RoutedModule):
         mask = self.router.visual
         if mask is None:
             raise RoutingError(f"routed forward needs a modality mask of shape {tuple(x.shape[:-1])}, got None; "
-                               "call the model with input_ids (the probe routes by the visual token ids)")
+                               "call the model with input_ids (the probe routes by the visual token ids), or replay "
+                               "its decoder layers with the probe's adapter (adapter=probe.adapter)")
         text_idx, visual_idx = self.router.split(x.device)
         if not tokens_align(mask.shape, x.shape[:-1]):
             if visual_idx.numel() == 0:

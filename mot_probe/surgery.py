@@ -11,22 +11,24 @@ In-place and reversible, like peft's adapters::
     probe.reset_()                                     # both paths dense again (copies dropped)
     probe.unload()                                     # original modules back, original state_dict keys
 
-The probe attaches its own adapter to the model (``pruning.adapters.ATTACHED_ADAPTER``): it behaves as
-the family's adapter, except that the Linears and experts it hands to the pruning engine are the routed
-ones (seen as their active path) and every replayed layer is routed with the batch's modality mask.
+The probe's adapter (``probe.adapter``) is the family's adapter, except that the Linears and experts it hands to the
+pruning engine are the routed ones (seen as their active path) and every replayed layer is routed with the batch's
+modality mask; it is passed to the engine as an argument (``prune_(model, config, batches, adapter=probe.adapter)``),
+nothing is stored on the model but the routed modules and two forward hooks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import weakref
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from pruning.adapters import (
-    ATTACHED_ADAPTER,
     ATTN_PROJ,
     DECODER_PROJ,
     MLP_PROJ,
@@ -52,6 +54,9 @@ ROUTED = ATTN_PROJ[:3] + MLP_PROJ
 _MIXER_OUTPUTS = ("o_proj", "out_proj", "dense", "wo", "c_proj")
 # Probe pool names -> engine pool names ("mixed" = every non-padding token).
 PROBE_POOLS = {"text": "text", "visual": "visual", "mixed": "all"}
+# id(model) -> its probe, for get_probe; held weakly (a probe lives as long as its model's routing hooks hold it, or
+# its user), so the model carries no reference the import graph cannot show.
+_PROBES: "weakref.WeakValueDictionary[int, MoTProbe]" = weakref.WeakValueDictionary()
 
 
 class ProbeError(ToolkitError):
@@ -66,64 +71,41 @@ def probe_pool(name: str) -> str:
 
 
 class ProbeAdapter(Adapter):
-    """The family adapter of a probed model, with routing."""
+    """What a probe changes in its family's adapter: the Linears and experts it hands the pruning engine are the
+    routed ones (seen as their active path), and every replayed layer is routed with the batch's modality mask.
 
-    def __init__(self, inner: Adapter, probe: "MoTProbe", prunes_experts: bool):
-        self.inner, self.probe = inner, probe
-        self.name = f"{inner.name}+mot"
+    Not used alone: a probe's adapter is an instance of a class made from this one and the family adapter's class
+    (:func:`probe_adapter`), so every other method, present or added later (``capture`` with its replay check on a
+    structurally discovered family, ``after_layer``, ...), is the family's own and calls these overrides through
+    ``self``. Overrides: ``name``, :meth:`projections`, :meth:`replay`.
+    """
+
+    def __init__(self, probe: "MoTProbe", prunes_experts: bool):
+        super().__init__()
+        self.probe = probe
         self.prunes_experts = prunes_experts  # False when the experts stay shared: a path's pruning leaves them alone
-
-    @property
-    def rebuilds(self) -> tuple[str, ...]:  # what the family's replay rebuilds between layers
-        return self.inner.rebuilds
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return self.inner.language_model(model)
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return self.inner.decoder_layers(model)
-
-    def visual_token_ids(self, model: nn.Module) -> tuple[int, ...]:
-        return self.inner.visual_token_ids(model)
-
-    def attention_module(self, layer: nn.Module) -> nn.Module:
-        return self.inner.attention_module(layer)
-
-    def visual_mask_of(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
-        return self.inner.visual_mask_of(model, inputs)
 
     def projections(self, model: nn.Module, index: int) -> BlockProjections:
         """The routed projections of layer ``index``: what the engine prunes by default on a probed model."""
         return BlockProjections(tuple(self.probe.routed[index]), self.probe.skipped[index])
 
-    def expert_tokens(self, layer_kwargs: Mapping[str, Any], name: str, shape: torch.Size) -> torch.Tensor | None:
-        return self.inner.expert_tokens(layer_kwargs, name, shape)
-
-    def modality_experts(self, names: Iterable[str]) -> dict[str, str]:
-        return self.inner.modality_experts(names)
-
-    def record_extras(self, model, extras):
-        return self.inner.record_extras(model, extras)
-
-    def after_layer(self, model, index, hidden, extras):
-        return self.inner.after_layer(model, index, hidden, extras)
-
     def replay(self, model: nn.Module, index: int, hidden: torch.Tensor, batch: CapturedBatch,
                layer: nn.Module | None = None) -> torch.Tensor:
         with self.probe.router.route(batch.visual):
-            return self.inner.replay(model, index, hidden, batch, layer)
+            return super().replay(model, index, hidden, batch, layer)
 
-    def final_modules(self, model: nn.Module) -> list[nn.Module]:
-        return self.inner.final_modules(model)
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return self.inner.final_norm(model)
+@functools.lru_cache(maxsize=None)
+def _probe_adapter_class(family: type[Adapter]) -> type[ProbeAdapter]:
+    return type(f"{family.__name__}WithProbe", (ProbeAdapter, family),
+                {"name": f"{family.name}+mot", "__doc__": f"{family.__name__} with the MoT probe's routing."})
 
-    def after_head(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-        return self.inner.after_head(model, logits)
 
-    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return self.inner.logits(model, hidden)
+def probe_adapter(family: Adapter, probe: "MoTProbe", prunes_experts: bool) -> ProbeAdapter:
+    """The adapter of ``probe``'s model: an instance of ``family``'s class with :class:`ProbeAdapter`'s overrides
+    (a fresh instance: what the family adapter caches per model, such as a checked replay, is checked again with
+    routing)."""
+    return _probe_adapter_class(type(family))(probe, prunes_experts)
 
 
 class MoTProbe:
@@ -136,7 +118,7 @@ class MoTProbe:
     """
 
     def __init__(self, model: nn.Module, include_o_proj: bool = False, allow_shared_experts: bool = False):
-        if getattr(model, ATTACHED_ADAPTER, None) is not None:
+        if _find_probe(model) is not None:
             raise ProbeError(f"{type(model).__name__} already carries a probe; unload() it first")
         self.model = model
         self.family = get_adapter(model)
@@ -156,7 +138,8 @@ class MoTProbe:
                                  for name in routed})
         self._hooks = [model.register_forward_pre_hook(self._set_mask, with_kwargs=True),
                        model.register_forward_hook(self._clear_mask, always_call=True)]
-        setattr(model, ATTACHED_ADAPTER, ProbeAdapter(self.family, self, prunes_experts=not allow_shared_experts))
+        self.adapter = probe_adapter(self.family, self, prunes_experts=not allow_shared_experts)
+        _PROBES[id(model)] = self
 
     def _wrap(self, layer: nn.Module, name: str,
               kind: Callable[[nn.Module, ModalityRouter], RoutedModule]) -> RoutedModule:
@@ -217,14 +200,15 @@ class MoTProbe:
                     for experts in self.experts[i].values():
                         experts.active = path  # a pathway's own expert set (PathExperts) is a target only now
                     self._activate(i, path, config.targets)
-            return prune_(self.model, config, calibration, progress=progress, keep_masks=keep_masks)
+            return prune_(self.model, config, calibration, progress=progress, keep_masks=keep_masks,
+                          adapter=self.adapter)
         except BaseException:
             self.reset_(path)  # nothing half-pruned stays behind
             raise
 
     def _activate(self, index: int, path: str, targets: tuple[str, ...]) -> None:
         """Give path ``path`` its own copy of what the engine will prune in layer ``index`` and expose it."""
-        linears, experts = block_targets(get_adapter(self.model), self.model, index, targets)
+        linears, experts = block_targets(self.adapter, self.model, index, targets)
         for module in (*linears.values(), *experts.modules.values()):
             if isinstance(module, RoutedModule):
                 module.materialise_(path)
@@ -252,7 +236,7 @@ class MoTProbe:
 
     def unload(self, keep: str = "text") -> nn.Module:
         """Replace every routed Linear and experts module by path ``keep``'s module (of the original type);
-        remove hooks and the attached adapter.
+        remove the routing hooks.
 
         An unpruned probe gives back the original modules (same objects, same state_dict keys).
         """
@@ -263,7 +247,8 @@ class MoTProbe:
                 setattr(layer.get_submodule(parent_name), child, module.path(keep))
         for hook in self._hooks:
             hook.remove()
-        delattr(self.model, ATTACHED_ADAPTER)
+        if _PROBES.get(id(self.model)) is self:
+            del _PROBES[id(self.model)]
         self.routed, self.experts = [], []
         return self.model
 
@@ -363,9 +348,14 @@ def attach_probe_(model: nn.Module, include_o_proj: bool = False, allow_shared_e
     return MoTProbe(model, include_o_proj, allow_shared_experts)
 
 
+def _find_probe(model: nn.Module) -> MoTProbe | None:
+    probe = _PROBES.get(id(model))
+    return probe if probe is not None and probe.model is model else None
+
+
 def get_probe(model: nn.Module) -> MoTProbe:
     """The probe attached to ``model``; ProbeError when there is none."""
-    adapter = getattr(model, ATTACHED_ADAPTER, None)
-    if not isinstance(adapter, ProbeAdapter):
+    probe = _find_probe(model)
+    if probe is None:
         raise ProbeError(f"{type(model).__name__} carries no MoT probe; call attach_probe_(model) first")
-    return adapter.probe
+    return probe

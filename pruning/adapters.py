@@ -36,6 +36,7 @@ import functools
 import inspect
 import math
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
@@ -149,6 +150,8 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     # layer arguments the model's loop rebuilds between layers and this adapter's replay rebuilds the same way
     rebuilds: ClassVar[tuple[str, ...]] = ()
+    # False: the engine leaves a block's MoE experts alone (the MoT probe's adapter when the experts stay shared)
+    prunes_experts: bool = True
 
     # -- structure -------------------------------------------------------------------------
     def language_model(self, model: nn.Module) -> nn.Module:
@@ -1036,13 +1039,15 @@ def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "in_features")
 
 
-# A model may carry its own adapter under this attribute (the MoT probe attaches one that routes).
+# Deprecated: an adapter stored on the model under this attribute. Pass the adapter to the function that needs it
+# instead (``prune_(model, config, batches, adapter=...)``); get_adapter still reads it, with a DeprecationWarning.
 ATTACHED_ADAPTER = "_atv_adapter"
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter of ``model``: the one attached to it, else the one registered for
-    ``model.config.model_type``, else the introspecting fallback (structural discovery).
+    """The adapter registered for ``model.config.model_type``, else the introspecting fallback (structural
+    discovery). An adapter other than the model's own (the MoT probe's, which routes) is passed to the functions
+    that take one (``adapter=``), not looked up here.
 
     Args:
         model: a Hugging Face model.
@@ -1056,6 +1061,9 @@ def get_adapter(model: nn.Module) -> Adapter:
     """
     attached = getattr(model, ATTACHED_ADAPTER, None)
     if attached is not None:
+        warnings.warn(f"an adapter stored on the model as {ATTACHED_ADAPTER!r} is deprecated: pass it as adapter= to "
+                      "the function that uses it (e.g. prune_(model, config, batches, adapter=...))",
+                      DeprecationWarning, stacklevel=2)
         return attached
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = _REGISTRY.get(model_type)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .errors import CalibrationError
+from .jsonlines import JsonLineError, json_lines, read_text
 from .templates import render_chat
 
 log = logging.getLogger(__name__)
@@ -52,25 +53,18 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CalibrationError(f"calibration file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as "
-                               "UTF-8 JSON") from None
+    text = read_text(path, lambda err: CalibrationError(f"calibration file {str(path)!r} is not UTF-8 text (byte "
+                                                         f"{err.start}); save it as UTF-8 JSON"))
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]
     except json.JSONDecodeError:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise CalibrationError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                except RecursionError:
-                    raise CalibrationError(f"{path}:{number}: JSON nested too deeply to read; a record is an object "
-                                           "of 'image' and 'conversations'") from None
+        try:
+            records = [record for _, record in json_lines(text)]
+        except JsonLineError as err:
+            why = ("JSON nested too deeply to read; a record is an object of 'image' and 'conversations'"
+                   if err.too_deep else f"not valid JSON ({err.msg})")
+            raise CalibrationError(f"{path}:{err.number}: {why}") from None
     except RecursionError:  # json's decoder recurses once per level of nesting
         raise CalibrationError(f"calibration file {str(path)!r} holds JSON nested too deeply to read; a record is "
                                "an object of 'image' and 'conversations'") from None

@@ -27,7 +27,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -108,7 +108,8 @@ class PruneReport:
 
 
 def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-           *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True) -> PruneReport:
+           *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True,
+           adapter: Adapter | None = None) -> PruneReport:
     """Prune ``model`` in place, layer by layer, and return a report.
 
     Example::
@@ -125,6 +126,8 @@ def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[
             depend on it.
         keep_masks: also keep every mask in ``report.masks`` (full dotted name -> bool, True = pruned).
         progress: show a progress bar over the layers.
+        adapter: how to find, capture and replay the decoder layers; None = the model's own
+            (``get_adapter(model)``). The MoT probe passes its routing adapter (``probe.adapter``) here.
 
     Returns:
         The per-layer report: sparsity per Linear, tokens per pool, ATV's k per sample and mean drift, time.
@@ -133,12 +136,13 @@ def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[
         ToolkitError: a subclass naming the problem (an unsupported model, calibration data that does not fit
             the method, a bad configuration), raised before any weight changes where it can be checked first.
     """
-    return _run(model, config, execution or ExecutionConfig(), calibration, apply=True, keep_masks=keep_masks,
-                progress=progress)
+    return _run(model, adapter or get_adapter(model), config, execution or ExecutionConfig(), calibration,
+                apply=True, keep_masks=keep_masks, progress=progress)
 
 
 def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
-                  *, execution: ExecutionConfig | None = None, progress: bool = True) -> PruneReport:
+                  *, execution: ExecutionConfig | None = None, progress: bool = True,
+                  adapter: Adapter | None = None) -> PruneReport:
     """The masks :func:`prune_` would apply, with the model's weights restored afterwards.
 
     Same schedule as :func:`prune_` (later layers see pruned inputs, unless ``config.propagate`` is
@@ -150,6 +154,7 @@ def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[M
         calibration: model input dicts, each a batch (see :func:`prune_`).
         execution: how to run; None = ``ExecutionConfig()``.
         progress: show a progress bar over the layers.
+        adapter: as for :func:`prune_`.
 
     Returns:
         A report whose ``masks`` holds every mask (full dotted name -> bool tensor, True = pruned).
@@ -157,8 +162,8 @@ def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[M
     Raises:
         ToolkitError: as :func:`prune_`.
     """
-    return _run(model, config, execution or ExecutionConfig(), calibration, apply=False, keep_masks=True,
-                progress=progress)
+    return _run(model, adapter or get_adapter(model), config, execution or ExecutionConfig(), calibration,
+                apply=False, keep_masks=True, progress=progress)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -206,10 +211,9 @@ def _untargeted_experts(adapter, model: nn.Module, indices: list[int], targets) 
     return left
 
 
-def _run(model: nn.Module, config: PruneConfig, execution: ExecutionConfig, calibration: Iterable[Mapping[str, Any]],
-         *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
+def _run(model: nn.Module, adapter: Adapter, config: PruneConfig, execution: ExecutionConfig,
+         calibration: Iterable[Mapping[str, Any]], *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
     start = time.perf_counter()
-    adapter = get_adapter(model)
     batches = list(calibration) if config.needs_calibration else []
     indices = _validate(model, adapter, config, batches)
     dense_experts = _untargeted_experts(adapter, model, indices, config.targets)
@@ -309,14 +313,10 @@ def _dense_norms(model: nn.Module, adapter: Adapter, batches: list[CapturedBatch
     norms: dict[str, SquaredNorms] = {}
     with record_inputs(linears) as acts:
         for step in replay_layers(model, adapter, batches, [index]):
-            owners: dict[int, SquaredNorms] = {}
-            for name, linear in linears.items():
-                x = acts[name]
-                if name not in norms:
-                    norms[name] = owners.get(id(x)) or SquaredNorms(linear.in_features, device=device)
-                if id(x) not in owners:
-                    owners[id(x)] = norms[name]
-                    norms[name].add(_pooled_rows(x, step.batch.valid), samples=int(step.batch.hidden.shape[0]))
+            if not norms:
+                norms = _shared_accumulators(linears, acts, lambda width: SquaredNorms(width, device=device))
+            for acc, x in _distinct_inputs(norms, acts):
+                acc.add(_pooled_rows(x, step.batch.valid), samples=int(step.batch.hidden.shape[0]))
     return norms
 
 
@@ -425,17 +425,10 @@ class LayerPruner:
 
     # -- statistics ------------------------------------------------------------------------
     def _accumulators(self, acts: dict[str, torch.Tensor]) -> dict[str, SquaredNorms | Hessian]:
-        """One accumulator per distinct input tensor: Linears fed the same activations (q/k/v, gate/up)
-        share it, so their statistics are computed once (attention pools select tokens per Linear: never shared)."""
+        """The statistics of this layer's Linears (attention pools select tokens per Linear: never shared)."""
         kind = ACCUMULATORS[self.scorer.needs]
-        by_input: dict[Any, SquaredNorms | Hessian] = {}
-        stats = {}
-        for name, linear in self.linears.items():
-            key = name if self.pool.needs_attention else id(acts[name])
-            if key not in by_input:
-                by_input[key] = kind(linear.in_features, device=self.device)
-            stats[name] = by_input[key]
-        return stats
+        return _shared_accumulators(self.linears, acts, lambda width: kind(width, device=self.device),
+                                    shared=not self.pool.needs_attention)
 
     def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
         with record_inputs(self.linears) as acts, self._record_attention() as attention, \
@@ -634,6 +627,22 @@ def _as_tokens(x: torch.Tensor, tokens: torch.Size) -> torch.Tensor:
         raise CalibrationError(f"a Linear's input of shape {tuple(x.shape)} does not line up with the "
                                f"(B, T) = {tuple(tokens)} tokens; its statistics cannot be pooled by token")
     return x.reshape(*tokens, x.shape[-1])
+
+
+def _shared_accumulators(linears: Mapping[str, nn.Module], acts: Mapping[str, torch.Tensor],
+                         new: Callable[[int], SquaredNorms | Hessian], *, shared: bool = True
+                         ) -> dict[str, SquaredNorms | Hessian]:
+    """Linear name -> its accumulator (``new(in_features)``), one per distinct input tensor in ``acts``: Linears fed
+    the same activations (q/k/v, gate/up) share it, so their statistics are computed once (:func:`_distinct_inputs`
+    feeds each once per batch). Without ``shared``, one per Linear."""
+    by_input: dict[Any, SquaredNorms | Hessian] = {}
+    stats = {}
+    for name, linear in linears.items():
+        key = id(acts[name]) if shared else name
+        if key not in by_input:
+            by_input[key] = new(linear.in_features)
+        stats[name] = by_input[key]
+    return stats
 
 
 def _distinct_inputs(stats: dict[str, SquaredNorms | Hessian],

@@ -423,7 +423,7 @@ def block_targets(adapter: Any, model: nn.Module, index: int,
     A block without fused experts gives exactly ``adapter.named_linears(model, index, targets)`` and no experts.
     """
     block = adapter.decoder_layers(model)[index]
-    experts = find_experts(block) if getattr(adapter, "prunes_experts", True) else {}
+    experts = find_experts(block) if adapter.prunes_experts else {}
     if not experts:
         return adapter.named_linears(model, index, targets), ExpertTargets()
     found = ExpertTargets()

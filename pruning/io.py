@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -16,6 +17,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import ConfigError, ToolkitError, UnsupportedModelError, one_line
+from .jsonlines import JsonLineError, json_lines, read_text
 from .offload import save_shard_size
 from .options import option
 from .outputs import atomic_folder, check_output_folder
@@ -29,9 +31,9 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Refuse (before any work) an output folder this run may not write (see :mod:`pruning.outputs`): one
-    that holds an input or the working folder, or a non-empty one without ``overwrite`` or not written by
-    this toolkit."""
+    """Deprecated alias of :func:`pruning.outputs.check_output_folder`."""
+    warnings.warn("pruning.io.check_output_dir is deprecated; use pruning.outputs.check_output_folder",
+                  DeprecationWarning, stacklevel=2)
     return check_output_folder(out_dir, overwrite, inputs)
 
 
@@ -324,7 +326,7 @@ def save_pruned(model: nn.Module, processor: Any, report: dict[str, Any], out_di
     written to a temporary sibling folder and moved into place only when complete. ``since``: the output
     folder's :func:`~pruning.outputs.folder_state` when the run started; what appeared or changed in it since
     is never deleted (see :func:`~pruning.outputs.atomic_folder`)."""
-    out = check_output_dir(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
+    out = check_output_folder(out_dir, overwrite, inputs)  # an existing folder is empty, or overwrite was asked for
     with atomic_folder(out, "pruned-model", since) as tmp:
         shard = save_shard_size(model)  # offloaded weights are materialised one shard at a time
         model.save_pretrained(tmp, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
@@ -369,22 +371,23 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     killed mid-write, is dropped with a warning, while a corrupt line before it is an error naming it. A
     complete last record without its newline (a kill between the two) is a record like any other."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ToolkitError(f"{path}: corrupt result log (not UTF-8 text); use a new --out") from None
-    lines = text.split("\n")
+    text = read_text(path, lambda _: ToolkitError(f"{path}: corrupt result log (not UTF-8 text); use a new --out"))
+    last = text.count("\n") + 1
+
+    def torn(number: int) -> None:
+        if number != last:  # a finished line (a kill tears only the unterminated last one)
+            raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
+        log.warning("%s: dropping an unfinished last record", path)
+
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record = _log_record(line)
-        if record is None:
-            if number != len(lines):  # a finished line (a kill tears only the unterminated last one)
-                raise ToolkitError(f"{path}:{number}: corrupt result record; delete the line or use a new --out")
-            log.warning("%s: dropping an unfinished last record", path)
-            continue
-        records.append(record)
+    try:
+        for number, record in json_lines(text):
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                torn(number)
+    except JsonLineError as err:
+        torn(err.number)
     return records
 
 

@@ -119,7 +119,7 @@ def test_a_routed_projection_sends_rows_that_are_not_tokens_through_the_visual_c
     with router.route(with_image):
         out = routed(memory)
     assert torch.equal(out, routed.paths["visual"](memory))
-    assert not torch.allclose(out, routed.base(memory))
+    assert not torch.allclose(out, routed.base_layer(memory))
     # without an image in the batch such rows cannot be the image memory: refused, naming both shapes
     with router.route(torch.zeros(2, 5, dtype=torch.bool)), \
             pytest.raises(RoutingError, match=r"input rows \(3, 7\) are not the batch's tokens \(2, 5\)"):

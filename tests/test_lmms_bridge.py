@@ -25,7 +25,6 @@ from evaluation import evaluate  # noqa: E402
 from evaluation.lmms_bridge import (  # noqa: E402
     ATVModel,
     LmmsTask,
-    _StopSequences,
     bridge_prompt,
     cut_at_stop,
     manifest,
@@ -33,6 +32,7 @@ from evaluation.lmms_bridge import (  # noqa: E402
     task_manager,
     write_lmms_task,
 )
+from evaluation.model_io import _StopSequences  # noqa: E402
 from mot_probe import attach_probe_, probe_pool  # noqa: E402
 from pruning.config import PruneConfig  # noqa: E402
 from pruning.data import load_llava_conversations  # noqa: E402

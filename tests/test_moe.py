@@ -395,4 +395,4 @@ def test_flattened_token_inputs_line_up_with_the_token_mask():
     with torch.no_grad():
         out = linear(x)
         assert torch.equal(out[[1, 3]], torch.zeros(2, 3))  # visual tokens: the zeroed visual copy
-        assert torch.equal(out[[0, 2, 4, 5]], linear.base(x[[0, 2, 4, 5]]))  # text tokens: the dense base
+        assert torch.equal(out[[0, 2, 4, 5]], linear.base_layer(x[[0, 2, 4, 5]]))  # text tokens: the dense base

@@ -66,7 +66,7 @@ def test_routed_linear_sends_each_token_through_its_own_copy():
     with router.route(visual):
         out = routed(x)
     assert torch.allclose(out[visual], routed.paths["visual"](x[visual]))
-    assert torch.allclose(out[~visual], routed.base(x[~visual]))
+    assert torch.allclose(out[~visual], routed.base_layer(x[~visual]))
     with pytest.raises(RoutingError, match=r"shape \(2, 5\)"):
         routed(x)  # no mask outside a routed forward
 
@@ -83,11 +83,11 @@ def test_sibling_projections_reuse_the_split_rows_but_see_in_place_changes():
         q(x)
         out_k = k(x)  # same input object: served from the router's cached rows
         assert torch.equal(out_k[visual], k.paths["visual"](x[visual]))
-        assert torch.equal(out_k[~visual], k.base(x[~visual]))
+        assert torch.equal(out_k[~visual], k.base_layer(x[~visual]))
         x.mul_(3)  # an in-place change must not be served from the cache
         out_q = q(x)
         assert torch.equal(out_q[visual], q.paths["visual"](x[visual]))
-        assert torch.equal(out_q[~visual], q.base(x[~visual]))
+        assert torch.equal(out_q[~visual], q.base_layer(x[~visual]))
     assert router.visual is None and router._rows is None
 
 
@@ -121,7 +121,7 @@ def test_pruning_one_path_leaves_the_other_bit_identical(calibration, path, pool
         zeros = (routed.path(path).weight == 0).sum(dim=1)
         assert zeros.tolist() == [routed.in_features // 2] * routed.out_features
     assert set(report.layers[0].sparsity) == set(ROUTED)
-    routed_params = sum(p.numel() for r in probe.routed_linears() for p in r.base.parameters())
+    routed_params = sum(p.numel() for r in probe.routed_linears() for p in r.base_layer.parameters())
     assert probe.extra_parameters() == routed_params  # one copy: the pruned path's Linears only
 
 
@@ -205,7 +205,7 @@ def test_sparsegpt_prunes_one_path_and_updates_only_that_path(calibration):
     model = copy.deepcopy(model)
     probe = attach_probe_(model)
     visual_before = [p.clone() for p in probe.path_parameters("visual")]
-    base_before = [r.base.weight.clone() for r in probe.routed_linears()]
+    base_before = [r.base_layer.weight.clone() for r in probe.routed_linears()]
     probe.prune_path_("text", PruneConfig("sparsegpt", sparsity=0.5, pool="visual"), batches, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(visual_before, probe.path_parameters("visual")))
     for routed, base in zip(probe.routed_linears(), base_before):

@@ -76,7 +76,7 @@ def _hand_visual_masks(model, inputs, image, index, experts):
     with torch.no_grad():
         chosen = _layers(model)[index].mlp.gate(flat)[2]  # (B*T, k) the router's experts per token
     visual = (inputs["input_ids"].reshape(-1) == image) & (inputs["attention_mask"].reshape(-1) == 1)
-    base = experts.base  # the dense weights (the text path still serves them)
+    base = experts.base_layer  # the dense weights (the text path still serves them)
     masks, counts = {}, []
     for e in range(base.gate_up_proj.shape[0]):
         routed = (chosen == e).any(dim=1) & visual
@@ -194,7 +194,7 @@ def test_pruning_the_visual_path_prunes_its_experts_from_routed_visual_tokens():
             name, _, e = key[:-1].partition("[")
             e = int(e)
             differs_from_magnitude += not torch.equal(mask, _hand_row_mask(
-                getattr(probe.experts[i]["mlp.experts"].base, name)[e].detach().float().abs(), SPARSITY))
+                getattr(probe.experts[i]["mlp.experts"].base_layer, name)[e].detach().float().abs(), SPARSITY))
             assert torch.equal(getattr(visual[i], name)[e] == 0, mask)  # the mask is what was applied
     assert differs_from_magnitude > 0  # the check tells Wanda from magnitude
 
@@ -211,7 +211,7 @@ def test_experts_that_saw_no_pooled_token_get_the_magnitude_mask():
     assert 7 in stats["unrouted"] and stats["pooled_tokens"][7] == 0
     experts = probe.experts[moe[0]]["mlp.experts"]
     for name in ("gate_up_proj", "down_proj"):
-        weight = getattr(experts.base, name)[7].detach().float()
+        weight = getattr(experts.base_layer, name)[7].detach().float()
         mask = report.masks[f"model.language_model.layers.{moe[0]}.mlp.experts.{name}[7]"]
         assert torch.equal(mask, _hand_row_mask(weight.abs(), SPARSITY))
         assert torch.equal(getattr(experts.path("visual"), name)[7] == 0, mask)
@@ -395,7 +395,7 @@ def _llama4_hand_visual_masks(model, inputs, image, routed):
         logits = moe.router(flat)[1]  # (N, E)
     chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(moe.top_k, dim=1).indices, True)
     visual = (inputs["input_ids"].reshape(-1) == image) & (inputs["attention_mask"].reshape(-1) == 1)
-    base = routed.base
+    base = routed.base_layer
     masks, counts = {}, []
     for e in range(base.num_experts):
         keep = chosen[:, e] & visual
@@ -452,7 +452,7 @@ def test_pruning_llamas_visual_path_prunes_its_scaled_experts_from_routed_visual
     for key, mask in expected.items():
         assert torch.equal(report.masks[f"model.layers.1.feed_forward.experts.{key}"], mask), key
         name, _, e = key[:-1].partition("[")
-        weight = getattr(routed.base, name)[int(e)].T.detach().float()
+        weight = getattr(routed.base_layer, name)[int(e)].T.detach().float()
         differs_from_magnitude += not torch.equal(mask, _hand_row_mask(weight.abs(), SPARSITY))
         assert torch.equal(getattr(visual, name)[int(e)].T == 0, mask)  # the mask is what was applied
     assert differs_from_magnitude > 0  # the check tells Wanda from magnitude

@@ -254,7 +254,8 @@ def test_replaying_from_a_layer_scores_exactly_as_full_forwards(setup):
     prompts = _prompts(setup)
     probe = attach_probe_(model)
     try:
-        states, reference = prompt_states(model, processor, prompts, batch_size=3)  # batches of 3 and 1 prompts
+        states, reference = prompt_states(model, processor, prompts, batch_size=3,  # batches of 3 and 1 prompts
+                                          adapter=probe.adapter)
         direct = prompt_reference(model, processor, prompts, batch_size=3)
         for key in direct.ids:
             assert torch.equal(reference.ids[key], direct.ids[key])
@@ -266,13 +267,13 @@ def test_replaying_from_a_layer_scores_exactly_as_full_forwards(setup):
             torch.testing.assert_close(got.log_probs, want.log_probs, rtol=0, atol=1e-6)
         width = max(len(i) for i in direct.ids.values())  # every prompt has the same length here: no padding
         assert states.nbytes == 2 * 4 * width * 32 * 4  # layers x prompts x tokens x hidden x fp32 bytes
-        dense = replayed_fidelity(model, states, reference, 0)
+        dense = replayed_fidelity(model, states, reference, 0, adapter=probe.adapter)
         assert dense.kl_items == [0.0] * 4 and dense.top1_items == [100.0] * 4
         for layer, path, names in [(0, "text", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                                    (1, "visual", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))]:
             probe.prune_path_(path, PruneConfig("wanda", sparsity=0.7, layers=(layer,), targets=names), calibration,
                               progress=False)
-            fast = replayed_fidelity(model, states, reference, layer)
+            fast = replayed_fidelity(model, states, reference, layer, adapter=probe.adapter)
             slow = prompt_fidelity(model, processor, prompts, reference, batch_size=3)
             assert fast.top1_items == slow.top1_items
             assert fast.kl_items == pytest.approx(slow.kl_items, rel=1e-6, abs=1e-8)  # KLs here are 1e-5..1e-4
@@ -282,7 +283,7 @@ def test_replaying_from_a_layer_scores_exactly_as_full_forwards(setup):
         for bad in (-1, 2):
             with pytest.raises(ValueError, match=f"first_layer must be in \\[0, 2\\) for states of the same model, "
                                                  f"got {bad}"):
-                replayed_fidelity(model, states, reference, bad)
+                replayed_fidelity(model, states, reference, bad, adapter=probe.adapter)
     finally:
         probe.unload()
 

@@ -16,10 +16,10 @@ from pruning.data import check_dataset_source, load_calibration_dataset, load_ll
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError, ConfigError, HubError, one_line
 from pruning.execution import ExecutionConfig
-from pruning.io import LoadOptions, check_output_dir, load_config, load_model, save_pruned
+from pruning.io import LoadOptions, load_config, load_model, save_pruned
 from pruning.memory import MemoryPlan, check_memory, plan_memory
 from pruning.options import check_seed, option
-from pruning.outputs import folder_state, scratch_folder
+from pruning.outputs import check_output_folder, folder_state, scratch_folder
 
 from .share import CARD, check_hub_access, check_repo_id, environment, model_card, push_folder, sparsity_config
 
@@ -138,7 +138,7 @@ def run_prune_job(job: PruneJob, progress: bool = True, processor=None) -> Prune
         raise CalibrationError(f"{needs} needs --calib and --images, or --calib-dataset")
     if job.calib is not None and job.calib_dataset is not None:
         raise CalibrationError("give --calib or --calib-dataset, not both")
-    check_output_dir(job.out, job.overwrite, job.inputs)
+    check_output_folder(job.out, job.overwrite, job.inputs)
     if job.push_to_hub:
         check_hub_access(job.push_to_hub, job.out)
     since = folder_state(job.out)  # what the swap may replace: nothing added to --out while the run works

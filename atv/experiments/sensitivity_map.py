@@ -45,6 +45,7 @@ from evaluation.prompt_fidelity import (
 )
 from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, MoTProbe, attach_probe_, probe_pool
+from pruning.adapters import Adapter
 from pruning.allocation import GROUPS, MAP_FILE, SensitivityMap, projection_group
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
@@ -156,7 +157,8 @@ def run_map_study(model: nn.Module, processor, calibration: Sequence[Mapping[str
         try:
             cells = config.cells(probe)
             todo = [c for c in cells if not results.done(c)]
-            scorer = PromptScorer.open(results, model, processor, prompts, config.batch_size) if todo else None
+            scorer = PromptScorer.open(results, model, processor, prompts, config.batch_size,
+                                       probe.adapter) if todo else None
             bench_reference = load_reference(results, benches, lambda: dense_reference(model, processor, benches,
                                                                                       progress)) \
                 if config.map_benchmarks and todo else None
@@ -191,15 +193,16 @@ class PromptScorer:
     reference: PromptReference
     states: PromptStates | None
     batch_size: int
+    adapter: Adapter | None = None  # replays the model's layers (the probe's, which routes); None: the model's own
 
     def __call__(self, model: nn.Module, processor, first_layer: int) -> PromptFidelity:
         if self.states is None:
             return prompt_fidelity(model, processor, self.prompts, self.reference, batch_size=self.batch_size)
-        return replayed_fidelity(model, self.states, self.reference, first_layer)
+        return replayed_fidelity(model, self.states, self.reference, first_layer, adapter=self.adapter)
 
     @classmethod
     def open(cls, results: ResultLog, model: nn.Module, processor, prompts: list[Prompt],
-             batch_size: int) -> "PromptScorer":
+             batch_size: int, adapter: Adapter | None = None) -> "PromptScorer":
         """The dense model's layer inputs on the prompts (one pass per run) and its prompt distributions: those
         are computed once and kept in the study folder, so a resumed map scores against its first cells' reference."""
         path = results.out_dir / REFERENCE
@@ -211,18 +214,18 @@ class PromptScorer:
                 raise ToolkitError(f"{path} is corrupt ({type(err).__name__}); delete it to recompute the dense "
                                    "reference, or choose another --out") from None
         try:
-            states, fresh = prompt_states(model, processor, prompts, batch_size=batch_size)
+            states, fresh = prompt_states(model, processor, prompts, batch_size=batch_size, adapter=adapter)
         except UnsupportedModelError as err:
             log.warning("the map scores every cell with full forwards (slower): %s", err)
             states = None
             fresh = stored if stored is not None else prompt_reference(model, processor, prompts, batch_size=batch_size)
         if stored is not None:
-            return cls(prompts, stored, states, batch_size)
+            return cls(prompts, stored, states, batch_size, adapter)
         results.pin()
         tmp = path.with_suffix(".partial")
         fresh.save(tmp)
         tmp.replace(path)
-        return cls(prompts, fresh, states, batch_size)
+        return cls(prompts, fresh, states, batch_size, adapter)
 
 
 class LayerMasks:
@@ -273,7 +276,7 @@ class LayerMasks:
             by_names.setdefault(tuple(self.probe.routed[i]), []).append(i)
         for names, group in by_names.items():
             config = self.prune_config(tuple(group), names, propagate="dense")
-            report = compute_masks(self.model, config, self.calibration, progress=False)
+            report = compute_masks(self.model, config, self.calibration, progress=False, adapter=self.probe.adapter)
             for i in group:
                 prefix = prefixes[id(blocks[i])]
                 self.masks[i] = {name: report.masks[f"{prefix}.{name}"] for name in names}
