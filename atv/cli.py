@@ -416,7 +416,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
     p = _sub(sub, "eval", "score a model or a re-created probe cell on harness files / lmms-eval tasks",
              EVAL_EXAMPLES)
-    groups = _option_groups(p, ("model", "calibration", "evaluation", "output"))
+    groups = _option_groups(p, ("model", "calibration", "evaluation", "output", "execution"))
     seen: set[str] = set()
     for cls in (EvalJob, LoadOptions):
         add_options(p, cls, seen, groups)

@@ -64,7 +64,17 @@ class ProbeError(ToolkitError):
 
 
 def probe_pool(name: str) -> str:
-    """'text' | 'visual' | 'mixed' -> the engine's pool name."""
+    """The engine's calibration pool of a probe pool.
+
+    Args:
+        name: the probe's name for the pool: 'text', 'visual' or 'mixed'.
+
+    Returns:
+        The engine's pool name ('text', 'visual' or 'all').
+
+    Raises:
+        ConfigError: ``name`` is not a probe pool.
+    """
     if name not in PROBE_POOLS:
         raise ConfigError(f"unknown probe pool {name!r}; choose one of {list(PROBE_POOLS)}")
     return PROBE_POOLS[name]
@@ -114,7 +124,16 @@ class MoTProbe:
     ``routed[i]`` maps the routed projections of decoder layer ``i`` (names relative to the block) to
     their RoutedLinear, ``experts[i]`` its fused MoE experts modules to their RoutedExperts; ``skipped[i]``
     maps what the probe leaves shared to why (the attention output projection unless ``include_o_proj``,
-    MoE routers, and the experts when ``allow_shared_experts``).
+    MoE routers, and the experts when ``allow_shared_experts``). ``adapter`` is the family's adapter with the
+    routed replay: pass it as ``adapter=`` to what replays the decoder layers (``prune_``, ``compute_masks``).
+
+    Args:
+        model: the model to route, in place.
+        include_o_proj: route the attention output projection too (by default it stays shared).
+        allow_shared_experts: keep fused MoE experts shared instead of refusing a layout that cannot be routed.
+
+    Raises:
+        ProbeError: the model already carries a probe, or a layer's experts cannot be routed.
     """
 
     def __init__(self, model: nn.Module, include_o_proj: bool = False, allow_shared_experts: bool = False):
@@ -344,7 +363,19 @@ def attach_probe_(model: nn.Module, include_o_proj: bool = False, allow_shared_e
     is computed by its own modality's copy of the experts it was routed to. Expert layouts that cannot be
     routed are refused (ProbeError naming the layer, the module and the layout);
     ``allow_shared_experts=True`` keeps the experts shared instead (not routed, so a path's pruning leaves
-    them alone) and routes the other projections (attention, shared experts)."""
+    them alone) and routes the other projections (attention, shared experts).
+
+    Args:
+        model: a vision-language model (its decoder found by :func:`pruning.adapters.get_adapter`).
+        include_o_proj: route the attention output projection too.
+        allow_shared_experts: keep fused MoE experts shared instead of refusing a layout that cannot be routed.
+
+    Returns:
+        The probe: prune a path with ``prune_path_``, go back to dense with ``reset_``, and ``unload`` it.
+
+    Raises:
+        ProbeError: the model already carries a probe, or its experts cannot be routed.
+    """
     return MoTProbe(model, include_o_proj, allow_shared_experts)
 
 
@@ -354,7 +385,17 @@ def _find_probe(model: nn.Module) -> MoTProbe | None:
 
 
 def get_probe(model: nn.Module) -> MoTProbe:
-    """The probe attached to ``model``; ProbeError when there is none."""
+    """The probe attached to ``model``.
+
+    Args:
+        model: a model routed by :func:`attach_probe_`.
+
+    Returns:
+        Its probe.
+
+    Raises:
+        ProbeError: the model carries no probe.
+    """
     probe = _find_probe(model)
     if probe is None:
         raise ProbeError(f"{type(model).__name__} carries no MoT probe; call attach_probe_(model) first")

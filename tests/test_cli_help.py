@@ -14,7 +14,7 @@ COMMANDS = {name: sub for name, sub in PARSER.commands.items()}
 GROUPED = {
     "prune": ("model", "calibration", "method", "output", "execution"),
     "probe": ("model", "calibration", "method", "evaluation", "output", "execution"),
-    "eval": ("model", "calibration", "evaluation", "output"),
+    "eval": ("model", "calibration", "evaluation", "output", "execution"),
     "demo": ("model", "calibration", "method", "evaluation", "output", "execution"),
 }
 

@@ -322,6 +322,8 @@ class EvalJob:
         lmms_defaults: also index lmms-eval's own tasks (False: only ``lmms_include``).
         load: how the model loads.
         seed: seed of the evaluation (and lmms-eval's samplers).
+        memory_check: refuse, before loading, a model the memory plan says will not fit (``--no-memory-check``
+            turns it off).
         out_card: append the results to the model card of the ``model`` folder that ``atv prune`` wrote.
     """
     tasks: tuple[str, ...] = option(help="harness .jsonl files and/or lmms-eval task names (those need the "
