@@ -48,7 +48,7 @@ from . import pools, scores, sparsegpt, tamp  # noqa: F401  (they register the b
 from .adapters import DECODER_PROJ
 from .allocation import ALLOCATIONS
 from .errors import ConfigError
-from .options import SEED_RANGE, check_fields, option, option_key
+from .options import SEED_RANGE, check_fields, option, option_key, read_yaml_mapping
 from .registry import POOLS, PoolParams, get_pool, get_scorer, lookup
 
 DEFAULT_METHOD = "atv"
@@ -364,15 +364,22 @@ def from_dict(data: Mapping[str, Any]) -> MethodConfig:
         raise ConfigError(f"method {method!r} scores with {cls.scorer!r}, not scorer={scorer!r}; drop scorer")
     kind = values.pop("allocation", "uniform")
     spread = {key: values.pop(key) for key in ("allocation_lambda", "owl_m", "allocation_map") if key in values}
-    allocation = kind if isinstance(kind, tuple(ALLOCATION_CONFIGS.values())) else allocation_from(kind, spread)
-    own = {f.name for f in dataclasses.fields(cls) if f.init}
+    if isinstance(kind, tuple(ALLOCATION_CONFIGS.values())):  # an allocation config given whole
+        given = {k: v for k, v in spread.items() if v is not None and v != _flat_defaults()[k]}
+        if given:
+            raise ConfigError(f"allocation={kind!r} is given whole: drop {given} (or pass allocation by its name)")
+        allocation = kind
+    else:
+        allocation = allocation_from(kind, spread)
+    own = {f.name for f in dataclasses.fields(cls) if f.init} - {"allocation"}
     flat = _flat_fields()
     kwargs = {}
     for key, value in values.items():
         if key in own:
             kwargs[key] = value
         elif key not in flat:
-            raise ConfigError(f"unknown setting {key!r} of method {method!r}; valid: {sorted(own | {'method'})}")
+            valid = sorted(own | {"method", "allocation", "allocation_lambda", "owl_m", "allocation_map"})
+            raise ConfigError(f"unknown setting {key!r} of method {method!r}; valid: {valid}")
         elif value is not None and value != flat[key].default:
             if key == "pool":
                 raise ConfigError(f"method {method!r} uses no calibration data; drop pool={value!r}")
@@ -386,14 +393,7 @@ def from_dict(data: Mapping[str, Any]) -> MethodConfig:
 def read_yaml_settings(path: str | Path) -> dict[str, Any]:
     """The prune settings of a YAML file (a recipe): its keys that name a setting of the flat form; the others
     (model, calib, nsamples, ... of the job that wrote it) are left out."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {str(path)!r}: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} must be a mapping of setting: value, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     keys = {"method", "allocation", *_flat_fields()}
     return {k: v for k, v in data.items() if str(k).replace("-", "_") in keys}
 

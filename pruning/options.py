@@ -20,6 +20,7 @@ import math
 import types
 import typing
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import ConfigError
@@ -185,6 +186,19 @@ def _shown(value: Any) -> str:
 
 def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def read_yaml_mapping(path: str | Path, what: str = "recipe") -> dict[Any, Any]:
+    """The mapping a YAML file (a recipe) holds, or a ConfigError saying why it cannot be read."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} {str(path)!r}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must be a mapping of option: value, got {type(data).__name__}")
+    return data
 
 
 # -- devices -----------------------------------------------------------------------------------------------

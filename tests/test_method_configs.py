@@ -202,6 +202,8 @@ def test_a_saved_recipe_loads_as_the_config_it_ran(tmp_path):
     (lambda: from_dict({"method": "obs"}), r"unknown method 'obs'; choose one of \['atv', "),
     (lambda: from_dict({"allocation": "layerwise"}), r"allocation must be one of \['uniform', 'owl', 'map'\]"),
     (lambda: from_dict({"method": "wanda", "scorer": "magnitude"}), r"scores with 'wanda', not scorer='magnitude'"),
+    (lambda: from_dict({"allocation": OWL(3.0), "owl_m": 4.0}), r"allocation=OWL\(m=3.0, lmbda=0.08\) is given "
+                                                                r"whole: drop \{'owl_m': 4.0\}"),
     (lambda: ExecutionConfig(schedule="one-pass"), r"schedule must be one of \[.*\], got 'one-pass'"),
     (lambda: ExecutionConfig(stash_budget_gb=-1), r"stash_budget_gb must be >= 0, got -1.0"),
     (lambda: LoadOptions(dtype="float64"), r"dtype must be one of \['auto', .*\], got 'float64'"),
