@@ -127,8 +127,7 @@ class MapAllocation:
 
 
 AllocationConfig = Uniform | OWL | MapAllocation
-ALLOCATION_CONFIGS: dict[str, type] = {"uniform": Uniform, "owl": OWL, "map": MapAllocation}
-assert tuple(ALLOCATION_CONFIGS) == ALLOCATIONS  # noqa: S101  (one list of allocation kinds)
+ALLOCATION_CONFIGS: dict[str, type] = {cls.kind: cls for cls in (Uniform, OWL, MapAllocation)}  # keys: ALLOCATIONS
 
 
 def allocation_from(kind: str, settings: Mapping[str, Any]) -> AllocationConfig:
@@ -291,10 +290,6 @@ class CalibratedConfig(MethodConfig):
 
     def pool_params(self, mean_drift: float | None, generator: torch.Generator | None) -> PoolParams:
         return PoolParams(self.alpha, self.visual_ratio, mean_drift, generator)
-
-
-# CalibratedConfig declares ``pool`` as a field over MethodConfig's property: the dataclass default replaced it
-assert CalibratedConfig.pool is None  # noqa: S101
 
 
 @register_method("magnitude", scorer="magnitude", pool=None)

@@ -16,6 +16,7 @@ from atv.experiments.eval_job import EvalJob, ProbeCell
 from atv.experiments.probe_study import StudyConfig
 from atv.experiments.sensitivity_map import MapConfig
 from pruning import config as config_module
+from pruning.allocation import ALLOCATIONS
 from pruning.config import (
     METHOD_CONFIGS,
     OWL,
@@ -263,6 +264,7 @@ def test_one_device_parser():
 
 
 def test_allocations_are_small_configs():
+    assert tuple(config_module.ALLOCATION_CONFIGS) == ALLOCATIONS  # one list of kinds
     assert WandaConfig().allocation == Uniform() and Uniform.kind == "uniform"
     assert OWL(3.0, 0.1) == OWL(m=3.0, lmbda=0.1) and MapAllocation("m.json").lmbda == 0.08
     assert WandaConfig(allocation=OWL()).needs_calibration and not MagnitudeConfig().needs_calibration
