@@ -214,8 +214,8 @@ def parse_device(name: str, value: str | None):
         device = torch.device(value)
     except (RuntimeError, TypeError, ValueError) as err:
         reason = " ".join(str(err).split())[:200]
-        raise ConfigError(f"{name} must name a torch device (e.g. 'cpu', 'cuda:0'), got {value!r} ({reason})") \
-            from None
+        raise ConfigError(f"{name} must name a torch device (e.g. 'cpu', 'cuda:0'), got {value!r}: device {value!r} "
+                          f"is not a torch device ({reason})") from None
     if device.type == "meta":
         raise ConfigError(f"{name} must be a device that holds data (e.g. 'cpu', 'cuda:0'), got {value!r}: device "
                           f"{value!r} holds no data (shapes only), so no model can be loaded, run or pruned on it")
