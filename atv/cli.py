@@ -166,16 +166,10 @@ def _recipe_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
 def read_recipe(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     """A recipe file's options, checked against ``parser``: unknown keys and wrong types are refused
     with the key named. Keys are option names with or without dashes (``visual-ratio`` or ``visual_ratio``)."""
-    import yaml
-
     from atv.experiments.prune_job import COMMAND_LINE_ONLY
+    from pruning.options import read_yaml_mapping
 
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read recipe {str(path)!r}: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of option: value, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     actions = _recipe_actions(parser)
     flags = {o.lstrip("-").replace("-", "_"): a.dest for a in actions.values() for o in a.option_strings}
     values = {}

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, CapturedBatch, get_adapter, map_tensors, tokens_align
 from .allocation import Allocation, allocate, map_units, outlier_ratio, owl_units, read_sensitivity_map
-from .config import PruneConfig
+from .config import MethodConfig, PruneConfig, method_config
 from .errors import CalibrationError, ConfigError, ToolkitError, UnsupportedModelError, forward_failed
 from .execution import ExecutionConfig
 from .experts import ROUTED, block_targets, check_config, eager_experts
@@ -43,7 +43,7 @@ from .masks import apply_mask_, sparsity_of
 from .memory import stash_fits
 from .offload import cpu_offloaded, execution_device, onloaded, write_back_
 from .pools import drift
-from .registry import PoolParams, get_pool, get_scorer
+from .registry import get_pool, get_scorer
 from .replay import capture, check_layers, on_device, propagate_, replay_layers
 from .scores import wanda_scores
 from .stats import ACCUMULATORS, Hessian, SquaredNorms
@@ -107,19 +107,20 @@ class PruneReport:
         return out
 
 
-def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
+def prune_(model: nn.Module, config: MethodConfig | PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
            *, execution: ExecutionConfig | None = None, keep_masks: bool = False, progress: bool = True,
            adapter: Adapter | None = None) -> PruneReport:
     """Prune ``model`` in place, layer by layer, and return a report.
 
     Example::
 
-        report = prune_(model, PruneConfig("atv", sparsity=0.5), batches)
+        report = prune_(model, ATVConfig(sparsity=0.5), batches)
 
     Args:
         model: a Hugging Face vision-language model (or a decoder-only LM); its decoder layers are found by
             :func:`get_adapter`.
-        config: what to prune and how (method, sparsity or N:M pattern, pool, targets, allocation).
+        config: what to prune and how: a method config (``WandaConfig``, ``ATVConfig``, ...) or the flat
+            :class:`PruneConfig` (method, sparsity or N:M pattern, pool, targets, allocation).
         calibration: model input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...), each a
             batch; every row counts as one sample. Not needed for ``method='magnitude'``.
         execution: how to run (offloading, pass schedule); None = ``ExecutionConfig()``. Masks do not
@@ -140,7 +141,7 @@ def prune_(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[
                 apply=True, keep_masks=keep_masks, progress=progress)
 
 
-def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
+def compute_masks(model: nn.Module, config: MethodConfig | PruneConfig, calibration: Iterable[Mapping[str, Any]] = (),
                   *, execution: ExecutionConfig | None = None, progress: bool = True,
                   adapter: Adapter | None = None) -> PruneReport:
     """The masks :func:`prune_` would apply, with the model's weights restored afterwards.
@@ -150,7 +151,7 @@ def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[M
 
     Args:
         model: the model, as for :func:`prune_`; its weights are unchanged on return.
-        config: what to prune and how.
+        config: what to prune and how (a method config, or the flat :class:`PruneConfig`).
         calibration: model input dicts, each a batch (see :func:`prune_`).
         execution: how to run; None = ``ExecutionConfig()``.
         progress: show a progress bar over the layers.
@@ -167,7 +168,7 @@ def compute_masks(model: nn.Module, config: PruneConfig, calibration: Iterable[M
 
 
 # -- validation --------------------------------------------------------------------------------
-def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: list[Mapping[str, Any]]) -> list[int]:
+def _validate(model: nn.Module, adapter: Adapter, config: MethodConfig, batches: list[Mapping[str, Any]]) -> list[int]:
     n_layers = len(adapter.decoder_layers(model))
     if n_layers == 0:
         raise UnsupportedModelError(f"the {getattr(model.config, 'model_type', '?')} model has no decoder layers: "
@@ -180,12 +181,12 @@ def _validate(model: nn.Module, adapter: Adapter, config: PruneConfig, batches: 
         if config.nm and linear.in_features % config.nm[1]:
             raise ConfigError(f"pattern {config.pattern}: {name} has {linear.in_features} input features, "
                               f"not divisible by {config.nm[1]}")
-    if config.allocation == "map":
+    if config.allocation.kind == "map":
         _check_map(config, n_layers)
     if not config.needs_calibration:
         return indices
     if not batches:
-        uses = f"method {config.method!r}" if config.pool is not None else f"allocation {config.allocation!r}"
+        uses = f"method {config.method!r}" if config.pool is not None else f"allocation {config.allocation.kind!r}"
         raise CalibrationError(f"{uses} needs calibration data; none was given")
     for j, batch in enumerate(batches):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -211,9 +212,10 @@ def _untargeted_experts(adapter, model: nn.Module, indices: list[int], targets) 
     return left
 
 
-def _run(model: nn.Module, adapter: Adapter, config: PruneConfig, execution: ExecutionConfig,
+def _run(model: nn.Module, adapter: Adapter, config: MethodConfig | PruneConfig, execution: ExecutionConfig,
          calibration: Iterable[Mapping[str, Any]], *, apply: bool, keep_masks: bool, progress: bool) -> PruneReport:
     start = time.perf_counter()
+    config = method_config(config)  # the flat form's per-method config
     batches = list(calibration) if config.needs_calibration else []
     indices = _validate(model, adapter, config, batches)
     dense_experts = _untargeted_experts(adapter, model, indices, config.targets)
@@ -259,33 +261,33 @@ def _warn_thin_pools(reports: list[LayerReport], pool: str | None) -> None:
 
 
 # -- allocation --------------------------------------------------------------------------------
-def _check_map(config: PruneConfig, n_layers: int) -> None:
+def _check_map(config: MethodConfig, n_layers: int) -> None:
     """The sensitivity map is readable and was made on a model with this many decoder layers."""
-    found = read_sensitivity_map(config.allocation_map)
+    found = read_sensitivity_map(config.allocation.path)
     if found.num_layers != n_layers:
-        raise ConfigError(f"the sensitivity map {config.allocation_map!r} was made on a model with "
+        raise ConfigError(f"the sensitivity map {config.allocation.path!r} was made on a model with "
                           f"{found.num_layers} decoder layers, this one has {n_layers}; make a map of this model")
 
 
-def _allocation(model: nn.Module, adapter: Adapter, config: PruneConfig, indices: list[int],
+def _allocation(model: nn.Module, adapter: Adapter, config: MethodConfig, indices: list[int],
                 captured: list[CapturedBatch]) -> Allocation | None:
     """The prune count of every target of every pruned layer (None for the uniform allocation)."""
-    if config.allocation == "uniform" or not indices:
+    if config.allocation.kind == "uniform" or not indices:
         return None
     sizes = {}
     for i in indices:
         linears, experts = block_targets(adapter, model, i, config.targets)
         sizes[i] = {n: t.out_features * t.in_features for n, t in {**linears, **experts.matrices}.items()}
-    if config.allocation == "owl":
+    if config.allocation.kind == "owl":
         units = owl_units(_outlier_ratios(model, adapter, config, indices, captured), sizes)
     else:
-        units = map_units(read_sensitivity_map(config.allocation_map).group_sensitivity(), sizes)
-    plan = allocate(config.allocation, units, config.sparsity, config.allocation_lambda)
-    log.info("allocation %s: %s", config.allocation, [round(s, 4) for s in plan.sparsities])
+        units = map_units(read_sensitivity_map(config.allocation.path).group_sensitivity(), sizes)
+    plan = allocate(config.allocation.kind, units, config.sparsity, config.allocation.lmbda)
+    log.info("allocation %s: %s", config.allocation.kind, [round(s, 4) for s in plan.sparsities])
     return plan
 
 
-def _outlier_ratios(model: nn.Module, adapter: Adapter, config: PruneConfig, indices: list[int],
+def _outlier_ratios(model: nn.Module, adapter: Adapter, config: MethodConfig, indices: list[int],
                     captured: list[CapturedBatch]) -> dict[int, float]:
     """OWL's statistic: one dense pass of the decoder (on copies of the captured batches, which the engine's
     own passes still need), every non-padding token feeding the Wanda norms of each pruned layer's Linears
@@ -301,7 +303,7 @@ def _outlier_ratios(model: nn.Module, adapter: Adapter, config: PruneConfig, ind
         with onloaded(layers[i]):
             norms = _dense_norms(model, adapter, batches, i, linears)
             scores = [wanda_scores(linear.weight, norms[name].result()) for name, linear in linears.items()]
-            ratios[i] = outlier_ratio(scores, config.owl_m)
+            ratios[i] = outlier_ratio(scores, config.allocation.m)
     return ratios
 
 
@@ -375,7 +377,7 @@ def record_inputs(linears: Mapping[str, nn.Linear]) -> Iterator[dict[str, torch.
 class LayerPruner:
     """Prunes one decoder layer: statistics from a dense pass, masks, apply, pruned recompute."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, config: PruneConfig, index: int,
+    def __init__(self, model: nn.Module, adapter: Adapter, config: MethodConfig, index: int,
                  captured: list[CapturedBatch], apply: bool, execution: ExecutionConfig,
                  counts: dict[str, int] | None = None):
         self.model, self.adapter, self.config, self.index = model, adapter, config, index
@@ -504,7 +506,7 @@ class LayerPruner:
              drifts: torch.Tensor | None, mean_drift: float | None) -> None:
         if self.pool.needs_attention:
             return self._add_per_linear(stats, acts, batch)
-        params = PoolParams(self.config.alpha, self.config.visual_ratio, mean_drift, self.generator)
+        params = self.config.pool_params(mean_drift, self.generator)
         pool, ks = self.pool.fn(batch.visual, batch.valid, drifts, params)
         self.report.k_per_sample.extend(ks)
         samples = int(batch.hidden.shape[0])
@@ -574,14 +576,12 @@ class LayerPruner:
             statistic = stats[name].result() if stats else None
             count = None if self.counts is None else self.counts[name]
             masks[name], new_weight = self.scorer.prune(linear.weight, statistic, self.config.sparsity, self.config.nm,
-                                                        count, blocksize=self.config.blocksize,
-                                                        percdamp=self.config.percdamp)
+                                                        count, **self.config.scorer_options)
             if new_weight is not None:
                 new_weights[name] = new_weight
         if self.experts:  # MoE hook: expert matrices, per row like any Linear (magnitude where no token was routed)
             expert_masks, expert_weights = self.experts.masks(
-                self.scorer, self.config.sparsity, self.config.nm, self.counts, blocksize=self.config.blocksize,
-                percdamp=self.config.percdamp)
+                self.scorer, self.config.sparsity, self.config.nm, self.counts, **self.config.scorer_options)
             masks.update(expert_masks)
             new_weights.update(expert_weights)
         return masks, new_weights

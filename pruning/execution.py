@@ -12,22 +12,9 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .options import option
+from .options import check_fields, option, parse_device
 
 SCHEDULES = ("auto", "two-pass", "three-pass")
-
-
-def _device(name: str, value: str | None) -> torch.device | None:
-    """``value`` parsed as a torch device, or a ConfigError naming the field and the value."""
-    if value is None:
-        return None
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"{name} must name a torch device (e.g. 'cpu', 'cuda:0'), got {value!r}") from None
-    if device.type == "meta":  # shapes without data: no layer runs, no activation is kept there
-        raise ConfigError(f"{name} must be a device that holds data (e.g. 'cpu', 'cuda:0'), got {value!r}")
-    return device
 
 
 @dataclass
@@ -53,30 +40,26 @@ class ExecutionConfig:
     schedule: str = option("auto", "ATV alpha rule: stash the dense pass's activations (two-pass), run an "
                                    "extra drift pass (three-pass), or choose by --stash-budget-gb",
                            choices=SCHEDULES)
-    stash_budget_gb: float = option(4.0, "'auto' schedule: two passes when the stash fits in this budget")
+    stash_budget_gb: float = option(4.0, "'auto' schedule: two passes when the stash fits in this budget",
+                                    within=">= 0")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.offload, bool):
-            raise ConfigError(f"offload must be True or False, got {self.offload!r}")
-        _device("execution_device", self.execution_device)
-        _device("offload_device", self.offload_device)
+        check_fields(self)
+        parse_device("execution_device", self.execution_device)
+        parse_device("offload_device", self.offload_device)
         if self.execution_device is not None and not self.offload:
             raise ConfigError(f"execution_device={self.execution_device!r} only applies with offload=True; "
                               "pass offload=True or drop execution_device")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.stash_budget_gb >= 0:
-            raise ConfigError(f"stash_budget_gb must be >= 0, got {self.stash_budget_gb}")
 
     @property
     def activations_device(self) -> torch.device:
         """Where captured calibration activations are kept between layers."""
-        return _device("offload_device", self.offload_device) or torch.device("cpu")
+        return parse_device("offload_device", self.offload_device) or torch.device("cpu")
 
     @property
     def layer_device(self) -> torch.device | None:
         """With offload: the device each decoder layer runs on (None = where it is now)."""
-        return _device("execution_device", self.execution_device)
+        return parse_device("execution_device", self.execution_device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ from .adapters import get_adapter
 from .errors import ConfigError, ToolkitError, UnsupportedModelError, one_line
 from .jsonlines import JsonLineError, json_lines, read_text
 from .offload import save_shard_size
-from .options import option
+from .options import check_fields, option, parse_device
 from .outputs import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,7 @@ class LoadOptions:
     max_memory: tuple[str, ...] | None = option(None, "caps for --device-map, e.g. 0=20GiB 1=20GiB cpu=60GiB")
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            raise ConfigError(f"device_map must be one of {list(DEVICE_MAPS)}, got {self.device_map!r}")
+        check_fields(self)
         if self.device_map is not None and self.device is not None:
             raise ConfigError(f"device={self.device!r} and device_map={self.device_map!r} both place the model; "
                               "give one")
@@ -266,17 +263,8 @@ def _revision(hub: dict[str, Any]) -> str:
 def check_device(device: str | None) -> None:
     """Refuse (before loading) a device string torch cannot parse, ``meta`` (shapes without data: no weights to
     load or prune), or a device this machine does not have."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise UnsupportedModelError(f"device {device!r} is not a torch device ({one_line(err)}); e.g. cpu or "
-                                    "cuda:0") from None
-    if parsed.type == "meta":
-        raise UnsupportedModelError(f"device {device!r} holds no data (shapes only), so no model can be loaded or "
-                                    "pruned on it; pass --device cpu or a present accelerator")
-    if parsed.type == "cpu":
+    parsed = parse_device("device", device)
+    if parsed is None or parsed.type == "cpu":
         return
     count = _device_count(parsed.type)
     if (parsed.index or 0) >= count:

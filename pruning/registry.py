@@ -14,7 +14,7 @@ A **pool** chooses the token positions that feed the statistics::
     @register_pool("tamp", needs_visual=True, needs_attention=True)
     # fn(outputs (N, D), visual (N,), attention (N,)) -> (N,) bool: per Linear and per sample
 
-A method is one line of :data:`pruning.config.METHODS`: (scorer, default pool).
+A method is a config class registered with its scorer and default pool (:func:`pruning.config.register_method`).
 """
 
 from __future__ import annotations

@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 from evaluation import Benchmark, EvalReport, defined_retention, evaluate, load_benchmark
 from evaluation.harness import FidelityReference, fidelity_reference
 from evaluation.intervals import DEFAULT_BOOTSTRAP, Bootstrap, retention_intervals, score_interval
+from mot_probe.routing import PATHS
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError, ToolkitError
 from pruning.io import LoadOptions
-from pruning.options import option
+from pruning.options import SEED_RANGE, check_fields, option
 
 from .executors import InProcess, Measure, RayExecutor
 from .records import RESULTS, ResultLog, Shard, cell_key, file_digest, prints_differ
@@ -51,12 +52,25 @@ from .share import environment
 REFERENCE = "fidelity_reference.pt"
 
 
-def check_choices(label: str, values: Sequence[Any], allowed: Iterable[Any]) -> None:
-    """Refuse an empty selection or a value outside ``allowed``, naming both."""
-    allowed = list(allowed)
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise ConfigError(f"unknown {label} {bad or '(none)'}; choose from {allowed}")
+PATH_METHODS = ("wanda", "sparsegpt")  # pruners that take the calibration pool as given (a cell's pool)
+
+
+@dataclass
+class StudySettings:
+    """What the probe grid (:class:`~atv.experiments.probe_study.StudyConfig`) and the sensitivity map
+    (:class:`~atv.experiments.sensitivity_map.MapConfig`) share: the pruned pathways, the pruner, the seed and
+    how cells are evaluated. Checked by :func:`pruning.options.check_fields`, like every setting of both."""
+
+    pathways: tuple[str, ...] = option(PATHS, "pruned pathway(s); the other stays dense", choices=PATHS,
+                                       label="pathway")
+    method: str = option("wanda", "pruner used on the path (one that takes the pool as given)",
+                         choices=PATH_METHODS)
+    seed: int = option(0, "seed of the calibration sampling and the pruner", within=SEED_RANGE)
+    batch_size: int = option(8, "evaluation batch size", within=">= 1")
+    max_new_tokens: int = option(8, "answer length on open-answer benchmarks", within=">= 1")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def open_benchmarks(benchmarks: Iterable[Benchmark | str | Path]) -> list[Benchmark]:

@@ -2,7 +2,7 @@
 (method x setting), evaluate, and log one record per cell (resumable, like the probe study).
 
 A setting is a sparsity (``"50%"``) or an N:M pattern (``"2:4"``). A method is a name of
-:data:`pruning.config.METHODS`, optionally with a non-uniform allocation at the same global budget:
+:data:`pruning.config.METHOD_CONFIGS`, optionally with a non-uniform allocation at the same global budget:
 ``"atv+owl"``, or ``"atv+map"`` with ``CompareConfig.allocation_map``. Records::
 
     {"cell": {"method": "atv", "setting": "2:4"}, "scores": {...}, "retention": {...},
@@ -28,7 +28,7 @@ from analysis.tables import difference_table, record_interval, scores_table, wri
 from evaluation import Benchmark
 from evaluation.intervals import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, DEFAULT_RESAMPLES, Bootstrap, paired_differences
 from pruning.allocation import ALLOCATIONS
-from pruning.config import METHODS, PruneConfig, parse_pattern
+from pruning.config import METHOD_CONFIGS, PruneConfig, parse_pattern
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
 from pruning.options import check_seed, option
@@ -57,9 +57,9 @@ def split_method(method: str) -> tuple[str, str]:
     """'atv+owl' -> ('atv', 'owl'); 'wanda' -> ('wanda', 'uniform'). Either part must be known."""
     name, _, allocation = method.partition("+")
     allocation = allocation or "uniform"
-    if name not in METHODS or allocation not in ALLOCATIONS or method.endswith("+"):
-        raise ConfigError(f"unknown method {method!r}; choose from {sorted(METHODS)}, optionally with '+' and an "
-                          f"allocation of {[a for a in ALLOCATIONS if a != 'uniform']} (e.g. 'atv+owl')")
+    if name not in METHOD_CONFIGS or allocation not in ALLOCATIONS or method.endswith("+"):
+        raise ConfigError(f"unknown method {method!r}; choose from {sorted(METHOD_CONFIGS)}, optionally with '+' "
+                          f"and an allocation of {[a for a in ALLOCATIONS if a != 'uniform']} (e.g. 'atv+owl')")
     return name, allocation
 
 
@@ -91,7 +91,7 @@ class CompareConfig:
         self.methods, self.settings = tuple(self.methods), tuple(self.settings)
         check_seed(self.seed)
         if not self.methods:
-            raise ConfigError(f"methods is empty; choose from {sorted(METHODS)}")
+            raise ConfigError(f"methods is empty; choose from {sorted(METHOD_CONFIGS)}")
         for method in self.methods:
             split_method(method)
         if self.allocation_map is not None:

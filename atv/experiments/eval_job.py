@@ -43,9 +43,11 @@ from evaluation.harness import evaluate, fidelity_reference
 from evaluation.install import INSTALL_HINT
 from evaluation.intervals import Bootstrap, score_interval
 from evaluation.reports import defined_retention
+from mot_probe.routing import PATHS
+from mot_probe.surgery import PROBE_POOLS
 from pruning.errors import ConfigError, ToolkitError, forward_failed
 from pruning.io import LoadOptions, load_model
-from pruning.options import check_seed, option
+from pruning.options import SEED_RANGE, check_fields, option
 from pruning.outputs import MARKER, check_output_file, check_output_path, write_text_atomic, written_by_toolkit
 
 from .cells import compact_items, paired_retention, prune_summary
@@ -64,20 +66,12 @@ class ProbeCell:
     """One cell of a probe study: its results file and (pathway, pool, sparsity)."""
 
     results: Path  # the study's results.jsonl (study.json sits next to it)
-    pathway: str  # the pruned path: text | visual
-    pool: str  # calibration pool: text | visual | mixed
-    sparsity: float
+    pathway: str = option(help="the pruned path", choices=PATHS)
+    pool: str = option(help="calibration pool", choices=tuple(PROBE_POOLS))
+    sparsity: float = option(help="the cell's sparsity", within="(0, 1)")
 
     def __post_init__(self) -> None:
-        from mot_probe.routing import PATHS
-        from mot_probe.surgery import PROBE_POOLS
-
-        if self.pathway not in PATHS:
-            raise ConfigError(f"probe cell pathway must be one of {PATHS}, got {self.pathway!r}")
-        if self.pool not in PROBE_POOLS:
-            raise ConfigError(f"probe cell pool must be one of {list(PROBE_POOLS)}, got {self.pool!r}")
-        if not 0.0 < self.sparsity < 1.0:
-            raise ConfigError(f"probe cell sparsity must be in (0, 1), got {self.sparsity}")
+        check_fields(self)
 
     @classmethod
     def parse(cls, spec: str) -> "ProbeCell":
@@ -340,8 +334,8 @@ class EvalJob:
     out: Path | None = option(None, "write the result JSON here")
     overwrite: bool = option(False, "replace an existing --out file")
     allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
-    batch_size: int = option(8, "items per forward")
-    max_new_tokens: int = option(8, "harness open answers (lmms-eval tasks set their own)")
+    batch_size: int = option(8, "items per forward", within=">= 1")
+    max_new_tokens: int = option(8, "harness open answers (lmms-eval tasks set their own)", within=">= 1")
     limit: int | None = option(None, "lmms-eval: at most this many items per task (a smoke test)")
     bootstrap_iters: int = option(0, "lmms-eval: standard errors of the metrics (0: none; lmms-eval's own "
                                      "default is 100000)")
@@ -359,7 +353,7 @@ class EvalJob:
     lmms_include: tuple[Path, ...] = option((), "folders of extra lmms-eval task YAMLs")
     lmms_defaults: bool = option(True, "index only --lmms-include tasks (faster)", flag="--no-lmms-defaults")
     load: LoadOptions = option(default_factory=LoadOptions, cli=False)  # revision, dtype, device, device map
-    seed: int = option(0, "seed of the evaluation (and lmms-eval's samplers)")
+    seed: int = option(0, "seed of the evaluation (and lmms-eval's samplers)", within=SEED_RANGE)
     memory_check: bool = option(True, "skip the memory plan's check (load even when it predicts too little free "
                                       "memory)", flag="--no-memory-check")
     out_card: bool = option(False, "append the results to the model card (README.md) of the --model folder that "
@@ -371,10 +365,7 @@ class EvalJob:
             self.probe_from = ProbeCell.parse(self.probe_from)
         if not self.tasks:
             raise ConfigError("--tasks is empty; give harness .jsonl files and/or lmms-eval task names")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
-                              f"{self.max_new_tokens}")
-        check_seed(self.seed)
+        check_fields(self)
         if self.model is None and self.probe_from is None:
             raise ConfigError("give --model DIR, or --probe-from RESULTS:pathway/pool/sparsity")
         if self.out_card and (self.model is None or not (Path(self.model) / CARD).is_file()):

@@ -24,22 +24,21 @@ from torch import nn
 from analysis.tables import probe_table, write_table
 from evaluation import Benchmark, load_benchmark
 from evaluation.intervals import Bootstrap
-from mot_probe.routing import PATHS
 from mot_probe.surgery import PROBE_POOLS, attach_probe_, probe_pool
-from pruning.config import METHODS, PruneConfig
+from pruning.config import PruneConfig
 from pruning.data import check_calibration_paths
 from pruning.engine import PruneReport
 from pruning.errors import ConfigError
 from pruning.io import LoadOptions, dtype_name, resolve_model
-from pruning.options import check_seed, option
+from pruning.options import option
 from pruning.outputs import write_text_atomic
 
 from .cells import (
     CellInputs,
     CellSelection,
+    StudySettings,
     benchmark_inputs,
     cell_name,
-    check_choices,
     dense_reference,
     evaluate_cell,
     load_reference,
@@ -57,45 +56,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class StudyConfig:
-    """The grid of an MoT probe study: pathway x calibration pool x sparsity, plus the dense cell.
+class StudyConfig(StudySettings):
+    """The probe grid: pathway x calibration pool x sparsity, plus the dense cell (and the settings every study
+    shares, :class:`~atv.experiments.cells.StudySettings`).
 
     Args:
         pathways: the pruned pathway(s); the other stays dense.
-        pools: calibration pool(s) of the pruner (``text``, ``visual``, ``mixed``).
-        sparsities: unstructured sparsities, per output row.
         method: the pruner used on the path (``wanda`` or ``sparsegpt``: one that takes the pool as given).
         seed: seed of the calibration sampling and the pruner.
         batch_size: evaluation batch size.
         max_new_tokens: answer length on open-answer benchmarks.
+        pools: calibration pool(s) of the pruner (``text``, ``visual``, ``mixed``).
+        sparsities: unstructured sparsities, per output row.
     """
-    pathways: tuple[str, ...] = option(PATHS, "pruned pathway(s); the other stays dense", choices=PATHS)
-    pools: tuple[str, ...] = option(tuple(PROBE_POOLS), "calibration pool(s)", choices=tuple(PROBE_POOLS))
-    sparsities: tuple[float, ...] = option((0.5, 0.6), "unstructured sparsities, per output row")
-    method: str = option("wanda", "pruner used on the path (one that takes the pool as given)",
-                         choices=("wanda", "sparsegpt"))
-    seed: int = option(0, "seed of the calibration sampling and the pruner")
-    batch_size: int = option(8, "evaluation batch size")
-    max_new_tokens: int = option(8, "answer length on open-answer benchmarks")
 
-    def __post_init__(self) -> None:
-        self.pathways, self.pools = tuple(self.pathways), tuple(self.pools)
-        self.sparsities = tuple(float(s) for s in self.sparsities)
-        check_choices("pathway", self.pathways, PATHS)
-        for pool in self.pools:
-            probe_pool(pool)
-        if not self.pools:
-            raise ConfigError(f"pools is empty; choose from {list(PROBE_POOLS)}")
-        bad_s = [s for s in self.sparsities if not 0.0 < s < 1.0]
-        if bad_s or not self.sparsities:
-            raise ConfigError(f"sparsities must be in (0, 1), got {list(self.sparsities)}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size} and "
-                              f"{self.max_new_tokens}")
-        check_seed(self.seed)
-        if self.method not in METHODS or self.method in ("magnitude", "atv", "tamp"):
-            raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', "
-                              f"got {self.method!r}")
+    pools: tuple[str, ...] = option(tuple(PROBE_POOLS), "calibration pool(s)", choices=PROBE_POOLS,
+                                    label="probe pool")
+    sparsities: tuple[float, ...] = option((0.5, 0.6), "unstructured sparsities, per output row", within="(0, 1)")
 
     def cells(self) -> list[dict[str, Any]]:
         """The dense baseline first, then the grid in a fixed order."""

@@ -11,14 +11,14 @@ from typing import Any
 
 from transformers import set_seed
 
-from pruning.config import PruneConfig
+from pruning.config import MethodConfig, PruneConfig
 from pruning.data import check_dataset_source, load_calibration_dataset, load_llava_conversations
 from pruning.engine import PruneReport, prune_
 from pruning.errors import CalibrationError, ConfigError, HubError, one_line
 from pruning.execution import ExecutionConfig
 from pruning.io import LoadOptions, load_config, load_model, save_pruned
 from pruning.memory import MemoryPlan, check_memory, plan_memory
-from pruning.options import check_seed, option
+from pruning.options import SEED_RANGE, check_fields, option
 from pruning.outputs import check_output_folder, folder_state, scratch_folder
 
 from .share import CARD, check_hub_access, check_repo_id, environment, model_card, push_folder, sparsity_config
@@ -59,17 +59,18 @@ class PruneJob:
     """
     model: str = option(help="HF vision-language model: a local folder (with its processor) or a Hub id")
     out: Path = option(help="output folder for the pruned model, its processor and prune_report.json")
-    config: PruneConfig = option(cli=False)
+    config: PruneConfig | MethodConfig = option(cli=False)  # the flat form (command line) or a method's config
     calib: Path | None = option(None, "LLaVA-conversation JSON/JSONL (ShareGPT4V / LLaVA-NeXT-Data format)")
     images: Path | None = option(None, "folder the calibration records' image paths are relative to")
     calib_dataset: str | None = option(None, "calibration records from the datasets library instead of --calib: a "
                                              "Hub dataset (streamed) or a local parquet/arrow/json file or folder")
     calib_split: str = option("train", "split of --calib-dataset")
     calib_filter: tuple[str, ...] = option((), "keep --calib-dataset records whose fields match, e.g. source=coco")
-    nsamples: int = option(128, "calibration samples")
-    seed: int = option(0, "seed of the calibration sampling (and of the pruner's random choices)")
+    nsamples: int = option(128, "calibration samples", within=">= 1")
+    seed: int = option(0, "seed of the calibration sampling (and of the pruner's random choices)", within=SEED_RANGE)
     max_length: int | None = option(None, "skip calibration records longer than this (tokens)")
-    batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)")
+    batch_size: int = option(1, "calibration samples per forward (right-padded; padding never counts)",
+                             within=">= 1")
     overwrite: bool = option(False, "replace an existing output folder (only one this toolkit wrote)")
     allow_outside_paths: bool = option(False, "accept calibration image paths outside --images")
     memory_check: bool = option(True, "skip the memory plan's check (run even when it predicts too little free "
@@ -83,10 +84,7 @@ class PruneJob:
     private: bool = option(False, "with --push-to-hub: create the repository as private")
 
     def __post_init__(self) -> None:
-        if self.nsamples < 1 or self.batch_size < 1:
-            raise ConfigError(f"nsamples and batch_size must be >= 1, got {self.nsamples} and {self.batch_size}")
-        check_seed(self.seed)
-        self.calib_filter = tuple(self.calib_filter)
+        check_fields(self)
         for item in self.calib_filter:
             _key_value(item)  # checked before any work
         if self.calib_dataset is not None:

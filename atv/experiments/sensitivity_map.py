@@ -49,15 +49,15 @@ from pruning.adapters import Adapter
 from pruning.allocation import GROUPS, MAP_FILE, SensitivityMap, projection_group
 from pruning.config import PruneConfig
 from pruning.engine import compute_masks
-from pruning.errors import ConfigError, ToolkitError, UnsupportedModelError
+from pruning.errors import ToolkitError, UnsupportedModelError
 from pruning.masks import apply_mask_
-from pruning.options import check_seed, option
+from pruning.options import option
 from pruning.outputs import write_text_atomic
 from pruning.registry import get_scorer
 
 from .cells import (
     ITEM_DIGITS,
-    check_choices,
+    StudySettings,
     complete_record,
     dense_reference,
     evaluate_cell,
@@ -78,34 +78,21 @@ DENSE = {"pathway": "dense"}
 
 
 @dataclass
-class MapConfig:
-    map_sparsity: float = option(0.7, "--map: sparsity of the pruned layer-path-group in every cell")
-    map_groups: tuple[str, ...] = option(GROUPS, "--map: projection groups, pruned one at a time", choices=GROUPS)
-    map_pool: str = option("mixed", "--map: calibration pool of every cell", choices=tuple(PROBE_POOLS))
-    map_items: int = option(32, "--map: held-out multimodal prompts (benchmark questions with an image, answers "
-                                "appended) the KL and top-1 agreement are measured on")
-    map_benchmarks: bool = option(False, "--map: also score the benchmarks in every cell (slow)")
-    pathways: tuple[str, ...] = option(PATHS, "pruned pathway(s); the other stays dense", choices=PATHS)
-    method: str = option("wanda", "pruner used on the path (one that takes the pool as given)",
-                         choices=("wanda", "sparsegpt"))
-    seed: int = option(0, "seed of the calibration sampling and the pruner")
-    batch_size: int = option(8, "evaluation batch size")
-    max_new_tokens: int = option(8, "answer length on open-answer benchmarks")
+class MapSettings:
+    """The map's own settings (``--map-*``)."""
 
-    def __post_init__(self) -> None:
-        self.pathways, self.map_groups = tuple(self.pathways), tuple(self.map_groups)
-        check_choices("pathway", self.pathways, PATHS)
-        check_choices("map group", self.map_groups, GROUPS)
-        probe_pool(self.map_pool)
-        check_seed(self.seed)
-        if not 0.0 < self.map_sparsity < 1.0:
-            raise ConfigError(f"map_sparsity must be in (0, 1), got {self.map_sparsity}")
-        if self.map_items < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"map_items, batch_size and max_new_tokens must be >= 1, got {self.map_items}, "
-                              f"{self.batch_size} and {self.max_new_tokens}")
-        if self.method not in ("wanda", "sparsegpt"):
-            raise ConfigError(f"method must use the calibration pool as given: 'wanda' or 'sparsegpt', got "
-                              f"{self.method!r}")
+    map_sparsity: float = option(0.7, "--map: sparsity of the pruned layer-path-group in every cell", within="(0, 1)")
+    map_groups: tuple[str, ...] = option(GROUPS, "--map: projection groups, pruned one at a time", choices=GROUPS,
+                                         label="map group")
+    map_pool: str = option("mixed", "--map: calibration pool of every cell", choices=PROBE_POOLS, label="probe pool")
+    map_items: int = option(32, "--map: held-out multimodal prompts (benchmark questions with an image, answers "
+                                "appended) the KL and top-1 agreement are measured on", within=">= 1")
+    map_benchmarks: bool = option(False, "--map: also score the benchmarks in every cell (slow)")
+
+
+@dataclass
+class MapConfig(StudySettings, MapSettings):
+    """The sensitivity map: its own settings, then those every study shares (checked together)."""
 
     def cells(self, probe: MoTProbe) -> list[dict[str, Any]]:
         """The dense cell, then layer by layer every pathway and group that has routed projections."""
