@@ -60,7 +60,19 @@ C = TypeVar("C", bound=type)
 def register_method(name: str, *, scorer: str, pool: str | None) -> Callable[[C], C]:
     """Register the dataclass ``cls`` (a :class:`MethodConfig`) as method ``name``, scoring with the registered
     scorer ``scorer`` on the calibration pool ``pool`` by default (None: the scorer uses no calibration data).
-    The names are checked when a config is made, so the scorer may be registered after the method."""
+    The names are checked when a config is made, so the scorer may be registered after the method.
+
+    Args:
+        name: the method's name (``--method NAME``, a recipe's ``method:``).
+        scorer: the registered scorer that turns weights (and statistics) into scores.
+        pool: the registered calibration pool used by default; None when the scorer uses no activations.
+
+    Returns:
+        The class decorator; it registers the class and returns it unchanged.
+
+    Raises:
+        ConfigError: the decorated object is not a MethodConfig subclass.
+    """
     def register(cls: C) -> C:
         if not (isinstance(cls, type) and issubclass(cls, MethodConfig)):
             raise ConfigError(f"method {name!r}: register a MethodConfig subclass, got {cls!r}")
@@ -100,7 +112,15 @@ class Uniform:
 
 @dataclass(frozen=True)
 class OWL:
-    """Outlier-weighted layer-wise sparsity (from the dense Wanda scores): fewer pruned weights where more outliers."""
+    """Outlier-weighted layer-wise sparsity (from the dense Wanda scores): fewer pruned weights where more outliers.
+
+    Args:
+        m: a Wanda score is an outlier above ``m`` times its layer's mean.
+        lmbda: the layers' sparsities spread over 2 * lmbda around the target, in [0, 0.5).
+
+    Raises:
+        ConfigError: a value out of its range.
+    """
 
     m: float = option(5.0, "owl: a Wanda score is an outlier above owl_m x its layer's mean", key="owl_m",
                       within="> 0")
@@ -113,7 +133,15 @@ class OWL:
 
 @dataclass(frozen=True)
 class MapAllocation:
-    """Sparsity per layer and attention/FFN group from a sensitivity map of ``atv probe --map``."""
+    """Sparsity per layer and attention/FFN group from a sensitivity map of ``atv probe --map``.
+
+    Args:
+        path: ``sensitivity_map.json`` of ``atv probe --map`` (or its folder).
+        lmbda: the groups' sparsities spread over 2 * lmbda around the target, in [0, 0.5).
+
+    Raises:
+        ConfigError: a path that is not a path, or a value out of its range.
+    """
 
     path: str = option(help="map: sensitivity_map.json of atv probe --map (or its folder)", key="allocation_map")
     lmbda: float = _spread_option()
@@ -156,7 +184,22 @@ def _allocation_dict(allocation: AllocationConfig) -> dict[str, Any]:
 # -- method configs ----------------------------------------------------------------------------------------
 @dataclass
 class MethodConfig:
-    """What every method takes; a method is a registered subclass (:func:`register_method`)."""
+    """What every method takes; a method is a registered subclass (:func:`register_method`).
+
+    Args:
+        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
+        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
+        targets: the Linears to prune, named relative to each decoder block.
+        layers: decoder layer indices to prune (default: all).
+        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
+        seed: seed of the random-visual pool.
+        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
+            ``MapAllocation(path, lmbda)``.
+
+    Raises:
+        ConfigError: a value out of its range or choices (named with the value), or settings that contradict
+            each other (a sparsity and a pattern that disagree, an allocation with a pattern).
+    """
 
     sparsity: float | None = option(None, "fraction pruned per output row (default 0.5; N/M with --pattern)",
                                     within="[0, 1)")
@@ -264,7 +307,25 @@ class MethodConfig:
 
 @dataclass
 class CalibratedConfig(MethodConfig):
-    """A method that scores weights with activations: calibration tokens from a pool (any registered one)."""
+    """A method that scores weights with activations: calibration tokens from a pool (any registered one).
+
+    Args:
+        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
+        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
+        targets: the Linears to prune, named relative to each decoder block.
+        layers: decoder layer indices to prune (default: all).
+        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
+        seed: seed of the random-visual pool.
+        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
+            ``MapAllocation(path, lmbda)``.
+        pool: calibration pool (default: the method's own).
+        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
+        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+
+    Raises:
+        ConfigError: a value out of its range or choices (named with the value), or settings that contradict
+            each other (a sparsity and a pattern that disagree, an allocation with a pattern).
+    """
 
     pool: str | None = option(None, "calibration pool (default: the method's)", choices=POOLS)
     alpha: float = option(1.0, "ATV alpha rule: k = round(min(1, alpha * mean drift) * n_text)", within="> 0")
@@ -295,26 +356,97 @@ class CalibratedConfig(MethodConfig):
 @register_method("magnitude", scorer="magnitude", pool=None)
 @dataclass
 class MagnitudeConfig(MethodConfig):
-    """|W| per output row; no calibration data."""
+    """|W| per output row; no calibration data.
+
+    Args:
+        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
+        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
+        targets: the Linears to prune, named relative to each decoder block.
+        layers: decoder layer indices to prune (default: all).
+        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
+        seed: seed of the random-visual pool.
+        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
+            ``MapAllocation(path, lmbda)``.
+
+    Raises:
+        ConfigError: a value out of its range or choices (named with the value), or settings that contradict
+            each other (a sparsity and a pattern that disagree, an allocation with a pattern).
+    """
 
 
 @register_method("wanda", scorer="wanda", pool="all")
 @dataclass
 class WandaConfig(CalibratedConfig):
-    """Wanda: |W| x the input's norm, over every calibration token."""
+    """Wanda: |W| x the input's norm, over every calibration token.
+
+    Args:
+        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
+        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
+        targets: the Linears to prune, named relative to each decoder block.
+        layers: decoder layer indices to prune (default: all).
+        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
+        seed: seed of the random-visual pool.
+        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
+            ``MapAllocation(path, lmbda)``.
+        pool: calibration pool (default: the method's own).
+        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
+        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+
+    Raises:
+        ConfigError: a value out of its range or choices (named with the value), or settings that contradict
+            each other (a sparsity and a pattern that disagree, an allocation with a pattern).
+    """
 
 
 @register_method("atv", scorer="wanda", pool="atv")
 @dataclass
 class ATVConfig(CalibratedConfig):
     """ATV-Pruning: Wanda's score over the text tokens and the visual tokens that drift most (``alpha`` rule,
-    or ``visual_ratio``)."""
+    or ``visual_ratio``).
+
+    Args:
+        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
+        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
+        targets: the Linears to prune, named relative to each decoder block.
+        layers: decoder layer indices to prune (default: all).
+        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
+        seed: seed of the random-visual pool.
+        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
+            ``MapAllocation(path, lmbda)``.
+        pool: calibration pool (default: the method's own).
+        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
+        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+
+    Raises:
+        ConfigError: a value out of its range or choices (named with the value), or settings that contradict
+            each other (a sparsity and a pattern that disagree, an allocation with a pattern).
+    """
 
 
 @register_method("sparsegpt", scorer="sparsegpt", pool="all")
 @dataclass
 class SparseGPTConfig(CalibratedConfig):
-    """SparseGPT: OBS-style pruning with the inverse Hessian, updating the kept weights."""
+    """SparseGPT: OBS-style pruning with the inverse Hessian, updating the kept weights.
+
+    Args:
+        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
+        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
+        targets: the Linears to prune, named relative to each decoder block.
+        layers: decoder layer indices to prune (default: all).
+        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
+        seed: seed of the random-visual pool.
+        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
+            ``MapAllocation(path, lmbda)``.
+        pool: calibration pool (default: the method's own).
+        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
+        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+        blocksize: columns solved together (the reference's 128).
+        percdamp: dampening added to the Hessian's diagonal, a fraction of its mean.
+
+    Raises:
+        ConfigError: a value out of its range or choices (named with the value), or settings that contradict
+            each other (a sparsity and a pattern that disagree, an allocation with a pattern).
+    """
 
     blocksize: int = option(128, "SparseGPT column block", within=">= 1")
     percdamp: float = option(0.01, "SparseGPT dampening, fraction of the mean Hessian diagonal", within="> 0")
@@ -327,7 +459,25 @@ class SparseGPTConfig(CalibratedConfig):
 @register_method("tamp", scorer="wanda", pool="tamp")
 @dataclass
 class TAMPConfig(CalibratedConfig):
-    """TAMP: Wanda's score over the tokens each Linear's attention weighs most (eager attention)."""
+    """TAMP: Wanda's score over the tokens each Linear's attention weighs most (eager attention).
+
+    Args:
+        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
+        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
+        targets: the Linears to prune, named relative to each decoder block.
+        layers: decoder layer indices to prune (default: all).
+        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
+        seed: seed of the random-visual pool.
+        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
+            ``MapAllocation(path, lmbda)``.
+        pool: calibration pool (default: the method's own).
+        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
+        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+
+    Raises:
+        ConfigError: a value out of its range or choices (named with the value), or settings that contradict
+            each other (a sparsity and a pattern that disagree, an allocation with a pattern).
+    """
 
 
 # -- from the flat form ------------------------------------------------------------------------------------
@@ -350,7 +500,18 @@ def from_dict(data: Mapping[str, Any]) -> MethodConfig:
     """The method config of a flat dict: ``method`` (default 'atv') picks the class, ``allocation`` with
     ``allocation_lambda`` / ``owl_m`` / ``allocation_map`` make its allocation, the other keys are its settings
     (keys with dashes or underscores). A setting of another method is accepted only at its default (the command
-    line gives every option); an unknown key is refused by name."""
+    line gives every option); an unknown key is refused by name.
+
+    Args:
+        data: the flat settings (``to_dict()``'s, a recipe's keys).
+
+    Returns:
+        The method's config, e.g. an :class:`ATVConfig`.
+
+    Raises:
+        ConfigError: an unknown method or key, a setting of another method away from its default, or a value
+            out of its range.
+    """
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
     method = values.pop("method", DEFAULT_METHOD)
     cls = lookup("method", method, METHOD_CONFIGS)
@@ -398,6 +559,15 @@ def from_yaml(path: str | Path) -> MethodConfig:
 
         config = from_yaml("pruned/recipe.yaml")   # e.g. ATVConfig(sparsity=0.6, alpha=0.5, ...)
         prune_(model, config, batches)
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The method's config.
+
+    Raises:
+        ConfigError: the file is not a YAML mapping of settings, or :func:`from_dict` refuses them.
     """
     return from_dict(read_yaml_settings(path))
 
@@ -454,6 +624,15 @@ PruneConfig = dataclasses.make_dataclass(
                           "and in recipes: ``PruneConfig('atv', sparsity=0.6)``. Checked by building its per-method "
                           "config, ``.resolved`` (an ATVConfig here), which the engine runs; a setting of "
                           "another method is refused unless it holds its default."})
+"""Every built-in method's settings in one flat dataclass, named as on the command line and in recipes.
+
+``PruneConfig("atv", sparsity=0.6)`` is checked by building its per-method config, ``.resolved`` (here an
+:class:`ATVConfig`), which the engine runs; a setting of another method is refused unless it holds its default.
+Its fields are those of :class:`MethodConfig`, :class:`CalibratedConfig`, :class:`SparseGPTConfig`,
+:class:`OWL` and :class:`MapAllocation` by their command-line keys (``method``, ``sparsity``, ``pattern``,
+``pool``, ``alpha``, ``visual_ratio``, ``blocksize``, ``percdamp``, ``allocation``, ``allocation_lambda``,
+``owl_m``, ``allocation_map``, ...), generated from those classes so each default and help text is written once.
+"""
 
 
 # -- the method table of earlier versions ------------------------------------------------------------------
