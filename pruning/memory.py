@@ -47,6 +47,8 @@ _INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_pro
            "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
 PRUNE_REMEDIES = ("Keep decoder layers on disk with --offload, use fewer --nsamples (or a smaller --max-length), "
                   "or --schedule three-pass (no activation stash); --no-memory-check runs it anyway")
+PROBE_REMEDIES = ("Load it in a smaller dtype (--dtype bfloat16), spread it over devices (--device-map auto), or use "
+                  "fewer --nsamples (or a smaller --max-length); --no-memory-check runs it anyway")
 EVAL_REMEDIES = ("Load it in a smaller dtype (--dtype bfloat16), spread it over devices (--device-map auto), or use a "
                  "smaller --batch-size; --no-memory-check runs it anyway")
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -237,6 +239,21 @@ def plan_eval_memory(model_config: Any, batch_size: int, seq_len: int, dtype: st
     devices = {name: compute for name in ("activations", "statistics", "stash", "workspace")}
     devices["weights"] = "dispatched" if dispatched and compute != "cpu" else compute
     return MemoryPlan(weights, activations, 0, 0, workspace, "eval", devices)
+
+
+def plan_probe_memory(config: PruneConfig, model_config: Any, n_samples: int, seq_len: int, batch_size: int,
+                      dtype: str | torch.dtype, *, device: str | None = None,
+                      dispatched: bool = False) -> MemoryPlan:
+    """Peak memory of an MoT probe study (``atv probe``) in one process: the probed model's weights (the visual
+    copy of every decoder layer's QKV and FFN included), then the larger of a cell's pruning (``config``'s
+    statistics, activations and workspace over ``n_samples`` samples of ``seq_len`` tokens) and its
+    evaluation (``batch_size`` items)."""
+    prune = plan_memory(config, ExecutionConfig(), model_config, n_samples, seq_len, 1, dtype, device=device,
+                        dispatched=dispatched)
+    scoring = plan_eval_memory(model_config, batch_size, seq_len, dtype, device=device, dispatched=dispatched,
+                               probed=True)
+    return MemoryPlan(scoring.weights, max(prune.activations, scoring.activations), prune.statistics, prune.stash,
+                      max(prune.workspace, scoring.workspace), prune.schedule, prune.devices)
 
 
 def _out_features(shape: ModelShape, target: str) -> int:

@@ -133,6 +133,35 @@ def test_eval_no_memory_check_runs_anyway(world, monkeypatch, capsys):
     assert main(EVAL + ["--no-memory-check"]) == 0, capsys.readouterr().err
 
 
+PROBE = ["probe", "--model", "model", "--calib", "calib/calib.json", "--images", "calib/images", "--bench",
+         "look.jsonl", "--nsamples", "2", "--pathways", "text", "--pools", "text", "--sparsities", "0.5"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--map"]], ids=["grid", "map"])
+def test_probe_refuses_a_study_that_will_not_fit_before_loading(world, monkeypatch, capsys, extra):
+    monkeypatch.setattr("pruning.memory.available_memory", lambda device: 1024)
+    monkeypatch.setattr("pruning.io.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    before = tree(world)
+    line = _run(world, monkeypatch, capsys, PROBE + extra + ["--out", "study"])
+    assert "needs about" in line and "--nsamples" in line and "--no-memory-check" in line
+    assert tree(world) == before
+
+
+def test_probe_memory_plan_holds_the_probed_weights_and_the_larger_phase():
+    from tiny_models import build_tiny
+
+    from pruning.config import PruneConfig
+    from pruning.execution import ExecutionConfig
+    from pruning.memory import plan_eval_memory, plan_memory, plan_probe_memory
+
+    model, _ = build_tiny("llava")
+    probe = plan_probe_memory(PruneConfig("sparsegpt"), model.config, 4, 32, 8, "float32")
+    prune = plan_memory(PruneConfig("sparsegpt"), ExecutionConfig(), model.config, 4, 32, 1, "float32")
+    scoring = plan_eval_memory(model.config, 8, 32, "float32", probed=True)
+    assert probe.weights == scoring.weights > prune.weights and probe.statistics == prune.statistics > 0
+    assert probe.workspace == max(prune.workspace, scoring.workspace)
+
+
 def test_eval_memory_plan_counts_the_probes_second_copy():
     from tiny_models import build_tiny
 

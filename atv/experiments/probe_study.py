@@ -48,7 +48,7 @@ from .cells import (
     run_cells,
 )
 from .executors import ExecutorOptions, InProcess, RayExecutor, make_executor
-from .prune_job import RECIPE, recipe_text
+from .prune_job import PLAN_TOKENS, RECIPE, recipe_text
 from .records import ResultLog, check_inputs, check_study_folder, file_digest, model_inputs, read_setup, study_lock
 from .sensitivity_map import MapConfig, MapResult, run_map_study
 
@@ -229,6 +229,7 @@ class ProbeJob:
         recipe: the options as a recipe, saved as ``recipe.yaml``.
         allow_outside_paths: accept benchmark and calibration image paths outside their folder.
         run: where the cells run (in this process, or as Ray tasks).
+        memory_check: refuse, before loading, a study the memory plan says will not fit in this process.
         selection: which cells this run computes (patterns, a shard, or a merge).
     """
     model: str = option(help="HF vision-language model: a local folder (with its processor) or a Hub id")
@@ -246,6 +247,8 @@ class ProbeJob:
     recipe: dict[str, Any] | None = option(None, cli=False)  # the command's options, saved as recipe.yaml
     allow_outside_paths: bool = option(False, "accept benchmark and calibration image paths outside their folder")
     run: ExecutorOptions = option(default_factory=ExecutorOptions, cli=False)  # in-process or Ray
+    memory_check: bool = option(True, "skip the memory plan's check (load even when it predicts too little free "
+                                      "memory)", flag="--no-memory-check")
     selection: CellSelection = option(default_factory=CellSelection, cli=False)  # --cells, --shard, --merge
 
     @property
@@ -315,6 +318,21 @@ def _setup_extra(job: ProbeJob, dtype: str, calibration_ids: list[str], inputs: 
             **({"revision": job.load.revision} if job.load.revision else {})}
 
 
+def _check_memory(job: ProbeJob) -> None:
+    """Refuse, before loading, a study whose memory plan (the probed model, a cell's pruning and evaluation)
+    exceeds the free memory (samples assumed --max-length tokens long, else PLAN_TOKENS)."""
+    from pruning.io import load_config
+    from pruning.memory import PROBE_REMEDIES, check_memory, plan_probe_memory
+
+    settings = job.map_config if job.map else job.config
+    dispatched = job.load.device_map not in (None, "cpu")
+    plan = plan_probe_memory(PruneConfig(settings.method), load_config(job.model, job.load), job.nsamples,
+                             job.max_length or PLAN_TOKENS, settings.batch_size, job.load.dtype,
+                             device=job.load.device, dispatched=dispatched)
+    log.info("%s", plan.summary())
+    check_memory(plan, remedies=PROBE_REMEDIES)
+
+
 def _load_here(job: ProbeJob, inputs, processor) -> tuple[nn.Module, Any, list[dict[str, Any]], dict[str, Any]]:
     """(model, processor, calibration batches, setup extra) as ``atv probe`` loads them in this process: seeded
     first."""
@@ -323,6 +341,8 @@ def _load_here(job: ProbeJob, inputs, processor) -> tuple[nn.Module, Any, list[d
     from pruning.data import load_llava_conversations
     from pruning.io import load_model
 
+    if job.memory_check:
+        _check_memory(job)
     set_seed(job.config.seed)
     model, loaded = load_model(job.model, job.load, with_processor=processor is None)
     processor = processor if processor is not None else loaded
