@@ -648,6 +648,9 @@ class _MethodTable(MutableMapping):
         warnings.warn("pruning.config.METHODS is deprecated: register a config class with @register_method",
                       DeprecationWarning, stacklevel=2)
         scorer, pool = entry
+        current = METHOD_CONFIGS.get(name)
+        if current is not None and (current.scorer, current.default_pool) == (scorer, pool):
+            return  # the entry it already has (e.g. a saved copy put back): keep its own config class
         base = MethodConfig if pool is None else CalibratedConfig
         register_method(name, scorer=scorer, pool=pool)(dataclass(type(f"{name}Config", (base,), {})))
 

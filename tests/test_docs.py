@@ -241,7 +241,7 @@ def registries() -> list[dict]:
     """The registries a block may add to (a scorer, a method, an adapter): restored after each block."""
     from pruning import adapters, config, registry
 
-    return [registry.SCORERS, registry.POOLS, config.METHODS, adapters._REGISTRY]
+    return [registry.SCORERS, registry.POOLS, config.METHOD_CONFIGS, adapters._REGISTRY]
 
 
 def run_block(block: Block, tiny: Tiny, capsys) -> None:

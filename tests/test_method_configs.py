@@ -270,3 +270,23 @@ def test_allocations_are_small_configs():
     assert OWL(3.0, 0.1) == OWL(m=3.0, lmbda=0.1) and MapAllocation("m.json").lmbda == 0.08
     assert WandaConfig(allocation=OWL()).needs_calibration and not MagnitudeConfig().needs_calibration
     assert MagnitudeConfig(allocation=OWL()).needs_calibration  # owl's Wanda scores need activations
+
+
+def test_putting_back_the_deprecated_method_tables_entries_keeps_each_methods_class():
+    """Code of earlier versions saves and restores ``METHODS`` (clear, then update): the built-in classes, with
+    their own settings (SparseGPT's blocksize), must come back, not plain stand-ins."""
+    import warnings
+
+    from pruning import config as config_module
+
+    saved_configs = dict(config_module.METHOD_CONFIGS)
+    saved = dict(config_module.METHODS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            config_module.METHODS.update(saved)
+        assert config_module.METHOD_CONFIGS == saved_configs
+        assert config_module.PruneConfig("atv", blocksize=128).resolved.method == "atv"
+    finally:
+        config_module.METHOD_CONFIGS.clear()
+        config_module.METHOD_CONFIGS.update(saved_configs)
