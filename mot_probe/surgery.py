@@ -6,7 +6,7 @@ pool, and undo it all.
 In-place and reversible, like peft's adapters::
 
     probe = attach_probe_(model)                       # routed, still computes exactly the original
-    probe.prune_path_("text", PruneConfig("wanda", sparsity=0.5, pool="visual"), batches)
+    probe.prune_path_("text", WandaConfig(sparsity=0.5, pool="visual"), batches)
     ...evaluate model...
     probe.reset_()                                     # both paths dense again (copies dropped)
     probe.unload()                                     # original modules back, original state_dict keys
@@ -37,7 +37,7 @@ from pruning.adapters import (
     CapturedBatch,
     get_adapter,
 )
-from pruning.config import PruneConfig
+from pruning.config import MethodConfig, PruneConfig
 from pruning.engine import PruneReport, prune_
 from pruning.errors import ConfigError, ToolkitError
 from pruning.experts import EXPERT_PARAMS, block_targets, find_experts
@@ -200,8 +200,9 @@ class MoTProbe:
         """Number of weight entries held beyond the original model (the materialised copies)."""
         return sum(p.numel() for r in self.routed_modules() for copy in r.paths.values() for p in copy.parameters())
 
-    def prune_path_(self, path: str, config: PruneConfig, calibration: Iterable[Mapping[str, Any]] = (), *,
-                    progress: bool = True, keep_masks: bool = False) -> PruneReport:
+    def prune_path_(self, path: str, config: MethodConfig | PruneConfig,
+                    calibration: Iterable[Mapping[str, Any]] = (), *, progress: bool = True,
+                    keep_masks: bool = False) -> PruneReport:
         """Prune path ``path`` of the routed Linears and experts with ``config`` (its pool is independent of the
         path: e.g. the text path calibrated with visual tokens); the other path stays dense.
 
@@ -233,7 +234,7 @@ class MoTProbe:
                 module.materialise_(path)
                 module.active = path
 
-    def _path_config(self, config: PruneConfig) -> PruneConfig:
+    def _path_config(self, config: MethodConfig | PruneConfig) -> MethodConfig | PruneConfig:
         """The default targets mean every routed projection and routed expert parameter (per layer: layers may
         differ, e.g. hybrid, KV-sharing or partly-MoE decoders); they are spelled out when every layer routes
         the same names."""
