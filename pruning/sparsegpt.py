@@ -142,6 +142,6 @@ def _obs_block(block: torch.Tensor, block_mask: torch.Tensor, block_hinv: torch.
         col = block[i]
         kept = col.masked_fill(block_mask[i], 0)
         err = torch.div(col - kept, block_hinv[i, i], out=errors[i])
-        block[i:] -= block_hinv[i, i:].unsqueeze(1) * err.unsqueeze(0)  # elementwise as (out,1)*(1,cols): same bits
-        block[i] = kept
+        block[i + 1:] -= block_hinv[i, i + 1:].unsqueeze(1) * err.unsqueeze(0)  # elementwise: the same bits as
+        block[i] = kept  # (out, 1) * (1, cols); column i itself becomes ``kept``
     return block, errors
