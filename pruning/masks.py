@@ -155,8 +155,23 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] 
 
 @torch.no_grad()
 def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
-    """Zero the weights of ``linear`` where ``mask`` is True (in place)."""
-    linear.weight.masked_fill_(mask.to(linear.weight.device), 0)
+    """Zero the weights of ``linear`` where ``mask`` is True (in place, :func:`zero_where_`)."""
+    zero_where_(linear.weight, mask.to(linear.weight.device))
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def zero_where_(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``tensor.masked_fill_(mask, 0)`` bit for bit (+0.0 whatever the value was: -0.0, inf or NaN included), as a
+    multiply of the floats' bit patterns, read as integers of the same width, by the keep mask (0 or 1):
+    several times faster than masked_fill_ on CPUs. Other dtypes take masked_fill_."""
+    bits = _SAME_WIDTH_INT.get(tensor.element_size()) if tensor.is_floating_point() else None
+    if bits is None:
+        return tensor.masked_fill_(mask, 0)
+    tensor.view(bits).mul_(~mask)
+    return tensor
 
 
 def sparsity_of(weight: torch.Tensor) -> float:

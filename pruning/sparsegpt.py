@@ -11,7 +11,7 @@ import weakref
 import torch
 
 from .errors import NumericalError
-from .masks import lowest_in_groups, lowest_mask
+from .masks import lowest_in_groups, lowest_mask, zero_where_
 from .registry import register_scorer
 from .scores import STATS_DTYPE
 
@@ -123,7 +123,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         w[:, start:end] = block.T
         w[:, end:] -= errors.T.contiguous() @ hinv[start:end, end:]
         mask[:, start:end] = block_mask.T
-    w.masked_fill_(mask, 0)
+    zero_where_(w, mask)
     return w.to(weight.dtype), mask
 
 

@@ -5,7 +5,7 @@ import torch
 
 from pruning.errors import NumericalError
 from pruning.masks import (apply_mask_, lowest_mask, lowest_mask_by_sort, matrix_mask, nm_mask, nm_mask_by_sort, row_mask,
-                           sparsity_of)
+                           sparsity_of, zero_where_)
 from pruning.scores import magnitude_scores, wanda_scores
 from pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from pruning.stats import Hessian, SquaredNorms
@@ -79,6 +79,20 @@ def test_apply_mask_zeroes_exactly_the_mask():
     assert torch.equal(linear.weight[mask], torch.zeros(2))
     assert torch.equal(linear.weight[~mask], before[~mask])
     assert sparsity_of(linear.weight) == 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64])
+def test_zero_where_is_masked_fill_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(6, 40, generator=g) * 100
+    values[0, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0])
+    tensor = values.to(dtype)
+    mask = torch.rand(6, 40, generator=g) < 0.5
+    mask[0, :5] = True
+    expected = tensor.clone().masked_fill_(mask, 0)
+    got = zero_where_(tensor.clone(), mask)
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    assert torch.equal(got.view(width), expected.view(width))  # the sign bit of -0.0 too
 
 
 def test_squared_norms_weigh_each_sample_once():
