@@ -126,12 +126,15 @@ def lowest_in_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
         before = before.reshape(m, m, *[1] * (groups.dim() - 1))
         a, b = groups.unsqueeze(1), groups.unsqueeze(0)  # a[j, k] = groups[j], b[j, k] = groups[k]
         return ((b < a) | ((b == a) & before)).sum(dim=1) < n
-    rank = torch.zeros_like(groups, dtype=torch.uint8)
+    # each pair j < k adds 1 to the rank of exactly one of them: start k at its k earlier partners, move the 1
+    # from k to j where the later entry orders first (strictly below; ties go to the earlier index)
+    rank = torch.arange(m, dtype=torch.uint8, device=groups.device).reshape(m, *[1] * (groups.dim() - 1))
+    rank = rank.expand(groups.shape).clone()
     for j in range(m):
         for k in range(j + 1, m):
-            later_below = groups[k] < groups[j]  # else the earlier index orders first (ties included)
+            later_below = (groups[k] < groups[j]).view(torch.uint8)
             rank[j] += later_below
-            rank[k] += ~later_below
+            rank[k] -= later_below
     return rank < n
 
 

@@ -53,9 +53,9 @@ def _hard_scores(rows: int, cols: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("m", [2, 4, 8, 16, 32])
 def test_nm_mask_equals_the_stable_sort(m):
-    for rows in (3, 300):  # the all-pairs form for small inputs and the pairwise loop for large ones
+    for rows in (3, 5000):  # the all-pairs form for small inputs and the pairwise loop for large ones
         for name, s in _hard_scores(rows, 4 * m).items():
-            for n in range(1, m):
+            for n in sorted({1, m // 2, m - 1}):
                 assert torch.equal(nm_mask(s, n, m), nm_mask_by_sort(s, n, m)), (name, rows, n)
 
 
