@@ -30,19 +30,29 @@ class SquaredNorms:
 
 
 class Hessian:
-    """Mean over samples of 2 * X^T X (SparseGPT's layer Hessian), fp32, (features, features)."""
+    """Mean over samples of 2 * X^T X (SparseGPT's layer Hessian), fp32, (features, features).
+
+    ``result()`` returns one tensor until the next ``add``: the Linears sharing this accumulator (q/k/v) get
+    the same Hessian tensor, whose inverse SparseGPT then computes once (:func:`pruning.sparsegpt.shared_inverse_factor`)."""
 
     def __init__(self, features: int, device: torch.device | str = "cpu"):
         self.total = torch.zeros(features, features, dtype=STATS_DTYPE, device=device)
         self.samples = 0
+        self._mean: tuple[tuple[int, int, int], torch.Tensor] | None = None  # (versions and samples, mean)
 
     def add(self, rows: torch.Tensor, samples: int = 1) -> None:
         x = rows.to(device=self.total.device, dtype=STATS_DTYPE)
         self.total.addmm_(x.T, x, alpha=2.0)
         self.samples += samples
+        self._mean = None
 
     def result(self) -> torch.Tensor:
-        return self.total / max(self.samples, 1)
+        if self.total.is_inference():  # no version counters to check a kept mean against
+            return self.total / max(self.samples, 1)
+        if self._mean is None or self._mean[0] != (self.total._version, self.samples, self._mean[1]._version):
+            mean = self.total / max(self.samples, 1)
+            self._mean = ((self.total._version, self.samples, mean._version), mean)
+        return self._mean[1]
 
 
 ACCUMULATORS = {"sq_norms": SquaredNorms, "hessian": Hessian}  # a scorer's ``needs`` -> its accumulator

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pruning.errors import NumericalError
-from pruning.masks import apply_mask_, matrix_mask, nm_mask, row_mask, sparsity_of
+from pruning.masks import (apply_mask_, lowest_mask, lowest_mask_by_sort, matrix_mask, nm_mask, nm_mask_by_sort, row_mask,
+                           sparsity_of, zero_where_)
 from pruning.scores import magnitude_scores, wanda_scores
 from pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from pruning.stats import Hessian, SquaredNorms
@@ -40,6 +41,31 @@ def test_nm_mask_by_hand_and_group_by_group():
         nm_mask(torch.ones(2, 6), 2, 4)
 
 
+def _hard_scores(rows: int, cols: int) -> dict[str, torch.Tensor]:
+    """Score matrices where a selection and a stable sort could part: ties, signed zeros, infinities, NaN."""
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(rows, cols, generator=g)
+    special = torch.tensor([0.0, -0.0, 1.0, float("inf"), float("-inf"), 1.0, 0.0, 2.0])
+    return {"random": scores, "ties": (scores * 3).round(), "constant": torch.ones(rows, cols),
+            "special": special[torch.randint(0, 8, (rows, cols), generator=g)],
+            "nan": scores.masked_fill(scores < 0.2, float("nan"))}
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16, 32])
+def test_nm_mask_equals_the_stable_sort(m):
+    for rows in (3, 5000):  # the all-pairs form for small inputs and the pairwise loop for large ones
+        for name, s in _hard_scores(rows, 4 * m).items():
+            for n in sorted({1, m // 2, m - 1}):
+                assert torch.equal(nm_mask(s, n, m), nm_mask_by_sort(s, n, m)), (name, rows, n)
+
+
+def test_lowest_mask_equals_the_stable_sort():
+    for name, s in _hard_scores(9, 40).items():
+        for n_prune in (0, 1, 7, 180, 359, 360):
+            assert torch.equal(lowest_mask(s, n_prune), lowest_mask_by_sort(s, n_prune)), (name, n_prune)
+        assert torch.equal(lowest_mask(s.T, 100), lowest_mask_by_sort(s.T, 100)), name  # non-contiguous
+
+
 def test_matrix_mask_compares_across_rows():
     scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert matrix_mask(scores, 0.5).tolist() == [[True, True], [False, False]]
@@ -53,6 +79,20 @@ def test_apply_mask_zeroes_exactly_the_mask():
     assert torch.equal(linear.weight[mask], torch.zeros(2))
     assert torch.equal(linear.weight[~mask], before[~mask])
     assert sparsity_of(linear.weight) == 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64])
+def test_zero_where_is_masked_fill_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(6, 40, generator=g) * 100
+    values[0, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0])
+    tensor = values.to(dtype)
+    mask = torch.rand(6, 40, generator=g) < 0.5
+    mask[0, :5] = True
+    expected = tensor.clone().masked_fill_(mask, 0)
+    got = zero_where_(tensor.clone(), mask)
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    assert torch.equal(got.view(width), expected.view(width))  # the sign bit of -0.0 too
 
 
 def test_squared_norms_weigh_each_sample_once():
@@ -69,6 +109,20 @@ def test_accumulators_do_not_overflow_with_fp16_activations():
     hessian.add(x)
     assert torch.isfinite(norms.result()).all() and torch.isfinite(hessian.result()).all()
     assert norms.result()[0].item() == pytest.approx(64 * 60000.0**2, rel=1e-6)
+
+
+def test_hessian_result_is_one_tensor_until_the_next_add():
+    """Linears sharing an accumulator get one Hessian tensor (SparseGPT inverts it once); an add or an in-place
+    change of the handed-out mean gives a fresh one."""
+    hessian = Hessian(3)
+    hessian.add(torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]))
+    first = hessian.result()
+    assert hessian.result() is first
+    first.mul_(2.0)
+    assert hessian.result() is not first and torch.equal(hessian.result(), hessian.total)
+    kept = hessian.result()
+    hessian.add(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert hessian.result() is not kept and torch.equal(hessian.result(), hessian.total / 2)
 
 
 def test_sparsegpt_with_diagonal_hessian_is_saliency_pruning_without_updates():
