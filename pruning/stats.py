@@ -33,7 +33,8 @@ class Hessian:
     """Mean over samples of 2 * X^T X (SparseGPT's layer Hessian), fp32, (features, features).
 
     ``result()`` returns one tensor until the next ``add``: the Linears sharing this accumulator (q/k/v) get
-    the same Hessian tensor, whose inverse SparseGPT then computes once (:func:`pruning.sparsegpt.shared_inverse_factor`)."""
+    the same Hessian tensor, whose inverse SparseGPT then computes once
+    (:func:`pruning.sparsegpt.shared_inverse_factor`)."""
 
     def __init__(self, features: int, device: torch.device | str = "cpu"):
         self.total = torch.zeros(features, features, dtype=STATS_DTYPE, device=device)

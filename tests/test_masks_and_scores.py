@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from pruning.errors import NumericalError
-from pruning.masks import (apply_mask_, lowest_mask, lowest_mask_by_sort, matrix_mask, nm_mask, nm_mask_by_sort, row_mask,
-                           sparsity_of, zero_where_)
+from pruning.masks import (
+    apply_mask_,
+    lowest_mask,
+    lowest_mask_by_sort,
+    matrix_mask,
+    nm_mask,
+    nm_mask_by_sort,
+    row_mask,
+    sparsity_of,
+    zero_where_,
+)
 from pruning.scores import magnitude_scores, wanda_scores
 from pruning.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from pruning.stats import Hessian, SquaredNorms
