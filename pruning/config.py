@@ -309,15 +309,9 @@ class MethodConfig:
 class CalibratedConfig(MethodConfig):
     """A method that scores weights with activations: calibration tokens from a pool (any registered one).
 
+    Settings: those of :class:`MethodConfig`, and:
+
     Args:
-        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
-        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
-        targets: the Linears to prune, named relative to each decoder block.
-        layers: decoder layer indices to prune (default: all).
-        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
-        seed: seed of the random-visual pool.
-        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
-            ``MapAllocation(path, lmbda)``.
         pool: calibration pool (default: the method's own).
         alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
         visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
@@ -358,15 +352,7 @@ class CalibratedConfig(MethodConfig):
 class MagnitudeConfig(MethodConfig):
     """|W| per output row; no calibration data.
 
-    Args:
-        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
-        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
-        targets: the Linears to prune, named relative to each decoder block.
-        layers: decoder layer indices to prune (default: all).
-        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
-        seed: seed of the random-visual pool.
-        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
-            ``MapAllocation(path, lmbda)``.
+    Settings: those of :class:`MethodConfig`.
 
     Raises:
         ConfigError: a value out of its range or choices (named with the value), or settings that contradict
@@ -379,18 +365,7 @@ class MagnitudeConfig(MethodConfig):
 class WandaConfig(CalibratedConfig):
     """Wanda: |W| x the input's norm, over every calibration token.
 
-    Args:
-        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
-        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
-        targets: the Linears to prune, named relative to each decoder block.
-        layers: decoder layer indices to prune (default: all).
-        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
-        seed: seed of the random-visual pool.
-        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
-            ``MapAllocation(path, lmbda)``.
-        pool: calibration pool (default: the method's own).
-        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
-        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+    Settings: those of :class:`CalibratedConfig`.
 
     Raises:
         ConfigError: a value out of its range or choices (named with the value), or settings that contradict
@@ -404,18 +379,7 @@ class ATVConfig(CalibratedConfig):
     """ATV-Pruning: Wanda's score over the text tokens and the visual tokens that drift most (``alpha`` rule,
     or ``visual_ratio``).
 
-    Args:
-        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
-        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
-        targets: the Linears to prune, named relative to each decoder block.
-        layers: decoder layer indices to prune (default: all).
-        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
-        seed: seed of the random-visual pool.
-        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
-            ``MapAllocation(path, lmbda)``.
-        pool: calibration pool (default: the method's own).
-        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
-        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+    Settings: those of :class:`CalibratedConfig`.
 
     Raises:
         ConfigError: a value out of its range or choices (named with the value), or settings that contradict
@@ -428,18 +392,9 @@ class ATVConfig(CalibratedConfig):
 class SparseGPTConfig(CalibratedConfig):
     """SparseGPT: OBS-style pruning with the inverse Hessian, updating the kept weights.
 
+    Settings: those of :class:`CalibratedConfig`, and:
+
     Args:
-        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
-        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
-        targets: the Linears to prune, named relative to each decoder block.
-        layers: decoder layer indices to prune (default: all).
-        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
-        seed: seed of the random-visual pool.
-        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
-            ``MapAllocation(path, lmbda)``.
-        pool: calibration pool (default: the method's own).
-        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
-        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
         blocksize: columns solved together (the reference's 128).
         percdamp: dampening added to the Hessian's diagonal, a fraction of its mean.
 
@@ -461,18 +416,7 @@ class SparseGPTConfig(CalibratedConfig):
 class TAMPConfig(CalibratedConfig):
     """TAMP: Wanda's score over the tokens each Linear's attention weighs most (eager attention).
 
-    Args:
-        sparsity: fraction pruned per output row, in [0, 1) (default 0.5; N/M with ``pattern``).
-        pattern: N:M semi-structured sparsity, e.g. '2:4' (default: unstructured).
-        targets: the Linears to prune, named relative to each decoder block.
-        layers: decoder layer indices to prune (default: all).
-        propagate: the next layer's inputs: outputs of the 'pruned' or of the 'dense' layer.
-        seed: seed of the random-visual pool.
-        allocation: how the sparsity is spread over layers: ``Uniform()``, ``OWL(m, lmbda)`` or
-            ``MapAllocation(path, lmbda)``.
-        pool: calibration pool (default: the method's own).
-        alpha: ATV's alpha rule, k = round(min(1, alpha * mean drift) * n_text).
-        visual_ratio: ATV's fixed rule instead of alpha, k = round(ratio * n_visual).
+    Settings: those of :class:`CalibratedConfig`.
 
     Raises:
         ConfigError: a value out of its range or choices (named with the value), or settings that contradict

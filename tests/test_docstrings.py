@@ -85,6 +85,8 @@ def test_public_object_has_parameter_sections(name):
     params = parameters(obj)
     if params:
         named = {p.name for p in found.get("parameters", [])}
+        if obj.is_class:  # a subclass documents its own fields; the inherited ones are in its bases' Args
+            named |= {p.name for base in obj.mro() for p in sections(base).get("parameters", [])}
         missing = [p for p in params if p not in named]
         assert not missing, f"{name}: Args: section lacks {missing}"
     if obj.is_function:
