@@ -19,6 +19,9 @@ LIBRARIES = ("mot_probe", "pruning", "analysis", "evaluation", "atv")
 OTHERS = ("tests", "benchmarks", "scripts")
 # import name -> distribution name, for packages that need not be installed for this test to know them
 KNOWN = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "lmms_eval": "lmms-eval"}
+# peers a benchmark compares against, installed in their own environment and never declared: distribution ->
+# the only folder allowed to import them
+PEERS = {"llmcompressor": "benchmarks"}
 
 
 def _normal(name: str) -> str:
@@ -90,6 +93,8 @@ def undeclared() -> tuple[dict[str, str], dict[str, str]]:
             body, anywhere = imports(path)
             where = str(path.relative_to(ROOT))
             for dist in map(distribution, third_party(anywhere)):
+                if PEERS.get(dist) == folder:
+                    continue
                 if dist not in everything:
                     nowhere.setdefault(dist, where)
             if folder in LIBRARIES:
@@ -104,6 +109,12 @@ def test_every_imported_package_is_declared():
     assert not nowhere, f"imported but not declared in pyproject.toml (add them to dependencies or an extra): {nowhere}"
     assert not not_core, f"imported at module level by the library but only in an extra (import lazily or make " \
                          f"them core dependencies): {not_core}"
+
+
+def test_peers_stay_out_of_the_dependencies():
+    """A peer compared in a benchmark is never a dependency or an extra of the toolkit."""
+    _, everything = declared()
+    assert not set(PEERS) & everything
 
 
 def test_the_check_finds_an_undeclared_import(tmp_path):
