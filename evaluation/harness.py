@@ -20,8 +20,9 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import logging
+import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -48,11 +49,13 @@ from .benchmarks import (
 )
 from .model_io import (
     build_prompt,
+    cache_kwarg,
     common_prefix,
     encode,
     forward_rows,
     greedy_generate,
     inference,
+    last_logits,
     real_ids,
     to_model,
     tokenizer_of,
@@ -147,36 +150,117 @@ def _general_scores(model: nn.Module, processor, plan: _ChoicePlan, batch_size: 
     return scores
 
 
-def _fast_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> list[list[float]]:
-    """Single-token options of several items: one forward of the prompts, read at each last real position."""
+def _fast_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
+                 shared_prefix: bool = True) -> list[list[float]]:
+    """Single-token options of several items: one forward of the prompts, read at each last real position
+    (their preamble encoded once when ``shared_prefix`` and the model allows, see :func:`_shared_logits`)."""
     images = [p.image for p in plans] if plans[0].image else None
-    rows = forward_rows(model, encode(processor, [p.prompt for p in plans], images, "right"))
-    scores = []
-    for plan, (ids, logits) in zip(plans, rows):
-        _check_ids(ids, plan.prompt_ids, plan.item.id)
-        scores.append(metrics.next_token_logprobs(logits[-1], [f[-1] for f in plan.full_ids]))
-    return scores
+    inputs = encode(processor, [p.prompt for p in plans], images, "right")
+    for plan, ids in zip(plans, real_ids(inputs)):
+        _check_ids(torch.tensor(ids), plan.prompt_ids, plan.item.id)
+    logits = _shared_logits(model, processor, inputs) if shared_prefix else last_logits(model, inputs)
+    return [metrics.next_token_logprobs(row, [f[-1] for f in plan.full_ids]) for plan, row in zip(plans, logits)]
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """The forward's name for the KV cache: ``cache`` from transformers 5.2x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+MIN_SHARED_PREFIX = 4  # fewer shared tokens than this are not worth a second forward
+_PLACEHOLDER = re.compile(r"(image|video|vision|audio|boi|boa|img|media)\w*_token(_id|_index|_ids)?$")
+_SHARING_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> list[list[float]] | None:
+def _placeholder_ids(model: nn.Module, processor) -> set[int]:
+    """Token ids that stand for (or open) image, video or audio content, from the model's configs and the
+    processor's attributes: a shared prefix stops before the first of them."""
+    found: set[int] = set()
+    configs, seen = [model.config], set()
+    while configs:
+        config = configs.pop()
+        if id(config) in seen:
+            continue
+        seen.add(id(config))
+        for key, value in vars(config).items():
+            if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                configs.append(value)
+            elif _PLACEHOLDER.search(key) and isinstance(value, int) and not isinstance(value, bool):
+                found.add(value)
+    tokenizer = tokenizer_of(processor)
+    for key in dir(processor):
+        if not _PLACEHOLDER.search(key) or key.startswith("_"):
+            continue
+        value = getattr(processor, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            found.add(value)
+        elif isinstance(value, str) and value:
+            token = tokenizer.convert_tokens_to_ids(value)
+            if isinstance(token, int) and token != tokenizer.unk_token_id:
+                found.add(token)
+    return found
+
+
+def shared_prefix_length(inputs: dict[str, torch.Tensor], placeholders: set[int]) -> int:
+    """Leading tokens that every row of a right-padded batch shares, up to (not including) the first image
+    placeholder and leaving each row at least one token of its own; 0 for a single row.
+
+    >>> shared_prefix_length({"input_ids": torch.tensor([[5, 6, 9, 7], [5, 6, 9, 8]]),
+    ...                       "attention_mask": torch.ones(2, 4, dtype=torch.long)}, {9})
+    2
+    """
+    ids = inputs["input_ids"]
+    if ids.shape[0] < 2:
+        return 0
+    same = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
+    first = next((i for i, t in enumerate(ids[0, :same].tolist()) if t in placeholders), same)
+    return max(0, min(first, int(inputs["attention_mask"].sum(1).min()) - 1))
+
+
+def _tolerance(model: nn.Module) -> float:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 1e-1
+
+
+def _shared_logits(model: nn.Module, processor, inputs: dict[str, torch.Tensor], return_cache: bool = False) -> Any:
+    """:func:`last_logits` of the batch, its shared preamble encoded once where the model allows.
+
+    The first time a model could share a prefix, both ways are computed and compared (every log-prob within
+    rounding tolerance): a family whose forward does not accept a text-only cache before the image (M-RoPE
+    positions, cross-attention masks, ...) shows it there and keeps whole-prompt forwards; that batch is scored
+    from the whole prompts either way."""
+    prefix = shared_prefix_length(inputs, _placeholder_ids(model, processor))
+    verified = _SHARING_VERIFIED.get(model)
+    if prefix >= MIN_SHARED_PREFIX and verified:
+        return last_logits(model, inputs, prefix, return_cache)
+    plain = last_logits(model, inputs, 0, return_cache)
+    if prefix < MIN_SHARED_PREFIX or verified is False or plain is None:
+        return plain
+    try:
+        shared = last_logits(model, inputs, prefix)
+    except Exception as err:  # noqa: BLE001 - any failure means: this family cannot share, score whole prompts
+        log.debug("%s: a shared prompt prefix fails (%s); scoring whole prompts", type(model).__name__, err)
+        shared = None
+    dense = plain[0] if return_cache else plain
+    ok = shared is not None and shared.shape == dense.shape and bool(
+        (torch.log_softmax(shared.float(), -1) - torch.log_softmax(dense.float(), -1)).abs().max() <= _tolerance(model))
+    _SHARING_VERIFIED[model] = ok
+    log.debug("%s: shared prompt prefix %s", type(model).__name__, "verified" if ok else "differs; not used")
+    return plain
+
+
+def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
+                   shared_prefix: bool = True) -> list[list[float]] | None:
     """Items whose prompts have the same token count and whose option counts are equal, scored over
     shared prompts: one forward of the prompts with a KV cache, then one forward of every option's
     continuation on its item's copy of the cache (each prompt, image included, is encoded once instead
-    of once per option). Same log-likelihoods as :func:`_general_scores` up to float summation order.
-    None when the model's cache cannot be copied per option (the caller falls back)."""
+    of once per option; the preamble the prompts share once per batch with ``shared_prefix``). Same
+    log-likelihoods as :func:`_general_scores` up to float summation order. None when the model's cache
+    cannot be copied per option (the caller falls back)."""
     images = [p.image for p in plans] if plans[0].image else None
     inputs = encode(processor, [p.prompt for p in plans], images, "right")  # equal lengths: no padding
     for plan, ids in zip(plans, inputs["input_ids"]):
         _check_ids(ids, plan.prompt_ids, plan.item.id)
-    out = model(**to_model(inputs, model), use_cache=True)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+    prompted = (_shared_logits(model, processor, inputs, return_cache=True) if shared_prefix
+                else last_logits(model, inputs, return_cache=True))
+    if prompted is None or not hasattr(prompted[1], "batch_repeat_interleave"):
         return None
+    first, cache = prompted  # first[g] (V,) predicts the first token of each of item g's options
     n_prompt, n_options = len(plans[0].prompt_ids), len(plans[0].full_ids)
     continuations = [full[n_prompt:] for plan in plans for full in plan.full_ids]  # item-major, L >= 1 each
     width = max(map(len, continuations))
@@ -185,13 +269,12 @@ def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan]) -> lis
     # attention mask is passed and each family derives positions from the cache length, as in decoding.
     ids = torch.tensor([c + [pad] * (width - len(c)) for c in continuations])  # (G * O, L)
     cache.batch_repeat_interleave(n_options)
-    rest = model(**to_model({"input_ids": ids}, model), **{_cache_kwarg(model): cache},
+    rest = model(**to_model({"input_ids": ids}, model), **{cache_kwarg(model): cache},
                  use_cache=True).logits  # (G * O, L, V): rest[r, j] predicts continuation token j + 1
     scores: list[list[float]] = []
     for g in range(len(plans)):
-        first = out.logits[g, -1]  # (V,) predicts the first token of each of the item's options
         rows = range(g * n_options, (g + 1) * n_options)
-        scores.append([metrics.targets_logprob(torch.cat([first[None], rest[r, :len(continuations[r]) - 1]]),
+        scores.append([metrics.targets_logprob(torch.cat([first[g][None], rest[r, :len(continuations[r]) - 1]]),
                                                torch.tensor(continuations[r])) for r in rows])
     return scores
 
@@ -216,11 +299,15 @@ def _choice_item(plan: _ChoicePlan, scores: list[float]) -> ItemResult:
 
 
 def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_size: int = 8,
-                 fast_path: bool = True, prefix_cache: bool = True, progress: bool = True) -> BenchmarkResult:
+                 fast_path: bool = True, prefix_cache: bool = True, shared_prefix: bool = True,
+                 progress: bool = True) -> BenchmarkResult:
     """Multiple choice by log-likelihood: each option's summed token log-probs given the prompt, argmax.
 
     Items are taken ``batch_size`` at a time. An item whose options are all one continuation token
-    is scored from one forward of its prompt, batched with the other such items (``fast_path``);
+    is scored from one forward of its prompt, batched with the other such items (``fast_path``), the
+    preamble their prompts share (system prompt, role tags: everything before the first image
+    placeholder) encoded once per batch where the model allows (``shared_prefix``, verified against
+    whole-prompt forwards on the model's first batch);
     an item with longer options encodes its prompt once and scores the options on copies of the
     prompt's KV cache (``prefix_cache``); without it, or when an option merges with the prompt's
     last token, prompt + option is forwarded for each option, ``batch_size`` options per forward.
@@ -231,6 +318,7 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
         benchmark: a choice benchmark.
         batch_size: items (or options) per forward.
         fast_path: score single-token options from one batched forward of the prompts.
+        shared_prefix: on the fast path, encode the prompts' shared preamble once per batch.
         prefix_cache: score longer options on copies of the prompt's KV cache.
         progress: show a progress bar.
 
@@ -245,11 +333,11 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
             merged += sum(p.merged for p in plans)
             fast = [p for p in plans if fast_path and p.single_token]
             for group in _by_modality(fast, lambda p: p.image is not None):
-                for plan, scores in zip(group, _fast_scores(model, processor, group)):
+                for plan, scores in zip(group, _fast_scores(model, processor, group, shared_prefix)):
                     results[plan.item.id] = _choice_item(plan, scores)
             shared = [p for p in plans if prefix_cache and not p.merged and p.item.id not in results]
             for group in _prefix_groups(shared, batch_size):
-                for plan, scores in zip(group, _prefix_scores(model, processor, group) or []):
+                for plan, scores in zip(group, _prefix_scores(model, processor, group, shared_prefix) or []):
                     results[plan.item.id] = _choice_item(plan, scores)
             for plan in plans:
                 if plan.item.id not in results:

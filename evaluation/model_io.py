@@ -9,6 +9,7 @@ tokens. The device and float dtype always come from the model's parameters; open
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -138,6 +139,82 @@ def forward_rows(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[tupl
     return rows
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of a right-padded batch -> (B,) index of each row's last real token."""
+    lengths = attention_mask.sum(1)
+    if not torch.equal(attention_mask.bool(), torch.arange(attention_mask.shape[1]) < lengths[:, None]):
+        raise ValueError("last_logits needs a right-padded batch (encode(..., side='right'))")
+    return lengths - 1
+
+
+def _logits_at(model: nn.Module, model_inputs: dict[str, Any], positions: torch.Tensor,
+               offset: int) -> tuple[torch.Tensor, Any]:
+    """One forward; (B, V) logits of row b at ``positions[b]`` (relative to ``offset``, the cached tokens) and the
+    returned cache. Only those positions are projected onto the vocabulary where the forward takes
+    ``logits_to_keep``."""
+    keep = sorted(set((positions - offset).tolist()))
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = torch.tensor(keep, device=model_inputs["input_ids"].device)
+    output = model(**model_inputs, **kwargs)
+    logits = output.logits
+    if logits.shape[1] == len(keep) and kwargs:
+        index = torch.tensor([keep.index(p) for p in (positions - offset).tolist()])
+    else:  # the forward computed every position
+        index = positions - offset
+    cache = _cache_of(output) if model_inputs.get("use_cache") else None
+    return logits[torch.arange(len(index)), index.to(logits.device)], cache
+
+
+def _cache_of(output) -> Any:
+    """A forward output's KV cache: its ``cache`` field (transformers 5.2x), else ``past_key_values``."""
+    if "cache" in getattr(output, "__dataclass_fields__", {}):
+        return output.cache
+    return getattr(output, "past_key_values", None)
+
+
+def last_logits(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int = 0,
+                return_cache: bool = False) -> Any:
+    """Next-token logits (B, V) at each row's last real token of a right-padded batch.
+
+    With ``prefix`` = P > 0, the first P tokens, the same in every row and holding no image placeholder, are
+    encoded once (one row, text only) and their KV cache is repeated for the rows, whose remaining tokens (and
+    images) are then forwarded on it: a prompt's shared chat preamble (system prompt, role tags) is computed once
+    per batch instead of once per item. Same logits as without up to float summation order.
+
+    Args:
+        model: the model.
+        inputs: a right-padded encoded batch (``encode(..., side="right")``) on the CPU.
+        prefix: tokens shared by every row to encode once (0: none).
+        return_cache: also return the KV cache of the whole batch (to score continuations on it).
+
+    Returns:
+        The logits, or (logits, cache) with ``return_cache``; None when a prefix is asked for and the model's cache
+        cannot be repeated per row, or a cache is asked for and the model returns none (the caller falls back).
+    """
+    positions = _last_positions(inputs["attention_mask"])
+    moved = to_model(inputs, model)
+    if prefix > 0:
+        ids, mask = moved["input_ids"], moved["attention_mask"]
+        cache = _cache_of(model(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True))
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(ids.shape[0])
+        per_token = {key: value[:, prefix:] for key, value in moved.items()
+                     if key != "attention_mask" and isinstance(value, torch.Tensor) and not value.is_floating_point()
+                     and value.shape[:2] == ids.shape}
+        moved = {**moved, **per_token, cache_kwarg(model): cache}
+    logits, cache = _logits_at(model, {**moved, "use_cache": bool(prefix or return_cache)}, positions, prefix)
+    if not return_cache:
+        return logits
+    return None if cache is None else (logits, cache)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists: where a continuation's tokens start.
 
@@ -150,5 +227,5 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-__all__ = ["build_prompt", "common_prefix", "encode", "forward_rows", "inference", "real_ids", "real_positions",
-           "to_model", "tokenizer_of"]
+__all__ = ["build_prompt", "cache_kwarg", "common_prefix", "encode", "forward_rows", "inference", "last_logits",
+           "real_ids", "real_positions", "to_model", "tokenizer_of"]
