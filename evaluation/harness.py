@@ -164,7 +164,8 @@ def _fast_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
 
 MIN_SHARED_PREFIX = 4  # fewer shared tokens than this are not worth a second forward
 _PLACEHOLDER = re.compile(r"(image|video|vision|audio|boi|boa|img|media)\w*_token(_id|_index|_ids)?$")
-_SHARING_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# model -> {batch has images: sharing verified}; text-only and image batches are verified apart
+_SHARING_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict[bool, bool]]" = weakref.WeakKeyDictionary()
 
 
 def _placeholder_ids(model: nn.Module, processor) -> set[int]:
@@ -220,12 +221,14 @@ def _tolerance(model: nn.Module) -> float:
 def _shared_logits(model: nn.Module, processor, inputs: dict[str, torch.Tensor], return_cache: bool = False) -> Any:
     """:func:`last_logits` of the batch, its shared preamble encoded once where the model allows.
 
-    The first time a model could share a prefix, both ways are computed and compared (every log-prob within
-    rounding tolerance): a family whose forward does not accept a text-only cache before the image (M-RoPE
-    positions, cross-attention masks, ...) shows it there and keeps whole-prompt forwards; that batch is scored
-    from the whole prompts either way."""
+    The first time a model could share a prefix (once for text-only batches, once for batches with images),
+    both ways are computed and compared (every log-prob within rounding tolerance): a family whose forward does
+    not accept a text-only cache before the image (M-RoPE positions, cross-attention masks, state kept between
+    calls, ...) shows it there and keeps whole-prompt forwards; that batch is scored from the whole prompts
+    either way."""
     prefix = shared_prefix_length(inputs, _placeholder_ids(model, processor))
-    verified = _SHARING_VERIFIED.get(model)
+    with_images = any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in inputs.values())
+    verified = _SHARING_VERIFIED.get(model, {}).get(with_images)
     if prefix >= MIN_SHARED_PREFIX and verified:
         return last_logits(model, inputs, prefix, return_cache)
     plain = last_logits(model, inputs, 0, return_cache)
@@ -239,7 +242,7 @@ def _shared_logits(model: nn.Module, processor, inputs: dict[str, torch.Tensor],
     dense = plain[0] if return_cache else plain
     ok = shared is not None and shared.shape == dense.shape and bool(
         (torch.log_softmax(shared.float(), -1) - torch.log_softmax(dense.float(), -1)).abs().max() <= _tolerance(model))
-    _SHARING_VERIFIED[model] = ok
+    _SHARING_VERIFIED.setdefault(model, {})[with_images] = ok
     log.debug("%s: shared prompt prefix %s", type(model).__name__, "verified" if ok else "differs; not used")
     return plain
 

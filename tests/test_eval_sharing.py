@@ -70,21 +70,42 @@ def test_shared_preamble_scores_equal_item_by_item_whole_prompts(family, bench, 
     one = score_choice(model, processor, bench, batch_size=1, shared_prefix=False, progress=False)
     seen = _spy_prefixes(monkeypatch)
     shared = score_choice(model, processor, bench, batch_size=8, progress=False)
-    assert harness._SHARING_VERIFIED.get(model) is True
+    assert harness._SHARING_VERIFIED.get(model) == {True: True, False: True}
     # image rows share the preamble and the user tag (10 tokens) and differ from the image placeholder on; the two
-    # text-only rows also share "what is a" (13); 0 is the verifying batch's whole-prompt pass
-    assert sorted(seen) == [0, 10, 10, 10, 13]
+    # text-only rows also share "what is a" (13); the two 0s are the whole-prompt passes that verify the first
+    # image batch and the first text-only batch
+    assert sorted(seen) == [0, 0, 10, 10, 10, 13]
     _same_scores(shared, one)
 
 
-def test_a_family_whose_forward_cannot_share_keeps_whole_prompts(bench, monkeypatch):
+def test_a_family_whose_forward_cannot_share_keeps_whole_prompts(bench):
     """Qwen2-VL's M-RoPE positions are computed from the whole prompt: a text-only cache gives other positions to
-    the image tokens, the first batch shows it, and every batch is scored from whole prompts."""
+    the image tokens, the first image batch shows it, and every image batch is scored from whole prompts."""
     model, processor = _with_preamble("qwen2_vl")
     one = score_choice(model, processor, bench, batch_size=1, shared_prefix=False, progress=False)
     shared = score_choice(model, processor, bench, batch_size=8, progress=False)
     _same_scores(shared, one)
-    assert harness._SHARING_VERIFIED.get(model) is False
+    assert harness._SHARING_VERIFIED.get(model)[True] is False
+
+
+def test_text_batches_verified_do_not_license_image_batches(bench, monkeypatch):
+    """Text-only batches come first and share; the first image batch is verified on its own (here its shared pass
+    fails), so image batches keep whole prompts instead of failing mid-benchmark."""
+    model, processor = _with_preamble("llava")
+    text_first = copy.copy(bench)
+    text_first.items = bench.items[-2:] + bench.items[:-2]
+    one = score_choice(model, processor, text_first, batch_size=1, shared_prefix=False, progress=False)
+    real = model_io.last_logits
+
+    def no_images_on_a_cache(model_, inputs, prefix=0, return_cache=False):
+        if prefix and "pixel_values" in inputs:
+            raise RuntimeError("image tokens after a cached prefix")
+        return real(model_, inputs, prefix, return_cache)
+
+    monkeypatch.setattr(harness, "last_logits", no_images_on_a_cache)
+    shared = score_choice(model, processor, text_first, batch_size=2, progress=False)
+    _same_scores(shared, one)
+    assert harness._SHARING_VERIFIED.get(model) == {False: True, True: False}
 
 
 def test_a_shared_pass_that_disagrees_is_never_used(bench, monkeypatch):
@@ -103,7 +124,7 @@ def test_a_shared_pass_that_disagrees_is_never_used(bench, monkeypatch):
 
     monkeypatch.setattr(harness, "last_logits", skewed)
     shared = score_choice(model, processor, bench, batch_size=8, progress=False)
-    assert harness._SHARING_VERIFIED.get(model) is False
+    assert harness._SHARING_VERIFIED.get(model) == {True: False, False: False}
     _same_scores(shared, one)
 
 
@@ -119,7 +140,7 @@ def test_a_shared_pass_that_raises_falls_back(bench, monkeypatch):
 
     monkeypatch.setattr(harness, "last_logits", failing)
     shared = score_choice(model, processor, bench, batch_size=8, progress=False)
-    assert harness._SHARING_VERIFIED.get(model) is False
+    assert harness._SHARING_VERIFIED.get(model) == {True: False, False: False}
     _same_scores(shared, one)
 
 
