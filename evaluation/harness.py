@@ -223,28 +223,40 @@ def _shared_logits(model: nn.Module, processor, inputs: dict[str, torch.Tensor],
 
     The first time a model could share a prefix (once for text-only batches, once for batches with images),
     both ways are computed and compared (every log-prob within rounding tolerance): a family whose forward does
-    not accept a text-only cache before the image (M-RoPE positions, cross-attention masks, state kept between
-    calls, ...) shows it there and keeps whole-prompt forwards; that batch is scored from the whole prompts
-    either way."""
+    not accept a text-only cache before the image (cross-attention masks, ...) shows it there and keeps
+    whole-prompt forwards; that batch is scored from the whole prompts either way. Models that keep M-RoPE
+    position deltas between calls (a ``rope_deltas`` attribute: Qwen2-VL and its kin) never share, since a later
+    batch's positions would depend on an earlier call."""
     prefix = shared_prefix_length(inputs, _placeholder_ids(model, processor))
     with_images = any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in inputs.values())
-    verified = _SHARING_VERIFIED.get(model, {}).get(with_images)
-    if prefix >= MIN_SHARED_PREFIX and verified:
-        return last_logits(model, inputs, prefix, return_cache)
+    if model not in _SHARING_VERIFIED:  # M-RoPE families keep position deltas between calls: never share
+        stateful = any(hasattr(module, "rope_deltas") for module in model.modules())
+        _SHARING_VERIFIED[model] = {True: False, False: False} if stateful else {}
+    verdicts = _SHARING_VERIFIED[model]
+    if prefix >= MIN_SHARED_PREFIX and verdicts.get(with_images):
+        try:
+            return last_logits(model, inputs, prefix, return_cache)
+        except Exception as err:  # noqa: BLE001 - verified on an earlier batch but not on this one: stop sharing
+            log.warning("%s: a shared prompt prefix failed after it was verified (%s: %s); scoring whole prompts "
+                        "from here on", type(model).__name__, type(err).__name__, err)
+            verdicts[with_images] = False
     plain = last_logits(model, inputs, 0, return_cache)
-    if prefix < MIN_SHARED_PREFIX or verified is False or plain is None:
-        return plain
+    if prefix >= MIN_SHARED_PREFIX and with_images not in verdicts and plain is not None:
+        verdicts[with_images] = _shares_like(model, inputs, prefix, plain[0] if return_cache else plain)
+    return plain
+
+
+def _shares_like(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int, plain: torch.Tensor) -> bool:
+    """Whether the shared-prefix pass gives ``plain``'s log-probs within rounding tolerance (False if it fails)."""
     try:
         shared = last_logits(model, inputs, prefix)
     except Exception as err:  # noqa: BLE001 - any failure means: this family cannot share, score whole prompts
         log.debug("%s: a shared prompt prefix fails (%s); scoring whole prompts", type(model).__name__, err)
-        shared = None
-    dense = plain[0] if return_cache else plain
-    ok = shared is not None and shared.shape == dense.shape and bool(
-        (torch.log_softmax(shared.float(), -1) - torch.log_softmax(dense.float(), -1)).abs().max() <= _tolerance(model))
-    _SHARING_VERIFIED.setdefault(model, {})[with_images] = ok
+        return False
+    ok = shared is not None and shared.shape == plain.shape and bool(
+        (torch.log_softmax(shared.float(), -1) - torch.log_softmax(plain.float(), -1)).abs().max() <= _tolerance(model))
     log.debug("%s: shared prompt prefix %s", type(model).__name__, "verified" if ok else "differs; not used")
-    return plain
+    return ok
 
 
 def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan],

@@ -78,14 +78,47 @@ def test_shared_preamble_scores_equal_item_by_item_whole_prompts(family, bench, 
     _same_scores(shared, one)
 
 
-def test_a_family_whose_forward_cannot_share_keeps_whole_prompts(bench):
-    """Qwen2-VL's M-RoPE positions are computed from the whole prompt: a text-only cache gives other positions to
-    the image tokens, the first image batch shows it, and every image batch is scored from whole prompts."""
+def test_a_model_that_keeps_position_state_never_shares(bench, monkeypatch):
+    """Qwen2-VL keeps M-RoPE deltas between calls (a later batch's positions on a cache depend on an earlier
+    call): it scores whole prompts only, without trying."""
     model, processor = _with_preamble("qwen2_vl")
     one = score_choice(model, processor, bench, batch_size=1, shared_prefix=False, progress=False)
+    seen = _spy_prefixes(monkeypatch)
+    shared = score_choice(model, processor, bench, batch_size=8, progress=False)
+    _same_scores(shared, one)
+    assert harness._SHARING_VERIFIED.get(model) == {True: False, False: False}
+    assert set(seen) == {0}
+
+
+def test_a_family_whose_forward_cannot_share_keeps_whole_prompts(bench, monkeypatch):
+    """Without the state check, Qwen2-VL's forward shows on the first batch that it cannot continue a text-only
+    cache into an image (M-RoPE positions come from the whole prompt): whole prompts, the same scores."""
+    model, processor = _with_preamble("qwen2_vl")
+    one = score_choice(model, processor, bench, batch_size=1, shared_prefix=False, progress=False)
+    harness._SHARING_VERIFIED[model] = {}  # as if the model kept no state
     shared = score_choice(model, processor, bench, batch_size=8, progress=False)
     _same_scores(shared, one)
     assert harness._SHARING_VERIFIED.get(model)[True] is False
+
+
+def test_a_shared_pass_that_fails_after_verification_falls_back(bench, monkeypatch):
+    model, processor = _with_preamble("llava")
+    one = score_choice(model, processor, bench, batch_size=1, shared_prefix=False, progress=False)
+    real = model_io.last_logits
+    calls = {"shared": 0}
+
+    def fails_later(model_, inputs, prefix=0, return_cache=False):
+        if prefix:
+            calls["shared"] += 1
+            if calls["shared"] > 1:  # the verifying pass works, the next shared pass fails
+                raise RuntimeError("state from an earlier call")
+        return real(model_, inputs, prefix, return_cache)
+
+    monkeypatch.setattr(harness, "last_logits", fails_later)
+    # batch 8: the single-token image items verify, then the multi-token items' two-row prompt passes fail
+    shared = score_choice(model, processor, bench, batch_size=8, progress=False)
+    _same_scores(shared, one)
+    assert calls["shared"] > 1 and harness._SHARING_VERIFIED.get(model)[True] is False
 
 
 def test_text_batches_verified_do_not_license_image_batches(bench, monkeypatch):
