@@ -130,8 +130,8 @@ def _plan_choice(processor, item: ChoiceItem) -> _ChoicePlan:
     return _ChoicePlan(item, prompt, image, prompt_ids, full_ids, starts)
 
 
-def _check_ids(ids: torch.Tensor, expected: list[int], item_id: str) -> None:
-    if ids.tolist() != expected:
+def _check_ids(ids: torch.Tensor | list[int], expected: list[int], item_id: str) -> None:
+    if (ids.tolist() if isinstance(ids, torch.Tensor) else ids) != expected:
         raise RuntimeError(f"item {item_id!r}: the processor tokenised the same text differently in a batch "
                            f"({len(ids)} vs {len(expected)} tokens)")
 
@@ -157,7 +157,7 @@ def _fast_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
     images = [p.image for p in plans] if plans[0].image else None
     inputs = encode(processor, [p.prompt for p in plans], images, "right")
     for plan, ids in zip(plans, real_ids(inputs)):
-        _check_ids(torch.tensor(ids), plan.prompt_ids, plan.item.id)
+        _check_ids(ids, plan.prompt_ids, plan.item.id)
     logits = _shared_logits(model, processor, inputs) if shared_prefix else last_logits(model, inputs)
     return [metrics.next_token_logprobs(row, [f[-1] for f in plan.full_ids]) for plan, row in zip(plans, logits)]
 
@@ -333,7 +333,7 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
         benchmark: a choice benchmark.
         batch_size: items (or options) per forward.
         fast_path: score single-token options from one batched forward of the prompts.
-        shared_prefix: on the fast path, encode the prompts' shared preamble once per batch.
+        shared_prefix: on the fast and prompt-cache paths, encode the prompts' shared preamble once per batch.
         prefix_cache: score longer options on copies of the prompt's KV cache.
         progress: show a progress bar.
 
