@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import weakref
@@ -259,23 +260,38 @@ def _shares_like(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int,
     return ok
 
 
-def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
+def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan], batch_size: int,
                    shared_prefix: bool = True) -> list[list[float]] | None:
     """Items whose prompts have the same token count and whose option counts are equal, scored over
-    shared prompts: one forward of the prompts with a KV cache, then one forward of every option's
-    continuation on its item's copy of the cache (each prompt, image included, is encoded once instead
-    of once per option; the preamble the prompts share once per batch with ``shared_prefix``). Same
-    log-likelihoods as :func:`_general_scores` up to float summation order. None when the model's cache
-    cannot be copied per option (the caller falls back)."""
+    shared prompts: one forward of the prompts with a KV cache, then forwards of the options' continuations
+    on copies of their items' cache rows, at most ``batch_size`` option rows each (or one item's options when
+    it has more). Each prompt, image included, is encoded once instead of once per option, and the prompts of
+    a batch go through one forward (their shared preamble once with ``shared_prefix``). Same log-likelihoods
+    as :func:`_general_scores` up to float summation order. None when the model's cache cannot be copied per
+    option (the caller falls back)."""
     images = [p.image for p in plans] if plans[0].image else None
     inputs = encode(processor, [p.prompt for p in plans], images, "right")  # equal lengths: no padding
     for plan, ids in zip(plans, inputs["input_ids"]):
         _check_ids(ids, plan.prompt_ids, plan.item.id)
     prompted = (_shared_logits(model, processor, inputs, return_cache=True) if shared_prefix
                 else last_logits(model, inputs, return_cache=True))
-    if prompted is None or not hasattr(prompted[1], "batch_repeat_interleave"):
+    if prompted is None or not hasattr(prompted[1], "batch_select_indices"):
         return None
     first, cache = prompted  # first[g] (V,) predicts the first token of each of item g's options
+    per_forward = max(1, batch_size // len(plans[0].full_ids))  # items whose options share a forward
+    scores: list[list[float]] = []
+    for start in range(0, len(plans), per_forward):
+        stop = min(start + per_forward, len(plans))
+        rows = cache if stop == len(plans) else copy.deepcopy(cache)  # the last chunk may consume the original
+        scores += _continuation_scores(model, processor, plans[start:stop], first[start:stop], rows, start)
+    return scores
+
+
+def _continuation_scores(model: nn.Module, processor, plans: list[_ChoicePlan], first: torch.Tensor, cache: Any,
+                         offset: int) -> list[list[float]]:
+    """Every option of ``plans`` (items ``offset``, ``offset + 1``, ... of the prompt batch ``cache`` holds) in
+    one forward of their continuations, each row on its item's cached prompt; ``first[g]`` predicts the first
+    continuation token of item g's options. ``cache`` is consumed (rows selected, continuations appended)."""
     n_prompt, n_options = len(plans[0].prompt_ids), len(plans[0].full_ids)
     continuations = [full[n_prompt:] for plan in plans for full in plan.full_ids]  # item-major, L >= 1 each
     width = max(map(len, continuations))
@@ -283,7 +299,7 @@ def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
     # Right padding after each continuation: with the causal mask alone no real token sees a pad, so no
     # attention mask is passed and each family derives positions from the cache length, as in decoding.
     ids = torch.tensor([c + [pad] * (width - len(c)) for c in continuations])  # (G * O, L)
-    cache.batch_repeat_interleave(n_options)
+    cache.batch_select_indices(torch.arange(offset, offset + len(plans)).repeat_interleave(n_options))
     rest = model(**to_model({"input_ids": ids}, model), **{cache_kwarg(model): cache},
                  use_cache=True).logits  # (G * O, L, V): rest[r, j] predicts continuation token j + 1
     scores: list[list[float]] = []
@@ -294,16 +310,12 @@ def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
     return scores
 
 
-def _prefix_groups(plans: list[_ChoicePlan], batch_size: int) -> list[list[_ChoicePlan]]:
-    """Plans with the same modality, prompt length and option count, at most ``batch_size`` option rows each."""
+def _prefix_groups(plans: list[_ChoicePlan]) -> list[list[_ChoicePlan]]:
+    """Plans with the same modality, prompt length and option count (their prompts share one forward)."""
     groups: dict[tuple[bool, int, int], list[_ChoicePlan]] = {}
     for plan in plans:
         groups.setdefault((plan.image is not None, len(plan.prompt_ids), len(plan.full_ids)), []).append(plan)
-    batches = []
-    for (_, _, n_options), group in groups.items():
-        items_per_batch = max(1, batch_size // n_options)
-        batches += [group[i:i + items_per_batch] for i in range(0, len(group), items_per_batch)]
-    return batches
+    return list(groups.values())
 
 
 def _choice_item(plan: _ChoicePlan, scores: list[float]) -> ItemResult:
@@ -323,8 +335,9 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
     preamble their prompts share (system prompt, role tags: everything before the first image
     placeholder) encoded once per batch where the model allows (``shared_prefix``, verified against
     whole-prompt forwards on the model's first batch);
-    an item with longer options encodes its prompt once and scores the options on copies of the
-    prompt's KV cache (``prefix_cache``); without it, or when an option merges with the prompt's
+    items with longer options encode their prompts once, in one forward per batch (items of equal prompt
+    length and option count), and score the options on copies of the prompts' KV cache, ``batch_size``
+    option rows per forward (``prefix_cache``); without it, or when an option merges with the prompt's
     last token, prompt + option is forwarded for each option, ``batch_size`` options per forward.
 
     Args:
@@ -351,8 +364,9 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
                 for plan, scores in zip(group, _fast_scores(model, processor, group, shared_prefix)):
                     results[plan.item.id] = _choice_item(plan, scores)
             shared = [p for p in plans if prefix_cache and not p.merged and p.item.id not in results]
-            for group in _prefix_groups(shared, batch_size):
-                for plan, scores in zip(group, _prefix_scores(model, processor, group, shared_prefix) or []):
+            for group in _prefix_groups(shared):
+                for plan, scores in zip(group, _prefix_scores(model, processor, group, batch_size, shared_prefix)
+                                        or []):
                     results[plan.item.id] = _choice_item(plan, scores)
             for plan in plans:
                 if plan.item.id not in results:

@@ -175,19 +175,23 @@ def test_single_token_fast_path_and_prefix_cache_equal_general_path(tiny, folder
         assert c.details["logprobs"] == pytest.approx(g.details["logprobs"], abs=TOL)
 
 
-def test_prefix_cache_batches_items_with_equal_prompts_up_to_batch_size_option_rows(tiny, folder):
+def test_prefix_cache_encodes_a_batch_of_prompts_once_and_options_batch_size_rows_at_a_time(tiny, folder):
     model, processor = tiny
-    same = [{"id": f"s{i}", "image": f"images/{i}.png", "question": "what is shown",
-             "options": ["red cat", "blue dog", "two"], "answer": "two"} for i in range(4)]
+    same = [{"id": f"s{i}", "image": f"images/{i % 3}.png", "question": "what is shown",
+             "options": ["red cat", "blue dog", "two"], "answer": "two"} for i in range(5)]
     bench = load_benchmark(write_jsonl(folder / "same.jsonl", same))
-    calls, handle = _count_forwards(model)
+    rows = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
     try:
-        cached = score_choice(model, processor, bench, batch_size=6, progress=False)
+        cached = score_choice(model, processor, bench, batch_size=6, shared_prefix=False, progress=False)
     finally:
         handle.remove()
-    assert len(calls) == 4  # 6 // 3 = 2 items per batch: (prompts, continuations) x 2 batches
+    # 5 prompts in one forward, then 6 // 3 = 2 items' options (6 rows) per forward: 2 + 2 + 1 items
+    assert rows == [5, 6, 6, 3]
     full = score_choice(model, processor, bench, batch_size=6, prefix_cache=False, progress=False)
     for c, f in zip(cached.items, full.items):
+        assert c.prediction == f.prediction
         assert c.details["logprobs"] == pytest.approx(f.details["logprobs"], abs=TOL)
 
 
