@@ -358,15 +358,25 @@ def _capture_all(model: nn.Module, adapter: Adapter, batches: list[Mapping[str, 
     return captured
 
 
+class _InputsRecorded(Exception):
+    """Ends a dense pass early: every target's input is recorded and the layer's output is not needed."""
+
+
 @contextlib.contextmanager
-def record_inputs(linears: Mapping[str, nn.Linear]) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, ``acts[name]`` is the last input of each Linear (shared tensors stay shared)."""
+def record_inputs(linears: Mapping[str, nn.Linear], stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``acts[name]`` is the last input of each Linear (shared tensors stay shared).
+
+    With ``stop``, the forward is cut short (:class:`_InputsRecorded`) as soon as every Linear has an input: the
+    caller must not need the output, and each Linear must run once per forward (its first input is then its last).
+    """
     acts: dict[str, torch.Tensor] = {}
     handles = []
     try:
         for name, linear in linears.items():
             def hook(_module: nn.Module, args: tuple, name: str = name) -> None:
                 acts[name] = args[0]
+                if stop and len(acts) == len(linears):
+                    raise _InputsRecorded
             handles.append(linear.register_forward_pre_hook(hook))
         yield acts
     finally:
@@ -432,15 +442,29 @@ class LayerPruner:
         return _shared_accumulators(self.linears, acts, lambda width: kind(width, device=self.device),
                                     shared=not self.pool.needs_attention)
 
-    def _dense_pass(self, batch: CapturedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], CapturedBatch]:
-        with record_inputs(self.linears) as acts, self._record_attention() as attention, \
-                self.experts.recording() as routed:
-            step = next(replay_layers(self.model, self.adapter, [batch], [self.index], chain=False))
+    def _dense_pass(self, batch: CapturedBatch, need_output: bool = True
+                    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], CapturedBatch]:
+        """One batch through the dense layer: (its output, each target's input, the batch on the layer's device).
+        Without ``need_output`` the pass may end once every target has its input (the output is then None): the
+        rest of the layer (e.g. the last projection's matmul) is skipped, the inputs are the same tensors."""
+        stop = not need_output and self._may_stop_early()
+        try:
+            with record_inputs(self.linears, stop) as acts, self._record_attention() as attention, \
+                    self.experts.recording() as routed:
+                step = next(replay_layers(self.model, self.adapter, [batch], [self.index], chain=False))
+            outputs, moved = step.outputs, step.batch
+        except _InputsRecorded:
+            outputs, moved = None, on_device(batch, self.device)
         self.attention = attention.get("probs")
         acts = dict(acts)
         if routed:
             acts[ROUTED] = routed  # MoE hook: per-expert routing records, stashed and moved like the activations
-        return step.outputs, acts, step.batch
+        return outputs, acts, moved
+
+    def _may_stop_early(self) -> bool:
+        """A dense pass may end at the last target's input: no attention probabilities or expert routing to record
+        (they may come later in the layer) and no state the replay hands on to later layers."""
+        return not self.pool.needs_attention and not self.experts and not self.adapter.handed_on(self.model)
 
     @contextlib.contextmanager
     def _record_attention(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -468,8 +492,9 @@ class LayerPruner:
             mean_drift, deferred = self._mean_drift(), False
         stash, visual_drifts = [], []
         offload = self.captured[0].hidden.device
+        need_output = keep_dense or self.pool.needs_drift
         for batch in self.captured:
-            out, acts, moved = self._dense_pass(batch)
+            out, acts, moved = self._dense_pass(batch, need_output)
             if not stats:
                 stats = self._accumulators(acts)
             drifts = drift(moved.hidden, out) if self.pool.needs_drift else None

@@ -68,6 +68,25 @@ def test_fast_paths_equal_the_plain_engine(monkeypatch, family, config):
     assert all(torch.equal(fast[k], plain[k]) for k in plain)
 
 
+@pytest.mark.parametrize("options, dense_pass_runs_it", [
+    (dict(method="wanda"), False), (dict(method="sparsegpt"), False), (dict(method="wanda", propagate="dense"), True),
+    (dict(method="atv"), True), (dict(method="tamp"), True)])
+def test_a_dense_pass_ends_at_the_last_input_unless_its_output_or_attention_is_needed(options, dense_pass_runs_it):
+    """Layer 0's down_proj (the last projection) runs in the propagation of each batch; in the dense pass only when
+    the pass's output is kept (propagate='dense'), drift is measured (ATV) or attention is recorded (TAMP)."""
+    model, _ = build_tiny("llava", seed=0)
+    batches = _calibration("llava")
+    down = get_adapter(model).named_linears(model, 0)["mlp.down_proj"]
+    runs = []
+    handle = down.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        compute_masks(model, PruneConfig(**options, layers=(0,)), batches, progress=False)
+    finally:
+        handle.remove()
+    propagated = 0 if options.get("propagate") == "dense" else len(batches)
+    assert len(runs) == propagated + (len(batches) if dense_pass_runs_it else 0)
+
+
 # sha256 (first 16 hex digits) over (name, mask bytes) in name order, computed with the engine of commit
 # 00b9768 (before the fast paths) on build_tiny(family, seed=0) and two padded batches of 2 (seeds 0, 1).
 REFERENCE = {

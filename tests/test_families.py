@@ -26,7 +26,7 @@ from mot_probe import RoutedLinear, attach_probe_
 from mot_probe.surgery import ProbeError
 from pruning.adapters import DECODER_PROJ, Adapter, GenericAdapter, block_projections, find_decoder_layers, get_adapter
 from pruning.config import PruneConfig
-from pruning.engine import prune_
+from pruning.engine import LayerPruner, compute_masks, prune_
 from pruning.errors import UnsupportedModelError
 
 # Hybrid decoders: some layers mix tokens by linear attention, convolution or a state-space model.
@@ -120,6 +120,18 @@ def test_probe_is_exact_and_unloads_to_the_original_modules(family):
 def test_pruning_zeroes_exactly_the_asked_share_of_every_row(family):
     model, inputs = _fresh(family)
     check_prune(model, inputs, "atv" if bool((inputs["input_ids"] == IMAGE).any()) else "wanda")
+
+
+@pytest.mark.parametrize("family", TESTED)
+def test_a_dense_pass_cut_at_the_last_input_gives_the_masks_of_the_whole_pass(family, monkeypatch):
+    model, inputs = _fresh(family)
+    for method in ("wanda", "sparsegpt"):
+        cut = compute_masks(model, PruneConfig(method, sparsity=0.5), [inputs], progress=False).masks
+        with monkeypatch.context() as patched:
+            patched.setattr(LayerPruner, "_may_stop_early", lambda self: False)
+            whole = compute_masks(model, PruneConfig(method, sparsity=0.5), [inputs], progress=False).masks
+        assert cut.keys() == whole.keys()
+        assert all(torch.equal(cut[name], whole[name]) for name in whole), method
 
 
 @pytest.mark.parametrize("family", TESTED)
