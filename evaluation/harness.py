@@ -262,16 +262,15 @@ def _shares_like(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int,
 
 def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan], batch_size: int,
                    shared_prefix: bool = True) -> list[list[float]] | None:
-    """Items whose prompts have the same token count and whose option counts are equal, scored over
-    shared prompts: one forward of the prompts with a KV cache, then forwards of the options' continuations
-    on copies of their items' cache rows, at most ``batch_size`` option rows each (or one item's options when
-    it has more). Each prompt, image included, is encoded once instead of once per option, and the prompts of
-    a batch go through one forward (their shared preamble once with ``shared_prefix``). Same log-likelihoods
-    as :func:`_general_scores` up to float summation order. None when the model's cache cannot be copied per
-    option (the caller falls back)."""
+    """Items of one modality and option count scored over shared prompts: one forward of the prompts (right-padded
+    when their lengths differ) with a KV cache, then forwards of the options' continuations on copies of their
+    items' cache rows, at most ``batch_size`` option rows each (or one item's options when it has more). Each prompt,
+    image included, is encoded once instead of once per option, and the prompts of a batch go through one forward
+    (their shared preamble once with ``shared_prefix``). Same log-likelihoods as :func:`_general_scores` up to float
+    summation order. None when the model's cache cannot be copied per option (the caller falls back)."""
     images = [p.image for p in plans] if plans[0].image else None
-    inputs = encode(processor, [p.prompt for p in plans], images, "right")  # equal lengths: no padding
-    for plan, ids in zip(plans, inputs["input_ids"]):
+    inputs = encode(processor, [p.prompt for p in plans], images, "right")
+    for plan, ids in zip(plans, real_ids(inputs)):
         _check_ids(ids, plan.prompt_ids, plan.item.id)
     prompted = (_shared_logits(model, processor, inputs, return_cache=True) if shared_prefix
                 else last_logits(model, inputs, return_cache=True))
@@ -283,24 +282,32 @@ def _prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan], batch_
     for start in range(0, len(plans), per_forward):
         stop = min(start + per_forward, len(plans))
         rows = cache if stop == len(plans) else copy.deepcopy(cache)  # the last chunk may consume the original
-        scores += _continuation_scores(model, processor, plans[start:stop], first[start:stop], rows, start)
+        scores += _continuation_scores(model, processor, plans[start:stop], first[start:stop], rows, start,
+                                       inputs["attention_mask"])
     return scores
 
 
 def _continuation_scores(model: nn.Module, processor, plans: list[_ChoicePlan], first: torch.Tensor, cache: Any,
-                         offset: int) -> list[list[float]]:
-    """Every option of ``plans`` (items ``offset``, ``offset + 1``, ... of the prompt batch ``cache`` holds) in
-    one forward of their continuations, each row on its item's cached prompt; ``first[g]`` predicts the first
-    continuation token of item g's options. ``cache`` is consumed (rows selected, continuations appended)."""
-    n_prompt, n_options = len(plans[0].prompt_ids), len(plans[0].full_ids)
-    continuations = [full[n_prompt:] for plan in plans for full in plan.full_ids]  # item-major, L >= 1 each
+                         offset: int, prompt_mask: torch.Tensor) -> list[list[float]]:
+    """Every option of ``plans`` (items ``offset``, ``offset + 1``, ... of the prompt batch ``cache`` holds, whose
+    right-padded attention mask is ``prompt_mask``) in one forward of their continuations, each row on its item's
+    cached prompt; ``first[g]`` predicts the first continuation token of item g's options. ``cache`` is consumed
+    (rows selected, continuations appended)."""
+    n_options = len(plans[0].full_ids)
+    continuations = [full[len(plan.prompt_ids):] for plan in plans for full in plan.full_ids]  # item-major, L >= 1
     width = max(map(len, continuations))
     pad = tokenizer_of(processor).pad_token_id or 0
-    # Right padding after each continuation: with the causal mask alone no real token sees a pad, so no
-    # attention mask is passed and each family derives positions from the cache length, as in decoding.
+    # Right padding after each continuation: with the causal mask alone no real token sees a pad.
     ids = torch.tensor([c + [pad] * (width - len(c)) for c in continuations])  # (G * O, L)
-    cache.batch_select_indices(torch.arange(offset, offset + len(plans)).repeat_interleave(n_options))
-    rest = model(**to_model({"input_ids": ids}, model), **{cache_kwarg(model): cache},
+    items = torch.arange(offset, offset + len(plans)).repeat_interleave(n_options)
+    cache.batch_select_indices(items)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    lengths = prompt_mask.sum(1)[items]
+    if bool((lengths < prompt_mask.shape[1]).any()):  # padded prompts: mask their pads, place each row after its own
+        inputs["attention_mask"] = torch.cat([prompt_mask[items], torch.ones_like(ids)], 1)
+        inputs["position_ids"] = lengths[:, None] + torch.arange(width)
+    # else no mask: each family derives positions from the cache length, as in decoding
+    rest = model(**to_model(inputs, model), **{cache_kwarg(model): cache},
                  use_cache=True).logits  # (G * O, L, V): rest[r, j] predicts continuation token j + 1
     scores: list[list[float]] = []
     for g in range(len(plans)):
@@ -310,11 +317,62 @@ def _continuation_scores(model: nn.Module, processor, plans: list[_ChoicePlan], 
     return scores
 
 
-def _prefix_groups(plans: list[_ChoicePlan]) -> list[list[_ChoicePlan]]:
-    """Plans with the same modality, prompt length and option count (their prompts share one forward)."""
-    groups: dict[tuple[bool, int, int], list[_ChoicePlan]] = {}
+# model -> {batch has images: prompts of unequal length may share a padded prompt forward}
+_PADDING_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict[bool, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _padded_prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan], batch_size: int,
+                          shared_prefix: bool = True) -> list[list[float]] | None:
+    """:func:`_prefix_scores` of items of one modality and option count whose prompts may differ in length: one
+    right-padded prompt forward where the model allows, else one per prompt length. The first time a model meets
+    prompts of unequal length (once for text-only items, once for items with images) both ways are computed and
+    compared (every score within rounding tolerance per token); a family whose positions do not follow the
+    padding (M-RoPE: Qwen2-VL and its kin, sliding windows) keeps one forward per prompt length."""
+    by_length: dict[int, list[_ChoicePlan]] = {}
     for plan in plans:
-        groups.setdefault((plan.image is not None, len(plan.prompt_ids), len(plan.full_ids)), []).append(plan)
+        by_length.setdefault(len(plan.prompt_ids), []).append(plan)
+    if len(by_length) == 1:
+        return _prefix_scores(model, processor, plans, batch_size, shared_prefix)
+    with_images = plans[0].image is not None
+    if model not in _PADDING_VERIFIED:
+        stateful = any(hasattr(module, "rope_deltas") for module in model.modules())
+        _PADDING_VERIFIED[model] = {True: False, False: False} if stateful else {}
+    verdicts = _PADDING_VERIFIED[model]
+    if verdicts.get(with_images):
+        return _prefix_scores(model, processor, plans, batch_size, shared_prefix)
+    apart: dict[str, list[float]] = {}
+    for group in by_length.values():
+        scores = _prefix_scores(model, processor, group, batch_size, shared_prefix)
+        if scores is None:
+            return None
+        apart.update({plan.item.id: s for plan, s in zip(group, scores)})
+    ordered = [apart[plan.item.id] for plan in plans]
+    if with_images not in verdicts:
+        verdicts[with_images] = _pads_like(model, processor, plans, batch_size, shared_prefix, ordered)
+    return ordered
+
+
+def _pads_like(model: nn.Module, processor, plans: list[_ChoicePlan], batch_size: int, shared_prefix: bool,
+               apart: list[list[float]]) -> bool:
+    """Whether one padded prompt forward gives ``apart``'s scores within rounding tolerance per token."""
+    try:
+        padded = _prefix_scores(model, processor, plans, batch_size, shared_prefix)
+    except Exception as err:  # noqa: BLE001 - any failure means: this family cannot pad, one forward per length
+        log.debug("%s: padded prompts fail (%s); one prompt forward per prompt length", type(model).__name__, err)
+        return False
+    tolerance = _tolerance(model)
+    ok = padded is not None and all(
+        abs(a - b) <= tolerance * max(1, len(full) - len(plan.prompt_ids))
+        for plan, row, want in zip(plans, padded, apart) for a, b, full in zip(row, want, plan.full_ids))
+    log.debug("%s: padded prompts %s", type(model).__name__, "verified" if ok else "differ; not used")
+    return ok
+
+
+def _prefix_groups(plans: list[_ChoicePlan]) -> list[list[_ChoicePlan]]:
+    """Plans with the same modality and option count (their prompts share one forward where the model allows)."""
+    groups: dict[tuple[bool, int], list[_ChoicePlan]] = {}
+    for plan in plans:
+        groups.setdefault((plan.image is not None, len(plan.full_ids)), []).append(plan)
     return list(groups.values())
 
 
@@ -335,9 +393,10 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
     preamble their prompts share (system prompt, role tags: everything before the first image
     placeholder) encoded once per batch where the model allows (``shared_prefix``, verified against
     whole-prompt forwards on the model's first batch);
-    items with longer options encode their prompts once, in one forward per batch (items of equal prompt
-    length and option count), and score the options on copies of the prompts' KV cache, ``batch_size``
-    option rows per forward (``prefix_cache``); without it, or when an option merges with the prompt's
+    items with longer options encode their prompts once, in one forward per batch (items of the same modality
+    and option count; prompts of unequal length right-padded where the model allows, verified on its first such
+    batch, else one forward per prompt length), and score the options on copies of the prompts' KV cache,
+    ``batch_size`` option rows per forward (``prefix_cache``); without it, or when an option merges with the prompt's
     last token, prompt + option is forwarded for each option, ``batch_size`` options per forward.
 
     Args:
@@ -365,8 +424,8 @@ def score_choice(model: nn.Module, processor, benchmark: Benchmark, *, batch_siz
                     results[plan.item.id] = _choice_item(plan, scores)
             shared = [p for p in plans if prefix_cache and not p.merged and p.item.id not in results]
             for group in _prefix_groups(shared):
-                for plan, scores in zip(group, _prefix_scores(model, processor, group, batch_size, shared_prefix)
-                                        or []):
+                scored = _padded_prefix_scores(model, processor, group, batch_size, shared_prefix)
+                for plan, scores in zip(group, scored or []):
                     results[plan.item.id] = _choice_item(plan, scores)
             for plan in plans:
                 if plan.item.id not in results:

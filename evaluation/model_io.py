@@ -178,6 +178,15 @@ def _cache_of(output) -> Any:
     return getattr(output, "past_key_values", None)
 
 
+def forget_position_state(model: nn.Module) -> None:
+    """Drop the M-RoPE position deltas a model keeps from its last forward (``rope_deltas``: Qwen2-VL and its kin)
+    before a forward whose cache is continued: a text-only prompt does not recompute them, so its continuation
+    would be placed with an earlier image prompt's deltas. The next prompt with an image recomputes them."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
+
+
 def last_logits(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int = 0,
                 return_cache: bool = False) -> Any:
     """Next-token logits (B, V) at each row's last real token of a right-padded batch.
@@ -199,6 +208,8 @@ def last_logits(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int =
     """
     positions = _last_positions(inputs["attention_mask"])
     moved = to_model(inputs, model)
+    if prefix or return_cache:
+        forget_position_state(model)
     if prefix > 0:
         ids, mask = moved["input_ids"], moved["attention_mask"]
         cache = _cache_of(model(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True))

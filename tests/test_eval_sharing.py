@@ -73,8 +73,9 @@ def test_shared_preamble_scores_equal_item_by_item_whole_prompts(family, bench, 
     assert harness._SHARING_VERIFIED.get(model) == {True: True, False: True}
     # image rows share the preamble and the user tag (10 tokens) and differ from the image placeholder on; the two
     # text-only rows also share "what is a" (13); the two 0s are the whole-prompt passes that verify the first
-    # image batch and the first text-only batch
-    assert sorted(seen) == [0, 0, 10, 10, 10, 13]
+    # image batch and the first text-only batch; the multi-token image items have two prompt lengths: one prompt
+    # pass per length, and one padded pass that verifies padding (three 10s besides the single-token batch's)
+    assert sorted(seen) == [0, 0, 10, 10, 10, 10, 13]
     _same_scores(shared, one)
 
 
@@ -175,6 +176,84 @@ def test_a_shared_pass_that_raises_falls_back(bench, monkeypatch):
     shared = score_choice(model, processor, bench, batch_size=8, progress=False)
     assert harness._SHARING_VERIFIED.get(model) == {True: False, False: False}
     _same_scores(shared, one)
+
+
+PADDED = [  # multi-token options, prompts of four lengths, with and without an image
+    {"id": f"p{i}", "image": f"images/{i % 3}.png" if i % 2 else None,
+     "question": "what is shown" + " here" * (i % 4), "options": ["red cat", "blue dog", "two"], "answer": "two"}
+    for i in range(10)
+]
+
+
+@pytest.fixture(scope="module")
+def padded(bench):
+    path = bench.path.parent / "padded.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in PADDED) + "\n", encoding="utf-8")
+    return load_benchmark(path)
+
+
+def _prompt_passes(monkeypatch) -> list[int]:
+    """The rows of every prompt pass of the prompt-cache path."""
+    rows: list[int] = []
+    real = harness._prefix_scores
+
+    def spy(model, processor, plans, *args):
+        rows.append(len(plans))
+        return real(model, processor, plans, *args)
+
+    monkeypatch.setattr(harness, "_prefix_scores", spy)
+    return rows
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_prompts_of_unequal_length_share_one_padded_pass_with_item_by_item_scores(family, padded, monkeypatch):
+    model, processor = _with_preamble(family)
+    one = score_choice(model, processor, padded, batch_size=1, shared_prefix=False, prefix_cache=False,
+                       progress=False)
+    rows = _prompt_passes(monkeypatch)
+    first = score_choice(model, processor, padded, batch_size=10, progress=False)
+    assert harness._PADDING_VERIFIED.get(model) == {True: True, False: True}
+    # per modality: one pass per prompt length (2 lengths each), then one padded pass that verifies
+    assert sorted(rows) == [2, 2, 3, 3, 5, 5]
+    rows.clear()
+    again = score_choice(model, processor, padded, batch_size=10, progress=False)
+    assert rows == [5, 5]  # verified: one padded prompt pass per modality
+    _same_scores(first, one)
+    _same_scores(again, one)
+
+
+def test_a_model_that_keeps_position_state_never_pads(padded, monkeypatch):
+    """Qwen2-VL scores one prompt pass per length; its text-only items, scored on a cache after image items, are
+    placed with their own positions (the M-RoPE deltas an image prompt left are dropped first: they moved these
+    log-probs by 1.7e-3 before)."""
+    model, processor = _with_preamble("qwen2_vl")
+    one = score_choice(model, processor, padded, batch_size=1, prefix_cache=False, progress=False)
+    rows = _prompt_passes(monkeypatch)
+    scored = score_choice(model, processor, padded, batch_size=10, progress=False)
+    assert harness._PADDING_VERIFIED.get(model) == {True: False, False: False}
+    assert sorted(rows) == [2, 2, 3, 3]  # one prompt pass per length and modality, never a padded one
+    _same_scores(scored, one)
+
+
+def test_a_padded_pass_that_disagrees_is_never_used(padded, monkeypatch):
+    model, processor = _with_preamble("llava")
+    one = score_choice(model, processor, padded, batch_size=1, shared_prefix=False, prefix_cache=False,
+                       progress=False)
+    real = harness._continuation_scores
+
+    def skewed(model_, processor_, plans, first, cache, offset, prompt_mask):
+        scores = real(model_, processor_, plans, first, cache, offset, prompt_mask)
+        padded_rows = bool((prompt_mask.sum(1) < prompt_mask.shape[1]).any())
+        return [[s + 0.5 for s in row] for row in scores] if padded_rows else scores
+
+    monkeypatch.setattr(harness, "_continuation_scores", skewed)
+    rows = _prompt_passes(monkeypatch)
+    scored = score_choice(model, processor, padded, batch_size=10, progress=False)
+    scored_again = score_choice(model, processor, padded, batch_size=10, progress=False)
+    assert harness._PADDING_VERIFIED.get(model) == {True: False, False: False}
+    assert sorted(rows) == sorted([2, 3, 5, 2, 3, 5] + [2, 3, 2, 3])  # verified once, then per length
+    _same_scores(scored, one)
+    _same_scores(scored_again, one)
 
 
 def _batch(rows: list[list[int]], pad: int = 0) -> dict[str, torch.Tensor]:
