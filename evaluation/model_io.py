@@ -181,7 +181,11 @@ def _cache_of(output) -> Any:
 def forget_position_state(model: nn.Module) -> None:
     """Drop the M-RoPE position deltas a model keeps from its last forward (``rope_deltas``: Qwen2-VL and its kin)
     before a forward whose cache is continued: a text-only prompt does not recompute them, so its continuation
-    would be placed with an earlier image prompt's deltas. The next prompt with an image recomputes them."""
+    would be placed with an earlier image prompt's deltas. The next prompt with an image recomputes them.
+
+    Args:
+        model: the model; every submodule's non-None ``rope_deltas`` is set to None (a no-op for other families).
+    """
     for module in model.modules():
         if getattr(module, "rope_deltas", None) is not None:
             module.rope_deltas = None
@@ -238,5 +242,5 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-__all__ = ["build_prompt", "cache_kwarg", "common_prefix", "encode", "forward_rows", "inference", "last_logits",
-           "real_ids", "real_positions", "to_model", "tokenizer_of"]
+__all__ = ["build_prompt", "cache_kwarg", "common_prefix", "encode", "forget_position_state", "forward_rows",
+           "inference", "last_logits", "real_ids", "real_positions", "to_model", "tokenizer_of"]
