@@ -339,7 +339,12 @@ def _padded_prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
         _PADDING_VERIFIED[model] = {True: False, False: False} if stateful else {}
     verdicts = _PADDING_VERIFIED[model]
     if verdicts.get(with_images):
-        return _prefix_scores(model, processor, plans, batch_size, shared_prefix)
+        try:
+            return _prefix_scores(model, processor, plans, batch_size, shared_prefix)
+        except Exception as err:  # noqa: BLE001 - verified on an earlier batch but not on this one: stop padding
+            log.warning("%s: a padded prompt pass failed after it was verified (%s: %s); one prompt forward per "
+                        "prompt length from here on", type(model).__name__, type(err).__name__, err)
+            verdicts[with_images] = False
     apart: dict[str, list[float]] = {}
     for group in by_length.values():
         scores = _prefix_scores(model, processor, group, batch_size, shared_prefix)

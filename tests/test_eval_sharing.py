@@ -256,6 +256,25 @@ def test_a_padded_pass_that_disagrees_is_never_used(padded, monkeypatch):
     _same_scores(scored_again, one)
 
 
+def test_a_padded_pass_that_fails_after_verification_falls_back(padded, monkeypatch, caplog):
+    model, processor = _with_preamble("llava")
+    one = score_choice(model, processor, padded, batch_size=1, shared_prefix=False, prefix_cache=False,
+                       progress=False)
+    score_choice(model, processor, padded, batch_size=10, progress=False)  # verifies padding for both modalities
+    real = harness._continuation_scores
+
+    def fails_padded(model_, processor_, plans, first, cache, offset, prompt_mask):
+        if bool((prompt_mask.sum(1) < prompt_mask.shape[1]).any()):
+            raise RuntimeError("positions out of range")
+        return real(model_, processor_, plans, first, cache, offset, prompt_mask)
+
+    monkeypatch.setattr(harness, "_continuation_scores", fails_padded)
+    scored = score_choice(model, processor, padded, batch_size=10, progress=False)
+    assert harness._PADDING_VERIFIED.get(model) == {True: False, False: False}
+    assert "padded prompt pass failed after it was verified" in caplog.text
+    _same_scores(scored, one)
+
+
 def _batch(rows: list[list[int]], pad: int = 0) -> dict[str, torch.Tensor]:
     width = max(map(len, rows))
     return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
