@@ -214,6 +214,16 @@ def shared_prefix_length(inputs: dict[str, torch.Tensor], placeholders: set[int]
     return max(0, min(first, int(inputs["attention_mask"].sum(1).min()) - 1))
 
 
+def _verdicts(table: "weakref.WeakKeyDictionary[nn.Module, dict[bool, bool]]", model: nn.Module) -> dict[bool, bool]:
+    """``model``'s entry in a table of verified shortcuts (batch has images -> verified), made on first use: models
+    that keep M-RoPE position deltas between calls (``rope_deltas``: Qwen2-VL and its kin) start refused for both,
+    since a later batch's positions would depend on an earlier call."""
+    if model not in table:
+        stateful = any(hasattr(module, "rope_deltas") for module in model.modules())
+        table[model] = {True: False, False: False} if stateful else {}
+    return table[model]
+
+
 def _tolerance(model: nn.Module) -> float:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return 1e-3 if dtype in (torch.float32, torch.float64) else 1e-1
@@ -230,10 +240,7 @@ def _shared_logits(model: nn.Module, processor, inputs: dict[str, torch.Tensor],
     batch's positions would depend on an earlier call."""
     prefix = shared_prefix_length(inputs, _placeholder_ids(model, processor))
     with_images = any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in inputs.values())
-    if model not in _SHARING_VERIFIED:  # M-RoPE families keep position deltas between calls: never share
-        stateful = any(hasattr(module, "rope_deltas") for module in model.modules())
-        _SHARING_VERIFIED[model] = {True: False, False: False} if stateful else {}
-    verdicts = _SHARING_VERIFIED[model]
+    verdicts = _verdicts(_SHARING_VERIFIED, model)
     if prefix >= MIN_SHARED_PREFIX and verdicts.get(with_images):
         try:
             return last_logits(model, inputs, prefix, return_cache)
@@ -334,10 +341,7 @@ def _padded_prefix_scores(model: nn.Module, processor, plans: list[_ChoicePlan],
     if len(by_length) == 1:
         return _prefix_scores(model, processor, plans, batch_size, shared_prefix)
     with_images = plans[0].image is not None
-    if model not in _PADDING_VERIFIED:
-        stateful = any(hasattr(module, "rope_deltas") for module in model.modules())
-        _PADDING_VERIFIED[model] = {True: False, False: False} if stateful else {}
-    verdicts = _PADDING_VERIFIED[model]
+    verdicts = _verdicts(_PADDING_VERIFIED, model)
     if verdicts.get(with_images):
         try:
             return _prefix_scores(model, processor, plans, batch_size, shared_prefix)

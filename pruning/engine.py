@@ -442,12 +442,11 @@ class LayerPruner:
         return _shared_accumulators(self.linears, acts, lambda width: kind(width, device=self.device),
                                     shared=not self.pool.needs_attention)
 
-    def _dense_pass(self, batch: CapturedBatch, need_output: bool = True
+    def _dense_pass(self, batch: CapturedBatch, stop: bool = False
                     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], CapturedBatch]:
         """One batch through the dense layer: (its output, each target's input, the batch on the layer's device).
-        Without ``need_output`` the pass may end once every target has its input (the output is then None): the
-        rest of the layer (e.g. the last projection's matmul) is skipped, the inputs are the same tensors."""
-        stop = not need_output and self._may_stop_early()
+        With ``stop`` (see :meth:`_may_stop_early`) the pass ends once every target has its input and the output is
+        None: the rest of the layer (e.g. the last projection's matmul) is skipped, the inputs are the same tensors."""
         try:
             with record_inputs(self.linears, stop) as acts, self._record_attention() as attention, \
                     self.experts.recording() as routed:
@@ -492,9 +491,9 @@ class LayerPruner:
             mean_drift, deferred = self._mean_drift(), False
         stash, visual_drifts = [], []
         offload = self.captured[0].hidden.device
-        need_output = keep_dense or self.pool.needs_drift
+        stop = not (keep_dense or self.pool.needs_drift) and self._may_stop_early()  # the output is not read
         for batch in self.captured:
-            out, acts, moved = self._dense_pass(batch, need_output)
+            out, acts, moved = self._dense_pass(batch, stop)
             if not stats:
                 stats = self._accumulators(acts)
             drifts = drift(moved.hidden, out) if self.pool.needs_drift else None
